@@ -1,0 +1,26 @@
+# segtrain: the two commands are `make demo` and `make test`; both run `make setup` first.
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: setup build test fmt-check clippy demo clean-demo
+
+## setup: system packages, the torch venv (outside the checkout), build. Idempotent.
+setup:
+	@bash deploy/setup.sh
+
+build: setup
+
+## test: formatting, lints, then every test against real PostgreSQL clusters and real processes.
+test: setup fmt-check clippy
+	$(CARGO) build --workspace --bins --quiet
+	$(CARGO) test --workspace --no-fail-fast
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets --quiet -- -D warnings
+
+## demo: a throwaway PostgreSQL and the coordinator, a job submitted and queried through the CLI.
+demo: setup
+	@bash deploy/demo.sh

@@ -1,0 +1,89 @@
+//! Store records to protobuf messages.
+
+use crate::store::{CheckpointRecord, EventRecord, JobRecord, MetricPoint, WorkerRecord};
+use chrono::{DateTime, Utc};
+use segtrain_proto::v1 as pb;
+use segtrain_proto::Timestamp;
+
+pub(crate) fn timestamp(t: DateTime<Utc>) -> Timestamp {
+    Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+pub(crate) fn job(j: &JobRecord) -> pb::Job {
+    pb::Job {
+        id: j.id.to_string(),
+        spec: Some(j.spec.to_proto()),
+        state: j.state.to_proto() as i32,
+        attempt: j.attempt,
+        restarts: j.restarts,
+        idempotency_key: j.idempotency_key.clone().unwrap_or_default(),
+        reason: j.reason.clone(),
+        created_at: Some(timestamp(j.created_at)),
+        updated_at: Some(timestamp(j.updated_at)),
+        finished_at: j.finished_at.map(timestamp),
+        iteration: j.iteration,
+    }
+}
+
+pub(crate) fn event(e: &EventRecord) -> pb::JobEvent {
+    let job_id = e.job_id.to_string();
+    pb::JobEvent {
+        id: e.id as u64,
+        payload: Some(e.payload.to_proto(&job_id, e.attempt)),
+        job_id,
+        attempt: e.attempt,
+        time: Some(timestamp(e.created_at)),
+    }
+}
+
+pub(crate) fn checkpoint(c: &CheckpointRecord) -> pb::Checkpoint {
+    let state = match c.state.as_str() {
+        "PENDING" => pb::CheckpointState::Pending,
+        "COMPLETE" => pb::CheckpointState::Complete,
+        "DELETED" => pb::CheckpointState::Deleted,
+        _ => pb::CheckpointState::Unspecified,
+    };
+    pb::Checkpoint {
+        job_id: c.job_id.to_string(),
+        attempt: c.attempt,
+        iteration: c.iteration,
+        uri: c.uri.clone(),
+        bytes: c.bytes,
+        sha256: c.sha256.clone(),
+        state: state as i32,
+        metrics: c.metrics.clone().into_iter().collect(),
+        created_at: Some(timestamp(c.created_at)),
+    }
+}
+
+pub(crate) fn metric(m: &MetricPoint) -> pb::MetricPoint {
+    pb::MetricPoint {
+        attempt: m.attempt,
+        iteration: m.iteration,
+        name: m.name.clone(),
+        value: m.value,
+    }
+}
+
+pub(crate) fn worker(w: &WorkerRecord) -> pb::Worker {
+    let (job_id, attempt, rank) = match w.assignment {
+        Some((j, a, r)) => (j.to_string(), a, r),
+        None => (String::new(), 0, 0),
+    };
+    pb::Worker {
+        id: w.id.to_string(),
+        host: w.host.clone(),
+        gpu_index: w.gpu_index,
+        gpu_name: w.gpu_name.clone(),
+        gpu_memory_bytes: w.gpu_memory_bytes,
+        state: w.state.to_proto() as i32,
+        job_id,
+        attempt,
+        rank,
+        last_heartbeat: Some(timestamp(w.last_heartbeat)),
+        lease_until: Some(timestamp(w.lease_until)),
+    }
+}

@@ -1,0 +1,231 @@
+//! `segtrain.v1.JobService`: submit, read, page, cancel and watch jobs.
+
+use super::watch::{watch_job, EventHub};
+use super::{convert, parse_job_id, status_of};
+use crate::state::JobState;
+use crate::store::Store;
+use segtrain_proto::v1 as pb;
+use segtrain_spec::JobSpec;
+use std::pin::Pin;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+const DEFAULT_PAGE: u32 = 50;
+const MAX_PAGE: u32 = 1000;
+const DEFAULT_METRICS_LIMIT: u32 = 10_000;
+const MAX_METRICS_LIMIT: u32 = 100_000;
+const MAX_REASON_LEN: usize = 1024;
+
+pub struct JobApi {
+    store: Store,
+    hub: EventHub,
+}
+
+impl JobApi {
+    pub fn new(store: Store, hub: EventHub) -> JobApi {
+        JobApi { store, hub }
+    }
+}
+
+/// An idempotency key: empty (none) or 1-128 printable ASCII characters.
+fn idempotency_key(k: &str) -> Result<Option<&str>, Status> {
+    if k.is_empty() {
+        return Ok(None);
+    }
+    if k.len() > 128 || !k.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(Status::invalid_argument(format!(
+            "idempotency_key: must be 1-128 printable ASCII characters without spaces, got {} characters",
+            k.chars().count()
+        )));
+    }
+    Ok(Some(k))
+}
+
+fn page_size(n: u32) -> Result<u32, Status> {
+    match n {
+        0 => Ok(DEFAULT_PAGE),
+        1..=MAX_PAGE => Ok(n),
+        _ => Err(Status::invalid_argument(format!(
+            "page_size: must be 0 (default {DEFAULT_PAGE}) or 1..={MAX_PAGE}, got {n}"
+        ))),
+    }
+}
+
+fn job_states(states: &[i32]) -> Result<Vec<JobState>, Status> {
+    states
+        .iter()
+        .map(|&s| {
+            pb::JobState::try_from(s)
+                .ok()
+                .and_then(JobState::from_proto)
+                .ok_or_else(|| {
+                    let allowed: Vec<&str> = JobState::ALL.iter().map(|s| s.as_str()).collect();
+                    Status::invalid_argument(format!(
+                        "states: unknown job state {s}; allowed: {}",
+                        allowed.join(", ")
+                    ))
+                })
+        })
+        .collect()
+}
+
+#[tonic::async_trait]
+impl pb::job_service_server::JobService for JobApi {
+    async fn submit_job(
+        &self,
+        req: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let req = req.into_inner();
+        let key = idempotency_key(&req.idempotency_key)?;
+        let spec = JobSpec::from_proto(&req.spec.unwrap_or_default())
+            .map_err(|e| Status::invalid_argument(format!("spec.{e}")))?;
+        let (job, existing) = self.store.submit_job(&spec, key).await.map_err(status_of)?;
+        if !existing {
+            tracing::info!(job = %job.id, name = %spec.name, world_size = spec.world_size, "job submitted");
+        }
+        Ok(Response::new(pb::SubmitJobResponse {
+            job: Some(convert::job(&job)),
+            existing,
+        }))
+    }
+
+    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let id = parse_job_id("job_id", &req.get_ref().job_id)?;
+        let job = self.store.get_job(id).await.map_err(status_of)?;
+        Ok(Response::new(convert::job(&job)))
+    }
+
+    async fn list_jobs(
+        &self,
+        req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let req = req.into_inner();
+        let states = job_states(&req.states)?;
+        let limit = page_size(req.page_size)?;
+        let before = match req.page_token.as_str() {
+            "" => None,
+            t => Some(Uuid::parse_str(t).map_err(|_| {
+                Status::invalid_argument(format!(
+                    "page_token: not a token from a previous ListJobs response, got {t:?}"
+                ))
+            })?),
+        };
+        // One extra row tells whether another page exists.
+        let mut jobs = self
+            .store
+            .list_jobs(&states, limit + 1, before)
+            .await
+            .map_err(status_of)?;
+        let more = jobs.len() > limit as usize;
+        jobs.truncate(limit as usize);
+        let next_page_token = match (more, jobs.last()) {
+            (true, Some(last)) => last.id.to_string(),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: jobs.iter().map(convert::job).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn cancel_job(
+        &self,
+        req: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let req = req.into_inner();
+        let id = parse_job_id("job_id", &req.job_id)?;
+        if req.reason.len() > MAX_REASON_LEN {
+            return Err(Status::invalid_argument(format!(
+                "reason: at most {MAX_REASON_LEN} bytes, got {}",
+                req.reason.len()
+            )));
+        }
+        let reason = if req.reason.is_empty() {
+            "canceled by user"
+        } else {
+            req.reason.as_str()
+        };
+        let job = self.store.cancel_job(id, reason).await.map_err(status_of)?;
+        tracing::info!(job = %id, state = %job.state, "cancel requested");
+        Ok(Response::new(pb::CancelJobResponse {
+            job: Some(convert::job(&job)),
+        }))
+    }
+
+    type WatchJobStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
+
+    async fn watch_job(
+        &self,
+        req: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let req = req.into_inner();
+        let id = parse_job_id("job_id", &req.job_id)?;
+        let after = i64::try_from(req.after_event_id).map_err(|_| {
+            Status::invalid_argument(format!(
+                "after_event_id: must be at most {}, got {}",
+                i64::MAX,
+                req.after_event_id
+            ))
+        })?;
+        // Fail now, not inside the stream, when the job does not exist.
+        self.store.get_job(id).await.map_err(status_of)?;
+        let stream = watch_job(self.store.clone(), self.hub.clone(), id, after);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_checkpoints(
+        &self,
+        req: Request<pb::ListCheckpointsRequest>,
+    ) -> Result<Response<pb::ListCheckpointsResponse>, Status> {
+        let req = req.into_inner();
+        let id = parse_job_id("job_id", &req.job_id)?;
+        self.store.get_job(id).await.map_err(status_of)?;
+        let cps = self
+            .store
+            .list_checkpoints(id, req.include_deleted)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(pb::ListCheckpointsResponse {
+            checkpoints: cps.iter().map(convert::checkpoint).collect(),
+        }))
+    }
+
+    async fn get_metrics(
+        &self,
+        req: Request<pb::GetMetricsRequest>,
+    ) -> Result<Response<pb::GetMetricsResponse>, Status> {
+        let req = req.into_inner();
+        let id = parse_job_id("job_id", &req.job_id)?;
+        if req.names.len() > 100 {
+            return Err(Status::invalid_argument(format!(
+                "names: at most 100 names, got {}",
+                req.names.len()
+            )));
+        }
+        if let Some(bad) = req.names.iter().find(|n| n.is_empty() || n.len() > 64) {
+            return Err(Status::invalid_argument(format!(
+                "names: each name must be 1-64 bytes, got {bad:?}"
+            )));
+        }
+        let limit = match req.limit {
+            0 => DEFAULT_METRICS_LIMIT,
+            1..=MAX_METRICS_LIMIT => req.limit,
+            n => {
+                return Err(Status::invalid_argument(format!(
+                    "limit: must be 0 (default {DEFAULT_METRICS_LIMIT}) or 1..={MAX_METRICS_LIMIT}, got {n}"
+                )))
+            }
+        };
+        let since = req.since_iteration.min(i64::MAX as u64);
+        self.store.get_job(id).await.map_err(status_of)?;
+        let points = self
+            .store
+            .get_metrics(id, &req.names, since, limit)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(pb::GetMetricsResponse {
+            points: points.iter().map(convert::metric).collect(),
+        }))
+    }
+}

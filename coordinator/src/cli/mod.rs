@@ -1,0 +1,357 @@
+//! `segtrain`: the command-line client of the coordinator's gRPC API.
+//!
+//! Every command is one or a few RPCs; output is a table or lines for people, or JSON with
+//! `--json`. A failure prints one line saying what failed and what to do, and exits non-zero.
+
+mod output;
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Args, Parser, Subcommand};
+use output::{JobView, Printer};
+use segtrain_proto::v1 as pb;
+use segtrain_proto::v1::cluster_service_client::ClusterServiceClient;
+use segtrain_proto::v1::job_service_client::JobServiceClient;
+use segtrain_spec::JobSpecInput;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// Exit code of `watch` when the job was canceled (failure and errors exit 1).
+const EXIT_CANCELED: u8 = 3;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "segtrain",
+    version,
+    about = "Submit, watch and manage SegFormer training jobs on a segtrain coordinator"
+)]
+struct Cli {
+    /// Coordinator address.
+    #[arg(
+        long,
+        global = true,
+        env = "SEGTRAIN_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    coordinator: String,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Submit a training job from a job file and/or flags (flags win over the file).
+    Submit(SubmitArgs),
+    /// List jobs, newest first.
+    List(ListArgs),
+    /// Show one job.
+    Status { job: String },
+    /// Follow a job's events until it finishes. Exit code: 0 succeeded, 1 failed, 3 canceled.
+    Watch {
+        job: String,
+        /// Start after this event id (0: from the beginning).
+        #[arg(long, default_value_t = 0)]
+        after_event: u64,
+    },
+    /// Cancel a job (a running job stops gracefully first).
+    Cancel {
+        job: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// List a job's checkpoints.
+    Checkpoints {
+        job: String,
+        /// Include deleted checkpoints.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Print a job's metric points.
+    Metrics {
+        job: String,
+        /// Only these metrics (repeatable), e.g. --name loss --name lr.
+        #[arg(long = "name")]
+        names: Vec<String>,
+        /// Only from this iteration on.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+    },
+    /// List the worker daemons (one per GPU) and what they run.
+    Workers,
+    /// Print a commented job file with every field and its default.
+    JobTemplate,
+}
+
+#[derive(Args, Debug)]
+struct SubmitArgs {
+    /// A TOML job file (see `segtrain job-template`).
+    #[arg(short = 'f', long = "file")]
+    file: Option<PathBuf>,
+    /// Makes a retried submit return the job created by the first one instead of a new job.
+    #[arg(long, default_value = "")]
+    idempotency_key: String,
+    #[command(flatten)]
+    spec: JobSpecInput,
+}
+
+#[derive(Args, Debug)]
+struct ListArgs {
+    /// Only jobs in this state (repeatable): queued, scheduled, running, succeeded, failed,
+    /// canceled, restarting, canceling.
+    #[arg(long = "state")]
+    states: Vec<String>,
+    /// Jobs per page (1..=1000).
+    #[arg(long, default_value_t = 50)]
+    limit: u32,
+    /// Continue from the token a previous `list` printed.
+    #[arg(long, default_value = "")]
+    page_token: String,
+}
+
+/// Entry point of the `segtrain` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let out = Printer { json: cli.json };
+    if let Command::JobTemplate = cli.command {
+        print!("{}", segtrain_spec::template());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let channel = connect(&cli.coordinator).await?;
+    let mut jobs = JobServiceClient::new(channel.clone());
+    let rpc = |s: Status| describe(s, &cli.coordinator);
+    match cli.command {
+        Command::Submit(args) => {
+            let mut input = match &args.file {
+                Some(path) => JobSpecInput::from_file(path).map_err(|e| anyhow!("{e}"))?,
+                None => JobSpecInput::default(),
+            };
+            input = input.overlay(args.spec);
+            let resp = jobs
+                .submit_job(pb::SubmitJobRequest {
+                    spec: Some(input.to_proto()),
+                    idempotency_key: args.idempotency_key,
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            let job = resp.job.context("the coordinator returned no job")?;
+            out.submitted(&JobView::from(&job), resp.existing);
+        }
+        Command::List(args) => {
+            let states = args
+                .states
+                .iter()
+                .map(|s| parse_state(s))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let resp = jobs
+                .list_jobs(pb::ListJobsRequest {
+                    states,
+                    page_size: args.limit,
+                    page_token: args.page_token,
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            let views: Vec<JobView> = resp.jobs.iter().map(JobView::from).collect();
+            out.job_list(&views, &resp.next_page_token);
+        }
+        Command::Status { job } => {
+            let j = jobs
+                .get_job(pb::GetJobRequest { job_id: job })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            out.job(&JobView::from(&j));
+        }
+        Command::Watch { job, after_event } => {
+            return watch(&mut jobs, &out, &cli.coordinator, job, after_event).await;
+        }
+        Command::Cancel { job, reason } => {
+            let resp = jobs
+                .cancel_job(pb::CancelJobRequest {
+                    job_id: job,
+                    reason,
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            let job = resp.job.context("the coordinator returned no job")?;
+            out.canceled(&JobView::from(&job));
+        }
+        Command::Checkpoints { job, all } => {
+            let resp = jobs
+                .list_checkpoints(pb::ListCheckpointsRequest {
+                    job_id: job,
+                    include_deleted: all,
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            out.checkpoints(&resp.checkpoints);
+        }
+        Command::Metrics { job, names, since } => {
+            let resp = jobs
+                .get_metrics(pb::GetMetricsRequest {
+                    job_id: job,
+                    names,
+                    since_iteration: since,
+                    limit: 0,
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            out.metrics(&resp.points);
+        }
+        Command::Workers => {
+            let resp = ClusterServiceClient::new(channel)
+                .list_workers(pb::ListWorkersRequest {})
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            out.workers(&resp.workers);
+        }
+        Command::JobTemplate => unreachable!("handled before connecting"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Follows the job's events; reconnects and resumes from the last event seen when the
+/// coordinator restarts or the connection drops.
+async fn watch(
+    jobs: &mut JobServiceClient<Channel>,
+    out: &Printer,
+    coordinator: &str,
+    job_id: String,
+    after_event: u64,
+) -> anyhow::Result<ExitCode> {
+    let mut cursor = after_event;
+    let mut outage = Duration::ZERO;
+    const GIVE_UP: Duration = Duration::from_secs(120);
+    loop {
+        let attempt = jobs
+            .watch_job(pb::WatchJobRequest {
+                job_id: job_id.clone(),
+                after_event_id: cursor,
+            })
+            .await;
+        let mut stream = match attempt {
+            Ok(s) => s.into_inner(),
+            Err(s) if s.code() == Code::Unavailable && outage < GIVE_UP => {
+                outage += pause(outage).await;
+                continue;
+            }
+            Err(s) => return Err(describe(s, coordinator)),
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(ev)) => {
+                    outage = Duration::ZERO;
+                    cursor = ev.id;
+                    out.event(&ev);
+                }
+                Ok(None) => {
+                    // The stream ends when the job is finished.
+                    let job = jobs
+                        .get_job(pb::GetJobRequest {
+                            job_id: job_id.clone(),
+                        })
+                        .await
+                        .map_err(|s| describe(s, coordinator))?
+                        .into_inner();
+                    let view = JobView::from(&job);
+                    out.finished(&view);
+                    return Ok(match job.state() {
+                        pb::JobState::Succeeded => ExitCode::SUCCESS,
+                        pb::JobState::Canceled => ExitCode::from(EXIT_CANCELED),
+                        _ => ExitCode::FAILURE,
+                    });
+                }
+                Err(s)
+                    if matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Internal)
+                        && outage < GIVE_UP =>
+                {
+                    if !out.json {
+                        eprintln!(
+                            "connection to the coordinator lost ({}); reconnecting…",
+                            s.message()
+                        );
+                    }
+                    outage += pause(outage).await;
+                    break;
+                }
+                Err(s) => return Err(describe(s, coordinator)),
+            }
+        }
+    }
+}
+
+async fn pause(so_far: Duration) -> Duration {
+    let d = (so_far / 2).clamp(Duration::from_millis(500), Duration::from_secs(5));
+    tokio::time::sleep(d).await;
+    d
+}
+
+/// A lazy channel: the first RPC connects, so an unreachable coordinator is reported by the RPC
+/// with the address in the message.
+async fn connect(url: &str) -> anyhow::Result<Channel> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|_| {
+            anyhow!("--coordinator: not a valid URL: {url:?} (expected e.g. http://host:50051)")
+        })?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_while_idle(true);
+    Ok(endpoint.connect_lazy())
+}
+
+fn parse_state(s: &str) -> anyhow::Result<i32> {
+    let upper = s.to_ascii_uppercase();
+    match pb::JobState::from_str_name(&format!("JOB_STATE_{upper}")) {
+        Some(st) if st != pb::JobState::Unspecified => Ok(st as i32),
+        _ => bail!(
+            "--state: unknown state {s:?}; allowed: queued, scheduled, running, succeeded, failed, canceled, restarting, canceling"
+        ),
+    }
+}
+
+/// One line for a failed RPC: what went wrong and, where it helps, what to do.
+fn describe(s: Status, coordinator: &str) -> anyhow::Error {
+    let msg = s.message();
+    match s.code() {
+        Code::Unavailable => anyhow!(
+            "cannot reach the coordinator at {coordinator} ({msg}); is segtrain-coordinator running? \
+             Set --coordinator or SEGTRAIN_COORDINATOR"
+        ),
+        Code::InvalidArgument => anyhow!("invalid request: {msg}"),
+        Code::NotFound => anyhow!("not found: {msg}"),
+        Code::FailedPrecondition | Code::AlreadyExists => anyhow!("refused: {msg}"),
+        Code::Unauthenticated | Code::PermissionDenied => anyhow!("not allowed: {msg}"),
+        Code::DeadlineExceeded => anyhow!("the coordinator at {coordinator} did not answer in time"),
+        other => anyhow!("the coordinator failed ({}): {msg}", other.description()),
+    }
+}

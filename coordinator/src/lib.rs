@@ -1,0 +1,14 @@
+//! The segtrain coordinator: the job API, the PostgreSQL store and the state machines; and the
+//! `segtrain` command-line client.
+//!
+//! Data flow: a gRPC request enters [`api`], which validates it and calls [`store`]; the store
+//! checks every state change against [`state`] and writes it with its event in one transaction.
+//! [`cli`] is a pure gRPC client of the same API (it never touches the database).
+
+pub mod api;
+pub mod cli;
+pub mod events;
+pub mod logging;
+pub mod server;
+pub mod state;
+pub mod store;

@@ -1,0 +1,93 @@
+//! Assembles the coordinator: database, migrations, gRPC services, reflection and health.
+
+use crate::api::{ClusterApi, EventHub, JobApi};
+use crate::store::{Store, StoreError};
+use segtrain_proto::v1 as pb;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// How the coordinator is run.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub database_url: String,
+    /// Give up connecting to PostgreSQL at start after this long (`None`: retry forever).
+    pub connect_timeout: Option<Duration>,
+}
+
+/// Connects to PostgreSQL, retrying with backoff: a coordinator started before its database (a
+/// common boot order under systemd) waits for it instead of crash-looping.
+pub async fn connect_store(cfg: &ServerConfig) -> anyhow::Result<Store> {
+    let start = tokio::time::Instant::now();
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match Store::connect(&cfg.database_url).await {
+            Ok(store) => return Ok(store),
+            Err(StoreError::Db(sqlx::Error::Configuration(e))) => {
+                anyhow::bail!("database URL is invalid: {e}")
+            }
+            Err(e) => {
+                if cfg.connect_timeout.is_some_and(|t| start.elapsed() >= t) {
+                    anyhow::bail!("could not connect to PostgreSQL: {e}");
+                }
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "PostgreSQL not reachable yet");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Runs the coordinator until `shutdown` resolves.
+pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let store = connect_store(&cfg).await?;
+    store.migrate().await?;
+    tracing::info!("database schema is up to date");
+
+    let hub = EventHub::start(&store);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<pb::job_service_server::JobServiceServer<JobApi>>()
+        .await;
+    health
+        .set_serving::<pb::cluster_service_server::ClusterServiceServer<ClusterApi>>()
+        .await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "coordinator serving");
+
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .tcp_keepalive(Some(Duration::from_secs(30)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(pb::job_service_server::JobServiceServer::new(JobApi::new(
+            store.clone(),
+            hub,
+        )))
+        .add_service(pb::cluster_service_server::ClusterServiceServer::new(
+            ClusterApi::new(store.clone()),
+        ))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await?;
+    store.pool().close().await;
+    tracing::info!("coordinator stopped");
+    Ok(())
+}

@@ -1,0 +1,285 @@
+//! Jobs: submission (idempotent), reads, paging, and the one transition function.
+
+use super::{u32_of, u64_of, Store, StoreError, EVENTS_CHANNEL};
+use crate::events::EventPayload;
+use crate::state::JobState;
+use chrono::{DateTime, Utc};
+use segtrain_spec::JobSpec;
+use sqlx::types::Json;
+use sqlx::{Postgres, Transaction};
+use uuid::Uuid;
+
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRecord {
+    pub id: Uuid,
+    pub spec: JobSpec,
+    pub state: JobState,
+    pub attempt: u32,
+    pub restarts: u32,
+    pub idempotency_key: Option<String>,
+    pub reason: String,
+    pub iteration: u64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(sqlx::FromRow)]
+struct JobRow {
+    id: Uuid,
+    spec: Json<serde_json::Value>,
+    state: String,
+    attempt: i32,
+    restarts: i32,
+    idempotency_key: Option<String>,
+    reason: String,
+    iteration: i64,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    finished_at: Option<DateTime<Utc>>,
+}
+
+const JOB_COLUMNS: &str =
+    "id, spec, state, attempt, restarts, idempotency_key, reason, iteration, \
+                           created_at, updated_at, finished_at";
+
+impl TryFrom<JobRow> for JobRecord {
+    type Error = StoreError;
+
+    fn try_from(r: JobRow) -> Result<JobRecord, StoreError> {
+        let spec: JobSpec = serde_json::from_value(r.spec.0)
+            .map_err(|e| StoreError::Corrupt(format!("job {} spec: {e}", r.id)))?;
+        let state = JobState::parse(&r.state)
+            .ok_or_else(|| StoreError::Corrupt(format!("job {} state {:?}", r.id, r.state)))?;
+        Ok(JobRecord {
+            id: r.id,
+            spec,
+            state,
+            attempt: u32_of(r.attempt, "attempt")?,
+            restarts: u32_of(r.restarts, "restarts")?,
+            idempotency_key: r.idempotency_key,
+            reason: r.reason,
+            iteration: u64_of(r.iteration, "iteration")?,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            finished_at: r.finished_at,
+        })
+    }
+}
+
+impl Store {
+    /// Creates a QUEUED job, or, when `idempotency_key` names an existing job with an equal spec,
+    /// returns that job and `true`. The same key with a different spec is a conflict.
+    pub async fn submit_job(
+        &self,
+        spec: &JobSpec,
+        idempotency_key: Option<&str>,
+    ) -> Result<(JobRecord, bool), StoreError> {
+        let spec_json = serde_json::to_value(spec)
+            .map_err(|e| StoreError::Corrupt(format!("spec does not serialise: {e}")))?;
+        let mut tx = self.pool.begin().await?;
+        let id = Uuid::now_v7();
+        let inserted: Option<JobRow> = sqlx::query_as(&format!(
+            "INSERT INTO jobs (id, name, spec, state, priority, world_size, max_restarts, idempotency_key)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (idempotency_key) DO NOTHING
+             RETURNING {JOB_COLUMNS}"
+        ))
+        .bind(id)
+        .bind(&spec.name)
+        .bind(Json(&spec_json))
+        .bind(JobState::INITIAL.as_str())
+        .bind(spec.priority)
+        .bind(spec.world_size as i32)
+        .bind(spec.max_restarts as i32)
+        .bind(idempotency_key)
+        .fetch_optional(&mut *tx)
+        .await?;
+
+        let Some(row) = inserted else {
+            // The key exists: same spec means a retried request; anything else is a mistake.
+            tx.rollback().await?;
+            let key = idempotency_key.unwrap_or_default();
+            let existing: JobRow = sqlx::query_as(&format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = $1"
+            ))
+            .bind(key)
+            .fetch_one(&self.pool)
+            .await?;
+            let existing = JobRecord::try_from(existing)?;
+            if existing.spec != *spec {
+                return Err(StoreError::Conflict(format!(
+                    "idempotency_key {key:?} was already used by job {} with a different spec",
+                    existing.id
+                )));
+            }
+            return Ok((existing, true));
+        };
+
+        insert_event(
+            &mut tx,
+            id,
+            0,
+            &EventPayload::state_change(None, JobState::INITIAL, "submitted"),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok((JobRecord::try_from(row)?, false))
+    }
+
+    pub async fn get_job(&self, id: Uuid) -> Result<JobRecord, StoreError> {
+        let row: Option<JobRow> =
+            sqlx::query_as(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.ok_or_else(|| not_found(id))?.try_into()
+    }
+
+    /// Newest first. `before`: the last id of the previous page.
+    pub async fn list_jobs(
+        &self,
+        states: &[JobState],
+        limit: u32,
+        before: Option<Uuid>,
+    ) -> Result<Vec<JobRecord>, StoreError> {
+        let states: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
+        let rows: Vec<JobRow> = sqlx::query_as(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs
+             WHERE (cardinality($1::text[]) = 0 OR state = ANY($1))
+               AND ($2::uuid IS NULL OR id < $2)
+             ORDER BY id DESC LIMIT $3"
+        ))
+        .bind(&states)
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(JobRecord::try_from).collect()
+    }
+
+    /// Moves a job to `to` if the state table allows it from its current state, recording the
+    /// change as an event in the same transaction. An illegal edge changes nothing.
+    pub async fn transition_job(
+        &self,
+        id: Uuid,
+        to: JobState,
+        reason: &str,
+    ) -> Result<JobRecord, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let job = transition_in_tx(&mut tx, id, to, reason).await?;
+        tx.commit().await?;
+        Ok(job)
+    }
+
+    /// Cancel: QUEUED and RESTARTING jobs become CANCELED at once; SCHEDULED and RUNNING jobs
+    /// become CANCELING until their trainers have stopped. Canceling a job that is already
+    /// canceling or canceled returns it unchanged; a succeeded or failed job cannot be canceled.
+    pub async fn cancel_job(&self, id: Uuid, reason: &str) -> Result<JobRecord, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let current = lock_job(&mut tx, id).await?;
+        let job = match current.state.cancel_target() {
+            Some(to) => transition_locked(&mut tx, current, to, reason).await?,
+            None if matches!(current.state, JobState::Canceling | JobState::Canceled) => current,
+            None => {
+                return Err(StoreError::Conflict(format!(
+                    "job {id} already finished as {}; nothing to cancel",
+                    current.state
+                )))
+            }
+        };
+        tx.commit().await?;
+        Ok(job)
+    }
+}
+
+fn not_found(id: Uuid) -> StoreError {
+    StoreError::NotFound {
+        what: "job",
+        id: id.to_string(),
+    }
+}
+
+/// Reads a job and locks its row until the transaction ends. Every writer of a job's events
+/// holds this lock, which is what keeps event ids in commit order within a job.
+pub(super) async fn lock_job(
+    tx: &mut Transaction<'_, Postgres>,
+    id: Uuid,
+) -> Result<JobRecord, StoreError> {
+    let row: Option<JobRow> = sqlx::query_as(&format!(
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    row.ok_or_else(|| not_found(id))?.try_into()
+}
+
+pub(super) async fn transition_in_tx(
+    tx: &mut Transaction<'_, Postgres>,
+    id: Uuid,
+    to: JobState,
+    reason: &str,
+) -> Result<JobRecord, StoreError> {
+    let current = lock_job(tx, id).await?;
+    transition_locked(tx, current, to, reason).await
+}
+
+async fn transition_locked(
+    tx: &mut Transaction<'_, Postgres>,
+    current: JobRecord,
+    to: JobState,
+    reason: &str,
+) -> Result<JobRecord, StoreError> {
+    current.state.check_transition(to)?;
+    let row: JobRow = sqlx::query_as(&format!(
+        "UPDATE jobs SET state = $2,
+                reason = CASE WHEN $3 = '' THEN reason ELSE $3 END,
+                updated_at = now(),
+                finished_at = CASE WHEN $4 THEN now() ELSE finished_at END
+         WHERE id = $1
+         RETURNING {JOB_COLUMNS}"
+    ))
+    .bind(current.id)
+    .bind(to.as_str())
+    .bind(reason)
+    .bind(to.is_terminal())
+    .fetch_one(&mut **tx)
+    .await?;
+    insert_event(
+        tx,
+        current.id,
+        current.attempt,
+        &EventPayload::state_change(Some(current.state), to, reason),
+    )
+    .await?;
+    row.try_into()
+}
+
+/// Appends one event. The caller must hold the job's row lock (see [`lock_job`]).
+pub(super) async fn insert_event(
+    tx: &mut Transaction<'_, Postgres>,
+    job_id: Uuid,
+    attempt: u32,
+    payload: &EventPayload,
+) -> Result<i64, StoreError> {
+    let json = serde_json::to_value(payload)
+        .map_err(|e| StoreError::Corrupt(format!("event does not serialise: {e}")))?;
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO job_events (job_id, attempt, kind, payload) VALUES ($1, $2, $3, $4) RETURNING id",
+    )
+    .bind(job_id)
+    .bind(attempt as i32)
+    .bind(payload.kind())
+    .bind(Json(json))
+    .fetch_one(&mut **tx)
+    .await?;
+    // Delivered at commit, so a watcher woken by it finds the row.
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(EVENTS_CHANNEL)
+        .bind(job_id.to_string())
+        .execute(&mut **tx)
+        .await?;
+    Ok(id)
+}

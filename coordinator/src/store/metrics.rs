@@ -1,0 +1,143 @@
+//! Training metrics and checkpoint metadata.
+
+use super::{u32_of, u64_of, Store, StoreError};
+use chrono::{DateTime, Utc};
+use sqlx::types::Json;
+use std::collections::BTreeMap;
+use uuid::Uuid;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricPoint {
+    pub attempt: u32,
+    pub iteration: u64,
+    pub name: String,
+    pub value: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointRecord {
+    pub job_id: Uuid,
+    pub attempt: u32,
+    pub iteration: u64,
+    pub uri: String,
+    pub bytes: u64,
+    pub sha256: String,
+    /// PENDING, COMPLETE or DELETED.
+    pub state: String,
+    pub metrics: BTreeMap<String, f64>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(sqlx::FromRow)]
+struct CheckpointRow {
+    job_id: Uuid,
+    attempt: i32,
+    iteration: i64,
+    uri: String,
+    bytes: i64,
+    sha256: String,
+    state: String,
+    metrics: Json<BTreeMap<String, f64>>,
+    created_at: DateTime<Utc>,
+}
+
+impl Store {
+    /// Stores metric points in one statement; a point already stored (same job, attempt,
+    /// iteration and name) is skipped, so a replayed report cannot duplicate it. Returns how many
+    /// were new.
+    pub async fn insert_metrics(
+        &self,
+        job_id: Uuid,
+        attempt: u32,
+        points: &[(u64, String, f64)],
+    ) -> Result<u64, StoreError> {
+        let iterations: Vec<i64> = points.iter().map(|p| p.0 as i64).collect();
+        let names: Vec<&str> = points.iter().map(|p| p.1.as_str()).collect();
+        let values: Vec<f64> = points.iter().map(|p| p.2).collect();
+        let done = sqlx::query(
+            "INSERT INTO metrics (job_id, attempt, iteration, name, value)
+             SELECT $1, $2, * FROM UNNEST($3::bigint[], $4::text[], $5::float8[])
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(job_id)
+        .bind(attempt as i32)
+        .bind(&iterations)
+        .bind(&names)
+        .bind(&values)
+        .execute(&self.pool)
+        .await?;
+        if let Some(max) = iterations.iter().max() {
+            sqlx::query("UPDATE jobs SET iteration = GREATEST(iteration, $2) WHERE id = $1")
+                .bind(job_id)
+                .bind(max)
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(done.rows_affected())
+    }
+
+    /// Metric points of a job ordered by iteration then name, optionally only some names, from
+    /// `since` on, at most `limit`.
+    pub async fn get_metrics(
+        &self,
+        job_id: Uuid,
+        names: &[String],
+        since: u64,
+        limit: u32,
+    ) -> Result<Vec<MetricPoint>, StoreError> {
+        let rows: Vec<(i32, i64, String, f64)> = sqlx::query_as(
+            "SELECT attempt, iteration, name, value FROM metrics
+             WHERE job_id = $1 AND iteration >= $2
+               AND (cardinality($3::text[]) = 0 OR name = ANY($3))
+             ORDER BY iteration, name, attempt LIMIT $4",
+        )
+        .bind(job_id)
+        .bind(since as i64)
+        .bind(names)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(attempt, iteration, name, value)| {
+                Ok(MetricPoint {
+                    attempt: u32_of(attempt, "attempt")?,
+                    iteration: u64_of(iteration, "iteration")?,
+                    name,
+                    value,
+                })
+            })
+            .collect()
+    }
+
+    /// Checkpoints of a job, oldest first.
+    pub async fn list_checkpoints(
+        &self,
+        job_id: Uuid,
+        include_deleted: bool,
+    ) -> Result<Vec<CheckpointRecord>, StoreError> {
+        let rows: Vec<CheckpointRow> = sqlx::query_as(
+            "SELECT job_id, attempt, iteration, uri, bytes, sha256, state, metrics, created_at
+             FROM checkpoints WHERE job_id = $1 AND ($2 OR state <> 'DELETED')
+             ORDER BY iteration",
+        )
+        .bind(job_id)
+        .bind(include_deleted)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(CheckpointRecord {
+                    job_id: r.job_id,
+                    attempt: u32_of(r.attempt, "attempt")?,
+                    iteration: u64_of(r.iteration, "iteration")?,
+                    uri: r.uri,
+                    bytes: u64_of(r.bytes, "bytes")?,
+                    sha256: r.sha256,
+                    state: r.state,
+                    metrics: r.metrics.0,
+                    created_at: r.created_at,
+                })
+            })
+            .collect()
+    }
+}

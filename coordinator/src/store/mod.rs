@@ -1,0 +1,83 @@
+//! PostgreSQL: the coordinator's only state (DESIGN.md §6).
+//!
+//! Plain runtime-checked sqlx queries (no build-time database). Every job state change goes
+//! through [`Store::transition_job`], which checks the edge against [`crate::state`] and writes the
+//! jobs row and its `job_events` row in one transaction.
+
+mod events;
+mod jobs;
+mod metrics;
+mod workers;
+
+pub use events::EventRecord;
+pub use jobs::JobRecord;
+pub use metrics::{CheckpointRecord, MetricPoint};
+pub use workers::WorkerRecord;
+
+use crate::state::IllegalTransition;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The migrations in `migrations/`, embedded at compile time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// The NOTIFY channel that carries a job id whenever that job gets a new event. A hint only:
+/// readers always re-read the table.
+pub const EVENTS_CHANNEL: &str = "segtrain_job_events";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{what} {id} not found")]
+    NotFound { what: &'static str, id: String },
+    #[error(transparent)]
+    Illegal(#[from] IllegalTransition),
+    /// The request conflicts with what is stored (reused idempotency key, finished job).
+    #[error("{0}")]
+    Conflict(String),
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A row that this version cannot read (written by a newer version, or edited by hand).
+    #[error("unreadable row: {0}")]
+    Corrupt(String),
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Connects a pool. Fails fast when the database is unreachable; callers decide how to retry.
+    pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        let opts = PgConnectOptions::from_str(url)?.application_name("segtrain-coordinator");
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(opts)
+            .await?;
+        Ok(Store { pool })
+    }
+
+    /// Applies every migration not yet applied (idempotent; takes an advisory lock, so two
+    /// coordinators starting at once do not race).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+fn u64_of(v: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} is negative: {v}")))
+}
+
+fn u32_of(v: i32, what: &str) -> Result<u32, StoreError> {
+    u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} is negative: {v}")))
+}

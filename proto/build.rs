@@ -1,0 +1,20 @@
+//! Compiles `segtrain/v1/*.proto` with protox (pure Rust, so no system `protoc`) and generates the
+//! tonic client and server code. The encoded descriptor set is written next to it for server
+//! reflection.
+
+use prost::Message;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = ["segtrain/v1/job.proto", "segtrain/v1/worker.proto"];
+    for f in &files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = protox::compile(files, ["."])?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out.join("segtrain_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,13 @@
+//! The `segtrain.v1` API. Generated from `proto/segtrain/v1/*.proto`; see those files for the
+//! meaning of every message and field.
+
+pub mod v1 {
+    #![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
+    tonic::include_proto!("segtrain.v1");
+
+    /// The encoded `FileDescriptorSet` of the API, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("segtrain_descriptor");
+}
+
+pub use prost_types::Timestamp;

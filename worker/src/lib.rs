@@ -1,0 +1,7 @@
+//! The segtrain worker: the per-GPU daemon and the SegFormer trainer it runs.
+//!
+//! This crate is a skeleton for now: [`doctor`] reports what libtorch this binary loaded and
+//! what devices it sees. The trainer (model, data, optimizer, checkpoints) and the daemon arrive
+//! with the issues that build them.
+
+pub mod doctor;
