@@ -119,15 +119,15 @@ const SECTIONS: &[(&str, &[FieldDoc])] = &[
         &[
             field(
                 "log_interval",
-                "Iterations between metric reports, 1..=max_iters.",
+                "Iterations between metric reports, 1..=100000000 (the last iteration always reports).",
             ),
             field(
                 "eval_interval",
-                "Iterations between evaluations, 0..=max_iters (0: only at the end).",
+                "Iterations between evaluations, 0..=100000000 (0 or more than max_iters: only at the end).",
             ),
             field(
                 "checkpoint_interval",
-                "Iterations between checkpoints, 0..=max_iters (0: only at the end).",
+                "Iterations between checkpoints, 0..=100000000 (0 or more than max_iters: only at the end).",
             ),
             field(
                 "eval_mode",

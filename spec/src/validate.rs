@@ -8,6 +8,9 @@ use crate::{JobSpec, SpecError};
 /// Longest path or URI accepted (PATH_MAX on Linux).
 const MAX_PATH_BYTES: usize = 4096;
 
+/// Longest run, and longest interval, in iterations.
+const MAX_ITERS: u64 = 100_000_000;
+
 /// What a checkpoint or weights location may look like, for error messages.
 const LOCATION_FORMS: &str =
     "an absolute path (/...), file:///absolute/path or gs://bucket[/prefix]";
@@ -29,7 +32,7 @@ pub(crate) fn validate(s: &JobSpec) -> Result<(), SpecError> {
     in_range("world_size", s.world_size, 1, 1024)?;
     in_range("batch_per_gpu", s.batch_per_gpu, 1, 1024)?;
     in_range("accumulate_steps", s.accumulate_steps, 1, 1024)?;
-    in_range("max_iters", s.max_iters, 1, 100_000_000)?;
+    in_range("max_iters", s.max_iters, 1, MAX_ITERS)?;
     // TOML integers are signed 64-bit (and so is torch's seed): a larger seed could not be
     // written to a job file.
     if s.seed > i64::MAX as u64 {
@@ -57,20 +60,22 @@ pub(crate) fn validate(s: &JobSpec) -> Result<(), SpecError> {
     float_in("weight_decay", s.weight_decay, Lower::Closed(0.0), 1.0)?;
     float_in("head_lr_mult", s.head_lr_mult, Lower::Open(0.0), 1000.0)?;
 
-    in_range_because("log_interval", s.log_interval, 1, s.max_iters, "max_iters")?;
+    // An interval longer than the run is not a mistake: it means "only at the end" (the final
+    // iteration always logs, evaluates and checkpoints).
+    in_range("log_interval", s.log_interval, 1, MAX_ITERS)?;
     in_range_because(
         "eval_interval",
         s.eval_interval,
         0,
-        s.max_iters,
-        "max_iters; 0: only at the end",
+        MAX_ITERS,
+        "0: only at the end",
     )?;
     in_range_because(
         "checkpoint_interval",
         s.checkpoint_interval,
         0,
-        s.max_iters,
-        "max_iters; 0: only at the end",
+        MAX_ITERS,
+        "0: only at the end",
     )?;
     crop("eval_crop", s.eval_crop)?;
     in_range_because("eval_stride", s.eval_stride, 1, s.eval_crop, "eval_crop")?;

@@ -3,5 +3,9 @@
 //! The coordinator keeps its state in PostgreSQL, and the end-to-end tests run
 //! it against a real server rather than a mock: [`pg::TempPostgres`] starts a
 //! throwaway cluster in a temporary directory and removes it again on drop.
+//! [`coordinator::CoordinatorProcess`] runs the real `segtrain-coordinator`
+//! binary against it, so tests can kill and restart it.
 
+pub mod binaries;
+pub mod coordinator;
 pub mod pg;

@@ -319,6 +319,9 @@ async fn pause(so_far: Duration) -> Duration {
 /// A lazy channel: the first RPC connects, so an unreachable coordinator is reported by the RPC
 /// with the address in the message.
 async fn connect(url: &str) -> anyhow::Result<Channel> {
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        bail!("--coordinator: expected http://host:port or https://host:port, got {url:?}");
+    }
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|_| {
             anyhow!("--coordinator: not a valid URL: {url:?} (expected e.g. http://host:50051)")

@@ -1,0 +1,23 @@
+//! Finds the workspace's binaries (`segtrain-coordinator`, `segtrain`, `segtrain-worker`).
+//!
+//! Integration tests of this crate cannot name other packages' binaries through
+//! `CARGO_BIN_EXE_*`, so they look next to their own executable: `target/<profile>/deps/<test>`
+//! has the binaries in `target/<profile>/`. `make test` builds them first.
+
+use std::path::PathBuf;
+
+/// The path of a workspace binary, or a panic that says how to build it.
+pub fn path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable has a path");
+    let mut dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not found; build the binaries first: cargo build --workspace --bins",
+        p.display()
+    );
+    p
+}
