@@ -46,7 +46,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Submit a training job from a job file and/or flags (flags win over the file).
-    Submit(SubmitArgs),
+    Submit(Box<SubmitArgs>),
     /// List jobs, newest first.
     List(ListArgs),
     /// Show one job.
