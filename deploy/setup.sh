@@ -66,7 +66,7 @@ else
     "$venv/bin/pip" install --quiet --disable-pip-version-check "torch==${TORCH_VERSION}"
     torch_ok || die "torch ${TORCH_VERSION} did not install correctly into $venv"
 fi
-torch_dir=$("$venv/bin/python" -c 'import torch, pathlib; print(pathlib.Path(torch.__file__).parent)')
+torch_dir=$("$venv/bin/python" -W ignore -c 'import torch, pathlib; print(pathlib.Path(torch.__file__).parent)' 2>/dev/null)
 
 # --- 3. link it into the checkout ----------------------------------------------------------------
 if [ "$(readlink "$repo/.torch" 2>/dev/null || true)" != "$torch_dir" ]; then
