@@ -5,3 +5,4 @@
 //! with the issues that build them.
 
 pub mod doctor;
+pub mod model;

@@ -36,6 +36,12 @@ fn the_binary_keeps_libtorch_cuda_linked() {
         .output()
         .expect("readelf (binutils)");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("[libtorch.so]"), "libtorch.so not NEEDED:\n{text}");
-    assert!(text.contains("RUNPATH") || text.contains("RPATH"), "no rpath:\n{text}");
+    assert!(
+        text.contains("[libtorch.so]"),
+        "libtorch.so not NEEDED:\n{text}"
+    );
+    assert!(
+        text.contains("RUNPATH") || text.contains("RPATH"),
+        "no rpath:\n{text}"
+    );
 }
