@@ -68,6 +68,19 @@ impl SegFormerConfig {
             .collect()
     }
 
-    /// The input side lengths must be multiples of this (the 1/32 stage and its sr conv).
-    pub const SIZE_MULTIPLE: i64 = 32;
+    /// The smallest input side: one pixel at the 1/32 stage.
+    pub const MIN_SIZE: i64 = 32;
+
+    /// (channels, height, width) of the four stage maps for an input of `h` x `w`, by the conv
+    /// arithmetic of the patch embeddings (no forward pass needed).
+    pub fn stage_shapes(&self, h: i64, w: i64) -> [(i64, i64, i64); 4] {
+        let mut out = [(0, 0, 0); 4];
+        let (mut h, mut w) = (h, w);
+        for (s, &(k, stride, pad)) in PATCH_EMBED.iter().enumerate() {
+            h = (h + 2 * pad - k) / stride + 1;
+            w = (w + 2 * pad - k) / stride + 1;
+            out[s] = (self.hidden_sizes[s], h, w);
+        }
+        out
+    }
 }

@@ -48,8 +48,8 @@ impl SegFormer {
         let shape = x.size();
         let ok = shape.len() == 4
             && shape[1] == 3
-            && shape[2] >= SegFormerConfig::SIZE_MULTIPLE
-            && shape[3] >= SegFormerConfig::SIZE_MULTIPLE
+            && shape[2] >= SegFormerConfig::MIN_SIZE
+            && shape[3] >= SegFormerConfig::MIN_SIZE
             && x.is_floating_point();
         if ok {
             Ok(())
