@@ -2,28 +2,15 @@
 //! `SegformerForSemanticSegmentation`, fp32, eval mode), on fixtures made by
 //! `tests/fixtures/make_parity_fixtures.py`.
 
+mod common;
+
+use common::{fixture, max_abs_diff, write_b0_weights};
 use segtrain_worker::model::weights::{self, CheckpointKind};
 use segtrain_worker::model::{SegFormer, SegFormerConfig};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Device, Tensor};
 
 const TOLERANCE: f64 = 1e-4;
-
-fn fixture(name: &str) -> BTreeMap<String, Tensor> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name);
-    Tensor::read_safetensors(&path)
-        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
-        .into_iter()
-        .collect()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size(), "shapes differ");
-    f64::try_from((a - b).abs().max()).expect("scalar")
-}
 
 /// Runs the model on the fixture's input and compares the stage maps and logits.
 fn check(model: &SegFormer, fx: &BTreeMap<String, Tensor>) {
@@ -78,21 +65,8 @@ fn tiny_custom_config_matches_the_reference() {
 #[test]
 fn b0_matches_the_reference_loading_an_hf_safetensors_file() {
     let fx = fixture("b0.safetensors");
-    // Rebuild the exact fp32 state dict (w = q * scale) and write it as an HF model.safetensors.
-    let mut state: Vec<(String, Tensor)> = Vec::new();
-    for (k, q) in fx
-        .iter()
-        .filter_map(|(k, t)| Some((k.strip_prefix("q.")?, t)))
-    {
-        let t = match fx.get(&format!("scale.{k}")) {
-            Some(scale) => q.to_kind(Kind::Float) * scale,
-            None => q.shallow_clone(),
-        };
-        state.push((k.to_string(), t.contiguous()));
-    }
     let dir = tempfile::tempdir().expect("temp dir");
-    let file = dir.path().join("model.safetensors");
-    Tensor::write_safetensors(&state, &file).expect("write safetensors");
+    let file = write_b0_weights(&fx, dir.path());
 
     let vs = nn::VarStore::new(Device::Cpu);
     let model = SegFormer::new(

@@ -115,6 +115,12 @@ struct ListArgs {
 
 /// Entry point of the `segtrain` binary.
 pub fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`segtrain ... | head`) like other Unix tools, instead of
+    // panicking in println!.
+    // SAFETY: restores the default disposition of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

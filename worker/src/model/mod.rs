@@ -98,3 +98,82 @@ pub fn parameter_counts(vs: &nn::VarStore) -> (i64, i64) {
     }
     (encoder, head)
 }
+
+/// What `segtrain-worker model-info` prints.
+#[derive(Debug, serde::Serialize)]
+pub struct ModelInfo {
+    pub variant: String,
+    pub num_classes: i64,
+    pub parameters: i64,
+    pub encoder_parameters: i64,
+    pub head_parameters: i64,
+    pub input: [i64; 2],
+    /// (channels, height, width) of the stage maps F1..F4.
+    pub stages: Vec<[i64; 3]>,
+    /// (classes, height, width) of the logits.
+    pub logits: [i64; 3],
+}
+
+/// Builds the model on the CPU (so counts come from the real parameters) and computes the shapes
+/// an `h` x `w` input gives.
+pub fn info(variant: segtrain_spec::Variant, num_classes: i64, h: i64, w: i64) -> ModelInfo {
+    let vs = nn::VarStore::new(tch::Device::Cpu);
+    let model = SegFormer::new(&vs.root(), SegFormerConfig::variant(variant, num_classes));
+    let (encoder, head) = parameter_counts(&vs);
+    let stages: Vec<[i64; 3]> = model
+        .config
+        .stage_shapes(h, w)
+        .iter()
+        .map(|&(c, h, w)| [c, h, w])
+        .collect();
+    ModelInfo {
+        variant: variant.to_string(),
+        num_classes,
+        parameters: encoder + head,
+        encoder_parameters: encoder,
+        head_parameters: head,
+        input: [h, w],
+        logits: [num_classes, stages[0][1], stages[0][2]],
+        stages,
+    }
+}
+
+impl std::fmt::Display for ModelInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "SegFormer-{} ({} classes)",
+            self.variant.to_uppercase(),
+            self.num_classes
+        )?;
+        writeln!(f, "parameters  {:>12}", group(self.parameters))?;
+        writeln!(f, "  encoder   {:>12}", group(self.encoder_parameters))?;
+        writeln!(f, "  head      {:>12}", group(self.head_parameters))?;
+        writeln!(f, "input       3 x {} x {}", self.input[0], self.input[1])?;
+        for (i, [c, h, w]) in self.stages.iter().enumerate() {
+            writeln!(f, "stage {}     {c} x {h} x {w}  (1/{})", i + 1, 4 << i)?;
+        }
+        write!(
+            f,
+            "logits      {} x {} x {}",
+            self.logits[0], self.logits[1], self.logits[2]
+        )
+    }
+}
+
+/// 3719027 -> "3,719,027".
+fn group(n: i64) -> String {
+    let s = n.abs().to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    if n < 0 {
+        format!("-{out}")
+    } else {
+        out
+    }
+}

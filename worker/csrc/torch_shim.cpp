@@ -1,0 +1,50 @@
+// What tch 0.24 does not expose, as a small C ABI over libtorch (reference/rust-stack.md §1.3):
+// bf16 autocast (tch's autocast is fp16 only), TF32 switches, cuDNN deterministic/benchmark flags,
+// and version queries. Built by worker/build.rs against the wheel's headers, C++17, CXX11 ABI.
+#include <ATen/Context.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/detail/CUDAHooksInterface.h>
+#include <torch/headeronly/version.h>
+
+extern "C" {
+
+const char* segtrain_torch_version() { return TORCH_VERSION; }
+
+// cuDNN version libtorch was built with and is running (e.g. 91900), or -1 without CUDA.
+long segtrain_cudnn_version() {
+  try {
+    if (!at::detail::getCUDAHooks().hasCuDNN()) return -1;
+    return at::detail::getCUDAHooks().versionRuntimeCuDNN();
+  } catch (...) {
+    return -1;
+  }
+}
+
+// TF32 in cuBLAS matmuls and cuDNN convolutions (fp32 precision mode only).
+void segtrain_set_tf32(bool on) {
+  at::globalContext().setAllowTF32CuBLAS(on);
+  at::globalContext().setAllowTF32CuDNN(on);
+}
+
+void segtrain_set_cudnn_flags(bool deterministic, bool benchmark) {
+  at::globalContext().setDeterministicCuDNN(deterministic);
+  at::globalContext().setBenchmarkCuDNN(benchmark);
+}
+
+// Autocast state is thread-local. Enter returns the previous enabled flag for exit to restore.
+bool segtrain_autocast_bf16_enter() {
+  bool prev = at::autocast::is_autocast_enabled(at::kCUDA);
+  at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+  at::autocast::set_autocast_enabled(at::kCUDA, true);
+  at::autocast::increment_nesting();
+  return prev;
+}
+
+void segtrain_autocast_exit(bool prev) {
+  // Cached casts of weights are only valid inside one autocast region.
+  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+  at::autocast::set_autocast_enabled(at::kCUDA, prev);
+}
+
+bool segtrain_autocast_enabled() { return at::autocast::is_autocast_enabled(at::kCUDA); }
+}

@@ -1,0 +1,3 @@
+//! Datasets and what is known about their labels.
+
+pub mod cityscapes;

@@ -1,0 +1,62 @@
+//! libtorch switches that tch lacks, through the C++ shim in `csrc/torch_shim.cpp`.
+
+use std::ffi::CStr;
+use std::os::raw::c_char;
+
+extern "C" {
+    fn segtrain_torch_version() -> *const c_char;
+    fn segtrain_cudnn_version() -> std::os::raw::c_long;
+    fn segtrain_set_tf32(on: bool);
+    fn segtrain_set_cudnn_flags(deterministic: bool, benchmark: bool);
+    fn segtrain_autocast_bf16_enter() -> bool;
+    fn segtrain_autocast_exit(prev: bool);
+    fn segtrain_autocast_enabled() -> bool;
+}
+
+/// The libtorch version this binary runs, e.g. "2.11.0".
+pub fn torch_version() -> String {
+    // SAFETY: returns a pointer to a static NUL-terminated string literal.
+    unsafe { CStr::from_ptr(segtrain_torch_version()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The cuDNN version at run time (e.g. 91900 for 9.19.0), if CUDA and cuDNN are usable.
+pub fn cudnn_version() -> Option<i64> {
+    // SAFETY: no arguments; the shim catches C++ exceptions.
+    let v = unsafe { segtrain_cudnn_version() };
+    (v >= 0).then_some(v as i64)
+}
+
+/// Allows TF32 tensor-core math for fp32 matmuls and convolutions on Ampere and newer.
+pub fn set_tf32(on: bool) {
+    // SAFETY: sets global flags in at::Context.
+    unsafe { segtrain_set_tf32(on) }
+}
+
+/// cuDNN algorithm selection: deterministic kernels, and/or benchmark (autotune per shape).
+pub fn set_cudnn_flags(deterministic: bool, benchmark: bool) {
+    // SAFETY: sets global flags in at::Context.
+    unsafe { segtrain_set_cudnn_flags(deterministic, benchmark) }
+}
+
+/// Whether CUDA autocast is on in this thread.
+pub fn autocast_enabled() -> bool {
+    // SAFETY: reads a thread-local flag.
+    unsafe { segtrain_autocast_enabled() }
+}
+
+/// Runs `f` with CUDA autocast to bf16 in this thread (autocast state is thread-local in
+/// libtorch), restoring the previous state afterwards, also if `f` panics. CPU ops are unaffected.
+pub fn with_bf16_autocast<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: pairs with the enter below on the same thread.
+            unsafe { segtrain_autocast_exit(self.0) }
+        }
+    }
+    // SAFETY: sets thread-local autocast state; undone by `Restore`.
+    let _restore = Restore(unsafe { segtrain_autocast_bf16_enter() });
+    f()
+}

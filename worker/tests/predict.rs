@@ -1,0 +1,172 @@
+//! `segtrain-worker predict` through the binary: tensor and image inputs, mask and logits out,
+//! clear errors.
+
+mod common;
+
+use common::{fixture, max_abs_diff, write_b0_weights};
+use std::process::{Command, Output};
+use tch::Tensor;
+
+fn worker(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_segtrain-worker"))
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("run segtrain-worker")
+}
+
+#[test]
+fn predict_on_a_tensor_reproduces_the_reference_logits_and_writes_a_mask() {
+    let fx = fixture("b0.safetensors");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let weights = write_b0_weights(&fx, dir.path());
+    let input = dir.path().join("input.safetensors");
+    Tensor::write_safetensors(
+        &[("pixel_values", fx["pixel_values"].shallow_clone())],
+        &input,
+    )
+    .expect("write input");
+    let mask = dir.path().join("mask.png");
+    let logits = dir.path().join("logits.safetensors");
+    let path = |p: &std::path::Path| p.to_str().expect("utf-8").to_string();
+    let out = worker(&[
+        "predict",
+        "--variant",
+        "b0",
+        "--weights",
+        &path(&weights),
+        "--input",
+        &path(&input),
+        "--out",
+        &path(&mask),
+        "--logits",
+        &path(&logits),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let got = Tensor::read_safetensors(&logits).expect("logits file");
+    assert_eq!(got[0].0, "logits");
+    let d = max_abs_diff(&got[0].1, &fx["logits"]);
+    assert!(d <= 1e-4, "logits differ from the reference by {d}");
+
+    let img = image::open(&mask).expect("mask is an image").into_rgb8();
+    assert_eq!(img.dimensions(), (128, 64), "mask has the input's size");
+    let palette = segtrain_worker::data::cityscapes::PALETTE;
+    assert!(
+        img.pixels().all(|p| palette.contains(&p.0)),
+        "only Cityscapes colours"
+    );
+}
+
+#[test]
+fn predict_on_an_image_writes_a_mask_of_its_size() {
+    let fx = fixture("b0.safetensors");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let weights = write_b0_weights(&fx, dir.path());
+    let photo = dir.path().join("street.png");
+    let img = image::RgbImage::from_fn(96, 64, |x, y| {
+        image::Rgb([(x * 2) as u8, (y * 3) as u8, 128])
+    });
+    img.save(&photo).expect("write png");
+    let mask = dir.path().join("mask.png");
+    let out = worker(&[
+        "predict",
+        "--variant",
+        "b0",
+        "--weights",
+        weights.to_str().expect("utf-8"),
+        "--input",
+        photo.to_str().expect("utf-8"),
+        "--out",
+        mask.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        image::open(&mask).expect("mask").into_rgb8().dimensions(),
+        (96, 64)
+    );
+}
+
+#[test]
+fn predict_errors_are_one_clear_line() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let photo = dir.path().join("p.png");
+    image::RgbImage::new(64, 64).save(&photo).expect("png");
+    let photo = photo.to_str().expect("utf-8");
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &[
+                "predict",
+                "--variant",
+                "b0",
+                "--weights",
+                "/nope/w.safetensors",
+                "--input",
+                photo,
+                "--out",
+                "/tmp/x.png",
+            ],
+            "/nope/w.safetensors",
+        ),
+        (
+            &[
+                "predict",
+                "--variant",
+                "b0",
+                "--weights",
+                "/nope/w.safetensors",
+                "--input",
+                "/nope/in.png",
+                "--out",
+                "/tmp/x.png",
+            ],
+            "/nope/in.png",
+        ),
+        (
+            &[
+                "predict",
+                "--variant",
+                "b0",
+                "--weights",
+                "w",
+                "--input",
+                photo,
+                "--out",
+                "x.png",
+                "--device",
+                "tpu",
+            ],
+            "--device",
+        ),
+        (
+            &[
+                "predict",
+                "--variant",
+                "b0",
+                "--weights",
+                "w",
+                "--input",
+                photo,
+            ],
+            "--out",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = worker(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(
+            err.contains(needle) && !err.contains("panicked"),
+            "{needle}: {err}"
+        );
+    }
+}
