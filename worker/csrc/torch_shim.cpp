@@ -47,4 +47,14 @@ void segtrain_autocast_exit(bool prev) {
 }
 
 bool segtrain_autocast_enabled() { return at::autocast::is_autocast_enabled(at::kCUDA); }
+
+bool segtrain_autocast_is_bf16() {
+  return at::autocast::get_autocast_dtype(at::kCUDA) == at::kBFloat16;
+}
+
+// Current values of the switches above, so callers and tests can see what is in force.
+bool segtrain_tf32_cublas() { return at::globalContext().allowTF32CuBLAS(); }
+bool segtrain_tf32_cudnn() { return at::globalContext().allowTF32CuDNN(); }
+bool segtrain_cudnn_deterministic() { return at::globalContext().deterministicCuDNN(); }
+bool segtrain_cudnn_benchmark() { return at::globalContext().benchmarkCuDNN(); }
 }

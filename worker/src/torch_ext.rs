@@ -11,6 +11,31 @@ extern "C" {
     fn segtrain_autocast_bf16_enter() -> bool;
     fn segtrain_autocast_exit(prev: bool);
     fn segtrain_autocast_enabled() -> bool;
+    fn segtrain_autocast_is_bf16() -> bool;
+    fn segtrain_tf32_cublas() -> bool;
+    fn segtrain_tf32_cudnn() -> bool;
+    fn segtrain_cudnn_deterministic() -> bool;
+    fn segtrain_cudnn_benchmark() -> bool;
+}
+
+/// The libtorch switches in force: (TF32 in cuBLAS, TF32 in cuDNN, cuDNN deterministic,
+/// cuDNN benchmark).
+pub fn switches() -> (bool, bool, bool, bool) {
+    // SAFETY: plain reads of global flags.
+    unsafe {
+        (
+            segtrain_tf32_cublas(),
+            segtrain_tf32_cudnn(),
+            segtrain_cudnn_deterministic(),
+            segtrain_cudnn_benchmark(),
+        )
+    }
+}
+
+/// Whether the CUDA autocast dtype of this thread is bf16.
+pub fn autocast_is_bf16() -> bool {
+    // SAFETY: reads thread-local autocast state.
+    unsafe { segtrain_autocast_is_bf16() }
 }
 
 /// The libtorch version this binary runs, e.g. "2.11.0".
