@@ -1,0 +1,2 @@
+//! Loader benchmark (placeholder until the data pipeline lands): prints nothing yet.
+fn main() {}
