@@ -7,5 +7,7 @@
 pub mod data;
 pub mod doctor;
 pub mod model;
+pub mod optim;
 pub mod predict;
 pub mod torch_ext;
+pub mod train;

@@ -3,7 +3,7 @@
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use segtrain_spec::{Precision, Variant};
-use segtrain_worker::{doctor, model, predict};
+use segtrain_worker::{data, doctor, model, predict, train};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tch::Device;
@@ -21,6 +21,25 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Train a job standalone on the CPU or one GPU (no coordinator): the same job file as
+    /// `segtrain submit -f`, with world_size 1.
+    Train(Box<TrainArgs>),
+    /// Write a deterministic synthetic dataset in the Cityscapes layout (for tests and demos).
+    SynthData {
+        #[arg(long)]
+        out: PathBuf,
+        /// Training images.
+        #[arg(long, default_value_t = 64)]
+        train: usize,
+        /// Validation images.
+        #[arg(long, default_value_t = 16)]
+        val: usize,
+        /// Image size as WxH.
+        #[arg(long, default_value = "256x128")]
+        size: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Print the libtorch, CUDA, cuDNN, GPUs and NCCL this binary uses.
     Doctor {
         #[arg(long)]
@@ -67,22 +86,45 @@ enum Command {
     },
 }
 
-fn parse_size(s: &str) -> anyhow::Result<(i64, i64)> {
-    let err = || format!("--size: expected HxW such as 1024x1024, got {s:?}");
-    let (h, w) = s.split_once(['x', 'X']).with_context(err)?;
-    let (h, w): (i64, i64) = (
-        h.trim().parse().with_context(err)?,
-        w.trim().parse().with_context(err)?,
+#[derive(clap::Args, Debug)]
+struct TrainArgs {
+    /// The job file (see `segtrain job-template`).
+    #[arg(long)]
+    config: PathBuf,
+    /// auto (CUDA if available), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Where checkpoints go (default: <checkpoint_root>/<name>).
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    /// Stop after this iteration, writing a checkpoint (resume later with --resume-from).
+    #[arg(long)]
+    stop_at: Option<u64>,
+    /// One JSON object per event on stdout instead of log lines.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    spec: segtrain_spec::JobSpecInput,
+}
+
+/// Two sides `AxB` in the order given; `form` names them for the error (e.g. "HxW").
+fn parse_size(s: &str, form: &str) -> anyhow::Result<(i64, i64)> {
+    let err = || format!("--size: expected {form} such as 1024x1024, got {s:?}");
+    let (a, b) = s.split_once(['x', 'X']).with_context(err)?;
+    let (a, b): (i64, i64) = (
+        a.trim().parse().with_context(err)?,
+        b.trim().parse().with_context(err)?,
     );
-    if h < 32 || w < 32 || h > 16384 || w > 16384 {
-        bail!("--size: each side must be in 32..=16384, got {h}x{w}");
+    if a < 32 || b < 32 || a > 16384 || b > 16384 {
+        bail!("--size: each side must be in 32..=16384, got {a}x{b}");
     }
-    Ok((h, w))
+    Ok((a, b))
 }
 
 fn parse_device(s: &str) -> anyhow::Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
+        "auto" => Ok(Device::cuda_if_available()),
         "cuda" => Ok(Device::Cuda(0)),
         _ => match s
             .strip_prefix("cuda:")
@@ -108,6 +150,64 @@ fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Train(args) => {
+            let input = segtrain_spec::JobSpecInput::from_file(&args.config)
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .overlay(args.spec);
+            let spec = input
+                .resolve()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
+            let device = parse_device(&args.device)?;
+            if device != Device::Cpu && !tch::Cuda::is_available() {
+                bail!(
+                    "--device {}: no CUDA device is available (see `segtrain-worker doctor`)",
+                    args.device
+                );
+            }
+            if spec.world_size != 1 {
+                bail!(
+                    "world_size: standalone training runs one rank, got {}; set world_size = 1 \
+                     (keep the global batch with batch_per_gpu/accumulate_steps) or submit the job to a coordinator",
+                    spec.world_size
+                );
+            }
+            let checkpoint_dir = match args.checkpoint_dir {
+                Some(d) => d,
+                None => train::trainer::local_path("checkpoint_root", &spec.checkpoint_root)?
+                    .join(&spec.name),
+            };
+            let opts = train::TrainOptions {
+                spec,
+                device,
+                checkpoint_dir,
+                stop_at: args.stop_at,
+                rank: 0,
+                world: 1,
+            };
+            let mut reporter = train::report::Reporter::new(args.json);
+            train::train(opts, &mut reporter)?;
+        }
+        Command::SynthData {
+            out,
+            train,
+            val,
+            size,
+            seed,
+        } => {
+            let (w, h) = parse_size(&size, "WxH")?;
+            let summary = data::synth::generate(&data::synth::SynthOptions {
+                out: out.clone(),
+                train,
+                val,
+                width: w as usize,
+                height: h as usize,
+                seed,
+            })?;
+            eprintln!(
+                "wrote {train} train and {val} val images to {} ({summary:?})",
+                out.display()
+            );
+        }
         Command::Doctor { json } => {
             let report = doctor::report();
             if json {
@@ -123,7 +223,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => {
             check_classes(classes)?;
-            let (h, w) = parse_size(&size)?;
+            let (h, w) = parse_size(&size, "HxW")?;
             let info = model::info(variant, classes, h, w);
             if json {
                 print_json(&info)?;

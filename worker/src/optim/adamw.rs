@@ -1,0 +1,273 @@
+//! AdamW over flat fp32 buffers (reference/rust-stack.md §1.3: tch's optimizer cannot save its
+//! state, and the fused kernels are not bound).
+//!
+//! Every trainable parameter is re-pointed into one flat buffer, ordered by group, so that each
+//! group is one contiguous slice and a step is a handful of elementwise kernels per group over the
+//! whole model. The moments `m` and `v` are flat buffers of the same layout, which makes the state
+//! trivial to checkpoint and (later) the gradients one buffer to all-reduce.
+//!
+//! Groups follow the recipe (reference/segformer.md §4.1, mmcv custom_keys, first match wins:
+//! "head" before "norm"): every decode-head parameter gets lr x head_lr_mult and weight decay;
+//! encoder norm weights and biases get weight decay 0; everything else, biases included, gets lr
+//! and weight decay.
+
+use tch::{nn, Kind, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ParamGroup {
+    /// Encoder weights and biases (not norms): lr, weight decay.
+    Encoder,
+    /// Encoder norm weights and biases: lr, no weight decay.
+    EncoderNorm,
+    /// Decode head: lr x head_lr_mult, weight decay.
+    Head,
+}
+
+impl ParamGroup {
+    pub fn of(name: &str) -> ParamGroup {
+        if name.starts_with(crate::model::HEAD_PREFIX) {
+            ParamGroup::Head
+        } else if name.contains("norm") {
+            ParamGroup::EncoderNorm
+        } else {
+            ParamGroup::Encoder
+        }
+    }
+
+    const ORDER: [ParamGroup; 3] = [
+        ParamGroup::Encoder,
+        ParamGroup::EncoderNorm,
+        ParamGroup::Head,
+    ];
+}
+
+/// Hyper-parameters of the update.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub head_lr_mult: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            head_lr_mult: 10.0,
+        }
+    }
+}
+
+/// One parameter's place in the flat buffer.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Slot {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub offset: i64,
+    pub group: ParamGroup,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OptimError {
+    #[error("optimizer state does not match the model: {0}")]
+    Layout(String),
+}
+
+pub struct FlatAdamW {
+    pub config: AdamWConfig,
+    /// Parameters in buffer order.
+    slots: Vec<Slot>,
+    vars: Vec<Tensor>,
+    /// The parameters themselves: every variable is a view into this.
+    params: Tensor,
+    m: Tensor,
+    v: Tensor,
+    /// (offset, len) of each group's slice, in `ParamGroup::ORDER`.
+    groups: Vec<(ParamGroup, i64, i64)>,
+    /// Updates applied so far (Adam's t).
+    step: u64,
+}
+
+impl FlatAdamW {
+    /// Moves every trainable variable of `vs` into one flat fp32 buffer on its device.
+    pub fn new(vs: &nn::VarStore, config: AdamWConfig) -> FlatAdamW {
+        let mut named: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect();
+        // Deterministic layout: by group, then by name.
+        named.sort_by(|a, b| {
+            let ga = ParamGroup::ORDER
+                .iter()
+                .position(|g| *g == ParamGroup::of(&a.0));
+            let gb = ParamGroup::ORDER
+                .iter()
+                .position(|g| *g == ParamGroup::of(&b.0));
+            ga.cmp(&gb).then_with(|| a.0.cmp(&b.0))
+        });
+        let total: i64 = named.iter().map(|(_, t)| t.numel() as i64).sum();
+        let device = vs.device();
+        let params = Tensor::zeros([total], (Kind::Float, device));
+        let mut slots = Vec::with_capacity(named.len());
+        let mut vars = Vec::with_capacity(named.len());
+        let mut offset = 0i64;
+        tch::no_grad(|| {
+            for (name, mut var) in named {
+                let n = var.numel() as i64;
+                let shape = var.size();
+                let mut view = params.narrow(0, offset, n).view(shape.as_slice());
+                view.copy_(&var);
+                // The variable now shares storage with the flat buffer (Apex/DeepSpeed style).
+                var.set_data(&view);
+                slots.push(Slot {
+                    group: ParamGroup::of(&name),
+                    name,
+                    shape,
+                    offset,
+                });
+                vars.push(var);
+                offset += n;
+            }
+        });
+        let groups = ParamGroup::ORDER
+            .iter()
+            .filter_map(|g| {
+                let members: Vec<&Slot> = slots.iter().filter(|s| s.group == *g).collect();
+                let first = members.first()?;
+                let len: i64 = members
+                    .iter()
+                    .map(|s| s.shape.iter().product::<i64>())
+                    .sum();
+                Some((*g, first.offset, len))
+            })
+            .collect();
+        FlatAdamW {
+            config,
+            slots,
+            vars,
+            m: params.zeros_like(),
+            v: params.zeros_like(),
+            params,
+            groups,
+            step: 0,
+        }
+    }
+
+    pub fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    pub fn num_params(&self) -> i64 {
+        self.params.numel() as i64
+    }
+
+    /// The flat parameter buffer (the model's parameters are views into it).
+    pub fn params(&self) -> &Tensor {
+        &self.params
+    }
+
+    /// The gradients as one flat buffer in the parameter layout (one concatenation). A parameter
+    /// without a gradient contributes zeros.
+    pub fn flat_grad(&self) -> Tensor {
+        let parts: Vec<Tensor> = self
+            .vars
+            .iter()
+            .map(|v| {
+                let g = v.grad();
+                if g.defined() {
+                    g.reshape([-1])
+                } else {
+                    Tensor::zeros([v.numel() as i64], (Kind::Float, v.device()))
+                }
+            })
+            .collect();
+        Tensor::cat(&parts, 0)
+    }
+
+    pub fn zero_grad(&mut self) {
+        for v in &mut self.vars {
+            v.zero_grad();
+        }
+    }
+
+    /// One AdamW update with the flat gradient `grad` and encoder learning rate `lr`, exactly
+    /// as torch.optim.AdamW (decoupled decay, bias-corrected moments).
+    pub fn step(&mut self, grad: &Tensor, lr: f64) {
+        self.step += 1;
+        let c = self.config;
+        let t = self.step as i32;
+        let bc1 = 1.0 - c.beta1.powi(t);
+        let bc2 = 1.0 - c.beta2.powi(t);
+        tch::no_grad(|| {
+            for &(group, off, len) in &self.groups {
+                let (glr, wd) = match group {
+                    ParamGroup::Encoder => (lr, c.weight_decay),
+                    ParamGroup::EncoderNorm => (lr, 0.0),
+                    ParamGroup::Head => (lr * c.head_lr_mult, c.weight_decay),
+                };
+                let mut p = self.params.narrow(0, off, len);
+                let mut m = self.m.narrow(0, off, len);
+                let mut v = self.v.narrow(0, off, len);
+                let g = grad.narrow(0, off, len);
+                if wd != 0.0 {
+                    let _ = p.g_mul_scalar_(1.0 - glr * wd);
+                }
+                let _ = m.lerp_(&g, 1.0 - c.beta1);
+                let _ = v.g_mul_scalar_(c.beta2);
+                let _ = v.g_add_(&(g.square() * (1.0 - c.beta2)));
+                let denom = (v.sqrt() / bc2.sqrt()).g_add_scalar_(c.eps);
+                let _ = p.addcdiv_(&(&m * (-glr / bc1)), &denom);
+            }
+        });
+    }
+
+    /// The state to checkpoint: the moments (the parameters themselves are saved as the model).
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        vec![
+            ("m".to_string(), self.m.shallow_clone()),
+            ("v".to_string(), self.v.shallow_clone()),
+        ]
+    }
+
+    /// Restores moments and step count saved by [`state_tensors`](Self::state_tensors), after
+    /// checking they have this model's layout.
+    pub fn load_state(
+        &mut self,
+        tensors: &[(String, Tensor)],
+        step: u64,
+    ) -> Result<(), OptimError> {
+        let get = |name: &str| {
+            tensors
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, t)| t)
+                .ok_or_else(|| OptimError::Layout(format!("no tensor {name:?}")))
+        };
+        let (m, v) = (get("m")?, get("v")?);
+        for (name, t) in [("m", m), ("v", v)] {
+            if t.size() != self.m.size() {
+                return Err(OptimError::Layout(format!(
+                    "{name} has shape {:?}, the model needs {:?}",
+                    t.size(),
+                    self.m.size()
+                )));
+            }
+        }
+        tch::no_grad(|| {
+            self.m.copy_(m);
+            self.v.copy_(v);
+        });
+        self.step = step;
+        Ok(())
+    }
+}

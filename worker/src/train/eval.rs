@@ -1,0 +1,137 @@
+//! Evaluation: whole-image or sliding-window inference (reference/segformer.md §4.6), the
+//! dataset-level confusion matrix, and the validation loss.
+
+use super::loss::segmentation_loss;
+use super::metrics::{ConfusionMatrix, SegMetrics};
+use crate::data::EvalSample;
+use crate::model::SegFormer;
+use segtrain_spec::{EvalMode, Precision};
+use tch::{Device, Kind, Tensor};
+
+#[derive(Debug, Clone, Copy)]
+pub struct EvalConfig {
+    pub mode: EvalMode,
+    pub crop: i64,
+    pub stride: i64,
+    pub precision: Precision,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EvalResult {
+    #[serde(flatten)]
+    pub metrics: SegMetrics,
+    /// Mean of the per-image losses.
+    pub loss: f64,
+    pub images: usize,
+}
+
+/// Normalises a u8 NHWC batch on its device: RGB, ImageNet mean/std in pixel units, NCHW f32.
+pub fn normalise(images_u8: &Tensor) -> Tensor {
+    let dev = images_u8.device();
+    let mean = Tensor::from_slice(&crate::data::cityscapes::MEAN)
+        .to_kind(Kind::Float)
+        .to_device(dev)
+        .view([1, 3, 1, 1]);
+    let std = Tensor::from_slice(&crate::data::cityscapes::STD)
+        .to_kind(Kind::Float)
+        .to_device(dev)
+        .view([1, 3, 1, 1]);
+    (images_u8.permute([0, 3, 1, 2]).to_kind(Kind::Float) - mean) / std
+}
+
+fn forward(model: &SegFormer, x: &Tensor, precision: Precision) -> Tensor {
+    let run = || model.forward_t(x, false);
+    let out = match precision {
+        Precision::Bf16 if x.device() != Device::Cpu => crate::torch_ext::with_bf16_autocast(run),
+        _ => run(),
+    };
+    out.to_kind(Kind::Float)
+}
+
+/// Logits of window inference upsampled to the window: (1, K, h, w).
+fn window_logits(model: &SegFormer, x: &Tensor, precision: Precision) -> Tensor {
+    let (_, _, h, w) = x.size4().expect("NCHW");
+    forward(model, x, precision).upsample_bilinear2d([h, w], false, None, None)
+}
+
+/// Sliding-window logits at the image size, as mmseg's slide_inference: windows of `crop` every
+/// `stride`, shifted back inside the image at the borders, logits averaged where they overlap.
+pub fn slide_logits(
+    model: &SegFormer,
+    x: &Tensor,
+    k: i64,
+    crop: i64,
+    stride: i64,
+    p: Precision,
+) -> Tensor {
+    let (n, _, h, w) = x.size4().expect("NCHW");
+    let grids = |len: i64| (len - crop + stride - 1).max(0) / stride + 1;
+    let acc = Tensor::zeros([n, k, h, w], (Kind::Float, x.device()));
+    let count = Tensor::zeros([1, 1, h, w], (Kind::Float, x.device()));
+    for gy in 0..grids(h) {
+        for gx in 0..grids(w) {
+            let y2 = (gy * stride + crop).min(h);
+            let x2 = (gx * stride + crop).min(w);
+            let y1 = (y2 - crop).max(0);
+            let x1 = (x2 - crop).max(0);
+            let window = x.narrow(2, y1, y2 - y1).narrow(3, x1, x2 - x1);
+            let logits = window_logits(model, &window, p);
+            let _ = acc
+                .narrow(2, y1, y2 - y1)
+                .narrow(3, x1, x2 - x1)
+                .g_add_(&logits);
+            let _ = count
+                .narrow(2, y1, y2 - y1)
+                .narrow(3, x1, x2 - x1)
+                .g_add_scalar_(1.0);
+        }
+    }
+    acc / count
+}
+
+/// Evaluates `model` in eval mode over `samples`, accumulating one confusion matrix.
+pub fn evaluate<I>(
+    model: &SegFormer,
+    samples: I,
+    device: Device,
+    cfg: &EvalConfig,
+) -> anyhow::Result<EvalResult>
+where
+    I: IntoIterator<Item = anyhow::Result<EvalSample>>,
+{
+    let k = model.config.num_classes;
+    let mut cm = ConfusionMatrix::new(k as usize);
+    let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
+    let mut images = 0usize;
+    tch::no_grad(|| -> anyhow::Result<()> {
+        for sample in samples {
+            let s = sample?;
+            let (h, w) = (s.height as i64, s.width as i64);
+            let img =
+                Tensor::from_data_size(&s.image, &[1, h, w, 3], Kind::Uint8).to_device(device);
+            let label = Tensor::from_data_size(&s.label, &[1, h, w], Kind::Uint8)
+                .to_device(device)
+                .to_kind(Kind::Int64);
+            let x = normalise(&img);
+            let logits = match cfg.mode {
+                EvalMode::Whole => window_logits(model, &x, cfg.precision),
+                EvalMode::Slide => slide_logits(model, &x, k, cfg.crop, cfg.stride, cfg.precision),
+            };
+            // Logits are already at the label size: the loss's upsampling is then the identity.
+            loss_sum += segmentation_loss(&logits, &label);
+            cm.update(&logits.argmax(1, false), &label);
+            images += 1;
+        }
+        Ok(())
+    })?;
+    let loss = if images == 0 {
+        0.0
+    } else {
+        f64::try_from(&loss_sum)? / images as f64
+    };
+    Ok(EvalResult {
+        metrics: cm.metrics(),
+        loss,
+        images,
+    })
+}

@@ -1,0 +1,11 @@
+//! The single-process training loop and its parts: loss, metrics, evaluation, checkpoints.
+//! The distributed service runs this same loop on every rank.
+
+pub mod checkpoint;
+pub mod eval;
+pub mod loss;
+pub mod metrics;
+pub mod report;
+pub mod trainer;
+
+pub use trainer::{train, EventSink, TrainEvent, TrainOptions, TrainSummary};
