@@ -4,7 +4,12 @@
 //! Everything here works on `u8` pixels on the CPU: batches travel to the device as u8 and are
 //! normalised there (4x less host-to-device traffic than f32).
 
+pub mod augment;
 pub mod cityscapes;
+pub mod error;
+pub mod loader;
+pub mod sampler;
+pub mod synth;
 
 use serde::{Deserialize, Serialize};
 

@@ -1,9 +1,11 @@
 //! Checkpoints: a directory `ckpt-<iteration>` holding
-//!   * `model.safetensors`     every model tensor under its HuggingFace key (so `predict` and
-//!                             `pretrained` take it as it is), BatchNorm statistics included;
-//!   * `optimizer.safetensors` the AdamW moments `m` and `v` (flat, in the optimizer's layout);
-//!   * `manifest.json`         iteration, optimizer steps, sampler position, spec, metrics, the
-//!                             parameter layout, and every file's size and sha256.
+//!
+//! - `model.safetensors`: every model tensor under its HuggingFace key (so `predict` and
+//!   `pretrained` take it as it is), BatchNorm statistics included;
+//! - `optimizer.safetensors`: the AdamW moments `m` and `v` (flat, in the optimizer's layout);
+//! - `manifest.json`: iteration, optimizer steps, sampler position, spec, metrics, the parameter
+//!   layout, and every file's size and sha256.
+//!
 //! It is written under a temporary name, fsynced, and renamed into place, so a reader sees a
 //! whole checkpoint or none. The checkpoint's own digest is the sha256 of its manifest, which
 //! covers the other files' digests.

@@ -186,7 +186,8 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
         augment,
         spec.batch_per_gpu as usize,
         spec.loader_threads as usize,
-        4,
+        // Enough batches in flight to keep every loader thread busy.
+        (spec.loader_threads as usize).div_ceil(spec.batch_per_gpu as usize) + 2,
         spec.seed,
     )?;
     let eval_cfg = EvalConfig {

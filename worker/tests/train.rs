@@ -1,0 +1,305 @@
+//! The trainer end to end through `segtrain-worker train`, on the synthetic Cityscapes-layout
+//! dataset: exact resume across processes, learning, checkpoint retention and integrity.
+
+use segtrain_worker::data::cityscapes;
+use segtrain_worker::data::loader::eval_samples;
+use segtrain_worker::model::{weights, SegFormer, SegFormerConfig};
+use segtrain_worker::train::checkpoint;
+use segtrain_worker::train::eval::{evaluate, EvalConfig};
+use std::path::Path;
+use std::process::Command;
+use tch::{nn, Device};
+
+fn worker(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_segtrain-worker"))
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("run segtrain-worker")
+}
+
+fn ok(out: std::process::Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "failed: {err}");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &err
+}
+
+fn synth(dir: &Path, train: usize, val: usize, size: &str) {
+    ok(worker(&[
+        "synth-data",
+        "--out",
+        dir.to_str().expect("utf-8"),
+        "--train",
+        &train.to_string(),
+        "--val",
+        &val.to_string(),
+        "--size",
+        size,
+        "--seed",
+        "5",
+    ]));
+}
+
+fn job_file(dir: &Path, body: &str) -> String {
+    let path = dir.join("job.toml");
+    std::fs::write(&path, body).expect("write job file");
+    path.to_str().expect("utf-8").to_string()
+}
+
+fn file_digests(dir: &Path) -> Vec<(String, String)> {
+    let m = checkpoint::read_manifest(dir).expect("manifest");
+    m.files.into_iter().map(|f| (f.name, f.sha256)).collect()
+}
+
+#[test]
+fn resume_continues_bit_for_bit_in_a_fresh_process() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let data = tmp.path().join("data");
+    synth(&data, 8, 2, "128x64");
+    let config = job_file(
+        tmp.path(),
+        &format!(
+            "name = \"resume\"\ndataset_root = \"{}\"\nworld_size = 1\ncrop_height = 64\ncrop_width = 64\n\
+             batch_per_gpu = 2\naccumulate_steps = 2\nmax_iters = 6\nwarmup_iters = 2\nlog_interval = 1\n\
+             eval_interval = 3\ncheckpoint_interval = 3\neval_mode = \"whole\"\nloader_threads = 2\nseed = 11\n",
+            data.display()
+        ),
+    );
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let s = |p: &Path| p.to_str().expect("utf-8").to_string();
+    // N iterations straight.
+    ok(worker(&[
+        "train",
+        "--config",
+        &config,
+        "--checkpoint-dir",
+        &s(&a),
+    ]));
+    // k iterations, stop; a fresh process resumes for N - k more.
+    ok(worker(&[
+        "train",
+        "--config",
+        &config,
+        "--checkpoint-dir",
+        &s(&b),
+        "--stop-at",
+        "3",
+    ]));
+    assert!(!b.join(checkpoint::dir_name(6)).exists());
+    let k = b.join(checkpoint::dir_name(3));
+    let log = ok(worker(&[
+        "train",
+        "--config",
+        &config,
+        "--checkpoint-dir",
+        &s(&b),
+        "--resume-from",
+        &s(&k),
+    ]));
+    assert!(log.contains("resumed from"), "{log}");
+
+    let (fa, fb) = (
+        file_digests(&a.join(checkpoint::dir_name(6))),
+        file_digests(&b.join(checkpoint::dir_name(6))),
+    );
+    assert_eq!(
+        fa, fb,
+        "parameters and optimizer state identical bit for bit"
+    );
+    let (ma, mb) = (
+        checkpoint::read_manifest(&a.join(checkpoint::dir_name(6))).expect("a"),
+        checkpoint::read_manifest(&b.join(checkpoint::dir_name(6))).expect("b"),
+    );
+    assert_eq!(ma.sampler, mb.sampler);
+    assert_eq!(ma.optimizer_steps, 6);
+    assert_eq!(mb.optimizer_steps, 6);
+    assert_eq!(
+        ma.metrics.get("loss"),
+        mb.metrics.get("loss"),
+        "same last loss"
+    );
+    assert_eq!(
+        ma.metrics.get("miou"),
+        mb.metrics.get("miou"),
+        "same evaluation"
+    );
+}
+
+#[test]
+fn b0_learns_the_synthetic_set() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let data = tmp.path().join("data");
+    synth(&data, 32, 8, "128x64");
+    let ckpts = tmp.path().join("ckpt");
+    let config = job_file(
+        tmp.path(),
+        &format!(
+            "name = \"learn\"\ndataset_root = \"{}\"\nworld_size = 1\ncrop_height = 64\ncrop_width = 64\n\
+             batch_per_gpu = 8\nmax_iters = 100\nwarmup_iters = 10\nbase_lr = 0.001\nlog_interval = 25\n\
+             eval_interval = 0\ncheckpoint_interval = 0\neval_mode = \"whole\"\nloader_threads = 2\nkeep_last = 1\n",
+            data.display()
+        ),
+    );
+    let log = ok(worker(&[
+        "train",
+        "--config",
+        &config,
+        "--checkpoint-dir",
+        ckpts.to_str().expect("utf-8"),
+        "--json",
+    ]));
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let eval = events
+        .iter()
+        .find(|e| e["event"] == "eval")
+        .expect("a final evaluation");
+    let miou = eval["miou"].as_f64().expect("miou");
+    // 7 classes occur; chance is about 1/7.
+    assert!(miou > 0.5, "val mIoU {miou} is not clearly above chance");
+    let losses: Vec<f64> = events
+        .iter()
+        .filter(|e| e["event"] == "metrics")
+        .filter_map(|e| e["values"]["loss"].as_f64())
+        .collect();
+    assert!(
+        losses.len() >= 4 && losses.last() < losses.first(),
+        "loss falls: {losses:?}"
+    );
+
+    // Pixel accuracy on the training images, from the final checkpoint.
+    let dir = ckpts.join(checkpoint::dir_name(100));
+    let ck = checkpoint::load(&dir).expect("final checkpoint verifies");
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = SegFormer::new(
+        &vs.root(),
+        SegFormerConfig::variant(segtrain_spec::Variant::B0, 19),
+    );
+    weights::load_tensors(&vs, ck.model, "final").expect("checkpoint loads strictly");
+    let train = cityscapes::scan(&data, "train").expect("scan");
+    let cfg = EvalConfig {
+        mode: segtrain_spec::EvalMode::Whole,
+        crop: 1024,
+        stride: 768,
+        precision: segtrain_spec::Precision::Fp32,
+    };
+    let r = evaluate(
+        &model,
+        eval_samples(&train).map(|s| s.map_err(anyhow::Error::from)),
+        Device::Cpu,
+        &cfg,
+    )
+    .expect("evaluate");
+    assert_eq!(r.images, 32);
+    assert!(
+        r.metrics.aacc > 0.9,
+        "train pixel accuracy {}",
+        r.metrics.aacc
+    );
+}
+
+#[test]
+fn retention_keeps_the_last_k_and_the_best_and_a_corrupt_checkpoint_is_refused() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let data = tmp.path().join("data");
+    synth(&data, 4, 2, "64x64");
+    let ckpts = tmp.path().join("ckpt");
+    let config = job_file(
+        tmp.path(),
+        &format!(
+            "name = \"keep\"\ndataset_root = \"{}\"\nworld_size = 1\ncrop_height = 64\ncrop_width = 64\n\
+             batch_per_gpu = 1\nmax_iters = 6\nwarmup_iters = 1\nlog_interval = 3\neval_interval = 1\n\
+             checkpoint_interval = 1\neval_mode = \"slide\"\neval_crop = 32\neval_stride = 16\nloader_threads = 1\n\
+             keep_last = 2\nkeep_best = true\n",
+            data.display()
+        ),
+    );
+    ok(worker(&[
+        "train",
+        "--config",
+        &config,
+        "--checkpoint-dir",
+        ckpts.to_str().expect("utf-8"),
+    ]));
+    let kept: Vec<u64> = checkpoint::list(&ckpts)
+        .expect("list")
+        .into_iter()
+        .map(|(i, _)| i)
+        .collect();
+    let last = checkpoint::read_manifest(&ckpts.join(checkpoint::dir_name(6))).expect("manifest");
+    let (_, best_it) = last.best.expect("a best evaluation");
+    let mut want = vec![5, 6];
+    if !want.contains(&best_it) {
+        want.insert(0, best_it);
+    }
+    assert_eq!(
+        kept, want,
+        "the newest 2 plus the best (iteration {best_it})"
+    );
+    assert!(
+        !std::fs::read_dir(&ckpts).expect("dir").any(|e| {
+            e.map(|e| e.file_name().to_string_lossy().starts_with('.'))
+                .unwrap_or(false)
+        }),
+        "no temporary directory left behind"
+    );
+
+    // Flip one byte of the weights: resume refuses it, naming the file.
+    let dir = ckpts.join(checkpoint::dir_name(6));
+    let model = dir.join(checkpoint::MODEL_FILE);
+    let mut bytes = std::fs::read(&model).expect("read");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&model, bytes).expect("write");
+    let out = worker(&[
+        "train",
+        "--config",
+        &config,
+        "--checkpoint-dir",
+        ckpts.to_str().expect("utf-8"),
+        "--resume-from",
+        dir.to_str().expect("utf-8"),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("corrupt") && err.contains("model.safetensors"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_jobs_fail_with_a_named_error() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let cases = [
+        (
+            "dataset_root = \"/nonexistent/cityscapes\"\nworld_size = 1\n",
+            "/nonexistent/cityscapes",
+        ),
+        ("dataset_root = \"/d\"\n", "world_size"),
+        (
+            "dataset_root = \"/d\"\nworld_size = 1\ncrop_height = 65\n",
+            "crop_height",
+        ),
+        (
+            "dataset_root = \"/d\"\nworld_size = 1\nbogus = 1\n",
+            "bogus",
+        ),
+    ];
+    for (body, needle) in cases {
+        let config = job_file(tmp.path(), body);
+        let out = worker(&[
+            "train",
+            "--config",
+            &config,
+            "--checkpoint-dir",
+            "/tmp/unused",
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{body}");
+        assert!(err.contains(needle), "{needle}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
