@@ -239,3 +239,23 @@ fn bad_inputs_are_refused_before_the_forward_pass() {
         SegFormer::check_input(&Tensor::zeros([2, 3, 64, 96], (Kind::Float, Device::Cpu))).is_ok()
     );
 }
+
+#[test]
+fn sliding_window_equals_whole_image_when_one_window_covers_it() {
+    use segtrain_worker::train::eval::{slide_logits, window_logits};
+    let (_, m) = model(Variant::B0, 19);
+    let x = Tensor::randn([1, 3, 64, 96], (Kind::Float, Device::Cpu));
+    let (slide, whole) = tch::no_grad(|| {
+        (
+            slide_logits(&m, &x, 19, 128, 96, segtrain_spec::Precision::Fp32),
+            window_logits(&m, &x, segtrain_spec::Precision::Fp32),
+        )
+    });
+    assert_eq!(slide.size(), vec![1, 19, 64, 96]);
+    assert!(slide.allclose(&whole, 1e-6, 1e-6, false));
+    // Overlapping windows average: still the image size, finite everywhere.
+    let overlapped =
+        tch::no_grad(|| slide_logits(&m, &x, 19, 64, 32, segtrain_spec::Precision::Fp32));
+    assert_eq!(overlapped.size(), vec![1, 19, 64, 96]);
+    assert!(bool::try_from(overlapped.isfinite().all()).expect("bool"));
+}

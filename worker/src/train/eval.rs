@@ -49,13 +49,28 @@ fn forward(model: &SegFormer, x: &Tensor, precision: Precision) -> Tensor {
 }
 
 /// Logits of window inference upsampled to the window: (1, K, h, w).
-fn window_logits(model: &SegFormer, x: &Tensor, precision: Precision) -> Tensor {
+pub fn window_logits(model: &SegFormer, x: &Tensor, precision: Precision) -> Tensor {
     let (_, _, h, w) = x.size4().expect("NCHW");
     forward(model, x, precision).upsample_bilinear2d([h, w], false, None, None)
 }
 
-/// Sliding-window logits at the image size, as mmseg's slide_inference: windows of `crop` every
-/// `stride`, shifted back inside the image at the borders, logits averaged where they overlap.
+/// The windows (y1, y2, x1, x2) of mmseg's slide_inference over an `h` x `w` image: a grid of
+/// `crop`-sized windows every `stride`, the last row and column shifted back inside the image.
+pub fn windows(h: i64, w: i64, crop: i64, stride: i64) -> Vec<(i64, i64, i64, i64)> {
+    let grids = |len: i64| (len - crop + stride - 1).max(0) / stride + 1;
+    let mut out = Vec::new();
+    for gy in 0..grids(h) {
+        for gx in 0..grids(w) {
+            let y2 = (gy * stride + crop).min(h);
+            let x2 = (gx * stride + crop).min(w);
+            out.push(((y2 - crop).max(0), y2, (x2 - crop).max(0), x2));
+        }
+    }
+    out
+}
+
+/// Sliding-window logits at the image size: logits of every window (upsampled to the window)
+/// summed, then divided by how many windows covered each pixel.
 pub fn slide_logits(
     model: &SegFormer,
     x: &Tensor,
@@ -65,26 +80,19 @@ pub fn slide_logits(
     p: Precision,
 ) -> Tensor {
     let (n, _, h, w) = x.size4().expect("NCHW");
-    let grids = |len: i64| (len - crop + stride - 1).max(0) / stride + 1;
     let acc = Tensor::zeros([n, k, h, w], (Kind::Float, x.device()));
     let count = Tensor::zeros([1, 1, h, w], (Kind::Float, x.device()));
-    for gy in 0..grids(h) {
-        for gx in 0..grids(w) {
-            let y2 = (gy * stride + crop).min(h);
-            let x2 = (gx * stride + crop).min(w);
-            let y1 = (y2 - crop).max(0);
-            let x1 = (x2 - crop).max(0);
-            let window = x.narrow(2, y1, y2 - y1).narrow(3, x1, x2 - x1);
-            let logits = window_logits(model, &window, p);
-            let _ = acc
-                .narrow(2, y1, y2 - y1)
-                .narrow(3, x1, x2 - x1)
-                .g_add_(&logits);
-            let _ = count
-                .narrow(2, y1, y2 - y1)
-                .narrow(3, x1, x2 - x1)
-                .g_add_scalar_(1.0);
-        }
+    for (y1, y2, x1, x2) in windows(h, w, crop, stride) {
+        let window = x.narrow(2, y1, y2 - y1).narrow(3, x1, x2 - x1);
+        let logits = window_logits(model, &window, p);
+        let _ = acc
+            .narrow(2, y1, y2 - y1)
+            .narrow(3, x1, x2 - x1)
+            .g_add_(&logits);
+        let _ = count
+            .narrow(2, y1, y2 - y1)
+            .narrow(3, x1, x2 - x1)
+            .g_add_scalar_(1.0);
     }
     acc / count
 }
@@ -134,4 +142,50 @@ where
         loss,
         images,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cityscapes_windows_match_the_reference() {
+        // reference/segformer.md §4.6: 1024x2048, crop 1024, stride 768 -> 1 x 3 windows at
+        // x = 0, 768, 1024.
+        let w = windows(1024, 2048, 1024, 768);
+        assert_eq!(
+            w,
+            vec![
+                (0, 1024, 0, 1024),
+                (0, 1024, 768, 1792),
+                (0, 1024, 1024, 2048)
+            ]
+        );
+    }
+
+    #[test]
+    fn windows_cover_every_pixel_and_stay_inside() {
+        for (h, w, crop, stride) in [
+            (100, 300, 64, 48),
+            (64, 64, 64, 32),
+            (50, 40, 64, 48),
+            (513, 1025, 256, 200),
+        ] {
+            let mut covered = vec![0u32; (h * w) as usize];
+            for (y1, y2, x1, x2) in windows(h, w, crop, stride) {
+                assert!(0 <= y1 && y1 < y2 && y2 <= h && 0 <= x1 && x1 < x2 && x2 <= w);
+                assert_eq!(y2 - y1, crop.min(h));
+                assert_eq!(x2 - x1, crop.min(w));
+                for y in y1..y2 {
+                    for x in x1..x2 {
+                        covered[(y * w + x) as usize] += 1;
+                    }
+                }
+            }
+            assert!(
+                covered.iter().all(|&c| c > 0),
+                "{h}x{w} crop {crop} stride {stride}"
+            );
+        }
+    }
 }
