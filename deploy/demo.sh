@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # `make demo`: a throwaway PostgreSQL, the coordinator, and a job submitted, queried, watched and
-# canceled through the `segtrain` CLI. Everything it starts is stopped again on exit.
-# (Training itself arrives with the trainer and worker-daemon issues; the demo grows with them.)
+# canceled through the `segtrain` CLI; then the trainer standalone: a synthetic Cityscapes-layout
+# dataset, SegFormer-B0 trained on it on the CPU, evaluated by mIoU, and a prediction from its
+# checkpoint. Everything it starts is stopped again on exit; results stay in ./demo-out.
+# (Training through the coordinator arrives with the worker daemons; the demo grows with them.)
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bin="$repo/target/debug"
@@ -60,5 +62,36 @@ run "$bin/segtrain" watch "$job"
 echo "watch exit code: $?"
 set -e
 
+step "the trainer standalone: synthetic data, SegFormer-B0 on the CPU"
+out="$repo/demo-out"
+rm -rf "$out" && mkdir -p "$out"
+run "$bin/segtrain-worker" synth-data --out "$out/data" --train 48 --val 8 --size 128x64
+cat > "$out/train.toml" <<JOB
+name = "demo-b0"
+dataset_root = "$out/data"
+world_size = 1
+crop_height = 64
+crop_width = 64
+batch_per_gpu = 8
+max_iters = 120
+warmup_iters = 10
+base_lr = 0.001
+log_interval = 20
+eval_interval = 60
+checkpoint_interval = 60
+eval_mode = "whole"
+loader_threads = 2
+checkpoint_root = "$out/checkpoints"
+JOB
+run "$bin/segtrain-worker" train --config "$out/train.toml" --device cpu
+
+step "predict with the final checkpoint"
+img=$(find "$out/data/leftImg8bit/val" -name '*.png' | sort | head -n 1)
+run "$bin/segtrain-worker" predict --variant b0 --weights "$out/checkpoints/demo-b0/ckpt-00000120/model.safetensors" \
+    --input "$img" --out "$out/prediction.png"
+
 step "done"
-echo "no workers are registered yet, so jobs wait QUEUED; training arrives with the worker issues."
+echo "input image:  $img"
+echo "prediction:   $out/prediction.png (Cityscapes colours)"
+echo "checkpoints:  $out/checkpoints/demo-b0"
+echo "(no workers are registered with the coordinator yet, so submitted jobs wait QUEUED.)"
