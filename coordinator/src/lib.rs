@@ -3,12 +3,14 @@
 //!
 //! Data flow: a gRPC request enters [`api`], which validates it and calls [`store`]; the store
 //! checks every state change against [`state`] and writes it with its event in one transaction.
+//! [`scheduler`] places queued jobs onto idle workers (gang, all or none) and reaps expired leases.
 //! [`cli`] is a pure gRPC client of the same API (it never touches the database).
 
 pub mod api;
 pub mod cli;
 pub mod events;
 pub mod logging;
+pub mod scheduler;
 pub mod server;
 pub mod state;
 pub mod store;

@@ -1,6 +1,8 @@
-//! Assembles the coordinator: database, migrations, gRPC services, reflection and health.
+//! Assembles the coordinator: database, migrations, the scheduler task, gRPC services (job,
+//! cluster and worker APIs), reflection and health.
 
-use crate::api::{ClusterApi, EventHub, JobApi};
+use crate::api::{ClusterApi, EventHub, JobApi, WorkerApi, WorkerApiConfig};
+use crate::scheduler::{self, Hints, SchedulerConfig};
 use crate::store::{Store, StoreError};
 use segtrain_proto::v1 as pb;
 use std::future::Future;
@@ -14,6 +16,22 @@ pub struct ServerConfig {
     pub database_url: String,
     /// Give up connecting to PostgreSQL at start after this long (`None`: retry forever).
     pub connect_timeout: Option<Duration>,
+    /// Worker leases, stop grace, stream poll interval.
+    pub workers: WorkerApiConfig,
+    pub scheduler: SchedulerConfig,
+}
+
+impl ServerConfig {
+    /// A configuration with the default worker and scheduler settings.
+    pub fn new(listen: SocketAddr, database_url: impl Into<String>) -> ServerConfig {
+        ServerConfig {
+            listen,
+            database_url: database_url.into(),
+            connect_timeout: None,
+            workers: WorkerApiConfig::default(),
+            scheduler: SchedulerConfig::default(),
+        }
+    }
 }
 
 /// Connects to PostgreSQL, retrying with backoff: a coordinator started before its database (a
@@ -46,12 +64,22 @@ pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> any
     tracing::info!("database schema is up to date");
 
     let hub = EventHub::start(&store);
+    let hints = Hints::start(&store);
+    let scheduler = scheduler::start(
+        store.clone(),
+        &hints,
+        cfg.scheduler.clone(),
+        cfg.workers.lease,
+    );
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<pb::job_service_server::JobServiceServer<JobApi>>()
         .await;
     health
         .set_serving::<pb::cluster_service_server::ClusterServiceServer<ClusterApi>>()
+        .await;
+    health
+        .set_serving::<pb::worker_service_server::WorkerServiceServer<WorkerApi>>()
         .await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -82,11 +110,15 @@ pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> any
         .add_service(pb::cluster_service_server::ClusterServiceServer::new(
             ClusterApi::new(store.clone()),
         ))
+        .add_service(pb::worker_service_server::WorkerServiceServer::new(
+            WorkerApi::new(store.clone(), hints, cfg.workers.clone()),
+        ))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown,
         )
         .await?;
+    scheduler.abort();
     store.pool().close().await;
     tracing::info!("coordinator stopped");
     Ok(())

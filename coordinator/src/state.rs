@@ -109,6 +109,9 @@ const ATTEMPT_TRANSITIONS: &[(AttemptState, AttemptState)] = {
     use AttemptState::*;
     &[
         (Pending, Rendezvous),
+        // No rendezvous to wait for: a world-size-1 attempt, or every rank reported started
+        // before rank 0's endpoint was recorded (rank 0 may start before it publishes).
+        (Pending, Running),
         (Pending, Failed),
         (Pending, Lost),
         (Pending, Canceled),

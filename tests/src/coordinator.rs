@@ -1,6 +1,9 @@
 //! The real `segtrain-coordinator` binary as a child process: start, wait until it serves,
-//! kill -9, start again on the same port and database.
+//! kill -9, start again on the same port and database. [`FakeWorker`] plays a worker daemon
+//! through plain WorkerService calls (no trainer), for scheduling and worker API tests.
 
+use segtrain_proto::v1 as pb;
+use segtrain_proto::v1::worker_service_client::WorkerServiceClient;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -15,6 +18,8 @@ pub struct CoordinatorProcess {
     port: u16,
     child: Option<Child>,
     log: PathBuf,
+    /// Extra command-line flags (e.g. `--lease-seconds 2`), kept across restarts.
+    args: Vec<String>,
     _logdir: tempfile::TempDir,
 }
 
@@ -28,12 +33,18 @@ fn free_port() -> u16 {
 impl CoordinatorProcess {
     /// Starts the coordinator on a free port and waits until its health service reports SERVING.
     pub async fn start(database_url: &str) -> CoordinatorProcess {
+        CoordinatorProcess::start_with_args(database_url, &[]).await
+    }
+
+    /// [`start`](Self::start) with extra flags, such as `["--lease-seconds", "2"]`.
+    pub async fn start_with_args(database_url: &str, args: &[&str]) -> CoordinatorProcess {
         let logdir = tempfile::tempdir().expect("temp dir for the coordinator log");
         let mut c = CoordinatorProcess {
             database_url: database_url.to_string(),
             port: free_port(),
             child: None,
             log: logdir.path().join("coordinator.log"),
+            args: args.iter().map(|a| a.to_string()).collect(),
             _logdir: logdir,
         };
         c.spawn().await;
@@ -53,6 +64,7 @@ impl CoordinatorProcess {
             .arg(&self.database_url)
             .arg("--log-format")
             .arg("json")
+            .args(&self.args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -133,5 +145,168 @@ impl CoordinatorProcess {
 impl Drop for CoordinatorProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// How long a [`FakeWorker`] waits for an expected assignment message.
+pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A worker daemon played by a test: registers, reads its assignment stream, reports numbered
+/// events, heartbeats. Nothing runs in the background: leases last as long as the coordinator's
+/// `--lease-seconds` unless the test heartbeats.
+pub struct FakeWorker {
+    pub id: String,
+    pub host: String,
+    pub gpu_index: i32,
+    pub client: WorkerServiceClient<Channel>,
+    /// The sequence number of the last event made by [`event`](Self::event).
+    pub seq: u64,
+    stream: Option<tonic::Streaming<pb::AssignmentMessage>>,
+}
+
+impl FakeWorker {
+    /// Registers (host, gpu_index) and opens its assignment stream.
+    pub async fn register(coord: &CoordinatorProcess, host: &str, gpu_index: i32) -> FakeWorker {
+        let mut client = WorkerServiceClient::new(coord.channel().await);
+        let resp = client
+            .register(pb::RegisterRequest {
+                host: host.into(),
+                gpu_index,
+                gpu_name: "Fake GPU".into(),
+                gpu_memory_bytes: 80 << 30,
+                running: vec![],
+            })
+            .await
+            .expect("register")
+            .into_inner();
+        let mut w = FakeWorker {
+            id: resp.worker_id,
+            host: host.into(),
+            gpu_index,
+            client,
+            seq: resp.acked_seq,
+            stream: None,
+        };
+        w.open_stream().await;
+        w
+    }
+
+    /// (Re)opens the assignment stream.
+    pub async fn open_stream(&mut self) {
+        let s = self
+            .client
+            .await_assignment(pb::AwaitAssignmentRequest {
+                worker_id: self.id.clone(),
+            })
+            .await
+            .expect("await_assignment")
+            .into_inner();
+        self.stream = Some(s);
+    }
+
+    /// The next message on the stream within `timeout`, or `None`.
+    pub async fn try_message(&mut self, timeout: Duration) -> Option<pb::AssignmentMessage> {
+        let s = self.stream.as_mut().expect("stream open");
+        match tokio::time::timeout(timeout, s.message()).await {
+            Ok(Ok(Some(m))) => Some(m),
+            Ok(Ok(None)) => panic!("assignment stream of {} ended", self.id),
+            Ok(Err(e)) => panic!("assignment stream of {} failed: {e}", self.id),
+            Err(_) => None,
+        }
+    }
+
+    /// The next message; panics after [`MESSAGE_TIMEOUT`].
+    pub async fn message(&mut self) -> pb::AssignmentMessage {
+        match self.try_message(MESSAGE_TIMEOUT).await {
+            Some(m) => m,
+            None => panic!(
+                "worker {}:{} got no assignment message within {:?}",
+                self.host, self.gpu_index, MESSAGE_TIMEOUT
+            ),
+        }
+    }
+
+    /// The next message, which must be a `start`.
+    pub async fn start(&mut self) -> pb::Assignment {
+        match self.message().await.kind {
+            Some(pb::assignment_message::Kind::Start(a)) => a,
+            other => panic!("expected a start, got {other:?}"),
+        }
+    }
+
+    /// The next message, which must be a `stop`.
+    pub async fn stop(&mut self) -> pb::StopAssignment {
+        match self.message().await.kind {
+            Some(pb::assignment_message::Kind::Stop(s)) => s,
+            other => panic!("expected a stop, got {other:?}"),
+        }
+    }
+
+    /// A numbered event about one rank (the next sequence number).
+    pub fn event(
+        &mut self,
+        job_id: &str,
+        attempt: u32,
+        rank: u32,
+        payload: pb::worker_event::Payload,
+    ) -> pb::WorkerEvent {
+        self.seq += 1;
+        pb::WorkerEvent {
+            seq: self.seq,
+            job_id: job_id.into(),
+            attempt,
+            rank,
+            time: None,
+            payload: Some(payload),
+        }
+    }
+
+    pub async fn report(
+        &mut self,
+        events: Vec<pb::WorkerEvent>,
+    ) -> Result<pb::ReportEventsResponse, tonic::Status> {
+        self.client
+            .report_events(pb::ReportEventsRequest {
+                worker_id: self.id.clone(),
+                events,
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Reports `started` for an assignment.
+    pub async fn started(&mut self, a: &pb::Assignment) {
+        let ev = self.event(
+            &a.job_id,
+            a.attempt,
+            a.rank,
+            pb::worker_event::Payload::Started(pb::AttemptStarted {}),
+        );
+        self.report(vec![ev]).await.expect("report started");
+    }
+
+    /// Reports `finished` with `outcome` for (job, attempt, rank).
+    pub async fn finished(&mut self, job_id: &str, attempt: u32, rank: u32, outcome: pb::Outcome) {
+        let ev = self.event(
+            job_id,
+            attempt,
+            rank,
+            pb::worker_event::Payload::Finished(pb::AttemptFinished {
+                outcome: outcome as i32,
+                reason: format!("test says {}", outcome.as_str_name()),
+            }),
+        );
+        self.report(vec![ev]).await.expect("report finished");
+    }
+
+    pub async fn heartbeat(&mut self, running: Vec<pb::RunningTrainer>) -> pb::HeartbeatResponse {
+        self.client
+            .heartbeat(pb::HeartbeatRequest {
+                worker_id: self.id.clone(),
+                running,
+            })
+            .await
+            .expect("heartbeat")
+            .into_inner()
     }
 }

@@ -8,4 +8,5 @@
 
 pub mod binaries;
 pub mod coordinator;
+pub mod daemon;
 pub mod pg;

@@ -4,6 +4,8 @@
 //! what devices it sees. The trainer (model, data, optimizer, checkpoints) and the daemon arrive
 //! with the issues that build them.
 
+pub mod collective;
+pub mod daemon;
 pub mod data;
 pub mod doctor;
 pub mod model;

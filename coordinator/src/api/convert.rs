@@ -1,6 +1,9 @@
 //! Store records to protobuf messages.
 
-use crate::store::{CheckpointRecord, EventRecord, JobRecord, MetricPoint, WorkerRecord};
+use crate::store::{
+    CheckpointRecord, EventRecord, JobRecord, MetricPoint, RankAssignment, RankRef,
+    RendezvousEndpoint, WorkerRecord,
+};
 use chrono::{DateTime, Utc};
 use segtrain_proto::v1 as pb;
 use segtrain_proto::Timestamp;
@@ -85,5 +88,48 @@ pub(crate) fn worker(w: &WorkerRecord) -> pb::Worker {
         rank,
         last_heartbeat: Some(timestamp(w.last_heartbeat)),
         lease_until: Some(timestamp(w.lease_until)),
+    }
+}
+
+pub(crate) fn running_trainer(r: &RankRef) -> pb::RunningTrainer {
+    pb::RunningTrainer {
+        job_id: r.job_id.to_string(),
+        attempt: r.attempt,
+        rank: r.rank,
+    }
+}
+
+/// A `start`: the resolved spec, the rank, and where to resume from (empty: start fresh).
+pub(crate) fn assignment(a: &RankAssignment) -> pb::Assignment {
+    pb::Assignment {
+        job_id: a.job_id.to_string(),
+        attempt: a.attempt,
+        rank: a.rank,
+        world_size: a.world_size,
+        spec: Some(a.spec.to_proto()),
+        resume_from: a.resume_uri.clone().unwrap_or_default(),
+        resume_iteration: a.resume_iteration,
+    }
+}
+
+pub(crate) fn stop_assignment(
+    a: &RankAssignment,
+    grace_seconds: u32,
+    reason: String,
+) -> pb::StopAssignment {
+    pb::StopAssignment {
+        job_id: a.job_id.to_string(),
+        attempt: a.attempt,
+        grace_seconds,
+        reason,
+        rank: a.rank,
+    }
+}
+
+pub(crate) fn rendezvous(e: RendezvousEndpoint) -> pb::await_rendezvous_response::Endpoint {
+    use pb::await_rendezvous_response::Endpoint;
+    match e {
+        RendezvousEndpoint::Nccl(b) => Endpoint::NcclUniqueId(b),
+        RendezvousEndpoint::Tcp(a) => Endpoint::TcpAddress(a),
     }
 }

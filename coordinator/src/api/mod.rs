@@ -7,10 +7,12 @@ mod cluster_service;
 mod convert;
 mod job_service;
 mod watch;
+mod worker_service;
 
 pub use cluster_service::ClusterApi;
 pub use job_service::JobApi;
 pub use watch::EventHub;
+pub use worker_service::{WorkerApi, WorkerApiConfig};
 
 use crate::store::StoreError;
 use tonic::Status;

@@ -4,6 +4,7 @@
 //! `--json`. A failure prints one line saying what failed and what to do, and exits non-zero.
 
 mod output;
+mod plot;
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Parser, Subcommand};
@@ -80,6 +81,13 @@ enum Command {
         /// Only from this iteration on.
         #[arg(long, default_value_t = 0)]
         since: u64,
+    },
+    /// Draw a job's loss, learning rate and mIoU curves to a PNG or SVG file.
+    Plot {
+        job: String,
+        /// Output file (.png or .svg).
+        #[arg(short = 'o', long = "out", default_value = "loss.png")]
+        out: PathBuf,
     },
     /// List the worker daemons (one per GPU) and what they run.
     Workers,
@@ -233,6 +241,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .into_inner();
             out.metrics(&resp.points);
         }
+        Command::Plot { job, out: file } => {
+            let points = jobs
+                .get_metrics(pb::GetMetricsRequest {
+                    job_id: job.clone(),
+                    names: vec!["loss".into(), "lr".into(), "miou".into()],
+                    since_iteration: 0,
+                    limit: 100_000,
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner()
+                .points;
+            plot::plot(&job, &points, &file)?;
+            if out.json {
+                println!("{}", serde_json::json!({ "plot": file }));
+            } else {
+                println!("wrote {}", file.display());
+            }
+        }
         Command::Workers => {
             let resp = ClusterServiceClient::new(channel)
                 .list_workers(pb::ListWorkersRequest {})
@@ -258,6 +285,16 @@ async fn watch(
     let mut cursor = after_event;
     let mut outage = Duration::ZERO;
     const GIVE_UP: Duration = Duration::from_secs(120);
+    // The job's length, for the progress bar (the request also checks the job exists).
+    let job = jobs
+        .get_job(pb::GetJobRequest {
+            job_id: job_id.clone(),
+        })
+        .await
+        .map_err(|s| describe(s, coordinator))?
+        .into_inner();
+    let max_iters = job.spec.as_ref().and_then(|s| s.max_iters).unwrap_or(0);
+    let mut live = output::Live::new(out.json, max_iters, job.iteration);
     loop {
         let attempt = jobs
             .watch_job(pb::WatchJobRequest {
@@ -278,7 +315,7 @@ async fn watch(
                 Ok(Some(ev)) => {
                     outage = Duration::ZERO;
                     cursor = ev.id;
-                    out.event(&ev);
+                    live.event(out, &ev);
                 }
                 Ok(None) => {
                     // The stream ends when the job is finished.
@@ -290,6 +327,7 @@ async fn watch(
                         .map_err(|s| describe(s, coordinator))?
                         .into_inner();
                     let view = JobView::from(&job);
+                    live.finish();
                     out.finished(&view);
                     return Ok(match job.state() {
                         pb::JobState::Succeeded => ExitCode::SUCCESS,

@@ -422,3 +422,58 @@ fn event_json(ev: &pb::JobEvent) -> Value {
     };
     json!({"id": ev.id, "job_id": ev.job_id, "attempt": ev.attempt, "time": time(&ev.time), "kind": kind, "data": body})
 }
+
+/// `segtrain watch` on a terminal: a progress bar (iteration, ETA, loss, lr, images/s) under the
+/// event lines. Elsewhere (or with --json) events are printed one per line as they come.
+pub struct Live {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Live {
+    pub fn new(json: bool, max_iters: u64, iteration: u64) -> Live {
+        use std::io::IsTerminal;
+        let bar = (!json && max_iters > 0 && std::io::stdout().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::with_draw_target(
+                Some(max_iters),
+                indicatif::ProgressDrawTarget::stdout(),
+            );
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} iters  eta {eta}  {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar.set_position(iteration);
+            bar
+        });
+        Live { bar }
+    }
+
+    pub fn event(&mut self, out: &Printer, ev: &pb::JobEvent) {
+        use pb::job_event::Payload;
+        let Some(bar) = &self.bar else {
+            out.event(ev);
+            return;
+        };
+        match &ev.payload {
+            // Metrics move the bar instead of printing a line each.
+            Some(Payload::Metrics(m)) => {
+                let v = |k: &str| m.values.get(k).copied().unwrap_or(f64::NAN);
+                bar.set_position(m.iteration);
+                bar.set_message(format!(
+                    "loss {:.4}  lr {:.2e}  {:.1} img/s",
+                    v("loss"),
+                    v("lr"),
+                    v("images_per_s")
+                ));
+            }
+            _ => bar.suspend(|| out.event(ev)),
+        }
+    }
+
+    pub fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -4,15 +4,19 @@
 //! through [`Store::transition_job`], which checks the edge against [`crate::state`] and writes the
 //! jobs row and its `job_events` row in one transaction.
 
+mod attempts;
 mod events;
+mod ingest;
 mod jobs;
 mod metrics;
 mod workers;
 
+pub use attempts::{Candidate, RankAssignment, RankOutcome, RendezvousEndpoint, ScheduleOutcome};
 pub use events::EventRecord;
+pub use ingest::{IngestBody, IngestEvent};
 pub use jobs::JobRecord;
 pub use metrics::{CheckpointRecord, MetricPoint};
-pub use workers::WorkerRecord;
+pub use workers::{Heartbeat, RankRef, Registered, WorkerRecord, WorkerRegistration};
 
 use crate::state::IllegalTransition;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -26,6 +30,14 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 /// The NOTIFY channel that carries a job id whenever that job gets a new event. A hint only:
 /// readers always re-read the table.
 pub const EVENTS_CHANNEL: &str = "segtrain_job_events";
+
+/// The NOTIFY channel that carries a worker id whenever that worker registers, gets an
+/// assignment or becomes free again (wakes its assignment stream and the scheduler).
+pub const WORKERS_CHANNEL: &str = "segtrain_workers";
+
+/// The NOTIFY channel that carries a job id whenever one of its attempts changes state or gets
+/// its rendezvous endpoint (wakes AwaitRendezvous and the assignment streams).
+pub const ATTEMPTS_CHANNEL: &str = "segtrain_attempts";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -76,6 +88,20 @@ impl Store {
 
 fn u64_of(v: i64, what: &str) -> Result<u64, StoreError> {
     u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} is negative: {v}")))
+}
+
+/// `pg_notify` inside a transaction: delivered at commit, folded with identical ones.
+async fn notify(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    channel: &str,
+    id: uuid::Uuid,
+) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(channel)
+        .bind(id.to_string())
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 fn u32_of(v: i32, what: &str) -> Result<u32, StoreError> {

@@ -1,8 +1,14 @@
-//! Worker daemons as the coordinator knows them.
+//! Worker daemons as the coordinator knows them: registration (one row per host and GPU, so the
+//! id survives daemon restarts), leases and heartbeats, the lease reaper, and the cluster view.
 
-use super::{Store, StoreError};
-use crate::state::WorkerState;
+use super::attempts::{finish_rank, RankOutcome};
+use super::jobs::lock_job;
+use super::{notify, u64_of, Store, StoreError, WORKERS_CHANNEL};
+use crate::state::{JobState, WorkerState};
 use chrono::{DateTime, Utc};
+use sqlx::{Postgres, Transaction};
+use std::collections::BTreeSet;
+use std::time::Duration;
 use uuid::Uuid;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -15,8 +21,42 @@ pub struct WorkerRecord {
     pub state: WorkerState,
     pub last_heartbeat: DateTime<Utc>,
     pub lease_until: DateTime<Utc>,
-    /// The rank it holds in the newest live attempt, if any: (job, attempt, rank).
+    /// The rank it holds and has not finished, if any: (job, attempt, rank).
     pub assignment: Option<(Uuid, u32, u32)>,
+}
+
+/// One rank of one attempt of a job, as a daemon names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RankRef {
+    pub job_id: Uuid,
+    pub attempt: u32,
+    pub rank: u32,
+}
+
+/// What a daemon says about itself when it (re-)registers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerRegistration {
+    pub host: String,
+    pub gpu_index: i32,
+    pub gpu_name: String,
+    pub gpu_memory_bytes: u64,
+    /// Trainers the daemon still runs.
+    pub running: Vec<RankRef>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Registered {
+    pub id: Uuid,
+    pub state: WorkerState,
+    pub acked_seq: u64,
+    pub lease_until: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Heartbeat {
+    pub lease_until: DateTime<Utc>,
+    /// Ranks the daemon listed as running that it must stop.
+    pub stop: Vec<RankRef>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -34,7 +74,327 @@ struct WorkerRow {
     rank: Option<i32>,
 }
 
+/// What the coordinator knows about a rank a daemon says it runs.
+#[derive(sqlx::FromRow)]
+struct ListedRank {
+    job_attempt: i32,
+    job_state: String,
+    attempt_state: Option<String>,
+    worker_id: Option<Uuid>,
+    finished: bool,
+}
+
+fn worker_state(id: Uuid, s: &str) -> Result<WorkerState, StoreError> {
+    WorkerState::parse(s).ok_or_else(|| StoreError::Corrupt(format!("worker {id} state {s:?}")))
+}
+
+fn lease_secs(lease: Duration) -> f64 {
+    lease.as_secs_f64()
+}
+
+fn not_found(id: Uuid) -> StoreError {
+    StoreError::NotFound {
+        what: "worker",
+        id: id.to_string(),
+    }
+}
+
+/// Unfinished ranks of a worker: (job, attempt, rank, started).
+async fn open_ranks(
+    tx: &mut Transaction<'_, Postgres>,
+    worker: Uuid,
+) -> Result<Vec<(RankRef, bool)>, StoreError> {
+    let rows: Vec<(Uuid, i32, i32, bool)> = sqlx::query_as(
+        "SELECT job_id, attempt, rank, started_at IS NOT NULL FROM attempt_ranks
+         WHERE worker_id = $1 AND finished_at IS NULL ORDER BY job_id, attempt, rank",
+    )
+    .bind(worker)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(job_id, attempt, rank, started)| {
+            (
+                RankRef {
+                    job_id,
+                    attempt: attempt.max(0) as u32,
+                    rank: rank.max(0) as u32,
+                },
+                started,
+            )
+        })
+        .collect())
+}
+
+/// Sets a worker's state along the worker table (no-op when unchanged). The caller holds the
+/// worker's row lock.
+async fn set_worker_state(
+    tx: &mut Transaction<'_, Postgres>,
+    id: Uuid,
+    from: WorkerState,
+    to: WorkerState,
+) -> Result<(), StoreError> {
+    if from == to {
+        return Ok(());
+    }
+    from.check_transition(to)?;
+    sqlx::query("UPDATE workers SET state = $2 WHERE id = $1")
+        .bind(id)
+        .bind(to.as_str())
+        .execute(&mut **tx)
+        .await?;
+    notify(tx, WORKERS_CHANNEL, id).await
+}
+
+/// The state a worker should be in given whether it holds an unfinished rank.
+fn settled_state(current: WorkerState, busy: bool) -> WorkerState {
+    match (current, busy) {
+        (_, true) => WorkerState::Busy,
+        (WorkerState::Draining, false) => WorkerState::Draining,
+        (_, false) => WorkerState::Idle,
+    }
+}
+
 impl Store {
+    /// Registers a daemon: one row per (host, GPU index), so a restarted daemon gets its id (and
+    /// its acknowledged event sequence) back. The lease starts now.
+    ///
+    /// Ranks assigned to the worker and not listed in `running` have no trainer any more. One that
+    /// never started is kept (its `start` is sent again); one that had started finished with it
+    /// (the daemon restarted under it): it ends FAILED_INFRA, or CANCELED when its attempt or job
+    /// was stopping anyway. The worker is BUSY while it holds an unfinished rank, IDLE otherwise.
+    pub async fn register_worker(
+        &self,
+        reg: &WorkerRegistration,
+        lease: Duration,
+    ) -> Result<Registered, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let (id, acked, lease_until): (Uuid, i64, DateTime<Utc>) = sqlx::query_as(
+            "INSERT INTO workers (id, host, gpu_index, gpu_name, gpu_memory_bytes, state, lease_until)
+             VALUES ($1, $2, $3, $4, $5, 'IDLE', now() + make_interval(secs => $6))
+             ON CONFLICT (host, gpu_index) DO UPDATE
+                 SET gpu_name = EXCLUDED.gpu_name,
+                     gpu_memory_bytes = EXCLUDED.gpu_memory_bytes,
+                     registered_at = now(),
+                     last_heartbeat = now(),
+                     lease_until = EXCLUDED.lease_until
+             RETURNING id, acked_seq, lease_until",
+        )
+        .bind(Uuid::now_v7())
+        .bind(&reg.host)
+        .bind(reg.gpu_index)
+        .bind(&reg.gpu_name)
+        .bind(i64::try_from(reg.gpu_memory_bytes).unwrap_or(i64::MAX))
+        .bind(lease_secs(lease))
+        .fetch_one(&mut *tx)
+        .await?;
+        let running: BTreeSet<RankRef> = reg.running.iter().copied().collect();
+        let mut busy = false;
+        for (r, started) in open_ranks(&mut tx, id).await? {
+            if running.contains(&r) {
+                busy = true;
+                continue;
+            }
+            let job = lock_job(&mut tx, r.job_id).await?;
+            let live = self
+                .rank_is_live(&mut tx, &r, job.attempt, job.state)
+                .await?;
+            if !started && live {
+                busy = true; // not started yet: the assignment stream sends it again
+                continue;
+            }
+            let (outcome, reason) = if live {
+                (
+                    RankOutcome::FailedInfra,
+                    format!(
+                        "worker {}:{} re-registered without the trainer of this rank (daemon restart?)",
+                        reg.host, reg.gpu_index
+                    ),
+                )
+            } else {
+                (
+                    RankOutcome::Canceled,
+                    "no trainer left after the worker re-registered".to_string(),
+                )
+            };
+            finish_rank(&mut tx, r.job_id, r.attempt, r.rank, outcome, &reason).await?;
+        }
+        // Read the state now: finish_rank may have freed the worker already.
+        let state: String = sqlx::query_scalar("SELECT state FROM workers WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let current = worker_state(id, &state)?;
+        let target = settled_state(current, busy);
+        set_worker_state(&mut tx, id, current, target).await?;
+        notify(&mut tx, WORKERS_CHANNEL, id).await?;
+        tx.commit().await?;
+        Ok(Registered {
+            id,
+            state: target,
+            acked_seq: u64_of(acked, "acked_seq")?,
+            lease_until,
+        })
+    }
+
+    /// Whether a rank's attempt is the job's current one, still live, and the job still wants it.
+    async fn rank_is_live(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        r: &RankRef,
+        job_attempt: u32,
+        job_state: JobState,
+    ) -> Result<bool, StoreError> {
+        if job_attempt != r.attempt || !matches!(job_state, JobState::Scheduled | JobState::Running)
+        {
+            return Ok(false);
+        }
+        let live: bool = sqlx::query_scalar(
+            "SELECT state IN ('PENDING','RENDEZVOUS','RUNNING') FROM attempts
+             WHERE job_id = $1 AND attempt = $2",
+        )
+        .bind(r.job_id)
+        .bind(r.attempt as i32)
+        .fetch_one(&mut **tx)
+        .await?;
+        Ok(live)
+    }
+
+    /// Extends the lease and says which of the `running` ranks the daemon must stop: those of a
+    /// canceling or finished job, of a finished or stale attempt, not assigned to this worker, or
+    /// already finished in the coordinator's record. A rank that must stop and is not listed has
+    /// stopped: it ends CANCELED (which frees the worker). A worker declared LOST comes back.
+    pub async fn heartbeat(
+        &self,
+        id: Uuid,
+        running: &[RankRef],
+        lease: Duration,
+    ) -> Result<Heartbeat, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row: Option<(String, DateTime<Utc>)> = sqlx::query_as(
+            "UPDATE workers SET last_heartbeat = now(),
+                                lease_until = now() + make_interval(secs => $2)
+             WHERE id = $1 RETURNING state, lease_until",
+        )
+        .bind(id)
+        .bind(lease_secs(lease))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let (state, lease_until) = row.ok_or_else(|| not_found(id))?;
+        let state = worker_state(id, &state)?;
+        // A rank it was told to stop and no longer runs has stopped, whether or not its
+        // `finished` event arrives (a stale attempt's events are refused).
+        let listed: BTreeSet<RankRef> = running.iter().copied().collect();
+        for (r, _) in open_ranks(&mut tx, id).await? {
+            if listed.contains(&r) {
+                continue;
+            }
+            let job = lock_job(&mut tx, r.job_id).await?;
+            if self
+                .rank_is_live(&mut tx, &r, job.attempt, job.state)
+                .await?
+            {
+                continue;
+            }
+            finish_rank(
+                &mut tx,
+                r.job_id,
+                r.attempt,
+                r.rank,
+                RankOutcome::Canceled,
+                "stopped: the worker no longer runs it",
+            )
+            .await?;
+        }
+        if state == WorkerState::Lost {
+            let busy = !open_ranks(&mut tx, id).await?.is_empty();
+            set_worker_state(&mut tx, id, state, settled_state(state, busy)).await?;
+        }
+        let mut stop = Vec::new();
+        for r in running {
+            let row: Option<ListedRank> = sqlx::query_as(
+                "SELECT j.attempt AS job_attempt, j.state AS job_state,
+                        a.state AS attempt_state, ar.worker_id,
+                        ar.finished_at IS NOT NULL AS finished
+                 FROM jobs j
+                 LEFT JOIN attempts a ON a.job_id = j.id AND a.attempt = $2
+                 LEFT JOIN attempt_ranks ar
+                        ON ar.job_id = j.id AND ar.attempt = $2 AND ar.rank = $3
+                 WHERE j.id = $1",
+            )
+            .bind(r.job_id)
+            .bind(r.attempt as i32)
+            .bind(r.rank as i32)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let keep = row.is_some_and(|l| {
+                l.job_attempt == r.attempt as i32
+                    && matches!(l.job_state.as_str(), "SCHEDULED" | "RUNNING")
+                    && matches!(
+                        l.attempt_state.as_deref(),
+                        Some("PENDING" | "RENDEZVOUS" | "RUNNING")
+                    )
+                    && l.worker_id == Some(id)
+                    && !l.finished
+            });
+            if !keep {
+                stop.push(*r);
+            }
+        }
+        tx.commit().await?;
+        Ok(Heartbeat { lease_until, stop })
+    }
+
+    /// Declares every worker whose lease has expired LOST. Each unfinished rank it held ends
+    /// LOST, which fails its attempt and job (or, for a canceling job, counts as stopped) and
+    /// tells the other ranks to stop. Returns the workers declared lost.
+    pub async fn reap_expired_workers(&self) -> Result<Vec<Uuid>, StoreError> {
+        let expired: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM workers WHERE state <> 'LOST' AND lease_until < now() ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut lost = Vec::new();
+        for id in expired {
+            let mut tx = self.pool.begin().await?;
+            // Re-check under the lock: a heartbeat may have renewed it meanwhile.
+            let row: Option<(String, String, i32, DateTime<Utc>)> = sqlx::query_as(
+                "SELECT state, host, gpu_index, last_heartbeat FROM workers
+                 WHERE id = $1 AND state <> 'LOST' AND lease_until < now()
+                 FOR UPDATE SKIP LOCKED",
+            )
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some((state, host, gpu, last)) = row else {
+                tx.rollback().await?;
+                continue;
+            };
+            let state = worker_state(id, &state)?;
+            let reason = format!(
+                "worker {host}:{gpu} lost: no heartbeat since {}",
+                last.format("%Y-%m-%dT%H:%M:%SZ")
+            );
+            for (r, _) in open_ranks(&mut tx, id).await? {
+                lock_job(&mut tx, r.job_id).await?;
+                finish_rank(
+                    &mut tx,
+                    r.job_id,
+                    r.attempt,
+                    r.rank,
+                    RankOutcome::Lost,
+                    &reason,
+                )
+                .await?;
+            }
+            set_worker_state(&mut tx, id, state, WorkerState::Lost).await?;
+            tx.commit().await?;
+            tracing::warn!(worker = %id, %host, gpu, "worker lease expired; declared lost");
+            lost.push(id);
+        }
+        Ok(lost)
+    }
+
     /// Every registered worker, by host and GPU index.
     pub async fn list_workers(&self) -> Result<Vec<WorkerRecord>, StoreError> {
         let rows: Vec<WorkerRow> = sqlx::query_as(
@@ -43,18 +403,15 @@ impl Store {
              FROM workers w
              LEFT JOIN LATERAL (
                  SELECT ar.job_id, ar.attempt, ar.rank FROM attempt_ranks ar
-                 JOIN attempts a ON a.job_id = ar.job_id AND a.attempt = ar.attempt
-                 WHERE ar.worker_id = w.id AND a.state IN ('PENDING','RENDEZVOUS','RUNNING')
-                 LIMIT 1) r ON true
+                 WHERE ar.worker_id = w.id AND ar.finished_at IS NULL
+                 ORDER BY ar.attempt DESC LIMIT 1) r ON true
              ORDER BY w.host, w.gpu_index",
         )
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
             .map(|r| {
-                let state = WorkerState::parse(&r.state).ok_or_else(|| {
-                    StoreError::Corrupt(format!("worker {} state {:?}", r.id, r.state))
-                })?;
+                let state = worker_state(r.id, &r.state)?;
                 let assignment = match (r.job_id, r.attempt, r.rank) {
                     (Some(j), Some(a), Some(k)) => Some((j, a.max(0) as u32, k.max(0) as u32)),
                     _ => None,
@@ -72,5 +429,29 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// Gives every worker at least `lease` from now. For when this coordinator could not hear
+    /// heartbeats (it was down, or cut off from the database): the daemons could not renew, so
+    /// their expired leases say nothing about them.
+    pub async fn extend_leases(&self, lease: Duration) -> Result<u64, StoreError> {
+        Ok(sqlx::query(
+            "UPDATE workers SET lease_until = greatest(lease_until, now() + make_interval(secs => $1))
+             WHERE state <> 'LOST'",
+        )
+        .bind(lease_secs(lease))
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    /// Whether a worker exists.
+    pub async fn worker_exists(&self, id: Uuid) -> Result<bool, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM workers WHERE id = $1)")
+                .bind(id)
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 }

@@ -24,6 +24,9 @@ enum Command {
     /// Train a job standalone on the CPU or one GPU (no coordinator): the same job file as
     /// `segtrain submit -f`, with world_size 1.
     Train(Box<TrainArgs>),
+    /// Run the worker daemon for one GPU (or the CPU): register with the coordinator and run the
+    /// ranks it assigns, each in a child trainer process.
+    Daemon(DaemonArgs),
     /// Write a deterministic synthetic dataset in the Cityscapes layout (for tests and demos).
     SynthData {
         #[arg(long)]
@@ -103,8 +106,124 @@ struct TrainArgs {
     /// One JSON object per event on stdout instead of log lines.
     #[arg(long)]
     json: bool,
+    /// This process's rank in a data-parallel job (0..world).
+    #[arg(long, default_value_t = 0)]
+    rank: usize,
+    /// How many ranks the job has; must equal the job's world_size (default 1: standalone).
+    #[arg(long)]
+    world: Option<usize>,
+    /// How the ranks meet: single (world 1), tcp-listen:HOST:PORT (rank 0 of CPU ranks; port 0
+    /// picks a free one), tcp:HOST:PORT (the other CPU ranks), nccl-create (rank 0 of GPU
+    /// ranks), nccl:<base64 unique id> (the other GPU ranks). Rank 0 reports its endpoint as a
+    /// `rendezvous` event.
+    #[arg(long)]
+    rendezvous: Option<train::trainer::Rendezvous>,
+    /// The job/attempt fingerprint all ranks of one attempt share; peers with another are refused.
+    #[arg(long, default_value_t = 0)]
+    rendezvous_token: u64,
+    /// Seconds to wait for the other ranks to join.
+    #[arg(long, default_value_t = 60)]
+    rendezvous_timeout: u64,
+    /// Seconds one collective operation may wait for the other ranks (a dead rank is an
+    /// error after this, never a hang).
+    #[arg(long, default_value_t = 300)]
+    collective_timeout: u64,
+    /// Turn off dropout and drop path, for equivalence checks.
+    #[arg(long)]
+    no_dropout: bool,
     #[command(flatten)]
     spec: segtrain_spec::JobSpecInput,
+}
+
+#[derive(clap::Args, Debug)]
+struct DaemonArgs {
+    /// The coordinator's address.
+    #[arg(
+        long,
+        env = "SEGTRAIN_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    coordinator: String,
+    /// The GPU this daemon owns (its trainers see only it).
+    #[arg(long, conflicts_with = "cpu", required_unless_present = "cpu")]
+    gpu: Option<u32>,
+    /// A CPU worker instead of a GPU one (tests, CPU-only hosts).
+    #[arg(long)]
+    cpu: bool,
+    /// This host's name in the cluster (default: the hostname).
+    #[arg(long, env = "SEGTRAIN_HOST")]
+    host: Option<String>,
+    /// The address other hosts reach this one on (rank 0's TCP collective listens there).
+    #[arg(long, env = "SEGTRAIN_ADVERTISE_HOST", default_value = "127.0.0.1")]
+    advertise_host: String,
+    /// Job files and trainer logs.
+    #[arg(
+        long,
+        env = "SEGTRAIN_WORK_DIR",
+        default_value = "/var/lib/segtrain/work"
+    )]
+    work_dir: PathBuf,
+    /// Seconds a stopped trainer gets to exit before it is killed.
+    #[arg(long, default_value_t = 30)]
+    grace_seconds: u64,
+    /// libtorch CPU threads per trainer (default: all cores); give CPU workers sharing a host a
+    /// share each.
+    #[arg(long, env = "SEGTRAIN_TORCH_THREADS")]
+    torch_threads: Option<u32>,
+    /// JSON log lines (default: when stderr is not a terminal).
+    #[arg(long)]
+    log_json: Option<bool>,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let json = args.log_json.unwrap_or(!std::io::stderr().is_terminal());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let cfg = segtrain_worker::daemon::DaemonConfig {
+        coordinator: args.coordinator,
+        gpu: if args.cpu { None } else { args.gpu },
+        host: args.host.unwrap_or_else(hostname),
+        advertise_host: args.advertise_host,
+        work_dir: args.work_dir,
+        exe: std::env::current_exe().context("cannot find this binary's path")?,
+        grace: std::time::Duration::from_secs(args.grace_seconds),
+        torch_threads: args.torch_threads,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(segtrain_worker::daemon::run(cfg, async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }))
 }
 
 /// Two sides `AxB` in the order given; `form` names them for the error (e.g. "HxW").
@@ -150,7 +269,9 @@ fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Daemon(args) => run_daemon(args)?,
         Command::Train(args) => {
+            let args = *args;
             let input = segtrain_spec::JobSpecInput::from_file(&args.config)
                 .map_err(|e| anyhow::anyhow!("{e}"))?
                 .overlay(args.spec);
@@ -164,12 +285,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     args.device
                 );
             }
-            if spec.world_size != 1 {
-                bail!(
+            let world = match args.world {
+                None if spec.world_size != 1 => bail!(
                     "world_size: standalone training runs one rank, got {}; set world_size = 1 \
                      (keep the global batch with batch_per_gpu/accumulate_steps) or submit the job to a coordinator",
                     spec.world_size
-                );
+                ),
+                None => 1,
+                Some(0) => bail!("--world: must be at least 1"),
+                Some(w) if w as u64 != u64::from(spec.world_size) => bail!(
+                    "--world {w}: the job's world_size is {}; they must agree",
+                    spec.world_size
+                ),
+                Some(w) => w,
+            };
+            if args.rank >= world {
+                bail!("--rank {}: must be less than --world ({world})", args.rank);
+            }
+            let rendezvous = match args.rendezvous {
+                Some(r) => r,
+                None if world == 1 => train::trainer::Rendezvous::Single,
+                None => bail!(
+                    "--rendezvous: required with --world {world}: tcp-listen:HOST:PORT or \
+                     nccl-create on rank 0, tcp:HOST:PORT or nccl:<id> on the others"
+                ),
+            };
+            if args.rendezvous_timeout == 0 || args.collective_timeout == 0 {
+                bail!("--rendezvous-timeout and --collective-timeout must be at least 1 second");
             }
             let checkpoint_dir = match args.checkpoint_dir {
                 Some(d) => d,
@@ -181,8 +323,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 device,
                 checkpoint_dir,
                 stop_at: args.stop_at,
-                rank: 0,
-                world: 1,
+                rank: args.rank,
+                world,
+                rendezvous,
+                token: args.rendezvous_token,
+                timeouts: segtrain_worker::collective::Timeouts {
+                    setup: std::time::Duration::from_secs(args.rendezvous_timeout),
+                    step: std::time::Duration::from_secs(args.collective_timeout),
+                },
+                no_dropout: args.no_dropout,
             };
             let mut reporter = train::report::Reporter::new(args.json);
             train::train(opts, &mut reporter)?;

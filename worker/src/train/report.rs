@@ -33,6 +33,20 @@ fn num(v: f64) -> serde_json::Value {
 
 pub fn event_json(ev: &TrainEvent) -> serde_json::Value {
     match ev {
+        TrainEvent::Rendezvous {
+            tcp_address,
+            nccl_unique_id,
+        } => {
+            use base64::Engine;
+            let mut v = json!({"event": "rendezvous"});
+            if let Some(a) = tcp_address {
+                v["tcp_address"] = json!(a);
+            }
+            if let Some(id) = nccl_unique_id {
+                v["nccl_unique_id"] = json!(base64::engine::general_purpose::STANDARD.encode(id));
+            }
+            v
+        }
         TrainEvent::Started {
             start_iteration,
             max_iters,
@@ -75,6 +89,10 @@ impl EventSink for Reporter {
             return;
         }
         match ev {
+            TrainEvent::Rendezvous { tcp_address, .. } => match tcp_address {
+                Some(a) => self.line(&format!("rank 0 waits for the other ranks on {a}")),
+                None => self.line("rank 0 made the NCCL unique id; waiting for the other ranks"),
+            },
             TrainEvent::Started {
                 start_iteration,
                 max_iters,

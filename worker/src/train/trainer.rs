@@ -5,12 +5,26 @@
 //! rank) at every iteration, and augmentation randomness is a function of (seed, epoch, sample
 //! position) in the loader, so a resumed run needs no RNG state beyond the iteration and the
 //! sampler position, and reproduces an uninterrupted run bit for bit (on the same device kind).
+//!
+//! Data parallelism (DESIGN.md §7): every rank runs this loop on its shard of the data. Rank 0
+//! opens the rendezvous endpoint and reports it ([`TrainEvent::Rendezvous`]) before it waits
+//! for the others; then rank 0's parameters, BatchNorm buffers and optimizer moments are
+//! broadcast; every step all-reduces (averages) the one flat gradient before the update;
+//! the logged loss and the evaluation's confusion matrix and loss are all-reduced, so every rank
+//! computes the same metrics and the same best; only rank 0 reports and writes checkpoints.
+//! BatchNorm running statistics stay per rank (DDP without SyncBN). World 1 uses
+//! [`Single`] and skips every collective.
 
 use super::checkpoint::{self, Saved};
-use super::eval::{evaluate, normalise, EvalConfig, EvalResult};
+use super::eval::{evaluate, normalise, slide_logits, window_logits, EvalConfig, EvalResult};
 use super::loss::segmentation_loss;
+use super::metrics::ConfusionMatrix;
+use crate::collective::nccl::NcclCollective;
+use crate::collective::tcp::{TcpCollective, TcpRendezvous};
+use crate::collective::{Collective, Single, Timeouts};
 use crate::data::augment::AugmentConfig;
 use crate::data::cityscapes;
+use crate::data::cityscapes::Sample;
 use crate::data::error::DataError;
 use crate::data::loader::{eval_samples, TrainLoader};
 use crate::data::sampler::DistributedSampler;
@@ -19,7 +33,7 @@ use crate::model::{weights, SegFormer, SegFormerConfig};
 use crate::optim::adamw::AdamWConfig;
 use crate::optim::{FlatAdamW, LrSchedule};
 use anyhow::{bail, Context};
-use segtrain_spec::{JobSpec, Precision};
+use segtrain_spec::{EvalMode, JobSpec, Precision};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -36,11 +50,114 @@ pub struct TrainOptions {
     pub stop_at: Option<u64>,
     pub rank: usize,
     pub world: usize,
+    /// How this rank finds the others ([`Rendezvous::Single`] for world 1).
+    pub rendezvous: Rendezvous,
+    /// The job/attempt fingerprint every rank of one attempt shares: a peer with another token
+    /// (a stale rank of an earlier attempt) is refused.
+    pub token: u64,
+    /// How long a rank waits for the others (rendezvous; each collective operation).
+    pub timeouts: Timeouts,
+    /// Turn off dropout and drop path (for equivalence checks).
+    pub no_dropout: bool,
+}
+
+impl TrainOptions {
+    /// One rank, no collectives, default everything else.
+    pub fn single(spec: JobSpec, device: Device, checkpoint_dir: PathBuf) -> TrainOptions {
+        TrainOptions {
+            spec,
+            device,
+            checkpoint_dir,
+            stop_at: None,
+            rank: 0,
+            world: 1,
+            rendezvous: Rendezvous::Single,
+            token: 0,
+            timeouts: Timeouts::default(),
+            no_dropout: false,
+        }
+    }
+}
+
+/// How a rank joins the others.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Rendezvous {
+    /// World 1: no collectives.
+    Single,
+    /// Rank 0 of CPU ranks: listen on `bind` (`host:port`, port 0 for any) and report the
+    /// address bound.
+    TcpListen { bind: String },
+    /// Ranks 1.. of CPU ranks: connect to rank 0's reported address.
+    TcpConnect { addr: String },
+    /// Rank 0 of GPU ranks: make an NCCL unique id and report it.
+    NcclCreate,
+    /// Ranks 1.. of GPU ranks: join with rank 0's unique id.
+    NcclJoin { id: [u8; 128] },
+}
+
+impl std::str::FromStr for Rendezvous {
+    type Err = String;
+
+    /// `single`, `tcp-listen:HOST:PORT`, `tcp:HOST:PORT`, `nccl-create` or `nccl:<base64 id>`.
+    fn from_str(s: &str) -> Result<Rendezvous, String> {
+        use base64::Engine;
+        let host_port = |rest: &str| match rest.rsplit_once(':') {
+            Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => Ok(rest.to_string()),
+            _ => Err(format!("expected HOST:PORT after the colon, got {rest:?}")),
+        };
+        if s == "single" {
+            Ok(Rendezvous::Single)
+        } else if s == "nccl-create" {
+            Ok(Rendezvous::NcclCreate)
+        } else if let Some(rest) = s.strip_prefix("tcp-listen:") {
+            Ok(Rendezvous::TcpListen {
+                bind: host_port(rest)?,
+            })
+        } else if let Some(rest) = s.strip_prefix("tcp:") {
+            Ok(Rendezvous::TcpConnect {
+                addr: host_port(rest)?,
+            })
+        } else if let Some(rest) = s.strip_prefix("nccl:") {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(rest.trim())
+                .map_err(|e| format!("nccl:<id>: the id is not base64 ({e})"))?;
+            let id: [u8; 128] = bytes.as_slice().try_into().map_err(|_| {
+                format!(
+                    "nccl:<id>: an NCCL unique id has 128 bytes, got {}",
+                    bytes.len()
+                )
+            })?;
+            Ok(Rendezvous::NcclJoin { id })
+        } else {
+            Err(format!(
+                "expected single, tcp-listen:HOST:PORT, tcp:HOST:PORT, nccl-create or \
+                 nccl:<base64 id>, got {s:?}"
+            ))
+        }
+    }
+}
+
+impl std::fmt::Debug for Rendezvous {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rendezvous::Single => write!(f, "single"),
+            Rendezvous::TcpListen { bind } => write!(f, "tcp-listen:{bind}"),
+            Rendezvous::TcpConnect { addr } => write!(f, "tcp:{addr}"),
+            Rendezvous::NcclCreate => write!(f, "nccl-create"),
+            Rendezvous::NcclJoin { .. } => write!(f, "nccl:<unique id>"),
+        }
+    }
 }
 
 /// What the loop reports, in order.
 #[derive(Debug, Clone)]
 pub enum TrainEvent {
+    /// Rank 0's rendezvous endpoint, as soon as it exists (before waiting for the others): the
+    /// worker daemon publishes it through the coordinator to the other ranks.
+    Rendezvous {
+        tcp_address: Option<String>,
+        nccl_unique_id: Option<Vec<u8>>,
+    },
     Started {
         start_iteration: u64,
         max_iters: u64,
@@ -103,7 +220,9 @@ pub fn local_path(field: &str, uri: &str) -> anyhow::Result<PathBuf> {
         return Ok(PathBuf::from(p));
     }
     if uri.starts_with("gs://") {
-        bail!("{field}: {uri}: gs:// locations are not supported by this trainer yet; use a path (a gcsfuse mount works)");
+        bail!(
+            "{field}: {uri}: gs:// locations are not supported by this trainer yet; use a path (a gcsfuse mount works)"
+        );
     }
     Ok(PathBuf::from(uri))
 }
@@ -112,13 +231,197 @@ fn due(iteration: u64, interval: u64) -> bool {
     interval > 0 && iteration.is_multiple_of(interval)
 }
 
+/// Joins the other ranks as `opts.rendezvous` says. Rank 0 reports its endpoint through `sink`
+/// before it waits for them.
+fn connect(opts: &TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Box<dyn Collective>> {
+    let (rank, world, token, timeouts) = (opts.rank, opts.world, opts.token, opts.timeouts);
+    if world == 0 || rank >= world {
+        bail!("rank {rank} is not a rank of a world of {world} (ranks are 0..{world})");
+    }
+    let cuda_ordinal = || match opts.device {
+        Device::Cuda(n) => Ok(n),
+        d => Err(anyhow::anyhow!(
+            "rendezvous {:?}: NCCL needs a CUDA device, this rank runs on {d:?}; CPU ranks use \
+             tcp-listen:HOST:PORT / tcp:HOST:PORT",
+            opts.rendezvous
+        )),
+    };
+    let comm: Box<dyn Collective> = match (&opts.rendezvous, rank) {
+        (Rendezvous::Single, _) if world == 1 => Box::new(Single),
+        (Rendezvous::Single, _) => bail!(
+            "world {world} needs a rendezvous: rank 0 tcp-listen:HOST:PORT or nccl-create, \
+             the others tcp:HOST:PORT or nccl:<id>"
+        ),
+        (rv, _) if world == 1 => {
+            bail!("rendezvous {rv:?}: a world of 1 has nobody to meet; use single")
+        }
+        (Rendezvous::TcpListen { bind }, 0) => {
+            let (listener, addr) = TcpRendezvous::bind(bind)?;
+            sink.event(&TrainEvent::Rendezvous {
+                tcp_address: Some(addr),
+                nccl_unique_id: None,
+            });
+            Box::new(listener.accept(world, token, timeouts)?)
+        }
+        (Rendezvous::TcpConnect { addr }, r) if r > 0 => {
+            Box::new(TcpCollective::connect(addr, r, world, token, timeouts)?)
+        }
+        (Rendezvous::NcclCreate, 0) => {
+            let ordinal = cuda_ordinal()?;
+            let id = NcclCollective::unique_id()?;
+            sink.event(&TrainEvent::Rendezvous {
+                tcp_address: None,
+                nccl_unique_id: Some(id.to_vec()),
+            });
+            Box::new(NcclCollective::init_on(id, 0, world, ordinal, timeouts)?)
+        }
+        (Rendezvous::NcclJoin { id }, r) if r > 0 => {
+            let ordinal = cuda_ordinal()?;
+            Box::new(NcclCollective::init_on(*id, r, world, ordinal, timeouts)?)
+        }
+        (rv, r) => bail!(
+            "rank {r} cannot use rendezvous {rv:?}: rank 0 uses tcp-listen:HOST:PORT or \
+             nccl-create, ranks 1.. use tcp:HOST:PORT or nccl:<id>"
+        ),
+    };
+    Ok(comm)
+}
+
+/// Makes every rank start from rank 0's state: checks that all ranks resumed at the same point,
+/// then broadcasts the parameters, the BatchNorm buffers and the optimizer moments.
+fn sync_start(
+    comm: &mut dyn Collective,
+    vs: &nn::VarStore,
+    opt: &FlatAdamW,
+    start: u64,
+    sampler: SamplerState,
+    device: Device,
+) -> anyhow::Result<()> {
+    let mine = [
+        start as i64,
+        opt.steps() as i64,
+        sampler.epoch as i64,
+        sampler.position as i64,
+        opt.num_params(),
+    ];
+    let mut theirs = Tensor::from_slice(&mine).to_device(device);
+    comm.broadcast(&mut theirs, 0)?;
+    let theirs = Vec::<i64>::try_from(theirs.to_device(Device::Cpu))?;
+    if theirs != mine {
+        bail!(
+            "rank {} does not start where rank 0 does: (iteration, optimizer steps, epoch, \
+             sampler position, parameters) = {mine:?} here, {theirs:?} on rank 0; every rank \
+             must resume from the same checkpoint",
+            comm.rank()
+        );
+    }
+    let mut params = opt.params().shallow_clone();
+    comm.broadcast(&mut params, 0)?;
+    for (_, mut t) in opt.state_tensors() {
+        comm.broadcast(&mut t, 0)?;
+    }
+    // Buffers (BatchNorm running statistics), in name order, as one flat tensor.
+    let mut buffers: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| !t.requires_grad())
+        .collect();
+    buffers.sort_by(|a, b| a.0.cmp(&b.0));
+    if !buffers.is_empty() {
+        let parts: Vec<Tensor> = buffers
+            .iter()
+            .map(|(_, t)| t.to_kind(Kind::Float).reshape([-1]))
+            .collect();
+        let mut flat = Tensor::cat(&parts, 0);
+        comm.broadcast(&mut flat, 0)?;
+        tch::no_grad(|| {
+            let mut off = 0i64;
+            for (_, t) in buffers.iter_mut() {
+                let n = t.numel() as i64;
+                let part = flat.narrow(0, off, n).view(t.size().as_slice());
+                t.copy_(&part);
+                off += n;
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Evaluation with `world` ranks: this rank takes val samples rank, rank + world, ...; the
+/// confusion matrices, loss sums and image counts are summed over ranks, so every rank gets
+/// the metrics of the whole val set.
+fn evaluate_shard(
+    model: &SegFormer,
+    val: &[Sample],
+    device: Device,
+    cfg: &EvalConfig,
+    comm: &mut dyn Collective,
+) -> anyhow::Result<EvalResult> {
+    let shard: Vec<Sample> = val
+        .iter()
+        .skip(comm.rank())
+        .step_by(comm.world())
+        .cloned()
+        .collect();
+    let k = model.config.num_classes;
+    let mut cm = ConfusionMatrix::new(k as usize);
+    let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
+    let mut images = 0usize;
+    // The same per-image work as `eval::evaluate`.
+    tch::no_grad(|| -> anyhow::Result<()> {
+        for sample in eval_samples(&shard) {
+            let s = sample?;
+            let (h, w) = (s.height as i64, s.width as i64);
+            let img =
+                Tensor::from_data_size(&s.image, &[1, h, w, 3], Kind::Uint8).to_device(device);
+            let label = Tensor::from_data_size(&s.label, &[1, h, w], Kind::Uint8)
+                .to_device(device)
+                .to_kind(Kind::Int64);
+            let x = normalise(&img);
+            let logits = match cfg.mode {
+                EvalMode::Whole => window_logits(model, &x, cfg.precision),
+                EvalMode::Slide => slide_logits(model, &x, k, cfg.crop, cfg.stride, cfg.precision),
+            };
+            loss_sum += segmentation_loss(&logits, &label);
+            cm.update(&logits.argmax(1, false), &label);
+            images += 1;
+        }
+        Ok(())
+    })?;
+    let counts: Vec<i64> = cm.counts.iter().map(|&c| c as i64).collect();
+    let mut counts = Tensor::from_slice(&counts).to_device(device);
+    comm.all_reduce_sum(&mut counts)?;
+    let mut sums =
+        Tensor::from_slice(&[f64::try_from(&loss_sum)?, images as f64]).to_device(device);
+    comm.all_reduce_sum(&mut sums)?;
+    let counts = Vec::<i64>::try_from(counts.to_device(Device::Cpu))?;
+    cm.counts = counts.into_iter().map(|c| c as u64).collect();
+    let sums = Vec::<f64>::try_from(sums.to_device(Device::Cpu))?;
+    let images = sums[1].round() as usize;
+    Ok(EvalResult {
+        metrics: cm.metrics(),
+        loss: if images == 0 {
+            0.0
+        } else {
+            sums[0] / images as f64
+        },
+        images,
+    })
+}
+
 /// Runs (or resumes) a job on this rank. Returns after `max_iters` (or `stop_at`).
 pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<TrainSummary> {
     let spec = &opts.spec;
     let device = opts.device;
-    if opts.world != 1 {
-        bail!("this trainer runs one rank; distributed training arrives with the worker daemons");
+    let (rank, world) = (opts.rank, opts.world);
+    if world as u64 != u64::from(spec.world_size) {
+        bail!(
+            "world_size: the job has {} ranks, this rank was started for a world of {world}",
+            spec.world_size
+        );
     }
+    // First, so that rank 0 publishes its endpoint as early as possible.
+    let mut comm = connect(&opts, sink)?;
     tch::manual_seed(mix(spec.seed) as i64);
     if device != Device::Cpu {
         crate::torch_ext::set_cudnn_flags(false, true); // the recipe: cudnn_benchmark=True
@@ -126,7 +429,7 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
 
     // Model, initial weights, optimizer.
     let vs = nn::VarStore::new(device);
-    let model = SegFormer::new(
+    let mut model = SegFormer::new(
         &vs.root(),
         SegFormerConfig::variant(spec.variant, spec.num_classes as i64),
     );
@@ -134,6 +437,9 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
         let path = local_path("pretrained", p)?;
         weights::load_file(&vs, &path)
             .with_context(|| format!("pretrained: {}", path.display()))?;
+    }
+    if opts.no_dropout {
+        model.disable_stochastic();
     }
     let mut opt = FlatAdamW::new(
         &vs,
@@ -165,6 +471,9 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
         sampler_state = ck.manifest.sampler;
         best = ck.manifest.best;
         resumed_from = Some(dir);
+    }
+    if world > 1 {
+        sync_start(&mut *comm, &vs, &opt, start, sampler_state, device)?;
     }
 
     // Data.
@@ -211,7 +520,8 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
     });
 
     let schedule = LrSchedule::from_spec(spec);
-    let images_per_step = (spec.batch_per_gpu * spec.accumulate_steps) as f64;
+    // Images per optimizer step over all ranks.
+    let images_per_step = (spec.batch_per_gpu * spec.accumulate_steps) as f64 * world as f64;
     let mut loss_acc = Tensor::zeros([], (Kind::Float, device));
     let (mut window_iters, mut window_wait, mut window_start) =
         (0u64, Duration::ZERO, Instant::now());
@@ -255,14 +565,20 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
             loss.backward();
             loss_acc += loss.detach();
         }
-        let grad = opt.flat_grad();
+        let mut grad = opt.flat_grad();
+        if world > 1 {
+            comm.all_reduce_mean(&mut grad)?;
+        }
         opt.step(&grad, lr);
         opt.zero_grad();
         window_iters += 1;
 
         let last = iteration == spec.max_iters;
         if due(iteration, spec.log_interval) || last || iteration == end {
-            // The one host read-back of the loss per log interval.
+            // The one host read-back of the loss per log interval (averaged over ranks).
+            if world > 1 {
+                comm.all_reduce_mean(&mut loss_acc)?;
+            }
             let loss = f64::try_from(&loss_acc)? / window_iters as f64;
             if !loss.is_finite() {
                 bail!("the loss is {loss} at iteration {iteration}: training diverged");
@@ -281,10 +597,12 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
                 ),
                 ("step_ms".to_string(), secs * 1e3 / window_iters as f64),
             ]);
-            sink.event(&TrainEvent::Metrics {
-                iteration,
-                values: values.clone(),
-            });
+            if rank == 0 {
+                sink.event(&TrainEvent::Metrics {
+                    iteration,
+                    values: values.clone(),
+                });
+            }
             last_metrics = values;
             loss_acc = Tensor::zeros([], (Kind::Float, device));
             window_iters = 0;
@@ -295,12 +613,16 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
         let mut new_best = false;
         let mut eval_metrics = BTreeMap::new();
         if (due(iteration, spec.eval_interval) || last) && !val_samples.is_empty() {
-            let result = evaluate(
-                &model,
-                eval_samples(&val_samples).map(|r| r.map_err(anyhow::Error::from)),
-                device,
-                &eval_cfg,
-            )?;
+            let result = if world == 1 {
+                evaluate(
+                    &model,
+                    eval_samples(&val_samples).map(|r| r.map_err(anyhow::Error::from)),
+                    device,
+                    &eval_cfg,
+                )?
+            } else {
+                evaluate_shard(&model, &val_samples, device, &eval_cfg, &mut *comm)?
+            };
             eval_metrics = BTreeMap::from([
                 ("miou".to_string(), result.metrics.miou),
                 ("aacc".to_string(), result.metrics.aacc),
@@ -310,16 +632,24 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
                 best = Some((result.metrics.miou, iteration));
                 new_best = true;
             }
-            sink.event(&TrainEvent::Eval {
-                iteration,
-                result: result.clone(),
-            });
+            if rank == 0 {
+                sink.event(&TrainEvent::Eval {
+                    iteration,
+                    result: result.clone(),
+                });
+            }
             last_eval = Some(result);
             window_start = Instant::now(); // evaluation time is not training throughput
         }
 
         let keep_best_here = new_best && spec.keep_best;
-        if due(iteration, spec.checkpoint_interval) || last || iteration == end || keep_best_here {
+        // Only rank 0 writes checkpoints (the others hold the same parameters).
+        if rank == 0
+            && (due(iteration, spec.checkpoint_interval)
+                || last
+                || iteration == end
+                || keep_best_here)
+        {
             let mut metrics = last_metrics.clone();
             metrics.extend(eval_metrics);
             let saved = checkpoint::save(
@@ -351,6 +681,10 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
             last_checkpoint = Some(saved);
             window_start = Instant::now();
         }
+    }
+    if world > 1 {
+        // Nobody reports success before rank 0 has written the last checkpoint.
+        comm.barrier()?;
     }
     sink.event(&TrainEvent::Finished {
         iteration: end,

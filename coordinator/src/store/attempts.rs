@@ -1,0 +1,780 @@
+//! Attempts and their ranks: gang placement, what each worker must run or stop, rendezvous, and
+//! how an attempt (and its job) ends once its ranks finish.
+//!
+//! Every change to an `attempts` or `attempt_ranks` row is made while holding the job's row lock
+//! ([`lock_job`]), so decisions such as "every rank has finished" see a consistent picture and
+//! the job transitions they cause are written with their events in the same transaction.
+
+use super::jobs::{lock_job, transition_in_tx, JobRecord};
+use super::{notify, u32_of, u64_of, Store, StoreError, ATTEMPTS_CHANNEL, WORKERS_CHANNEL};
+use crate::state::{AttemptState, JobState, WorkerState};
+use segtrain_spec::JobSpec;
+use sqlx::types::Json;
+use sqlx::{Postgres, Transaction};
+use std::fmt;
+use uuid::Uuid;
+
+/// Serialises scheduling passes across every coordinator sharing the database (a transaction
+/// level advisory lock; released at commit or rollback).
+const SCHEDULER_LOCK: i64 = 0x5e67_7261_696e_0001;
+
+/// An idle worker with a live lease, as the placement function sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub id: Uuid,
+    pub host: String,
+    pub gpu_index: i32,
+}
+
+/// What one scheduling pass did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScheduleOutcome {
+    /// No job is queued.
+    Empty,
+    /// The head of the queue does not fit the idle workers; nothing was written.
+    Blocked {
+        job_id: Uuid,
+        world_size: u32,
+        idle: usize,
+    },
+    /// The head job got a new attempt on these workers (in rank order).
+    Placed {
+        job_id: Uuid,
+        attempt: u32,
+        workers: Vec<Uuid>,
+    },
+}
+
+/// How a rank ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RankOutcome {
+    Succeeded,
+    /// Worth retrying: lost peer, killed process, collective timeout.
+    FailedInfra,
+    /// A retry would repeat it: bad data path, out of memory, NaN loss.
+    FailedDeterministic,
+    Canceled,
+    /// The coordinator gave up on the worker (lease expired, or it came back without the trainer).
+    Lost,
+}
+
+impl RankOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RankOutcome::Succeeded => "SUCCEEDED",
+            RankOutcome::FailedInfra => "FAILED_INFRA",
+            RankOutcome::FailedDeterministic => "FAILED_DETERMINISTIC",
+            RankOutcome::Canceled => "CANCELED",
+            RankOutcome::Lost => "LOST",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RankOutcome> {
+        [
+            RankOutcome::Succeeded,
+            RankOutcome::FailedInfra,
+            RankOutcome::FailedDeterministic,
+            RankOutcome::Canceled,
+            RankOutcome::Lost,
+        ]
+        .into_iter()
+        .find(|o| o.as_str() == s)
+    }
+
+    fn is_failure(self) -> bool {
+        matches!(
+            self,
+            RankOutcome::FailedInfra | RankOutcome::FailedDeterministic | RankOutcome::Lost
+        )
+    }
+}
+
+impl fmt::Display for RankOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Rank 0's endpoint for the other ranks of its attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RendezvousEndpoint {
+    /// The 128-byte NCCL unique id.
+    Nccl(Vec<u8>),
+    /// `host:port` of rank 0's TCP collective listener.
+    Tcp(String),
+}
+
+/// One unfinished rank held by a worker, with everything needed to start or stop it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankAssignment {
+    pub job_id: Uuid,
+    pub attempt: u32,
+    pub rank: u32,
+    pub world_size: u32,
+    pub spec: JobSpec,
+    pub resume_uri: Option<String>,
+    pub resume_iteration: u64,
+    pub attempt_state: AttemptState,
+    pub attempt_reason: String,
+    /// The rank reported `started`.
+    pub started: bool,
+    pub job_state: JobState,
+    /// The job's current attempt (differs from `attempt` when this one is stale).
+    pub job_attempt: u32,
+    pub job_reason: String,
+}
+
+impl RankAssignment {
+    /// Why the worker must stop this rank, or `None` when it should (keep) run(ning) it.
+    pub fn stop_reason(&self) -> Option<String> {
+        if self.job_attempt != self.attempt {
+            return Some(format!(
+                "stale attempt: job {} is at attempt {}, this is attempt {}",
+                self.job_id, self.job_attempt, self.attempt
+            ));
+        }
+        if matches!(self.job_state, JobState::Canceling | JobState::Canceled) {
+            return Some(non_empty(&self.job_reason, "job canceled"));
+        }
+        if self.attempt_state.is_terminal() {
+            return Some(non_empty(
+                &self.attempt_reason,
+                &format!("attempt {}", self.attempt_state),
+            ));
+        }
+        if self.job_state.is_terminal() {
+            return Some(non_empty(
+                &self.job_reason,
+                &format!("job {}", self.job_state),
+            ));
+        }
+        None
+    }
+}
+
+fn non_empty(s: &str, default: &str) -> String {
+    if s.is_empty() {
+        default.to_string()
+    } else {
+        s.to_string()
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct AssignmentRow {
+    job_id: Uuid,
+    attempt: i32,
+    rank: i32,
+    world_size: i32,
+    resume_uri: Option<String>,
+    resume_iter: Option<i64>,
+    attempt_state: String,
+    attempt_reason: String,
+    started: bool,
+    spec: Json<serde_json::Value>,
+    job_state: String,
+    job_attempt: i32,
+    job_reason: String,
+}
+
+impl TryFrom<AssignmentRow> for RankAssignment {
+    type Error = StoreError;
+
+    fn try_from(r: AssignmentRow) -> Result<RankAssignment, StoreError> {
+        let spec: JobSpec = serde_json::from_value(r.spec.0)
+            .map_err(|e| StoreError::Corrupt(format!("job {} spec: {e}", r.job_id)))?;
+        Ok(RankAssignment {
+            job_id: r.job_id,
+            attempt: u32_of(r.attempt, "attempt")?,
+            rank: u32_of(r.rank, "rank")?,
+            world_size: u32_of(r.world_size, "world_size")?,
+            spec,
+            resume_uri: r.resume_uri,
+            resume_iteration: u64_of(r.resume_iter.unwrap_or(0), "resume_iter")?,
+            attempt_state: parse_attempt_state(&r.attempt_state)?,
+            attempt_reason: r.attempt_reason,
+            started: r.started,
+            job_state: JobState::parse(&r.job_state).ok_or_else(|| {
+                StoreError::Corrupt(format!("job {} state {:?}", r.job_id, r.job_state))
+            })?,
+            job_attempt: u32_of(r.job_attempt, "attempt")?,
+            job_reason: r.job_reason,
+        })
+    }
+}
+
+fn parse_attempt_state(s: &str) -> Result<AttemptState, StoreError> {
+    AttemptState::parse(s).ok_or_else(|| StoreError::Corrupt(format!("attempt state {s:?}")))
+}
+
+/// The refusal of a message about an attempt that is not the job's current one.
+pub(super) fn stale(job: &JobRecord, attempt: u32) -> StoreError {
+    StoreError::Conflict(format!(
+        "stale attempt: job {} is at attempt {}, got {attempt}",
+        job.id, job.attempt
+    ))
+}
+
+/// Checks the fencing token: `attempt` must be the job's current attempt.
+pub(super) fn fence(job: &JobRecord, attempt: u32) -> Result<(), StoreError> {
+    if attempt == 0 || job.attempt != attempt {
+        return Err(stale(job, attempt));
+    }
+    Ok(())
+}
+
+impl Store {
+    /// One scheduling pass over the head of the queue (highest priority, then oldest).
+    ///
+    /// Gang placement: `place` gets the idle workers with a live lease and the job's world size
+    /// and returns exactly that many workers in rank order, or `None`. In one transaction the
+    /// job gets attempt+1 (PENDING) with one rank per worker, the workers become BUSY and the job
+    /// QUEUED→SCHEDULED (with its event). An advisory lock serialises passes across
+    /// coordinators, and the worker rows are locked (`FOR UPDATE SKIP LOCKED`) and re-checked, so
+    /// no worker is ever booked twice.
+    pub async fn schedule_head(
+        &self,
+        place: impl Fn(&[Candidate], usize) -> Option<Vec<Uuid>>,
+    ) -> Result<ScheduleOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(SCHEDULER_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        let head: Option<(Uuid, i32)> = sqlx::query_as(
+            "SELECT id, world_size FROM jobs WHERE state = 'QUEUED'
+             ORDER BY priority DESC, created_at, id LIMIT 1 FOR UPDATE",
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((job_id, world_size)) = head else {
+            tx.rollback().await?;
+            return Ok(ScheduleOutcome::Empty);
+        };
+        let world_size = u32_of(world_size, "world_size")?;
+        let candidates: Vec<(Uuid, String, i32)> = sqlx::query_as(
+            "SELECT id, host, gpu_index FROM workers
+             WHERE state = 'IDLE' AND lease_until > now()
+             ORDER BY host, gpu_index FOR UPDATE SKIP LOCKED",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let candidates: Vec<Candidate> = candidates
+            .into_iter()
+            .map(|(id, host, gpu_index)| Candidate {
+                id,
+                host,
+                gpu_index,
+            })
+            .collect();
+        let chosen = match place(&candidates, world_size as usize) {
+            Some(c) if c.len() == world_size as usize => c,
+            _ => {
+                tx.rollback().await?;
+                return Ok(ScheduleOutcome::Blocked {
+                    job_id,
+                    world_size,
+                    idle: candidates.len(),
+                });
+            }
+        };
+
+        let job = lock_job(&mut tx, job_id).await?;
+        let attempt: i32 = sqlx::query_scalar(
+            "UPDATE jobs SET attempt = attempt + 1 WHERE id = $1 RETURNING attempt",
+        )
+        .bind(job_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        // Resume from the newest complete checkpoint of an earlier attempt, else the spec's.
+        let latest: Option<(String, i64)> = sqlx::query_as(
+            "SELECT uri, iteration FROM checkpoints WHERE job_id = $1 AND state = 'COMPLETE'
+             ORDER BY iteration DESC LIMIT 1",
+        )
+        .bind(job_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let (resume_uri, resume_iter) = match latest {
+            Some((uri, it)) => (Some(uri), Some(it)),
+            None => (job.spec.resume_from.clone(), None),
+        };
+        sqlx::query(
+            "INSERT INTO attempts (job_id, attempt, state, world_size, resume_uri, resume_iter)
+             VALUES ($1, $2, 'PENDING', $3, $4, $5)",
+        )
+        .bind(job_id)
+        .bind(attempt)
+        .bind(world_size as i32)
+        .bind(&resume_uri)
+        .bind(resume_iter)
+        .execute(&mut *tx)
+        .await?;
+        let ranks: Vec<i32> = (0..chosen.len() as i32).collect();
+        sqlx::query(
+            "INSERT INTO attempt_ranks (job_id, attempt, rank, worker_id)
+             SELECT $1, $2, * FROM UNNEST($3::int[], $4::uuid[])",
+        )
+        .bind(job_id)
+        .bind(attempt)
+        .bind(&ranks)
+        .bind(&chosen)
+        .execute(&mut *tx)
+        .await?;
+        WorkerState::Idle.check_transition(WorkerState::Busy)?;
+        let booked =
+            sqlx::query("UPDATE workers SET state = 'BUSY' WHERE id = ANY($1) AND state = 'IDLE'")
+                .bind(&chosen)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        if booked != chosen.len() as u64 {
+            // Cannot happen while the rows are locked; refuse rather than double-book.
+            tx.rollback().await?;
+            return Err(StoreError::Conflict(format!(
+                "placement of job {job_id} raced: {booked} of {} workers were still idle",
+                chosen.len()
+            )));
+        }
+        let names: Vec<String> = chosen
+            .iter()
+            .filter_map(|id| candidates.iter().find(|c| c.id == *id))
+            .map(|c| format!("{}:{}", c.host, c.gpu_index))
+            .collect();
+        let reason = format!(
+            "attempt {attempt} placed on {} worker{}: {}",
+            chosen.len(),
+            if chosen.len() == 1 { "" } else { "s" },
+            names.join(", ")
+        );
+        transition_in_tx(&mut tx, job_id, JobState::Scheduled, &reason).await?;
+        for w in &chosen {
+            notify(&mut tx, WORKERS_CHANNEL, *w).await?;
+        }
+        tx.commit().await?;
+        Ok(ScheduleOutcome::Placed {
+            job_id,
+            attempt: u32_of(attempt, "attempt")?,
+            workers: chosen,
+        })
+    }
+
+    /// Every unfinished rank held by a worker (current, stale, or of a stopping job).
+    pub async fn worker_assignments(
+        &self,
+        worker_id: Uuid,
+    ) -> Result<Vec<RankAssignment>, StoreError> {
+        let rows: Vec<AssignmentRow> = sqlx::query_as(
+            "SELECT ar.job_id, ar.attempt, ar.rank, a.world_size, a.resume_uri, a.resume_iter,
+                    a.state AS attempt_state, a.reason AS attempt_reason,
+                    ar.started_at IS NOT NULL AS started,
+                    j.spec, j.state AS job_state, j.attempt AS job_attempt, j.reason AS job_reason
+             FROM attempt_ranks ar
+             JOIN attempts a ON a.job_id = ar.job_id AND a.attempt = ar.attempt
+             JOIN jobs j ON j.id = ar.job_id
+             WHERE ar.worker_id = $1 AND ar.finished_at IS NULL
+             ORDER BY ar.job_id, ar.attempt, ar.rank",
+        )
+        .bind(worker_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(RankAssignment::try_from).collect()
+    }
+
+    /// Rank 0 records its endpoint; the attempt goes PENDING→RENDEZVOUS. Publishing the same
+    /// endpoint again is a no-op; a different one, a stale attempt, a finished attempt, or a
+    /// worker that is not rank 0 is refused (`Conflict`).
+    pub async fn publish_rendezvous(
+        &self,
+        worker_id: Uuid,
+        job_id: Uuid,
+        attempt: u32,
+        endpoint: &RendezvousEndpoint,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let job = lock_job(&mut tx, job_id)
+            .await
+            .map_err(unknown_job_is_stale)?;
+        fence(&job, attempt)?;
+        let rank0: Option<Uuid> = sqlx::query_scalar(
+            "SELECT worker_id FROM attempt_ranks WHERE job_id = $1 AND attempt = $2 AND rank = 0",
+        )
+        .bind(job_id)
+        .bind(attempt as i32)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if rank0 != Some(worker_id) {
+            return Err(StoreError::Conflict(format!(
+                "worker {worker_id} is not rank 0 of attempt {attempt} of job {job_id}; only rank 0 publishes the rendezvous"
+            )));
+        }
+        let (state, nccl, tcp): (String, Option<Vec<u8>>, Option<String>) = sqlx::query_as(
+            "SELECT state, rendezvous, rendezvous_tcp FROM attempts
+             WHERE job_id = $1 AND attempt = $2 FOR UPDATE",
+        )
+        .bind(job_id)
+        .bind(attempt as i32)
+        .fetch_one(&mut *tx)
+        .await?;
+        let state = parse_attempt_state(&state)?;
+        if state.is_terminal() {
+            return Err(StoreError::Conflict(format!(
+                "attempt {attempt} of job {job_id} is already {state}"
+            )));
+        }
+        match endpoint_of(nccl, tcp) {
+            Some(existing) if existing == *endpoint => return Ok(()),
+            Some(_) => {
+                return Err(StoreError::Conflict(format!(
+                    "rank 0 already published a different rendezvous endpoint for attempt {attempt} of job {job_id}"
+                )))
+            }
+            None => {}
+        }
+        let (nccl, tcp) = match endpoint {
+            RendezvousEndpoint::Nccl(b) => (Some(b.as_slice()), None),
+            RendezvousEndpoint::Tcp(a) => (None, Some(a.as_str())),
+        };
+        sqlx::query(
+            "UPDATE attempts SET rendezvous = $3, rendezvous_tcp = $4, rendezvous_at = now()
+             WHERE job_id = $1 AND attempt = $2",
+        )
+        .bind(job_id)
+        .bind(attempt as i32)
+        .bind(nccl)
+        .bind(tcp)
+        .execute(&mut *tx)
+        .await?;
+        if state == AttemptState::Pending {
+            set_attempt_state(
+                &mut tx,
+                job_id,
+                attempt,
+                state,
+                AttemptState::Rendezvous,
+                "",
+            )
+            .await?;
+        }
+        notify(&mut tx, ATTEMPTS_CHANNEL, job_id).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Rank 0's endpoint once published (`None`: not yet). The worker must hold a rank of the
+    /// job's current, unfinished attempt.
+    pub async fn rendezvous(
+        &self,
+        worker_id: Uuid,
+        job_id: Uuid,
+        attempt: u32,
+    ) -> Result<Option<RendezvousEndpoint>, StoreError> {
+        let job = self.get_job(job_id).await.map_err(unknown_job_is_stale)?;
+        fence(&job, attempt)?;
+        let holds: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM attempt_ranks
+                            WHERE job_id = $1 AND attempt = $2 AND worker_id = $3)",
+        )
+        .bind(job_id)
+        .bind(attempt as i32)
+        .bind(worker_id)
+        .fetch_one(&self.pool)
+        .await?;
+        if !holds {
+            return Err(StoreError::Conflict(format!(
+                "worker {worker_id} holds no rank of attempt {attempt} of job {job_id}"
+            )));
+        }
+        let (state, reason, nccl, tcp): (String, String, Option<Vec<u8>>, Option<String>) =
+            sqlx::query_as(
+                "SELECT state, reason, rendezvous, rendezvous_tcp FROM attempts
+                 WHERE job_id = $1 AND attempt = $2",
+            )
+            .bind(job_id)
+            .bind(attempt as i32)
+            .fetch_one(&self.pool)
+            .await?;
+        let state = parse_attempt_state(&state)?;
+        if state.is_terminal() {
+            return Err(StoreError::Conflict(format!(
+                "attempt {attempt} of job {job_id} is already {state}{}",
+                if reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {reason}")
+                }
+            )));
+        }
+        Ok(endpoint_of(nccl, tcp))
+    }
+}
+
+/// A job id nobody knows cannot have been assigned to the worker: refused like a stale attempt
+/// (FAILED_PRECONDITION), so a daemon drops the events instead of retrying them forever.
+pub(super) fn unknown_job_is_stale(e: StoreError) -> StoreError {
+    match e {
+        StoreError::NotFound { what: "job", id } => {
+            StoreError::Conflict(format!("stale attempt: job {id} does not exist"))
+        }
+        e => e,
+    }
+}
+
+fn endpoint_of(nccl: Option<Vec<u8>>, tcp: Option<String>) -> Option<RendezvousEndpoint> {
+    match (nccl, tcp) {
+        (Some(b), _) => Some(RendezvousEndpoint::Nccl(b)),
+        (None, Some(a)) => Some(RendezvousEndpoint::Tcp(a)),
+        (None, None) => None,
+    }
+}
+
+/// Moves an attempt along the attempt table. The caller holds the job's row lock.
+async fn set_attempt_state(
+    tx: &mut Transaction<'_, Postgres>,
+    job_id: Uuid,
+    attempt: u32,
+    from: AttemptState,
+    to: AttemptState,
+    reason: &str,
+) -> Result<(), StoreError> {
+    from.check_transition(to)?;
+    sqlx::query(
+        "UPDATE attempts SET state = $3,
+                reason = CASE WHEN $4 = '' THEN reason ELSE $4 END,
+                finished_at = CASE WHEN $5 THEN now() ELSE finished_at END
+         WHERE job_id = $1 AND attempt = $2",
+    )
+    .bind(job_id)
+    .bind(attempt as i32)
+    .bind(to.as_str())
+    .bind(reason)
+    .bind(to.is_terminal())
+    .execute(&mut **tx)
+    .await?;
+    notify(tx, ATTEMPTS_CHANNEL, job_id).await
+}
+
+#[derive(sqlx::FromRow)]
+struct RankRow {
+    rank: i32,
+    started: bool,
+    outcome: Option<String>,
+    reason: String,
+    host: String,
+    gpu_index: i32,
+}
+
+async fn ranks_of(
+    tx: &mut Transaction<'_, Postgres>,
+    job_id: Uuid,
+    attempt: u32,
+) -> Result<Vec<RankRow>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT ar.rank, ar.started_at IS NOT NULL AS started, ar.outcome,
+                ar.reason, w.host, w.gpu_index
+         FROM attempt_ranks ar JOIN workers w ON w.id = ar.worker_id
+         WHERE ar.job_id = $1 AND ar.attempt = $2 ORDER BY ar.rank",
+    )
+    .bind(job_id)
+    .bind(attempt as i32)
+    .fetch_all(&mut **tx)
+    .await?)
+}
+
+async fn attempt_state(
+    tx: &mut Transaction<'_, Postgres>,
+    job_id: Uuid,
+    attempt: u32,
+) -> Result<AttemptState, StoreError> {
+    let s: String = sqlx::query_scalar(
+        "SELECT state FROM attempts WHERE job_id = $1 AND attempt = $2 FOR UPDATE",
+    )
+    .bind(job_id)
+    .bind(attempt as i32)
+    .fetch_one(&mut **tx)
+    .await?;
+    parse_attempt_state(&s)
+}
+
+/// A rank's trainer runs. Once every rank has started: attempt → RUNNING and, for the current
+/// attempt, job SCHEDULED → RUNNING. The caller holds the job's row lock.
+pub(super) async fn start_rank(
+    tx: &mut Transaction<'_, Postgres>,
+    job_id: Uuid,
+    attempt: u32,
+    rank: u32,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE attempt_ranks SET started_at = now()
+         WHERE job_id = $1 AND attempt = $2 AND rank = $3 AND started_at IS NULL",
+    )
+    .bind(job_id)
+    .bind(attempt as i32)
+    .bind(rank as i32)
+    .execute(&mut **tx)
+    .await?;
+    promote_if_all_started(tx, job_id, attempt).await
+}
+
+async fn promote_if_all_started(
+    tx: &mut Transaction<'_, Postgres>,
+    job_id: Uuid,
+    attempt: u32,
+) -> Result<(), StoreError> {
+    let ranks = ranks_of(tx, job_id, attempt).await?;
+    if ranks.is_empty() || !ranks.iter().all(|r| r.started) {
+        return Ok(());
+    }
+    let state = attempt_state(tx, job_id, attempt).await?;
+    if matches!(state, AttemptState::Pending | AttemptState::Rendezvous) {
+        set_attempt_state(tx, job_id, attempt, state, AttemptState::Running, "").await?;
+    }
+    let job = lock_job(tx, job_id).await?;
+    if job.attempt == attempt && job.state == JobState::Scheduled && !state.is_terminal() {
+        let reason = format!("all {} ranks started", ranks.len());
+        transition_in_tx(tx, job_id, JobState::Running, &reason).await?;
+    }
+    Ok(())
+}
+
+/// A rank's trainer is done (reported by its daemon, or decided by the coordinator when the
+/// worker was lost). Frees the worker when it has nothing else open, and settles the attempt.
+/// Returns false when the rank had already finished (nothing changes). The caller holds the
+/// worker's row lock (when it changes one) and the job's.
+pub(super) async fn finish_rank(
+    tx: &mut Transaction<'_, Postgres>,
+    job_id: Uuid,
+    attempt: u32,
+    rank: u32,
+    outcome: RankOutcome,
+    reason: &str,
+) -> Result<bool, StoreError> {
+    // A rank that finished successfully evidently ran; count it as started.
+    let worker: Option<Uuid> = sqlx::query_scalar(
+        "UPDATE attempt_ranks
+         SET finished_at = now(), outcome = $4, reason = $5,
+             started_at = CASE WHEN $6 THEN coalesce(started_at, now()) ELSE started_at END
+         WHERE job_id = $1 AND attempt = $2 AND rank = $3 AND finished_at IS NULL
+         RETURNING worker_id",
+    )
+    .bind(job_id)
+    .bind(attempt as i32)
+    .bind(rank as i32)
+    .bind(outcome.as_str())
+    .bind(reason)
+    .bind(outcome == RankOutcome::Succeeded)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(worker) = worker else {
+        return Ok(false);
+    };
+    if outcome == RankOutcome::Succeeded {
+        promote_if_all_started(tx, job_id, attempt).await?;
+    }
+    // BUSY → IDLE once nothing is open on it; a LOST or DRAINING worker keeps its state.
+    WorkerState::Busy.check_transition(WorkerState::Idle)?;
+    let freed = sqlx::query(
+        "UPDATE workers SET state = 'IDLE' WHERE id = $1 AND state = 'BUSY'
+           AND NOT EXISTS (SELECT 1 FROM attempt_ranks
+                           WHERE worker_id = $1 AND finished_at IS NULL)",
+    )
+    .bind(worker)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if freed > 0 {
+        notify(tx, WORKERS_CHANNEL, worker).await?;
+    }
+    settle_attempt(tx, job_id, attempt).await?;
+    Ok(true)
+}
+
+/// Decides what the ranks' outcomes so far mean for the attempt and its job:
+/// - a failed (or lost) rank fails a live attempt at once, and the job with it (unless the job
+///   is canceling: cancel wins); the other ranks are then told to stop;
+/// - once every rank has finished: a canceling job's attempt ends CANCELED and the job CANCELED;
+///   all SUCCEEDED ends the attempt and the job SUCCEEDED; anything else ends both FAILED.
+async fn settle_attempt(
+    tx: &mut Transaction<'_, Postgres>,
+    job_id: Uuid,
+    attempt: u32,
+) -> Result<(), StoreError> {
+    let job = lock_job(tx, job_id).await?;
+    let state = attempt_state(tx, job_id, attempt).await?;
+    let ranks = ranks_of(tx, job_id, attempt).await?;
+    let current = job.attempt == attempt;
+    let outcomes: Vec<Option<RankOutcome>> = ranks
+        .iter()
+        .map(|r| r.outcome.as_deref().and_then(RankOutcome::parse))
+        .collect();
+    let all_finished = outcomes.iter().all(Option::is_some);
+    let canceling = matches!(job.state, JobState::Canceling | JobState::Canceled);
+    let failed = ranks
+        .iter()
+        .zip(&outcomes)
+        .find(|(_, o)| o.is_some_and(RankOutcome::is_failure));
+
+    if !state.is_terminal() {
+        if let (Some((r, o)), false) = (failed, canceling) {
+            let o = o.expect("a failed rank has an outcome");
+            let reason = format!(
+                "rank {} ({}:{}) {o}{}",
+                r.rank,
+                r.host,
+                r.gpu_index,
+                if r.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", r.reason)
+                }
+            );
+            let to = if o == RankOutcome::Lost {
+                AttemptState::Lost
+            } else {
+                AttemptState::Failed
+            };
+            set_attempt_state(tx, job_id, attempt, state, to, &reason).await?;
+            if current && matches!(job.state, JobState::Scheduled | JobState::Running) {
+                transition_in_tx(tx, job_id, JobState::Failed, &reason).await?;
+            }
+            return Ok(());
+        }
+        if !all_finished {
+            return Ok(());
+        }
+        if canceling || !current || job.state.is_terminal() {
+            let reason = non_empty(&job.reason, "canceled");
+            set_attempt_state(tx, job_id, attempt, state, AttemptState::Canceled, &reason).await?;
+        } else if outcomes.iter().all(|o| *o == Some(RankOutcome::Succeeded)) {
+            // Every rank finished successfully, so every rank started: the attempt is RUNNING.
+            let state = attempt_state(tx, job_id, attempt).await?;
+            set_attempt_state(tx, job_id, attempt, state, AttemptState::Succeeded, "").await?;
+            let job = lock_job(tx, job_id).await?;
+            if job.state == JobState::Running {
+                let reason = format!("all {} ranks succeeded", ranks.len());
+                transition_in_tx(tx, job_id, JobState::Succeeded, &reason).await?;
+            }
+            return Ok(());
+        } else {
+            let r = ranks
+                .iter()
+                .zip(&outcomes)
+                .find(|(_, o)| **o != Some(RankOutcome::Succeeded))
+                .map(|(r, _)| r)
+                .expect("some rank did not succeed");
+            let reason = format!(
+                "rank {} ({}:{}) stopped without a cancel request",
+                r.rank, r.host, r.gpu_index
+            );
+            set_attempt_state(tx, job_id, attempt, state, AttemptState::Failed, &reason).await?;
+            if matches!(job.state, JobState::Scheduled | JobState::Running) {
+                transition_in_tx(tx, job_id, JobState::Failed, &reason).await?;
+            }
+            return Ok(());
+        }
+    }
+    // The attempt is over; a canceling job ends once its last rank has stopped.
+    if all_finished && current && job.state == JobState::Canceling {
+        transition_in_tx(tx, job_id, JobState::Canceled, "").await?;
+    }
+    Ok(())
+}

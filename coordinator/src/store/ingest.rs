@@ -1,0 +1,283 @@
+//! ReportEvents: a daemon's numbered events, applied once each, all in one transaction.
+//!
+//! The worker row holds `acked_seq`, the highest sequence number stored for it. A batch is
+//! applied under that row's lock: events at or below it are skipped (a resend after a lost
+//! acknowledgement), the rest are applied in sequence order together with the new `acked_seq`.
+//! Every event must name the job's current attempt and a rank assigned to this worker; one that
+//! does not refuses the whole batch and writes nothing.
+
+use super::attempts::{fence, finish_rank, start_rank, unknown_job_is_stale, RankOutcome};
+use super::jobs::{insert_event, lock_job, JobRecord};
+use super::{u64_of, Store, StoreError};
+use crate::events::EventPayload;
+use sqlx::types::Json;
+use sqlx::{Postgres, Transaction};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use uuid::Uuid;
+
+/// One event from a daemon, already validated field by field.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IngestEvent {
+    pub seq: u64,
+    pub job_id: Uuid,
+    pub attempt: u32,
+    pub rank: u32,
+    pub body: IngestBody,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum IngestBody {
+    Started,
+    Metrics {
+        iteration: u64,
+        values: BTreeMap<String, f64>,
+    },
+    Eval {
+        iteration: u64,
+        miou: f64,
+        aacc: f64,
+        loss: f64,
+        class_iou: Vec<Option<f64>>,
+    },
+    Checkpoint {
+        iteration: u64,
+        uri: String,
+        bytes: u64,
+        sha256: String,
+        metrics: BTreeMap<String, f64>,
+    },
+    Finished {
+        outcome: RankOutcome,
+        reason: String,
+    },
+    Note {
+        text: String,
+    },
+}
+
+/// JSON has no NaN or infinity: such values stay in the `metrics` table but are left out of
+/// JSON payloads.
+fn finite(values: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+    values
+        .iter()
+        .filter(|(_, v)| v.is_finite())
+        .map(|(k, v)| (k.clone(), *v))
+        .collect()
+}
+
+impl Store {
+    /// Applies a batch; returns the worker's acknowledged sequence number afterwards.
+    pub async fn ingest_events(
+        &self,
+        worker_id: Uuid,
+        events: &[IngestEvent],
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let acked: Option<i64> =
+            sqlx::query_scalar("SELECT acked_seq FROM workers WHERE id = $1 FOR UPDATE")
+                .bind(worker_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let acked = u64_of(
+            acked.ok_or_else(|| StoreError::NotFound {
+                what: "worker",
+                id: worker_id.to_string(),
+            })?,
+            "acked_seq",
+        )?;
+        let mut fresh: Vec<&IngestEvent> = events.iter().filter(|e| e.seq > acked).collect();
+        fresh.sort_by_key(|e| e.seq);
+        fresh.dedup_by_key(|e| e.seq);
+        let Some(last) = fresh.last().map(|e| e.seq) else {
+            tx.rollback().await?;
+            return Ok(acked);
+        };
+
+        // Fence every (job, attempt, rank) first, locking jobs in id order.
+        let jobs: BTreeSet<Uuid> = fresh.iter().map(|e| e.job_id).collect();
+        let mut locked: HashMap<Uuid, JobRecord> = HashMap::new();
+        for id in jobs {
+            let job = lock_job(&mut tx, id).await.map_err(unknown_job_is_stale)?;
+            locked.insert(id, job);
+        }
+        let ranks: BTreeSet<(Uuid, u32, u32)> = fresh
+            .iter()
+            .map(|e| (e.job_id, e.attempt, e.rank))
+            .collect();
+        for (job_id, attempt, rank) in ranks {
+            fence(&locked[&job_id], attempt)?;
+            let holder: Option<Uuid> = sqlx::query_scalar(
+                "SELECT worker_id FROM attempt_ranks WHERE job_id = $1 AND attempt = $2 AND rank = $3",
+            )
+            .bind(job_id)
+            .bind(attempt as i32)
+            .bind(rank as i32)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if holder != Some(worker_id) {
+                return Err(StoreError::Conflict(format!(
+                    "job {job_id} attempt {attempt}: rank {rank} is not assigned to worker {worker_id}"
+                )));
+            }
+        }
+
+        for ev in fresh {
+            apply(&mut tx, ev).await?;
+        }
+        sqlx::query("UPDATE workers SET acked_seq = $2 WHERE id = $1")
+            .bind(worker_id)
+            .bind(last as i64)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(last)
+    }
+}
+
+/// Whether the job still records events (a finished job's log is closed: WatchJob has ended).
+async fn open(tx: &mut Transaction<'_, Postgres>, job_id: Uuid) -> Result<bool, StoreError> {
+    Ok(!lock_job(tx, job_id).await?.state.is_terminal())
+}
+
+/// `jobs.iteration`: the newest iteration any event reported.
+async fn bump_iteration(
+    tx: &mut Transaction<'_, Postgres>,
+    job_id: Uuid,
+    iteration: u64,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE jobs SET iteration = GREATEST(iteration, $2) WHERE id = $1")
+        .bind(job_id)
+        .bind(i64::try_from(iteration).unwrap_or(i64::MAX))
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Stores metric points of one iteration in one statement; a point already stored (same job,
+/// attempt, iteration and name) is skipped. Returns how many were new.
+async fn insert_points(
+    tx: &mut Transaction<'_, Postgres>,
+    job_id: Uuid,
+    attempt: u32,
+    iteration: u64,
+    values: &BTreeMap<String, f64>,
+) -> Result<u64, StoreError> {
+    let names: Vec<&str> = values.keys().map(String::as_str).collect();
+    let vals: Vec<f64> = values.values().copied().collect();
+    Ok(sqlx::query(
+        "INSERT INTO metrics (job_id, attempt, iteration, name, value)
+         SELECT $1, $2, $3, * FROM UNNEST($4::text[], $5::float8[])
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(job_id)
+    .bind(attempt as i32)
+    .bind(iteration as i64)
+    .bind(&names)
+    .bind(&vals)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected())
+}
+
+async fn apply(tx: &mut Transaction<'_, Postgres>, ev: &IngestEvent) -> Result<(), StoreError> {
+    let (job_id, attempt) = (ev.job_id, ev.attempt);
+    match &ev.body {
+        IngestBody::Started => start_rank(tx, job_id, attempt, ev.rank).await?,
+        IngestBody::Finished { outcome, reason } => {
+            finish_rank(tx, job_id, attempt, ev.rank, *outcome, reason).await?;
+        }
+        IngestBody::Metrics { iteration, values } => {
+            let new = insert_points(tx, job_id, attempt, *iteration, values).await?;
+            bump_iteration(tx, job_id, *iteration).await?;
+            // A report whose every point is already stored is a replay: no second event.
+            if (new > 0 || values.is_empty()) && open(tx, job_id).await? {
+                let payload = EventPayload::Metrics {
+                    iteration: *iteration,
+                    values: finite(values),
+                };
+                insert_event(tx, job_id, attempt, &payload).await?;
+            }
+        }
+        IngestBody::Eval {
+            iteration,
+            miou,
+            aacc,
+            loss,
+            class_iou,
+        } => {
+            // The scores are metric points too, so curves (`segtrain plot`) and GetMetrics see them.
+            let points = BTreeMap::from([
+                ("miou".to_string(), *miou),
+                ("aacc".to_string(), *aacc),
+                ("val_loss".to_string(), *loss),
+            ]);
+            insert_points(tx, job_id, attempt, *iteration, &points).await?;
+            bump_iteration(tx, job_id, *iteration).await?;
+            if open(tx, job_id).await? {
+                let payload = EventPayload::Eval {
+                    iteration: *iteration,
+                    miou: *miou,
+                    aacc: *aacc,
+                    loss: *loss,
+                    class_iou: class_iou.clone(),
+                };
+                insert_event(tx, job_id, attempt, &payload).await?;
+            }
+        }
+        IngestBody::Checkpoint {
+            iteration,
+            uri,
+            bytes,
+            sha256,
+            metrics,
+        } => {
+            let metrics = finite(metrics);
+            // An identical row already stored (a replay) is left alone and gets no new event.
+            let changed: Option<i64> = sqlx::query_scalar(
+                "INSERT INTO checkpoints (job_id, attempt, iteration, uri, bytes, sha256, state, metrics)
+                 VALUES ($1, $2, $3, $4, $5, $6, 'COMPLETE', $7)
+                 ON CONFLICT (job_id, iteration) DO UPDATE
+                     SET attempt = EXCLUDED.attempt, uri = EXCLUDED.uri, bytes = EXCLUDED.bytes,
+                         sha256 = EXCLUDED.sha256, state = 'COMPLETE', metrics = EXCLUDED.metrics
+                     WHERE (checkpoints.attempt, checkpoints.uri, checkpoints.bytes,
+                            checkpoints.sha256, checkpoints.state, checkpoints.metrics)
+                           IS DISTINCT FROM
+                           (EXCLUDED.attempt, EXCLUDED.uri, EXCLUDED.bytes,
+                            EXCLUDED.sha256, 'COMPLETE', EXCLUDED.metrics)
+                 RETURNING iteration",
+            )
+            .bind(job_id)
+            .bind(attempt as i32)
+            .bind(*iteration as i64)
+            .bind(uri)
+            .bind(i64::try_from(*bytes).unwrap_or(i64::MAX))
+            .bind(sha256)
+            .bind(Json(&metrics))
+            .fetch_optional(&mut **tx)
+            .await?;
+            bump_iteration(tx, job_id, *iteration).await?;
+            if changed.is_some() && open(tx, job_id).await? {
+                let payload = EventPayload::Checkpoint {
+                    iteration: *iteration,
+                    uri: uri.clone(),
+                    bytes: *bytes,
+                    sha256: sha256.clone(),
+                    metrics,
+                };
+                insert_event(tx, job_id, attempt, &payload).await?;
+            }
+        }
+        IngestBody::Note { text } => {
+            if open(tx, job_id).await? {
+                insert_event(
+                    tx,
+                    job_id,
+                    attempt,
+                    &EventPayload::Note { text: text.clone() },
+                )
+                .await?;
+            }
+        }
+    }
+    Ok(())
+}

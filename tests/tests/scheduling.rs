@@ -1,0 +1,510 @@
+//! The scheduler through the real coordinator process and a real PostgreSQL, with fake daemons
+//! (`FakeWorker`): gang placement all or none, no worker shared by two jobs, jobs waiting for
+//! capacity, priority order with strict FIFO, fewest hosts, lease expiry, and two coordinators
+//! scheduling from the same database.
+
+use segtrain_coordinator::store::Store;
+use segtrain_proto::v1 as pb;
+use segtrain_proto::v1::cluster_service_client::ClusterServiceClient;
+use segtrain_proto::v1::job_service_client::JobServiceClient;
+use segtrain_tests::coordinator::{CoordinatorProcess, FakeWorker};
+use segtrain_tests::pg::TempPostgres;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+use tonic::transport::Channel;
+
+/// Longer than a few scheduler passes (`--scheduler-interval-ms 100`): long enough for a job that
+/// could be placed to have been placed.
+const SETTLE: Duration = Duration::from_millis(1200);
+
+struct Env {
+    _pg: TempPostgres,
+    url: String,
+    coord: CoordinatorProcess,
+    store: Store,
+}
+
+impl Env {
+    async fn start() -> Env {
+        Env::start_with(&["--lease-seconds", "300", "--scheduler-interval-ms", "100"]).await
+    }
+
+    async fn start_with(args: &[&str]) -> Env {
+        let pg = TempPostgres::start().expect("throwaway PostgreSQL");
+        let coord = CoordinatorProcess::start_with_args(&pg.url(), args).await;
+        let store = Store::connect(&pg.url()).await.expect("store connects");
+        Env {
+            url: pg.url(),
+            _pg: pg,
+            coord,
+            store,
+        }
+    }
+
+    async fn jobs(&self) -> JobServiceClient<Channel> {
+        JobServiceClient::new(self.coord.channel().await)
+    }
+
+    async fn worker(&self, host: &str, gpu: i32) -> FakeWorker {
+        FakeWorker::register(&self.coord, host, gpu).await
+    }
+
+    async fn submit(&self, name: &str, world_size: u32, priority: i32) -> pb::Job {
+        submit(&mut self.jobs().await, name, world_size, priority).await
+    }
+
+    async fn state(&self, job: &pb::Job) -> pb::JobState {
+        self.jobs()
+            .await
+            .get_job(pb::GetJobRequest {
+                job_id: job.id.clone(),
+            })
+            .await
+            .expect("get job")
+            .into_inner()
+            .state()
+    }
+
+    async fn list_workers(&self) -> HashMap<String, pb::Worker> {
+        ClusterServiceClient::new(self.coord.channel().await)
+            .list_workers(pb::ListWorkersRequest {})
+            .await
+            .expect("list workers")
+            .into_inner()
+            .workers
+            .into_iter()
+            .map(|w| (w.id.clone(), w))
+            .collect()
+    }
+
+    /// No worker holds two unfinished ranks, and no worker is BUSY without one (or IDLE with one).
+    async fn assert_no_sharing(&self) {
+        let shared: Vec<(uuid::Uuid, i64)> = sqlx::query_as(
+            "SELECT worker_id, count(*) FROM attempt_ranks WHERE finished_at IS NULL
+             GROUP BY worker_id HAVING count(*) > 1",
+        )
+        .fetch_all(self.store.pool())
+        .await
+        .expect("query");
+        assert!(shared.is_empty(), "workers booked twice: {shared:?}");
+        let inconsistent: Vec<(uuid::Uuid, String)> = sqlx::query_as(
+            "SELECT w.id, w.state FROM workers w
+             WHERE (w.state = 'BUSY') <> EXISTS (SELECT 1 FROM attempt_ranks ar
+                                                WHERE ar.worker_id = w.id AND ar.finished_at IS NULL)
+               AND w.state IN ('IDLE','BUSY')",
+        )
+        .fetch_all(self.store.pool())
+        .await
+        .expect("query");
+        assert!(inconsistent.is_empty(), "state vs ranks: {inconsistent:?}");
+    }
+}
+
+async fn submit(
+    c: &mut JobServiceClient<Channel>,
+    name: &str,
+    world_size: u32,
+    priority: i32,
+) -> pb::Job {
+    c.submit_job(pb::SubmitJobRequest {
+        spec: Some(pb::JobSpec {
+            name: Some(name.into()),
+            dataset_root: Some("/data/cityscapes".into()),
+            world_size: Some(world_size),
+            priority: Some(priority),
+            max_iters: Some(1000),
+            warmup_iters: Some(10),
+            ..Default::default()
+        }),
+        idempotency_key: String::new(),
+    })
+    .await
+    .expect("submit")
+    .into_inner()
+    .job
+    .expect("job")
+}
+
+/// Runs an assignment to success: started, then finished SUCCEEDED.
+async fn complete(w: &mut FakeWorker, a: &pb::Assignment) {
+    w.started(a).await;
+    w.finished(&a.job_id, a.attempt, a.rank, pb::Outcome::Succeeded)
+        .await;
+}
+
+#[tokio::test]
+async fn gang_placement_is_all_or_none() {
+    let env = Env::start().await;
+    let job = env.submit("three", 3, 0).await;
+    let mut w0 = env.worker("host-a", 0).await;
+    let mut w1 = env.worker("host-a", 1).await;
+    // Two workers cannot run a world-size-3 job: nothing happens.
+    assert!(w0.try_message(SETTLE).await.is_none());
+    assert!(w1.try_message(Duration::from_millis(10)).await.is_none());
+    assert_eq!(env.state(&job).await, pb::JobState::Queued);
+    let ws = env.list_workers().await;
+    assert!(ws.values().all(|w| w.state() == pb::WorkerState::Idle));
+    assert_eq!(
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM attempts")
+            .fetch_one(env.store.pool())
+            .await
+            .unwrap(),
+        0
+    );
+
+    // A third registration starts it on three distinct workers, ranks 0..3.
+    let mut w2 = env.worker("host-b", 0).await;
+    let mut ranks = Vec::new();
+    for w in [&mut w0, &mut w1, &mut w2] {
+        let a = w.start().await;
+        assert_eq!(
+            (a.job_id.as_str(), a.attempt, a.world_size),
+            (job.id.as_str(), 1, 3)
+        );
+        ranks.push(a.rank);
+    }
+    ranks.sort();
+    assert_eq!(ranks, [0, 1, 2]);
+    assert_eq!(env.state(&job).await, pb::JobState::Scheduled);
+    let ws = env.list_workers().await;
+    let holders: HashSet<&str> = ws
+        .values()
+        .filter(|w| w.job_id == job.id)
+        .map(|w| w.id.as_str())
+        .collect();
+    assert_eq!(holders.len(), 3);
+    assert!(ws.values().all(|w| w.state() == pb::WorkerState::Busy));
+    env.assert_no_sharing().await;
+}
+
+#[tokio::test]
+async fn two_jobs_never_share_a_worker() {
+    let env = Env::start().await;
+    let first = env.submit("first", 2, 0).await;
+    let second = env.submit("second", 2, 0).await;
+    let mut ws = [
+        env.worker("host-a", 0).await,
+        env.worker("host-a", 1).await,
+        env.worker("host-a", 2).await,
+    ];
+    // Exactly two workers get the first job; the third stays idle.
+    let mut got: Vec<(usize, pb::Assignment)> = Vec::new();
+    for (i, w) in ws.iter_mut().enumerate() {
+        if let Some(m) = w.try_message(SETTLE).await {
+            match m.kind {
+                Some(pb::assignment_message::Kind::Start(a)) => got.push((i, a)),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    assert_eq!(got.len(), 2);
+    assert!(got.iter().all(|(_, a)| a.job_id == first.id));
+    assert_eq!(env.state(&first).await, pb::JobState::Scheduled);
+    assert_eq!(env.state(&second).await, pb::JobState::Queued);
+    env.assert_no_sharing().await;
+    let idle = (0..3).find(|i| got.iter().all(|(j, _)| j != i)).unwrap();
+    assert_eq!(
+        env.list_workers().await[&ws[idle].id].state(),
+        pb::WorkerState::Idle
+    );
+
+    // The second starts once the first has finished, on two of the three workers.
+    for (i, a) in &got {
+        complete(&mut ws[*i], a).await;
+    }
+    assert_eq!(env.state(&first).await, pb::JobState::Succeeded);
+    let mut second_holders = 0;
+    for w in ws.iter_mut() {
+        if let Some(m) = w.try_message(SETTLE).await {
+            match m.kind {
+                Some(pb::assignment_message::Kind::Start(a)) => {
+                    assert_eq!(a.job_id, second.id);
+                    second_holders += 1;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    assert_eq!(second_holders, 2);
+    assert_eq!(env.state(&second).await, pb::JobState::Scheduled);
+    env.assert_no_sharing().await;
+}
+
+#[tokio::test]
+async fn a_job_waits_queued_until_enough_workers_register() {
+    let env = Env::start().await;
+    let job = env.submit("patient", 2, 0).await;
+    tokio::time::sleep(SETTLE).await;
+    assert_eq!(env.state(&job).await, pb::JobState::Queued);
+    let mut w0 = env.worker("host-a", 0).await;
+    assert!(w0.try_message(SETTLE).await.is_none());
+    assert_eq!(env.state(&job).await, pb::JobState::Queued);
+    let mut w1 = env.worker("host-b", 0).await;
+    let (a0, a1) = (w0.start().await, w1.start().await);
+    assert_eq!(a0.job_id, job.id);
+    assert_eq!(a1.job_id, job.id);
+    assert_eq!(env.state(&job).await, pb::JobState::Scheduled);
+}
+
+#[tokio::test]
+async fn priority_then_submission_order_with_strict_fifo() {
+    let env = Env::start().await;
+    // Queued before any worker exists, so the order is decided by the queue alone.
+    let a = env.submit("a-p0", 1, 0).await;
+    let b = env.submit("b-p5", 1, 5).await;
+    let c = env.submit("c-p5", 1, 5).await;
+    let d = env.submit("d-minus1", 1, -1).await;
+    let mut w = env.worker("solo", 0).await;
+    let mut order = Vec::new();
+    for _ in 0..4 {
+        let s = w.start().await;
+        order.push(s.job_id.clone());
+        complete(&mut w, &s).await;
+    }
+    assert_eq!(order, [b.id, c.id, a.id, d.id]);
+
+    // Strict FIFO: a head that does not fit blocks the queue; the small job behind it waits.
+    let big = env.submit("big-p10", 2, 10).await;
+    let small = env.submit("small-p0", 1, 0).await;
+    assert!(
+        w.try_message(SETTLE).await.is_none(),
+        "nothing jumps the head"
+    );
+    assert_eq!(env.state(&big).await, pb::JobState::Queued);
+    assert_eq!(env.state(&small).await, pb::JobState::Queued);
+    let mut w2 = env.worker("solo", 1).await;
+    let (s1, s2) = (w.start().await, w2.start().await);
+    assert_eq!(
+        (s1.job_id.as_str(), s2.job_id.as_str()),
+        (big.id.as_str(), big.id.as_str())
+    );
+    assert_eq!(env.state(&small).await, pb::JobState::Queued);
+    // Cancelling nothing else: once the big job is done the small one runs.
+    complete(&mut w, &s1).await;
+    complete(&mut w2, &s2).await;
+    let next = tokio::select! {
+        a = w.start() => a,
+        a = w2.start() => a,
+    };
+    assert_eq!(next.job_id, small.id);
+}
+
+#[tokio::test]
+async fn placement_spans_the_fewest_hosts() {
+    let env = Env::start().await;
+    let mut small = env.worker("h-small", 0).await;
+    let mut big = [
+        env.worker("h-big", 0).await,
+        env.worker("h-big", 1).await,
+        env.worker("h-big", 2).await,
+    ];
+    let mut mid = [env.worker("h-mid", 0).await, env.worker("h-mid", 1).await];
+    let job = env.submit("three", 3, 0).await;
+    for (i, w) in big.iter_mut().enumerate() {
+        let a = w.start().await;
+        assert_eq!(a.job_id, job.id);
+        assert_eq!(a.rank, i as u32, "ranks in GPU order");
+    }
+    assert!(small
+        .try_message(Duration::from_millis(300))
+        .await
+        .is_none());
+    // The next world-size-3 job needs two hosts: the two-GPU host, then the single one.
+    let job2 = env.submit("three-again", 3, 0).await;
+    let mut ranks = HashMap::new();
+    for w in mid.iter_mut().chain(std::iter::once(&mut small)) {
+        let a = w.start().await;
+        assert_eq!(a.job_id, job2.id);
+        ranks.insert((w.host.clone(), w.gpu_index), a.rank);
+    }
+    // Ranks in (host, GPU) order: h-mid:0, h-mid:1, h-small:0.
+    assert_eq!(ranks[&("h-mid".to_string(), 0)], 0);
+    assert_eq!(ranks[&("h-mid".to_string(), 1)], 1);
+    assert_eq!(ranks[&("h-small".to_string(), 0)], 2);
+    env.assert_no_sharing().await;
+}
+
+#[tokio::test]
+async fn an_expired_lease_fails_the_job_and_stops_the_other_ranks() {
+    let env = Env::start_with(&["--lease-seconds", "2", "--scheduler-interval-ms", "100"]).await;
+    let mut alive = env.worker("host-a", 0).await;
+    let mut silent = env.worker("host-a", 1).await;
+    // Only one of them heartbeats.
+    let mut hb = alive.client.clone();
+    let alive_id = alive.id.clone();
+    let beat = tokio::spawn(async move {
+        loop {
+            let _ = hb
+                .heartbeat(pb::HeartbeatRequest {
+                    worker_id: alive_id.clone(),
+                    running: vec![],
+                })
+                .await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    let job = env.submit("fragile", 2, 0).await;
+    let (a, s) = (alive.start().await, silent.start().await);
+    alive.started(&a).await;
+    silent.started(&s).await;
+    assert_eq!(env.state(&job).await, pb::JobState::Running);
+
+    // The silent worker's lease runs out: it is LOST, the job FAILED, the other rank stopped.
+    let stop = alive.stop().await;
+    assert_eq!((stop.job_id.as_str(), stop.rank), (job.id.as_str(), a.rank));
+    assert!(stop.reason.contains("lost"), "{}", stop.reason);
+    let got = env
+        .jobs()
+        .await
+        .get_job(pb::GetJobRequest {
+            job_id: job.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.state(), pb::JobState::Failed);
+    assert!(got.reason.contains("lost"), "{}", got.reason);
+    let ws = env.list_workers().await;
+    assert_eq!(ws[&silent.id].state(), pb::WorkerState::Lost);
+    assert_eq!(ws[&silent.id].job_id, "");
+    assert_eq!(ws[&alive.id].state(), pb::WorkerState::Busy);
+
+    // The surviving rank stops (its heartbeat no longer lists the trainer): free again.
+    beat.abort();
+    let hb = alive.heartbeat(vec![]).await;
+    assert!(hb.stop.is_empty());
+    assert_eq!(
+        env.list_workers().await[&alive.id].state(),
+        pb::WorkerState::Idle
+    );
+
+    // The lost worker comes back with a heartbeat; its stale trainer is told to stop.
+    let running = pb::RunningTrainer {
+        job_id: job.id.clone(),
+        attempt: 1,
+        rank: s.rank,
+    };
+    let hb = silent.heartbeat(vec![running.clone()]).await;
+    assert_eq!(hb.stop, vec![running]);
+    assert_eq!(
+        env.list_workers().await[&silent.id].state(),
+        pb::WorkerState::Idle
+    );
+}
+
+#[tokio::test]
+async fn two_coordinators_never_double_book_a_worker() {
+    let env = Env::start_with(&["--lease-seconds", "300", "--scheduler-interval-ms", "20"]).await;
+    let other = CoordinatorProcess::start_with_args(
+        &env.url,
+        &["--lease-seconds", "300", "--scheduler-interval-ms", "20"],
+    )
+    .await;
+    // Six workers, half registered through each coordinator, each completing whatever it gets.
+    let mut handles = Vec::new();
+    for i in 0..6 {
+        let coord = if i % 2 == 0 { &env.coord } else { &other };
+        let mut w = FakeWorker::register(coord, &format!("host-{}", i / 3), i % 3).await;
+        handles.push(tokio::spawn(async move {
+            let mut done = 0;
+            while let Some(m) = w.try_message(Duration::from_secs(5)).await {
+                if let Some(pb::assignment_message::Kind::Start(a)) = m.kind {
+                    w.started(&a).await;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    w.finished(&a.job_id, a.attempt, a.rank, pb::Outcome::Succeeded)
+                        .await;
+                    done += 1;
+                }
+            }
+            done
+        }));
+    }
+    // Jobs of mixed sizes submitted through both coordinators.
+    let mut c1 = env.jobs().await;
+    let mut c2 = JobServiceClient::new(other.channel().await);
+    let mut jobs = Vec::new();
+    for i in 0..12 {
+        let ws = [2, 1, 3][i % 3];
+        let c = if i % 2 == 0 { &mut c1 } else { &mut c2 };
+        jobs.push(submit(c, &format!("job-{i}"), ws, 0).await);
+    }
+    // Watch the invariant while everything runs to completion.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        env.assert_no_sharing().await;
+        let mut all_done = true;
+        for j in &jobs {
+            if env.state(j).await != pb::JobState::Succeeded {
+                all_done = false;
+            }
+        }
+        if all_done {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "jobs did not all finish; coordinator log:\n{}",
+            env.coord.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ranks: i64 = sqlx::query_scalar("SELECT count(*) FROM attempt_ranks")
+        .fetch_one(env.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        ranks,
+        (2 + 1 + 3) * 4,
+        "one attempt per job, one rank per GPU"
+    );
+    let attempts: i64 = sqlx::query_scalar("SELECT count(*) FROM attempts WHERE attempt = 1")
+        .fetch_one(env.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(attempts, 12);
+    let mut total = 0;
+    for h in handles {
+        total += h.await.expect("worker task");
+    }
+    assert_eq!(total, 24);
+}
+
+#[tokio::test]
+async fn a_coordinator_restart_neither_loses_assignments_nor_reaps_silent_workers() {
+    let mut env =
+        Env::start_with(&["--lease-seconds", "2", "--scheduler-interval-ms", "100"]).await;
+    let mut w0 = env.worker("host-a", 0).await;
+    let mut w1 = env.worker("host-a", 1).await;
+    let job = env.submit("survivor", 2, 0).await;
+    let (a0, a1) = (w0.start().await, w1.start().await);
+    w0.started(&a0).await;
+
+    // The coordinator is down for longer than a lease: nobody could heartbeat meanwhile.
+    env.coord.kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    env.coord.restart().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(env.state(&job).await, pb::JobState::Scheduled);
+    let ws = env.list_workers().await;
+    assert!(
+        ws.values().all(|w| w.state() == pb::WorkerState::Busy),
+        "{ws:?}"
+    );
+
+    // The daemons reconnect: the rank that had not started gets its start again.
+    for w in [&mut w0, &mut w1] {
+        w.client = segtrain_proto::v1::worker_service_client::WorkerServiceClient::new(
+            env.coord.channel().await,
+        );
+        w.heartbeat(vec![]).await;
+        w.open_stream().await;
+    }
+    let again = w1.start().await;
+    assert_eq!(
+        (again.job_id.as_str(), again.rank),
+        (a1.job_id.as_str(), a1.rank)
+    );
+    assert!(w0.try_message(Duration::from_millis(300)).await.is_none());
+    w1.started(&again).await;
+    assert_eq!(env.state(&job).await, pb::JobState::Running);
+}

@@ -1,0 +1,1248 @@
+//! The worker API through the real coordinator process and a real PostgreSQL, with the daemons
+//! played by plain tonic clients (`FakeWorker`): registration and heartbeats, the assignment
+//! stream, rendezvous, event ingestion (exactly once per sequence number), fencing of stale
+//! attempts, cancel, and field validation.
+
+use segtrain_coordinator::state::JobState;
+use segtrain_coordinator::store::Store;
+use segtrain_proto::v1 as pb;
+use segtrain_proto::v1::cluster_service_client::ClusterServiceClient;
+use segtrain_proto::v1::job_service_client::JobServiceClient;
+use segtrain_proto::v1::worker_event::Payload;
+use segtrain_proto::v1::worker_service_client::WorkerServiceClient;
+use segtrain_tests::coordinator::{CoordinatorProcess, FakeWorker};
+use segtrain_tests::pg::TempPostgres;
+use std::collections::HashMap;
+use std::time::Duration;
+use tonic::transport::Channel;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use uuid::Uuid;
+
+struct Env {
+    _pg: TempPostgres,
+    coord: CoordinatorProcess,
+    store: Store,
+}
+
+impl Env {
+    async fn start() -> Env {
+        let pg = TempPostgres::start().expect("throwaway PostgreSQL");
+        // A long lease: these tests do not heartbeat in the background.
+        let coord =
+            CoordinatorProcess::start_with_args(&pg.url(), &["--lease-seconds", "300"]).await;
+        let store = Store::connect(&pg.url()).await.expect("store connects");
+        Env {
+            _pg: pg,
+            coord,
+            store,
+        }
+    }
+
+    async fn jobs(&self) -> JobServiceClient<Channel> {
+        JobServiceClient::new(self.coord.channel().await)
+    }
+
+    async fn workers(&self) -> WorkerServiceClient<Channel> {
+        WorkerServiceClient::new(self.coord.channel().await)
+    }
+
+    async fn worker(&self, host: &str, gpu: i32) -> FakeWorker {
+        FakeWorker::register(&self.coord, host, gpu).await
+    }
+
+    async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql)
+            .fetch_one(self.store.pool())
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    async fn submit(&self, name: &str, world_size: u32) -> pb::Job {
+        self.jobs()
+            .await
+            .submit_job(pb::SubmitJobRequest {
+                spec: Some(spec(name, world_size)),
+                idempotency_key: String::new(),
+            })
+            .await
+            .expect("submit")
+            .into_inner()
+            .job
+            .expect("job")
+    }
+
+    async fn job(&self, id: &str) -> pb::Job {
+        self.jobs()
+            .await
+            .get_job(pb::GetJobRequest { job_id: id.into() })
+            .await
+            .expect("get job")
+            .into_inner()
+    }
+
+    async fn list_workers(&self) -> HashMap<String, pb::Worker> {
+        ClusterServiceClient::new(self.coord.channel().await)
+            .list_workers(pb::ListWorkersRequest {})
+            .await
+            .expect("list workers")
+            .into_inner()
+            .workers
+            .into_iter()
+            .map(|w| (w.id.clone(), w))
+            .collect()
+    }
+}
+
+fn spec(name: &str, world_size: u32) -> pb::JobSpec {
+    pb::JobSpec {
+        name: Some(name.into()),
+        dataset_root: Some("/data/cityscapes".into()),
+        world_size: Some(world_size),
+        max_iters: Some(1000),
+        warmup_iters: Some(10),
+        ..Default::default()
+    }
+}
+
+/// Orders the two workers' starts by rank.
+async fn starts(a: &mut FakeWorker, b: &mut FakeWorker) -> (pb::Assignment, pb::Assignment) {
+    let (sa, sb) = (a.start().await, b.start().await);
+    assert_eq!(sa.job_id, sb.job_id);
+    assert_ne!(sa.rank, sb.rank, "distinct ranks");
+    (sa, sb)
+}
+
+fn metrics(iteration: u64, loss: f64) -> Payload {
+    Payload::Metrics(pb::MetricsReport {
+        iteration,
+        values: HashMap::from([("loss".to_string(), loss), ("lr".to_string(), 1e-5)]),
+    })
+}
+
+fn describe(ev: &pb::JobEvent) -> String {
+    use pb::job_event::Payload as P;
+    match &ev.payload {
+        Some(P::StateChange(c)) => format!(
+            "state {}",
+            pb::JobState::try_from(c.to)
+                .map(|s| s.as_str_name())
+                .unwrap_or("?")
+        ),
+        Some(P::Metrics(m)) => format!("metrics {}", m.iteration),
+        Some(P::Eval(e)) => format!("eval {}", e.iteration),
+        Some(P::Checkpoint(c)) => format!(
+            "checkpoint {}",
+            c.checkpoint.as_ref().map(|c| c.iteration).unwrap_or(0)
+        ),
+        Some(P::Note(n)) => format!("note {}", n.text),
+        None => "none".into(),
+    }
+}
+
+fn assert_code(r: Result<impl std::fmt::Debug, tonic::Status>, code: Code, needle: &str) {
+    let e = r.expect_err("the call must fail");
+    assert_eq!(e.code(), code, "{}", e.message());
+    assert!(
+        e.message().contains(needle),
+        "message {:?} should mention {needle:?}",
+        e.message()
+    );
+}
+
+#[tokio::test]
+async fn happy_path_through_the_worker_api() {
+    let env = Env::start().await;
+    let mut w0 = env.worker("host-a", 0).await;
+    let mut w1 = env.worker("host-a", 1).await;
+    let job = env.submit("happy", 2).await;
+    let mut watch = env
+        .jobs()
+        .await
+        .watch_job(pb::WatchJobRequest {
+            job_id: job.id.clone(),
+            after_event_id: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+
+    // Both workers get their rank of attempt 1 with the resolved spec.
+    let (s0, s1) = starts(&mut w0, &mut w1).await;
+    let (mut r0, mut r1, a0, a1) = if s0.rank == 0 {
+        (w0, w1, s0, s1)
+    } else {
+        (w1, w0, s1, s0)
+    };
+    for a in [&a0, &a1] {
+        assert_eq!(a.job_id, job.id);
+        assert_eq!(a.attempt, 1);
+        assert_eq!(a.world_size, 2);
+        assert_eq!(a.resume_from, "", "a first attempt starts fresh");
+        assert_eq!(a.resume_iteration, 0);
+        let spec = a.spec.as_ref().expect("spec");
+        assert_eq!(spec.variant.as_deref(), Some("b0"), "resolved spec");
+        assert_eq!(spec.world_size, Some(2));
+    }
+    assert_eq!((a0.rank, a1.rank), (0, 1));
+    // Ranks follow (host, GPU) order.
+    assert_eq!((r0.gpu_index, r1.gpu_index), (0, 1));
+    assert_eq!(env.job(&job.id).await.state(), pb::JobState::Scheduled);
+
+    // ListWorkers shows the assignment.
+    let ws = env.list_workers().await;
+    for (w, rank) in [(&r0, 0), (&r1, 1)] {
+        let w = &ws[&w.id];
+        assert_eq!(w.state(), pb::WorkerState::Busy);
+        assert_eq!(
+            (w.job_id.as_str(), w.attempt, w.rank),
+            (job.id.as_str(), 1, rank)
+        );
+    }
+
+    // Rendezvous: rank 1 waits; rank 0 publishes; rank 1 gets it.
+    let mut c1 = r1.client.clone();
+    let (rid1, jid) = (r1.id.clone(), job.id.clone());
+    let waiter = tokio::spawn(async move {
+        c1.await_rendezvous(pb::AwaitRendezvousRequest {
+            worker_id: rid1,
+            job_id: jid,
+            attempt: 1,
+            timeout_seconds: 30,
+        })
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished(), "rank 1 waits for rank 0");
+    let publish = |w: &FakeWorker, attempt: u32, addr: &str| pb::PublishRendezvousRequest {
+        worker_id: w.id.clone(),
+        job_id: job.id.clone(),
+        attempt,
+        endpoint: Some(pb::publish_rendezvous_request::Endpoint::TcpAddress(
+            addr.into(),
+        )),
+    };
+    r0.client
+        .publish_rendezvous(publish(&r0, 1, "10.0.0.1:29500"))
+        .await
+        .expect("rank 0 publishes");
+    let got = waiter
+        .await
+        .expect("waiter task")
+        .expect("rank 1 gets the endpoint")
+        .into_inner();
+    assert_eq!(
+        got.endpoint,
+        Some(pb::await_rendezvous_response::Endpoint::TcpAddress(
+            "10.0.0.1:29500".into()
+        ))
+    );
+    // Idempotent for the same value; another value, or another rank, is refused.
+    r0.client
+        .publish_rendezvous(publish(&r0, 1, "10.0.0.1:29500"))
+        .await
+        .expect("same endpoint again");
+    assert_code(
+        r0.client
+            .publish_rendezvous(publish(&r0, 1, "10.0.0.1:29501"))
+            .await,
+        Code::FailedPrecondition,
+        "different",
+    );
+    assert_code(
+        r1.client
+            .publish_rendezvous(publish(&r1, 1, "10.0.0.2:29500"))
+            .await,
+        Code::FailedPrecondition,
+        "rank 0",
+    );
+    let attempt_state = |env: &Env| {
+        let pool = env.store.pool().clone();
+        let id = Uuid::parse_str(&job.id).unwrap();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT state FROM attempts WHERE job_id = $1 AND attempt = 1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .expect("attempt row")
+        }
+    };
+    assert_eq!(attempt_state(&env).await, "RENDEZVOUS");
+
+    // Both ranks started: the job runs.
+    r0.started(&a0).await;
+    assert_eq!(env.job(&job.id).await.state(), pb::JobState::Scheduled);
+    r1.started(&a1).await;
+    assert_eq!(env.job(&job.id).await.state(), pb::JobState::Running);
+    assert_eq!(attempt_state(&env).await, "RUNNING");
+
+    // Rank 0 reports metrics and a checkpoint in one batch.
+    let evs = vec![
+        r0.event(&job.id, 1, 0, metrics(50, 2.5)),
+        r0.event(&job.id, 1, 0, metrics(100, 1.5)),
+        r0.event(
+            &job.id,
+            1,
+            0,
+            Payload::Checkpoint(pb::CheckpointReport {
+                checkpoint: Some(pb::Checkpoint {
+                    iteration: 100,
+                    uri: "file:///ckpt/happy/ckpt-100".into(),
+                    bytes: 12345,
+                    sha256: "ab".repeat(32),
+                    metrics: HashMap::from([("loss".to_string(), 1.5)]),
+                    ..Default::default()
+                }),
+            }),
+        ),
+    ];
+    let acked = r0.report(evs).await.expect("report").acked_seq;
+    assert_eq!(acked, r0.seq);
+    let id = Uuid::parse_str(&job.id).unwrap();
+    assert_eq!(
+        env.count(&format!(
+            "SELECT count(*) FROM metrics WHERE job_id = '{id}'"
+        ))
+        .await,
+        4
+    );
+    let cps = env
+        .jobs()
+        .await
+        .list_checkpoints(pb::ListCheckpointsRequest {
+            job_id: job.id.clone(),
+            include_deleted: false,
+        })
+        .await
+        .expect("list checkpoints")
+        .into_inner()
+        .checkpoints;
+    assert_eq!(cps.len(), 1);
+    assert_eq!(cps[0].iteration, 100);
+    assert_eq!(cps[0].uri, "file:///ckpt/happy/ckpt-100");
+    assert_eq!(cps[0].bytes, 12345);
+    assert_eq!(cps[0].state(), pb::CheckpointState::Complete);
+    assert_eq!(cps[0].metrics.get("loss"), Some(&1.5));
+    let points = env
+        .jobs()
+        .await
+        .get_metrics(pb::GetMetricsRequest {
+            job_id: job.id.clone(),
+            names: vec!["loss".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("metrics")
+        .into_inner()
+        .points;
+    assert_eq!(
+        points
+            .iter()
+            .map(|p| (p.iteration, p.value))
+            .collect::<Vec<_>>(),
+        vec![(50, 2.5), (100, 1.5)]
+    );
+    assert_eq!(env.job(&job.id).await.iteration, 100);
+
+    // Both finish: the job succeeds and the workers are free again.
+    r0.finished(&job.id, 1, 0, pb::Outcome::Succeeded).await;
+    assert_eq!(env.job(&job.id).await.state(), pb::JobState::Running);
+    r1.finished(&job.id, 1, 1, pb::Outcome::Succeeded).await;
+    let done = env.job(&job.id).await;
+    assert_eq!(done.state(), pb::JobState::Succeeded);
+    assert!(done.finished_at.is_some());
+    assert_eq!(attempt_state(&env).await, "SUCCEEDED");
+    let ws = env.list_workers().await;
+    for w in [&r0, &r1] {
+        let w = &ws[&w.id];
+        assert_eq!(w.state(), pb::WorkerState::Idle);
+        assert_eq!(w.job_id, "");
+    }
+
+    // WatchJob saw all of it, in order, and ended.
+    let mut got = Vec::new();
+    while let Some(ev) = tokio::time::timeout(Duration::from_secs(20), watch.message())
+        .await
+        .expect("watch makes progress")
+        .expect("watch ok")
+    {
+        got.push(ev);
+    }
+    assert_eq!(
+        got.iter().map(describe).collect::<Vec<_>>(),
+        [
+            "state JOB_STATE_QUEUED",
+            "state JOB_STATE_SCHEDULED",
+            "state JOB_STATE_RUNNING",
+            "metrics 50",
+            "metrics 100",
+            "checkpoint 100",
+            "state JOB_STATE_SUCCEEDED",
+        ]
+    );
+    assert!(got.windows(2).all(|w| w[0].id < w[1].id));
+    assert!(got[1..].iter().all(|e| e.attempt == 1));
+
+    // A re-registration keeps the id and returns the acknowledged sequence.
+    let again = env
+        .workers()
+        .await
+        .register(pb::RegisterRequest {
+            host: r0.host.clone(),
+            gpu_index: r0.gpu_index,
+            ..Default::default()
+        })
+        .await
+        .expect("re-register")
+        .into_inner();
+    assert_eq!(again.worker_id, r0.id);
+    assert_eq!(again.acked_seq, r0.seq);
+    assert_eq!(again.lease_seconds, 300);
+}
+
+#[tokio::test]
+async fn cancel_of_a_running_job_stops_every_rank() {
+    let env = Env::start().await;
+    let mut w0 = env.worker("host-a", 0).await;
+    let mut w1 = env.worker("host-a", 1).await;
+    let job = env.submit("cancel-me", 2).await;
+    let (a0, a1) = (w0.start().await, w1.start().await);
+    w0.started(&a0).await;
+    w1.started(&a1).await;
+    assert_eq!(env.job(&job.id).await.state(), pb::JobState::Running);
+
+    let canceled = env
+        .jobs()
+        .await
+        .cancel_job(pb::CancelJobRequest {
+            job_id: job.id.clone(),
+            reason: "user says stop".into(),
+        })
+        .await
+        .expect("cancel")
+        .into_inner()
+        .job
+        .expect("job");
+    assert_eq!(canceled.state(), pb::JobState::Canceling);
+
+    // Both get `stop` on their stream, and again in their heartbeat.
+    for (w, a) in [(&mut w0, &a0), (&mut w1, &a1)] {
+        let stop = w.stop().await;
+        assert_eq!(
+            (stop.job_id.as_str(), stop.attempt, stop.rank),
+            (job.id.as_str(), 1, a.rank)
+        );
+        assert_eq!(stop.reason, "user says stop");
+        assert_eq!(stop.grace_seconds, 30);
+        let running = pb::RunningTrainer {
+            job_id: a.job_id.clone(),
+            attempt: a.attempt,
+            rank: a.rank,
+        };
+        let hb = w.heartbeat(vec![running.clone()]).await;
+        assert_eq!(hb.stop, vec![running]);
+    }
+
+    // The job ends CANCELED once the last rank has stopped.
+    w0.finished(&job.id, 1, a0.rank, pb::Outcome::Canceled)
+        .await;
+    assert_eq!(env.job(&job.id).await.state(), pb::JobState::Canceling);
+    let ws = env.list_workers().await;
+    assert_eq!(ws[&w0.id].state(), pb::WorkerState::Idle);
+    assert_eq!(ws[&w1.id].state(), pb::WorkerState::Busy);
+    w1.finished(&job.id, 1, a1.rank, pb::Outcome::Canceled)
+        .await;
+    let done = env.job(&job.id).await;
+    assert_eq!(done.state(), pb::JobState::Canceled);
+    assert_eq!(done.reason, "user says stop");
+    let ws = env.list_workers().await;
+    assert!(ws.values().all(|w| w.state() == pb::WorkerState::Idle));
+    let id = Uuid::parse_str(&job.id).unwrap();
+    assert_eq!(
+        env.count(&format!(
+            "SELECT count(*) FROM attempts WHERE job_id = '{id}' AND state = 'CANCELED'"
+        ))
+        .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_failed_rank_fails_the_job_and_stops_the_others() {
+    let env = Env::start().await;
+    let mut w0 = env.worker("host-a", 0).await;
+    let mut w1 = env.worker("host-a", 1).await;
+    let job = env.submit("fails", 2).await;
+    let (a0, a1) = (w0.start().await, w1.start().await);
+    w0.started(&a0).await;
+    w1.started(&a1).await;
+    let ev = w1.event(
+        &job.id,
+        1,
+        a1.rank,
+        Payload::Finished(pb::AttemptFinished {
+            outcome: pb::Outcome::FailedDeterministic as i32,
+            reason: "CUDA out of memory".into(),
+        }),
+    );
+    w1.report(vec![ev]).await.expect("report failure");
+    let failed = env.job(&job.id).await;
+    assert_eq!(failed.state(), pb::JobState::Failed);
+    assert!(
+        failed.reason.contains("CUDA out of memory"),
+        "{}",
+        failed.reason
+    );
+    // The other rank is told to stop; its worker is free once it reports.
+    let stop = w0.stop().await;
+    assert_eq!((stop.attempt, stop.rank), (1, a0.rank));
+    assert_eq!(
+        env.list_workers().await[&w1.id].state(),
+        pb::WorkerState::Idle
+    );
+    assert_eq!(
+        env.list_workers().await[&w0.id].state(),
+        pb::WorkerState::Busy
+    );
+    w0.finished(&job.id, 1, a0.rank, pb::Outcome::Canceled)
+        .await;
+    assert_eq!(
+        env.list_workers().await[&w0.id].state(),
+        pb::WorkerState::Idle
+    );
+    assert_eq!(env.job(&job.id).await.state(), pb::JobState::Failed);
+}
+
+#[tokio::test]
+async fn stale_attempts_are_refused_and_write_nothing() {
+    let env = Env::start().await;
+    let mut old0 = env.worker("host-a", 0).await;
+    let mut old1 = env.worker("host-a", 1).await;
+    let job = env.submit("fenced", 2).await;
+    let id = Uuid::parse_str(&job.id).unwrap();
+    let (a0, a1) = (old0.start().await, old1.start().await);
+    old0.started(&a0).await;
+    old1.started(&a1).await;
+
+    // What a restart does (restart policy comes later): RUNNING → RESTARTING → QUEUED; the
+    // scheduler places attempt 2 on two new workers while attempt 1's workers are still busy.
+    env.store
+        .transition_job(id, JobState::Restarting, "test restart")
+        .await
+        .expect("restarting");
+    env.store
+        .transition_job(id, JobState::Queued, "test restart")
+        .await
+        .expect("queued");
+    let mut new0 = env.worker("host-b", 0).await;
+    let mut new1 = env.worker("host-b", 1).await;
+    let (b0, b1) = (new0.start().await, new1.start().await);
+    assert_eq!((b0.attempt, b1.attempt), (2, 2));
+    assert_eq!(env.job(&job.id).await.attempt, 2);
+    // The old ranks are told to stop.
+    for w in [&mut old0, &mut old1] {
+        let stop = w.stop().await;
+        assert_eq!(stop.attempt, 1);
+        assert!(stop.reason.contains("stale attempt"), "{}", stop.reason);
+    }
+
+    let metrics_before = env.count("SELECT count(*) FROM metrics").await;
+    let events_before = env.count("SELECT count(*) FROM job_events").await;
+    let acked_before = env
+        .count("SELECT sum(acked_seq)::bigint FROM workers")
+        .await;
+
+    // ReportEvents with the old attempt: refused, naming job and attempts.
+    let ev = old0.event(&job.id, 1, a0.rank, metrics(50, 1.0));
+    assert_code(
+        old0.report(vec![ev]).await,
+        Code::FailedPrecondition,
+        &format!("stale attempt: job {} is at attempt 2, got 1", job.id),
+    );
+    // Attempt 0 (never valid) and a future attempt too.
+    for attempt in [0, 3] {
+        let ev = new0.event(&job.id, attempt, b0.rank, metrics(50, 1.0));
+        assert_code(
+            new0.report(vec![ev]).await,
+            Code::FailedPrecondition,
+            "stale attempt",
+        );
+    }
+    // One stale event refuses the whole batch, valid events included.
+    let good = new0.event(&job.id, 2, b0.rank, metrics(50, 1.0));
+    let stale = new0.event(&job.id, 1, b0.rank, metrics(60, 1.0));
+    assert_code(
+        new0.report(vec![good, stale]).await,
+        Code::FailedPrecondition,
+        "got 1",
+    );
+    // A rank of the current attempt that belongs to another worker.
+    let other = new0.event(&job.id, 2, b1.rank, metrics(50, 1.0));
+    assert_code(
+        new0.report(vec![other]).await,
+        Code::FailedPrecondition,
+        "not assigned",
+    );
+    // An unknown job.
+    let unknown = new0.event(&Uuid::now_v7().to_string(), 1, 0, metrics(50, 1.0));
+    assert_code(
+        new0.report(vec![unknown]).await,
+        Code::FailedPrecondition,
+        "does not exist",
+    );
+
+    // PublishRendezvous with the old attempt, from the old and from the new rank 0.
+    let (rank0_old, rank0_new) = (
+        if a0.rank == 0 { &mut old0 } else { &mut old1 },
+        if b0.rank == 0 {
+            new0.id.clone()
+        } else {
+            new1.id.clone()
+        },
+    );
+    let publish = |worker: &str, attempt: u32| pb::PublishRendezvousRequest {
+        worker_id: worker.into(),
+        job_id: job.id.clone(),
+        attempt,
+        endpoint: Some(pb::publish_rendezvous_request::Endpoint::NcclUniqueId(
+            vec![7; 128],
+        )),
+    };
+    let old_id = rank0_old.id.clone();
+    assert_code(
+        rank0_old
+            .client
+            .publish_rendezvous(publish(&old_id, 1))
+            .await,
+        Code::FailedPrecondition,
+        "stale attempt: job",
+    );
+    let mut client = env.workers().await;
+    assert_code(
+        client.publish_rendezvous(publish(&rank0_new, 1)).await,
+        Code::FailedPrecondition,
+        "is at attempt 2, got 1",
+    );
+    assert_code(
+        client
+            .await_rendezvous(pb::AwaitRendezvousRequest {
+                worker_id: rank0_new.clone(),
+                job_id: job.id.clone(),
+                attempt: 1,
+                timeout_seconds: 1,
+            })
+            .await,
+        Code::FailedPrecondition,
+        "stale attempt",
+    );
+
+    // Nothing was written by any refused call.
+    assert_eq!(
+        env.count("SELECT count(*) FROM metrics").await,
+        metrics_before
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM job_events").await,
+        events_before
+    );
+    assert_eq!(
+        env.count("SELECT sum(acked_seq)::bigint FROM workers")
+            .await,
+        acked_before
+    );
+    assert_eq!(
+        env.count(&format!(
+            "SELECT count(*) FROM attempts WHERE job_id = '{id}' AND rendezvous IS NOT NULL"
+        ))
+        .await,
+        0
+    );
+
+    // The current attempt works, and the heartbeat tells the old workers to stop.
+    client
+        .publish_rendezvous(publish(&rank0_new, 2))
+        .await
+        .expect("current attempt publishes");
+    let running = pb::RunningTrainer {
+        job_id: job.id.clone(),
+        attempt: 1,
+        rank: a0.rank,
+    };
+    assert_eq!(
+        old0.heartbeat(vec![running.clone()]).await.stop,
+        vec![running]
+    );
+    let ok = new0.event(&job.id, 2, b0.rank, metrics(50, 1.0));
+    new0.report(vec![ok])
+        .await
+        .expect("current attempt reports");
+
+    // The old daemons stop their trainers; `finished` of a stale attempt is refused like any
+    // other event, so the next heartbeat without the trainer is what frees them.
+    let fin = old1.event(
+        &job.id,
+        1,
+        a1.rank,
+        Payload::Finished(pb::AttemptFinished {
+            outcome: pb::Outcome::Canceled as i32,
+            reason: String::new(),
+        }),
+    );
+    assert_code(
+        old1.report(vec![fin]).await,
+        Code::FailedPrecondition,
+        "stale",
+    );
+    assert_eq!(
+        env.list_workers().await[&old1.id].state(),
+        pb::WorkerState::Busy
+    );
+    for w in [&mut old0, &mut old1] {
+        assert!(w.heartbeat(vec![]).await.stop.is_empty());
+    }
+    let ws = env.list_workers().await;
+    assert_eq!(ws[&old0.id].state(), pb::WorkerState::Idle);
+    assert_eq!(ws[&old1.id].state(), pb::WorkerState::Idle);
+    assert_eq!(
+        env.count(&format!(
+            "SELECT count(*) FROM attempts WHERE job_id = '{id}' AND attempt = 1 AND state = 'CANCELED'"
+        ))
+        .await,
+        1
+    );
+    assert_eq!(env.job(&job.id).await.state(), pb::JobState::Scheduled);
+}
+
+#[tokio::test]
+async fn a_resent_batch_is_stored_once() {
+    let env = Env::start().await;
+    let mut w = env.worker("solo", 0).await;
+    let job = env.submit("resend", 1).await;
+    let a = w.start().await;
+    let id = Uuid::parse_str(&job.id).unwrap();
+    let batch = vec![
+        w.event(&job.id, 1, 0, Payload::Started(pb::AttemptStarted {})),
+        w.event(&job.id, 1, 0, metrics(50, 2.0)),
+        w.event(&job.id, 1, 0, metrics(100, 1.0)),
+    ];
+    assert_eq!(w.report(batch.clone()).await.expect("first").acked_seq, 3);
+    assert_eq!(env.job(&job.id).await.state(), pb::JobState::Running);
+    let metric_rows = format!("SELECT count(*) FROM metrics WHERE job_id = '{id}'");
+    let metric_events =
+        format!("SELECT count(*) FROM job_events WHERE job_id = '{id}' AND kind = 'metrics'");
+    let all_events = format!("SELECT count(*) FROM job_events WHERE job_id = '{id}'");
+    assert_eq!(env.count(&metric_rows).await, 4);
+    assert_eq!(env.count(&metric_events).await, 2);
+    let events = env.count(&all_events).await;
+
+    // The acknowledgement was lost: the daemon resends the same batch.
+    assert_eq!(w.report(batch.clone()).await.expect("resend").acked_seq, 3);
+    assert_eq!(env.count(&metric_rows).await, 4);
+    assert_eq!(env.count(&all_events).await, events);
+    assert_eq!(env.job(&job.id).await.state(), pb::JobState::Running);
+
+    // A batch overlapping the acknowledged part stores only the new events.
+    let mut overlap = vec![batch[2].clone()];
+    overlap.push(w.event(&job.id, 1, 0, metrics(150, 0.5)));
+    assert_eq!(w.report(overlap).await.expect("overlap").acked_seq, 4);
+    assert_eq!(env.count(&metric_rows).await, 6);
+    assert_eq!(env.count(&metric_events).await, 3);
+
+    // The same points under a new number (a daemon that lost its outbox state) stay single.
+    let dup = w.event(&job.id, 1, 0, metrics(150, 0.5));
+    assert_eq!(w.report(vec![dup]).await.expect("dup").acked_seq, 5);
+    assert_eq!(env.count(&metric_rows).await, 6);
+    assert_eq!(env.count(&metric_events).await, 3);
+
+    // The acknowledged sequence survives a re-registration (and a coordinator restart).
+    let again = env
+        .workers()
+        .await
+        .register(pb::RegisterRequest {
+            host: "solo".into(),
+            gpu_index: 0,
+            running: vec![pb::RunningTrainer {
+                job_id: a.job_id.clone(),
+                attempt: 1,
+                rank: 0,
+            }],
+            ..Default::default()
+        })
+        .await
+        .expect("re-register")
+        .into_inner();
+    assert_eq!(again.acked_seq, 5);
+    assert_eq!(again.worker_id, w.id);
+    assert_eq!(
+        env.list_workers().await[&w.id].state(),
+        pb::WorkerState::Busy
+    );
+}
+
+#[tokio::test]
+async fn a_restarted_daemon_gets_unstarted_work_again_and_fails_lost_trainers() {
+    let env = Env::start().await;
+    let mut w0 = env.worker("host-a", 0).await;
+    let mut w1 = env.worker("host-a", 1).await;
+    let job = env.submit("restarts", 2).await;
+    let (a0, a1) = (w0.start().await, w1.start().await);
+
+    // A reconnect re-sends the start of a rank not yet started.
+    w0.open_stream().await;
+    let again = w0.start().await;
+    assert_eq!(
+        (again.job_id.as_str(), again.rank),
+        (a0.job_id.as_str(), a0.rank)
+    );
+    // A daemon restart (register without that trainer) keeps an unstarted rank, too.
+    let mut w0b = env.worker("host-a", 0).await;
+    assert_eq!(w0b.id, w0.id);
+    assert_eq!(w0b.start().await.rank, a0.rank);
+    assert_eq!(
+        env.list_workers().await[&w0.id].state(),
+        pb::WorkerState::Busy
+    );
+
+    // A started rank whose trainer vanished with its daemon fails the attempt.
+    w1.started(&a1).await;
+    let _w1b = env.worker("host-a", 1).await;
+    let failed = env.job(&job.id).await;
+    assert_eq!(failed.state(), pb::JobState::Failed);
+    assert!(failed.reason.contains("re-registered"), "{}", failed.reason);
+    assert_eq!(
+        env.list_workers().await[&w1.id].state(),
+        pb::WorkerState::Idle
+    );
+    // Rank 0 is told to stop.
+    let stop = w0b.stop().await;
+    assert_eq!(stop.rank, a0.rank);
+}
+
+#[tokio::test]
+async fn invalid_fields_are_rejected_naming_the_field() {
+    let env = Env::start().await;
+    // Served on the same port, and reported SERVING.
+    let health = HealthClient::new(env.coord.channel().await)
+        .check(HealthCheckRequest {
+            service: "segtrain.v1.WorkerService".into(),
+        })
+        .await
+        .expect("health check")
+        .into_inner();
+    assert_eq!(health.status, ServingStatus::Serving as i32);
+    let mut c = env.workers().await;
+    let reg = |host: &str, gpu: i32| pb::RegisterRequest {
+        host: host.into(),
+        gpu_index: gpu,
+        gpu_name: "H100".into(),
+        gpu_memory_bytes: 80 << 30,
+        running: vec![],
+    };
+    let long = "h".repeat(256);
+    let cases: Vec<(pb::RegisterRequest, &str)> = vec![
+        (reg("", 0), "host"),
+        (reg(&long, 0), "host"),
+        (reg("two words", 0), "host"),
+        (reg("h\n", 0), "host"),
+        (reg("h", -2), "gpu_index"),
+        (reg("h", 1024), "gpu_index"),
+        (
+            pb::RegisterRequest {
+                gpu_name: "g".repeat(256),
+                ..reg("h", 0)
+            },
+            "gpu_name",
+        ),
+        (
+            pb::RegisterRequest {
+                gpu_memory_bytes: u64::MAX,
+                ..reg("h", 0)
+            },
+            "gpu_memory_bytes",
+        ),
+        (
+            pb::RegisterRequest {
+                running: vec![pb::RunningTrainer {
+                    job_id: "nope".into(),
+                    attempt: 1,
+                    rank: 0,
+                }],
+                ..reg("h", 0)
+            },
+            "running[0].job_id",
+        ),
+        (
+            pb::RegisterRequest {
+                running: vec![pb::RunningTrainer {
+                    job_id: Uuid::now_v7().to_string(),
+                    attempt: 0,
+                    rank: 0,
+                }],
+                ..reg("h", 0)
+            },
+            "running[0].attempt",
+        ),
+    ];
+    for (req, field) in cases {
+        let e = c.register(req.clone()).await.expect_err("invalid register");
+        assert_eq!(e.code(), Code::InvalidArgument, "{req:?}: {}", e.message());
+        assert!(e.message().starts_with(field), "{field}: {}", e.message());
+    }
+    assert_eq!(env.count("SELECT count(*) FROM workers").await, 0);
+    // The edges of the ranges are fine.
+    c.register(reg(&"h".repeat(255), -1))
+        .await
+        .expect("255 chars, CPU");
+    let w = c
+        .register(reg("h", 1023))
+        .await
+        .expect("gpu 1023")
+        .into_inner();
+    assert_eq!(w.lease_seconds, 300);
+
+    // Heartbeat and AwaitAssignment: malformed and unknown ids.
+    assert_code(
+        c.heartbeat(pb::HeartbeatRequest {
+            worker_id: "x".into(),
+            running: vec![],
+        })
+        .await,
+        Code::InvalidArgument,
+        "worker_id",
+    );
+    assert_code(
+        c.heartbeat(pb::HeartbeatRequest {
+            worker_id: Uuid::now_v7().to_string(),
+            running: vec![],
+        })
+        .await,
+        Code::NotFound,
+        "register again",
+    );
+    let hb = c
+        .heartbeat(pb::HeartbeatRequest {
+            worker_id: w.worker_id.clone(),
+            running: vec![],
+        })
+        .await
+        .expect("heartbeat")
+        .into_inner();
+    assert!(hb.lease_until.expect("lease").seconds > 0);
+    assert_code(
+        c.await_assignment(pb::AwaitAssignmentRequest {
+            worker_id: Uuid::now_v7().to_string(),
+        })
+        .await,
+        Code::NotFound,
+        "not found",
+    );
+
+    // ReportEvents: every event field.
+    let job = env.submit("validation", 1).await;
+    let ev = |seq: u64, payload: Option<Payload>| pb::WorkerEvent {
+        seq,
+        job_id: job.id.clone(),
+        attempt: 1,
+        rank: 0,
+        time: None,
+        payload,
+    };
+    let started = Some(Payload::Started(pb::AttemptStarted {}));
+    let bad_events: Vec<(pb::WorkerEvent, &str)> = vec![
+        (ev(0, started.clone()), "events[0].seq"),
+        (
+            pb::WorkerEvent {
+                job_id: "nope".into(),
+                ..ev(1, started.clone())
+            },
+            "events[0].job_id",
+        ),
+        (
+            pb::WorkerEvent {
+                rank: 5000,
+                ..ev(1, started.clone())
+            },
+            "events[0].rank",
+        ),
+        (ev(1, None), "events[0].payload"),
+        (
+            ev(
+                1,
+                Some(Payload::Metrics(pb::MetricsReport {
+                    iteration: 1,
+                    values: HashMap::from([(String::new(), 1.0)]),
+                })),
+            ),
+            "events[0].metrics.values",
+        ),
+        (
+            ev(
+                1,
+                Some(Payload::Metrics(pb::MetricsReport {
+                    iteration: u64::MAX,
+                    values: HashMap::new(),
+                })),
+            ),
+            "events[0].metrics.iteration",
+        ),
+        (
+            ev(
+                1,
+                Some(Payload::Eval(pb::EvalReport {
+                    iteration: 1,
+                    miou: f64::NAN,
+                    ..Default::default()
+                })),
+            ),
+            "events[0].eval.miou",
+        ),
+        (
+            ev(
+                1,
+                Some(Payload::Checkpoint(pb::CheckpointReport {
+                    checkpoint: None,
+                })),
+            ),
+            "events[0].checkpoint",
+        ),
+        (
+            ev(
+                1,
+                Some(Payload::Checkpoint(pb::CheckpointReport {
+                    checkpoint: Some(pb::Checkpoint {
+                        iteration: 1,
+                        uri: "file:///c".into(),
+                        sha256: "xyz".into(),
+                        ..Default::default()
+                    }),
+                })),
+            ),
+            "events[0].checkpoint.sha256",
+        ),
+        (
+            ev(
+                1,
+                Some(Payload::Checkpoint(pb::CheckpointReport {
+                    checkpoint: Some(pb::Checkpoint {
+                        iteration: 1,
+                        ..Default::default()
+                    }),
+                })),
+            ),
+            "events[0].checkpoint.uri",
+        ),
+        (
+            ev(
+                1,
+                Some(Payload::Finished(pb::AttemptFinished {
+                    outcome: 0,
+                    reason: String::new(),
+                })),
+            ),
+            "events[0].finished.outcome",
+        ),
+        (
+            ev(
+                1,
+                Some(Payload::Finished(pb::AttemptFinished {
+                    outcome: 99,
+                    reason: String::new(),
+                })),
+            ),
+            "events[0].finished.outcome",
+        ),
+        (
+            ev(
+                1,
+                Some(Payload::Note(pb::Note {
+                    text: String::new(),
+                })),
+            ),
+            "events[0].note.text",
+        ),
+    ];
+    for (e, field) in bad_events {
+        let r = c
+            .report_events(pb::ReportEventsRequest {
+                worker_id: w.worker_id.clone(),
+                events: vec![e.clone()],
+            })
+            .await;
+        let err = r.expect_err("invalid event");
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{e:?}: {}",
+            err.message()
+        );
+        assert!(
+            err.message().starts_with(field),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    // The second event is the bad one: its index is named.
+    let err = c
+        .report_events(pb::ReportEventsRequest {
+            worker_id: w.worker_id.clone(),
+            events: vec![ev(1, started.clone()), ev(2, None)],
+        })
+        .await
+        .expect_err("second event invalid");
+    assert!(
+        err.message().starts_with("events[1].payload"),
+        "{}",
+        err.message()
+    );
+    assert_code(
+        c.report_events(pb::ReportEventsRequest {
+            worker_id: "x".into(),
+            events: vec![],
+        })
+        .await,
+        Code::InvalidArgument,
+        "worker_id",
+    );
+    assert_code(
+        c.report_events(pb::ReportEventsRequest {
+            worker_id: Uuid::now_v7().to_string(),
+            events: vec![ev(1, started.clone())],
+        })
+        .await,
+        Code::NotFound,
+        "worker",
+    );
+
+    // Rendezvous fields.
+    let publish = |endpoint| pb::PublishRendezvousRequest {
+        worker_id: w.worker_id.clone(),
+        job_id: job.id.clone(),
+        attempt: 1,
+        endpoint,
+    };
+    use pb::publish_rendezvous_request::Endpoint;
+    for (req, field) in [
+        (publish(None), "endpoint"),
+        (
+            publish(Some(Endpoint::NcclUniqueId(vec![1; 5]))),
+            "nccl_unique_id",
+        ),
+        (
+            publish(Some(Endpoint::TcpAddress("nope".into()))),
+            "tcp_address",
+        ),
+        (
+            publish(Some(Endpoint::TcpAddress("h:0".into()))),
+            "tcp_address",
+        ),
+        (
+            publish(Some(Endpoint::TcpAddress("h:99999".into()))),
+            "tcp_address",
+        ),
+        (
+            pb::PublishRendezvousRequest {
+                job_id: "nope".into(),
+                ..publish(Some(Endpoint::TcpAddress("h:1".into())))
+            },
+            "job_id",
+        ),
+        (
+            pb::PublishRendezvousRequest {
+                worker_id: "nope".into(),
+                ..publish(Some(Endpoint::TcpAddress("h:1".into())))
+            },
+            "worker_id",
+        ),
+    ] {
+        let e = c
+            .publish_rendezvous(req)
+            .await
+            .expect_err("invalid publish");
+        assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+        assert!(e.message().starts_with(field), "{field}: {}", e.message());
+    }
+    for t in [0, 601] {
+        assert_code(
+            c.await_rendezvous(pb::AwaitRendezvousRequest {
+                worker_id: w.worker_id.clone(),
+                job_id: job.id.clone(),
+                attempt: 1,
+                timeout_seconds: t,
+            })
+            .await,
+            Code::InvalidArgument,
+            "timeout_seconds",
+        );
+    }
+    assert_eq!(
+        env.count("SELECT count(*) FROM job_events WHERE kind <> 'state_change'")
+            .await,
+        0
+    );
+    assert_eq!(env.count("SELECT max(acked_seq) FROM workers").await, 0);
+}
+
+#[tokio::test]
+async fn await_rendezvous_times_out_with_deadline_exceeded() {
+    let env = Env::start().await;
+    let mut w0 = env.worker("host-a", 0).await;
+    let mut w1 = env.worker("host-a", 1).await;
+    let job = env.submit("slow-rank0", 2).await;
+    let (a0, a1) = (w0.start().await, w1.start().await);
+    let waiter = if a0.rank == 1 { &w0 } else { &w1 };
+    let _ = a1;
+    let t = std::time::Instant::now();
+    assert_code(
+        env.workers()
+            .await
+            .await_rendezvous(pb::AwaitRendezvousRequest {
+                worker_id: waiter.id.clone(),
+                job_id: job.id.clone(),
+                attempt: 1,
+                timeout_seconds: 1,
+            })
+            .await,
+        Code::DeadlineExceeded,
+        "did not publish",
+    );
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+}
+
+#[tokio::test]
+async fn cancel_before_any_rank_started_ends_once_the_daemons_drop_it() {
+    let env = Env::start().await;
+    let mut w0 = env.worker("host-a", 0).await;
+    let mut w1 = env.worker("host-a", 1).await;
+    let job = env.submit("never-started", 2).await;
+    let (a0, a1) = (w0.start().await, w1.start().await);
+    assert_eq!(env.job(&job.id).await.state(), pb::JobState::Scheduled);
+    env.jobs()
+        .await
+        .cancel_job(pb::CancelJobRequest {
+            job_id: job.id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .expect("cancel");
+    assert_eq!(env.job(&job.id).await.state(), pb::JobState::Canceling);
+    // The stop names the rank, so a daemon that never started the trainer can answer it.
+    let (s0, s1) = (w0.stop().await, w1.stop().await);
+    assert_eq!((s0.rank, s1.rank), (a0.rank, a1.rank));
+    assert_eq!(s0.reason, "canceled by user");
+    // One daemon reports the rank finished, the other simply no longer lists it.
+    w0.finished(&job.id, 1, a0.rank, pb::Outcome::Canceled)
+        .await;
+    assert_eq!(env.job(&job.id).await.state(), pb::JobState::Canceling);
+    assert!(w1.heartbeat(vec![]).await.stop.is_empty());
+    assert_eq!(env.job(&job.id).await.state(), pb::JobState::Canceled);
+    let ws = env.list_workers().await;
+    assert!(ws.values().all(|w| w.state() == pb::WorkerState::Idle));
+}

@@ -1,0 +1,272 @@
+//! One trainer child process: `segtrain-worker train --json ...` for one rank of one attempt.
+//! Its stdout is a stream of JSON events (see `train::report::event_json`) that become
+//! `segtrain.v1.WorkerEvent`s; a crash or hang of the child never takes the daemon down.
+
+use base64::Engine;
+use segtrain_proto::v1 as pb;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use tokio::process::{Child, Command};
+
+/// Identifies one rank of one attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RankKey {
+    pub job_id: String,
+    pub attempt: u32,
+    pub rank: u32,
+}
+
+impl RankKey {
+    pub fn of(a: &pb::Assignment) -> RankKey {
+        RankKey {
+            job_id: a.job_id.clone(),
+            attempt: a.attempt,
+            rank: a.rank,
+        }
+    }
+
+    pub fn to_proto(&self) -> pb::RunningTrainer {
+        pb::RunningTrainer {
+            job_id: self.job_id.clone(),
+            attempt: self.attempt,
+            rank: self.rank,
+        }
+    }
+
+    /// The token peers of this attempt share, so a stale peer cannot join a new attempt.
+    pub fn token(&self) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in self.job_id.bytes().chain(self.attempt.to_le_bytes()) {
+            h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+        h >> 1 // fits an i64 for the CLI
+    }
+}
+
+/// What the trainer said, translated.
+#[derive(Debug)]
+pub enum Parsed {
+    Event(pb::worker_event::Payload),
+    Rendezvous(pb::publish_rendezvous_request::Endpoint),
+    /// A line the daemon does not forward (e.g. "finished": the exit status decides the outcome).
+    Ignored,
+}
+
+fn num(v: &serde_json::Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+fn values(v: &serde_json::Value) -> HashMap<String, f64> {
+    v.as_object()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), num(v))).collect())
+        .unwrap_or_default()
+}
+
+/// Parses one stdout line of `train --json`.
+pub fn parse_line(line: &str, job_id: &str, attempt: u32) -> Result<Parsed, String> {
+    use pb::worker_event::Payload;
+    let v: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| format!("not a JSON event ({e}): {line}"))?;
+    let it = v["iteration"].as_u64().unwrap_or(0);
+    Ok(match v["event"].as_str().unwrap_or("") {
+        "started" => Parsed::Event(Payload::Started(pb::AttemptStarted {})),
+        "metrics" => Parsed::Event(Payload::Metrics(pb::MetricsReport {
+            iteration: it,
+            values: values(&v["values"]),
+        })),
+        "eval" => Parsed::Event(Payload::Eval(pb::EvalReport {
+            iteration: it,
+            miou: num(&v["miou"]),
+            aacc: num(&v["aacc"]),
+            loss: num(&v["loss"]),
+            class_iou: v["class_iou"]
+                .as_array()
+                .map(|a| a.iter().map(num).collect())
+                .unwrap_or_default(),
+        })),
+        "checkpoint" => Parsed::Event(Payload::Checkpoint(pb::CheckpointReport {
+            checkpoint: Some(pb::Checkpoint {
+                job_id: job_id.to_string(),
+                attempt,
+                iteration: it,
+                uri: v["uri"].as_str().unwrap_or_default().to_string(),
+                bytes: v["bytes"].as_u64().unwrap_or(0),
+                sha256: v["sha256"].as_str().unwrap_or_default().to_string(),
+                state: pb::CheckpointState::Complete as i32,
+                metrics: values(&v["metrics"]),
+                created_at: None,
+            }),
+        })),
+        "rendezvous" => {
+            if let Some(addr) = v["tcp_address"].as_str() {
+                Parsed::Rendezvous(pb::publish_rendezvous_request::Endpoint::TcpAddress(
+                    addr.to_string(),
+                ))
+            } else if let Some(id) = v["nccl_unique_id"].as_str() {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(id)
+                    .map_err(|e| format!("bad nccl_unique_id: {e}"))?;
+                Parsed::Rendezvous(pb::publish_rendezvous_request::Endpoint::NcclUniqueId(
+                    bytes,
+                ))
+            } else {
+                return Err(format!("rendezvous event without an endpoint: {line}"));
+            }
+        }
+        _ => Parsed::Ignored,
+    })
+}
+
+/// How a trainer is started.
+pub struct Launch<'a> {
+    pub exe: &'a Path,
+    pub assignment: &'a pb::Assignment,
+    pub spec: &'a segtrain_spec::JobSpec,
+    pub work_dir: &'a Path,
+    /// None: CPU.
+    pub gpu: Option<u32>,
+    /// For ranks > 0: the endpoint rank 0 published.
+    pub rendezvous: Option<pb::await_rendezvous_response::Endpoint>,
+    /// Host other ranks can reach rank 0's TCP listener on.
+    pub advertise_host: &'a str,
+    pub torch_threads: Option<u32>,
+}
+
+/// Writes the job file and starts the child. Its stderr goes to `<work_dir>/trainer.log`.
+pub fn spawn(l: &Launch<'_>) -> anyhow::Result<(Child, PathBuf)> {
+    use anyhow::Context;
+    let a = l.assignment;
+    let key = RankKey::of(a);
+    std::fs::create_dir_all(l.work_dir)
+        .with_context(|| format!("cannot create {}", l.work_dir.display()))?;
+    let config = l.work_dir.join("job.toml");
+    std::fs::write(&config, l.spec.to_toml())
+        .with_context(|| format!("cannot write {}", config.display()))?;
+    let log = l.work_dir.join("trainer.log");
+    let stderr =
+        std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+    let checkpoint_dir =
+        crate::train::trainer::local_path("checkpoint_root", &l.spec.checkpoint_root)?
+            .join(&a.job_id);
+
+    let rendezvous = match (&l.rendezvous, a.rank, l.gpu) {
+        (_, _, _) if a.world_size == 1 => "single".to_string(),
+        (None, 0, None) => format!("tcp-listen:{}:0", l.advertise_host),
+        (None, 0, Some(_)) => "nccl-create".to_string(),
+        (Some(pb::await_rendezvous_response::Endpoint::TcpAddress(addr)), _, _) => {
+            format!("tcp:{addr}")
+        }
+        (Some(pb::await_rendezvous_response::Endpoint::NcclUniqueId(id)), _, _) => {
+            format!(
+                "nccl:{}",
+                base64::engine::general_purpose::STANDARD.encode(id)
+            )
+        }
+        (None, _, _) => anyhow::bail!("rank {} needs rank 0's rendezvous endpoint", a.rank),
+    };
+    let mut cmd = Command::new(l.exe);
+    cmd.arg("train")
+        .arg("--config")
+        .arg(&config)
+        .arg("--json")
+        .arg("--rank")
+        .arg(a.rank.to_string())
+        .arg("--world")
+        .arg(a.world_size.to_string())
+        .arg("--rendezvous")
+        .arg(&rendezvous)
+        .arg("--rendezvous-token")
+        .arg(key.token().to_string())
+        .arg("--checkpoint-dir")
+        .arg(&checkpoint_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .kill_on_drop(true);
+    if let Some(n) = l.torch_threads {
+        // libtorch's intra-op pool reads these at start.
+        cmd.env("OMP_NUM_THREADS", n.to_string())
+            .env("MKL_NUM_THREADS", n.to_string());
+    }
+    if !a.resume_from.is_empty() {
+        cmd.arg("--resume-from").arg(&a.resume_from);
+    }
+    match l.gpu {
+        // One process per GPU: the trainer always sees its GPU as device 0.
+        Some(g) => {
+            cmd.env("CUDA_VISIBLE_DEVICES", g.to_string())
+                .arg("--device")
+                .arg("cuda");
+        }
+        None => {
+            cmd.arg("--device").arg("cpu");
+        }
+    }
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {}", l.exe.display()))?;
+    Ok((child, log))
+}
+
+/// The last lines of a trainer's log: the reason of a failure.
+pub fn log_tail(log: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    all[all.len().saturating_sub(lines)..].join(" | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_event_kind() {
+        let p = |l: &str| parse_line(l, "job", 2).expect("parses");
+        assert!(matches!(
+            p(r#"{"event":"started","start_iteration":0}"#),
+            Parsed::Event(pb::worker_event::Payload::Started(_))
+        ));
+        match p(r#"{"event":"metrics","iteration":50,"values":{"loss":0.5,"lr":null}}"#) {
+            Parsed::Event(pb::worker_event::Payload::Metrics(m)) => {
+                assert_eq!(m.iteration, 50);
+                assert_eq!(m.values["loss"], 0.5);
+                assert!(m.values["lr"].is_nan());
+            }
+            other => panic!("{other:?}"),
+        }
+        match p(
+            r#"{"event":"checkpoint","iteration":100,"uri":"/c/ckpt-00000100","bytes":7,"sha256":"ab","metrics":{"miou":0.5}}"#,
+        ) {
+            Parsed::Event(pb::worker_event::Payload::Checkpoint(c)) => {
+                let c = c.checkpoint.expect("checkpoint");
+                assert_eq!((c.iteration, c.bytes, c.attempt), (100, 7, 2));
+                assert_eq!(c.uri, "/c/ckpt-00000100");
+            }
+            other => panic!("{other:?}"),
+        }
+        match p(r#"{"event":"rendezvous","tcp_address":"10.0.0.1:4000"}"#) {
+            Parsed::Rendezvous(pb::publish_rendezvous_request::Endpoint::TcpAddress(a)) => {
+                assert_eq!(a, "10.0.0.1:4000")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            p(r#"{"event":"finished","iteration":5}"#),
+            Parsed::Ignored
+        ));
+        assert!(parse_line("not json", "job", 1).is_err());
+    }
+
+    #[test]
+    fn tokens_differ_per_attempt() {
+        let k = |a| RankKey {
+            job_id: "j".into(),
+            attempt: a,
+            rank: 0,
+        };
+        assert_ne!(k(1).token(), k(2).token());
+        assert_eq!(k(1).token(), k(1).token());
+        assert!(k(1).token() <= i64::MAX as u64);
+    }
+}
