@@ -97,13 +97,36 @@ pub fn slide_logits(
     acc / count
 }
 
-/// Evaluates `model` in eval mode over `samples`, accumulating one confusion matrix.
-pub fn evaluate<I>(
+/// What evaluation adds up: one confusion matrix, the sum of per-image losses, the image count.
+/// Ranks of a distributed evaluation each add up their shard; the sums then add across ranks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalTotals {
+    pub cm: ConfusionMatrix,
+    pub loss_sum: f64,
+    pub images: usize,
+}
+
+impl EvalTotals {
+    pub fn result(&self) -> EvalResult {
+        EvalResult {
+            metrics: self.cm.metrics(),
+            loss: if self.images == 0 {
+                0.0
+            } else {
+                self.loss_sum / self.images as f64
+            },
+            images: self.images,
+        }
+    }
+}
+
+/// Runs `model` in eval mode over `samples` and adds up their totals.
+pub fn accumulate<I>(
     model: &SegFormer,
     samples: I,
     device: Device,
     cfg: &EvalConfig,
-) -> anyhow::Result<EvalResult>
+) -> anyhow::Result<EvalTotals>
 where
     I: IntoIterator<Item = anyhow::Result<EvalSample>>,
 {
@@ -132,16 +155,24 @@ where
         }
         Ok(())
     })?;
-    let loss = if images == 0 {
-        0.0
-    } else {
-        f64::try_from(&loss_sum)? / images as f64
-    };
-    Ok(EvalResult {
-        metrics: cm.metrics(),
-        loss,
+    Ok(EvalTotals {
+        cm,
+        loss_sum: f64::try_from(&loss_sum)?,
         images,
     })
+}
+
+/// Evaluates `model` in eval mode over `samples`: one dataset-level confusion matrix.
+pub fn evaluate<I>(
+    model: &SegFormer,
+    samples: I,
+    device: Device,
+    cfg: &EvalConfig,
+) -> anyhow::Result<EvalResult>
+where
+    I: IntoIterator<Item = anyhow::Result<EvalSample>>,
+{
+    Ok(accumulate(model, samples, device, cfg)?.result())
 }
 
 #[cfg(test)]

@@ -16,9 +16,8 @@
 //! [`Single`] and skips every collective.
 
 use super::checkpoint::{self, Saved};
-use super::eval::{evaluate, normalise, slide_logits, window_logits, EvalConfig, EvalResult};
+use super::eval::{accumulate, evaluate, normalise, EvalConfig, EvalResult};
 use super::loss::segmentation_loss;
-use super::metrics::ConfusionMatrix;
 use crate::collective::nccl::NcclCollective;
 use crate::collective::tcp::{TcpCollective, TcpRendezvous};
 use crate::collective::{Collective, Single, Timeouts};
@@ -33,7 +32,7 @@ use crate::model::{weights, SegFormer, SegFormerConfig};
 use crate::optim::adamw::AdamWConfig;
 use crate::optim::{FlatAdamW, LrSchedule};
 use anyhow::{bail, Context};
-use segtrain_spec::{EvalMode, JobSpec, Precision};
+use segtrain_spec::{JobSpec, Precision};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -363,50 +362,23 @@ fn evaluate_shard(
         .step_by(comm.world())
         .cloned()
         .collect();
-    let k = model.config.num_classes;
-    let mut cm = ConfusionMatrix::new(k as usize);
-    let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
-    let mut images = 0usize;
-    // The same per-image work as `eval::evaluate`.
-    tch::no_grad(|| -> anyhow::Result<()> {
-        for sample in eval_samples(&shard) {
-            let s = sample?;
-            let (h, w) = (s.height as i64, s.width as i64);
-            let img =
-                Tensor::from_data_size(&s.image, &[1, h, w, 3], Kind::Uint8).to_device(device);
-            let label = Tensor::from_data_size(&s.label, &[1, h, w], Kind::Uint8)
-                .to_device(device)
-                .to_kind(Kind::Int64);
-            let x = normalise(&img);
-            let logits = match cfg.mode {
-                EvalMode::Whole => window_logits(model, &x, cfg.precision),
-                EvalMode::Slide => slide_logits(model, &x, k, cfg.crop, cfg.stride, cfg.precision),
-            };
-            loss_sum += segmentation_loss(&logits, &label);
-            cm.update(&logits.argmax(1, false), &label);
-            images += 1;
-        }
-        Ok(())
-    })?;
-    let counts: Vec<i64> = cm.counts.iter().map(|&c| c as i64).collect();
+    let mut totals = accumulate(
+        model,
+        eval_samples(&shard).map(|r| r.map_err(anyhow::Error::from)),
+        device,
+        cfg,
+    )?;
+    let counts: Vec<i64> = totals.cm.counts.iter().map(|&c| c as i64).collect();
     let mut counts = Tensor::from_slice(&counts).to_device(device);
     comm.all_reduce_sum(&mut counts)?;
-    let mut sums =
-        Tensor::from_slice(&[f64::try_from(&loss_sum)?, images as f64]).to_device(device);
+    let mut sums = Tensor::from_slice(&[totals.loss_sum, totals.images as f64]).to_device(device);
     comm.all_reduce_sum(&mut sums)?;
     let counts = Vec::<i64>::try_from(counts.to_device(Device::Cpu))?;
-    cm.counts = counts.into_iter().map(|c| c as u64).collect();
+    totals.cm.counts = counts.into_iter().map(|c| c as u64).collect();
     let sums = Vec::<f64>::try_from(sums.to_device(Device::Cpu))?;
-    let images = sums[1].round() as usize;
-    Ok(EvalResult {
-        metrics: cm.metrics(),
-        loss: if images == 0 {
-            0.0
-        } else {
-            sums[0] / images as f64
-        },
-        images,
-    })
+    totals.loss_sum = sums[0];
+    totals.images = sums[1].round() as usize;
+    Ok(totals.result())
 }
 
 /// Runs (or resumes) a job on this rank. Returns after `max_iters` (or `stop_at`).
