@@ -21,8 +21,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Train a job standalone on the CPU or one GPU (no coordinator): the same job file as
-    /// `segtrain submit -f`, with world_size 1.
+    /// Train a job from the same job file `segtrain submit -f` takes: standalone on the CPU or
+    /// one GPU (world_size 1), or as one rank of a distributed job (--rank, --world,
+    /// --rendezvous; the worker daemon starts trainers this way).
     Train(Box<TrainArgs>),
     /// Run the worker daemon for one GPU (or the CPU): register with the coordinator and run the
     /// ranks it assigns, each in a child trainer process.
