@@ -154,10 +154,11 @@ pub fn start(
     })
 }
 
-/// One pass: reap expired leases, then place queued jobs until the head does not fit. Returns
-/// how many jobs were placed.
+/// One pass: reap expired leases, queue again the restarting jobs whose backoff is over, then
+/// place queued jobs until the head does not fit. Returns how many jobs were placed.
 pub async fn pass(store: &Store) -> Result<usize, crate::store::StoreError> {
     store.reap_expired_workers().await?;
+    store.requeue_restarting().await?;
     let mut placed = 0;
     loop {
         match store.schedule_head(place).await? {

@@ -3,7 +3,7 @@
 
 use crate::api::{ClusterApi, EventHub, JobApi, WorkerApi, WorkerApiConfig};
 use crate::scheduler::{self, Hints, SchedulerConfig};
-use crate::store::{Store, StoreError};
+use crate::store::{RestartPolicy, Store, StoreError};
 use segtrain_proto::v1 as pb;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,6 +19,8 @@ pub struct ServerConfig {
     /// Worker leases, stop grace, stream poll interval.
     pub workers: WorkerApiConfig,
     pub scheduler: SchedulerConfig,
+    /// Backoff between a failed attempt and the next.
+    pub restart: RestartPolicy,
 }
 
 impl ServerConfig {
@@ -30,6 +32,7 @@ impl ServerConfig {
             connect_timeout: None,
             workers: WorkerApiConfig::default(),
             scheduler: SchedulerConfig::default(),
+            restart: RestartPolicy::default(),
         }
     }
 }
@@ -59,7 +62,7 @@ pub async fn connect_store(cfg: &ServerConfig) -> anyhow::Result<Store> {
 
 /// Runs the coordinator until `shutdown` resolves.
 pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let store = connect_store(&cfg).await?;
+    let store = connect_store(&cfg).await?.with_restart_policy(cfg.restart);
     store.migrate().await?;
     tracing::info!("database schema is up to date");
 
@@ -81,6 +84,7 @@ pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> any
     health
         .set_serving::<pb::worker_service_server::WorkerServiceServer<WorkerApi>>()
         .await;
+    let db_watch = tokio::spawn(watch_database(store.clone(), health.clone()));
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -119,7 +123,56 @@ pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> any
         )
         .await?;
     scheduler.abort();
+    db_watch.abort();
     store.pool().close().await;
     tracing::info!("coordinator stopped");
     Ok(())
+}
+
+/// Probes PostgreSQL every second. While it does not answer, health reports NOT_SERVING for the
+/// whole server and every service (load balancers and daemons see the outage; RPCs meanwhile
+/// fail with UNAVAILABLE and daemons keep their events until acknowledged); once it answers
+/// again, SERVING. The pool reconnects by itself.
+async fn watch_database(store: Store, health: tonic_health::server::HealthReporter) {
+    use tonic_health::ServingStatus;
+    let mut up = true;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let probe = tokio::time::timeout(
+            Duration::from_secs(3),
+            sqlx::query("SELECT 1").execute(store.pool()),
+        )
+        .await;
+        let ok = matches!(probe, Ok(Ok(_)));
+        if ok == up {
+            continue;
+        }
+        up = ok;
+        let status = if ok {
+            tracing::info!("PostgreSQL answers again; serving");
+            ServingStatus::Serving
+        } else {
+            tracing::warn!("PostgreSQL does not answer; health is NOT_SERVING until it does");
+            ServingStatus::NotServing
+        };
+        health.set_service_status("", status).await;
+        health
+            .set_service_status(
+                <pb::job_service_server::JobServiceServer<JobApi> as tonic::server::NamedService>::NAME,
+                status,
+            )
+            .await;
+        health
+            .set_service_status(
+                <pb::cluster_service_server::ClusterServiceServer<ClusterApi> as tonic::server::NamedService>::NAME,
+                status,
+            )
+            .await;
+        health
+            .set_service_status(
+                <pb::worker_service_server::WorkerServiceServer<WorkerApi> as tonic::server::NamedService>::NAME,
+                status,
+            )
+            .await;
+    }
 }

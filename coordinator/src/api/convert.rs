@@ -28,6 +28,7 @@ pub(crate) fn job(j: &JobRecord) -> pb::Job {
         updated_at: Some(timestamp(j.updated_at)),
         finished_at: j.finished_at.map(timestamp),
         iteration: j.iteration,
+        resumed_from_iteration: j.resumed_from_iteration,
     }
 }
 
@@ -47,6 +48,7 @@ pub(crate) fn checkpoint(c: &CheckpointRecord) -> pb::Checkpoint {
         "PENDING" => pb::CheckpointState::Pending,
         "COMPLETE" => pb::CheckpointState::Complete,
         "DELETED" => pb::CheckpointState::Deleted,
+        "CORRUPT" => pb::CheckpointState::Corrupt,
         _ => pb::CheckpointState::Unspecified,
     };
     pb::Checkpoint {
@@ -109,6 +111,15 @@ pub(crate) fn assignment(a: &RankAssignment) -> pb::Assignment {
         spec: Some(a.spec.to_proto()),
         resume_from: a.resume_uri.clone().unwrap_or_default(),
         resume_iteration: a.resume_iteration,
+        resume_candidates: a
+            .resume_candidates
+            .iter()
+            .map(|c| pb::ResumeCandidate {
+                uri: c.uri.clone(),
+                iteration: c.iteration,
+                sha256: c.sha256.clone(),
+            })
+            .collect(),
     }
 }
 

@@ -24,15 +24,31 @@ pub(crate) fn status_of(e: StoreError) -> Status {
         StoreError::NotFound { .. } => Status::not_found(e.to_string()),
         StoreError::Illegal(t) => Status::failed_precondition(t.to_string()),
         StoreError::Conflict(m) => Status::failed_precondition(m),
-        StoreError::Db(sqlx::Error::PoolTimedOut)
-        | StoreError::Db(sqlx::Error::Io(_))
-        | StoreError::Db(sqlx::Error::PoolClosed) => Status::unavailable(format!(
+        StoreError::Db(ref db) if database_away(db) => Status::unavailable(format!(
             "the coordinator's database is unreachable ({e}); retry later"
         )),
         StoreError::Db(_) | StoreError::Migrate(_) | StoreError::Corrupt(_) => {
             tracing::error!(error = %e, "store error");
             Status::internal(e.to_string())
         }
+    }
+}
+
+/// Errors that mean PostgreSQL is (for now) not there, rather than a bad query: no connection,
+/// the server shutting down (SQLSTATE class 57, e.g. 57P01 admin shutdown), or a connection
+/// exception (class 08). Clients should retry those.
+fn database_away(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(d) => d
+            .code()
+            .is_some_and(|c| c.starts_with("57") || c.starts_with("08")),
+        _ => false,
     }
 }
 

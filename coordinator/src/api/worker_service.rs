@@ -201,6 +201,19 @@ fn finite(field: &str, x: f64) -> Result<f64, Status> {
     }
 }
 
+fn checkpoint_uri(field: &str, uri: &str) -> Result<String, Status> {
+    if uri.is_empty() || uri.len() > MAX_TEXT || has_control(uri) {
+        return Err(invalid(
+            field,
+            format!(
+                "must be 1-{MAX_TEXT} bytes without control characters, got {} bytes",
+                uri.len()
+            ),
+        ));
+    }
+    Ok(uri.to_string())
+}
+
 fn event(i: usize, e: &pb::WorkerEvent) -> Result<IngestEvent, Status> {
     use pb::worker_event::Payload;
     let f = |name: &str| format!("events[{i}].{name}");
@@ -225,7 +238,8 @@ fn event(i: usize, e: &pb::WorkerEvent) -> Result<IngestEvent, Status> {
         None => {
             return Err(invalid(
                 f("payload"),
-                "missing: set one of started, metrics, eval, checkpoint, finished, note",
+                "missing: set one of started, metrics, eval, checkpoint, finished, note, \
+                 checkpoint_pending, checkpoints_deleted, resumed",
             ))
         }
         Some(Payload::Started(_)) => IngestBody::Started,
@@ -256,15 +270,7 @@ fn event(i: usize, e: &pb::WorkerEvent) -> Result<IngestEvent, Status> {
             let Some(c) = &c.checkpoint else {
                 return Err(invalid(f("checkpoint.checkpoint"), "missing"));
             };
-            if c.uri.is_empty() || c.uri.len() > MAX_TEXT || has_control(&c.uri) {
-                return Err(invalid(
-                    f("checkpoint.uri"),
-                    format!(
-                        "must be 1-{MAX_TEXT} bytes without control characters, got {} bytes",
-                        c.uri.len()
-                    ),
-                ));
-            }
+            let uri = checkpoint_uri(&f("checkpoint.uri"), &c.uri)?;
             if !(c.sha256.is_empty()
                 || (c.sha256.len() == 64 && c.sha256.bytes().all(|b| b.is_ascii_hexdigit())))
             {
@@ -281,7 +287,7 @@ fn event(i: usize, e: &pb::WorkerEvent) -> Result<IngestEvent, Status> {
             }
             IngestBody::Checkpoint {
                 iteration: iteration(&f("checkpoint.iteration"), c.iteration)?,
-                uri: c.uri.clone(),
+                uri,
                 bytes: c.bytes,
                 sha256: c.sha256.to_ascii_lowercase(),
                 metrics: values(&f("checkpoint.metrics"), &c.metrics)?,
@@ -311,6 +317,51 @@ fn event(i: usize, e: &pb::WorkerEvent) -> Result<IngestEvent, Status> {
         Some(Payload::Note(n)) => IngestBody::Note {
             text: text(&f("note.text"), &n.text, false)?,
         },
+        Some(Payload::CheckpointPending(p)) => IngestBody::CheckpointPending {
+            iteration: iteration(&f("checkpoint_pending.iteration"), p.iteration)?,
+            uri: checkpoint_uri(&f("checkpoint_pending.uri"), &p.uri)?,
+        },
+        Some(Payload::CheckpointsDeleted(d)) => {
+            if d.uris.len() > MAX_VALUES {
+                return Err(invalid(
+                    f("checkpoints_deleted.uris"),
+                    format!("at most {MAX_VALUES} per event, got {}", d.uris.len()),
+                ));
+            }
+            IngestBody::CheckpointsDeleted {
+                uris: d
+                    .uris
+                    .iter()
+                    .enumerate()
+                    .map(|(k, u)| checkpoint_uri(&f(&format!("checkpoints_deleted.uris[{k}]")), u))
+                    .collect::<Result<_, _>>()?,
+            }
+        }
+        Some(Payload::Resumed(r)) => {
+            if r.skipped.len() > MAX_VALUES {
+                return Err(invalid(
+                    f("resumed.skipped"),
+                    format!("at most {MAX_VALUES} entries, got {}", r.skipped.len()),
+                ));
+            }
+            IngestBody::Resumed {
+                iteration: iteration(&f("resumed.iteration"), r.iteration)?,
+                uri: checkpoint_uri(&f("resumed.uri"), &r.uri)?,
+                skipped: r
+                    .skipped
+                    .iter()
+                    .enumerate()
+                    .map(|(k, sk)| {
+                        let g = |n: &str| f(&format!("resumed.skipped[{k}].{n}"));
+                        Ok((
+                            iteration(&g("iteration"), sk.iteration)?,
+                            checkpoint_uri(&g("uri"), &sk.uri)?,
+                            text(&g("reason"), &sk.reason, true)?,
+                        ))
+                    })
+                    .collect::<Result<_, Status>>()?,
+            }
+        }
     };
     Ok(IngestEvent {
         seq: e.seq,

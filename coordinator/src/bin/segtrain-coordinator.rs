@@ -40,6 +40,15 @@ struct Args {
     #[arg(long, env = "SEGTRAIN_POLL_INTERVAL_MS", default_value_t = 2000,
           value_parser = clap::value_parser!(u64).range(10..=60000))]
     poll_interval_ms: u64,
+    /// Wait before restarting a job after an infrastructure failure, milliseconds; doubles with
+    /// every restart of the job, up to --restart-backoff-max-ms.
+    #[arg(long, env = "SEGTRAIN_RESTART_BACKOFF_MS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    restart_backoff_ms: u64,
+    /// The longest wait between restarts, milliseconds.
+    #[arg(long, env = "SEGTRAIN_RESTART_BACKOFF_MAX_MS", default_value_t = 300_000,
+          value_parser = clap::value_parser!(u64).range(0..=86_400_000))]
+    restart_backoff_max_ms: u64,
     #[arg(long, env = "SEGTRAIN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
     log_format: LogFormat,
 }
@@ -55,6 +64,9 @@ async fn main() -> ExitCode {
     cfg.workers.stop_grace_seconds = args.stop_grace_seconds;
     cfg.workers.poll = Duration::from_millis(args.poll_interval_ms);
     cfg.scheduler.interval = Duration::from_millis(args.scheduler_interval_ms);
+    cfg.restart.base = Duration::from_millis(args.restart_backoff_ms);
+    cfg.restart.max =
+        Duration::from_millis(args.restart_backoff_max_ms.max(args.restart_backoff_ms));
     match serve(cfg, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -6,7 +6,9 @@
 //! the job transitions they cause are written with their events in the same transaction.
 
 use super::jobs::{lock_job, transition_in_tx, JobRecord};
-use super::{notify, u32_of, u64_of, Store, StoreError, ATTEMPTS_CHANNEL, WORKERS_CHANNEL};
+use super::{
+    notify, u32_of, u64_of, RestartPolicy, Store, StoreError, ATTEMPTS_CHANNEL, WORKERS_CHANNEL,
+};
 use crate::state::{AttemptState, JobState, WorkerState};
 use segtrain_spec::JobSpec;
 use sqlx::types::Json;
@@ -114,6 +116,9 @@ pub struct RankAssignment {
     pub spec: JobSpec,
     pub resume_uri: Option<String>,
     pub resume_iteration: u64,
+    /// Every COMPLETE checkpoint at or before the resume point, newest first: the trainer
+    /// falls back along them when the newest is corrupt.
+    pub resume_candidates: Vec<ResumeCandidate>,
     pub attempt_state: AttemptState,
     pub attempt_reason: String,
     /// The rank reported `started`.
@@ -152,6 +157,14 @@ impl RankAssignment {
     }
 }
 
+/// A checkpoint an attempt may resume from, with the digest recorded when it completed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct ResumeCandidate {
+    pub uri: String,
+    pub iteration: u64,
+    pub sha256: String,
+}
+
 fn non_empty(s: &str, default: &str) -> String {
     if s.is_empty() {
         default.to_string()
@@ -168,6 +181,7 @@ struct AssignmentRow {
     world_size: i32,
     resume_uri: Option<String>,
     resume_iter: Option<i64>,
+    candidates: Json<Vec<ResumeCandidate>>,
     attempt_state: String,
     attempt_reason: String,
     started: bool,
@@ -191,6 +205,7 @@ impl TryFrom<AssignmentRow> for RankAssignment {
             spec,
             resume_uri: r.resume_uri,
             resume_iteration: u64_of(r.resume_iter.unwrap_or(0), "resume_iter")?,
+            resume_candidates: r.candidates.0,
             attempt_state: parse_attempt_state(&r.attempt_state)?,
             attempt_reason: r.attempt_reason,
             started: r.started,
@@ -281,7 +296,8 @@ impl Store {
 
         let job = lock_job(&mut tx, job_id).await?;
         let attempt: i32 = sqlx::query_scalar(
-            "UPDATE jobs SET attempt = attempt + 1 WHERE id = $1 RETURNING attempt",
+            "UPDATE jobs SET attempt = attempt + 1, resumed_from_iteration = NULL, restart_at = NULL
+             WHERE id = $1 RETURNING attempt",
         )
         .bind(job_id)
         .fetch_one(&mut *tx)
@@ -358,6 +374,44 @@ impl Store {
         })
     }
 
+    /// RESTARTING jobs whose backoff is over go back to QUEUED (at their old place: priority,
+    /// then submission time), saying where the next attempt will resume. Returns how many.
+    pub async fn requeue_restarting(&self) -> Result<usize, StoreError> {
+        let due: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM jobs WHERE state = 'RESTARTING' AND restart_at <= now() ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut n = 0;
+        for id in due {
+            let mut tx = self.pool.begin().await?;
+            let job = lock_job(&mut tx, id).await?;
+            if job.state != JobState::Restarting {
+                tx.rollback().await?; // canceled meanwhile
+                continue;
+            }
+            let latest: Option<i64> = sqlx::query_scalar(
+                "SELECT max(iteration) FROM checkpoints WHERE job_id = $1 AND state = 'COMPLETE'",
+            )
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+            let from = match (latest, &job.spec.resume_from) {
+                (Some(it), _) => format!("from the checkpoint of iteration {it}"),
+                (None, Some(uri)) => format!("from {uri} (resume_from)"),
+                (None, None) => "from the beginning (no complete checkpoint yet)".to_string(),
+            };
+            let reason = format!(
+                "backoff over; attempt {} will resume {from}",
+                job.attempt + 1
+            );
+            transition_in_tx(&mut tx, id, JobState::Queued, &reason).await?;
+            tx.commit().await?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// Every unfinished rank held by a worker (current, stale, or of a stopping job).
     pub async fn worker_assignments(
         &self,
@@ -365,6 +419,12 @@ impl Store {
     ) -> Result<Vec<RankAssignment>, StoreError> {
         let rows: Vec<AssignmentRow> = sqlx::query_as(
             "SELECT ar.job_id, ar.attempt, ar.rank, a.world_size, a.resume_uri, a.resume_iter,
+                    (SELECT coalesce(json_agg(json_build_object(
+                                'uri', c.uri, 'iteration', c.iteration, 'sha256', c.sha256)
+                                ORDER BY c.iteration DESC), '[]'::json)
+                     FROM checkpoints c
+                     WHERE c.job_id = ar.job_id AND c.state = 'COMPLETE'
+                       AND c.iteration <= a.resume_iter) AS candidates,
                     a.state AS attempt_state, a.reason AS attempt_reason,
                     ar.started_at IS NOT NULL AS started,
                     j.spec, j.state AS job_state, j.attempt AS job_attempt, j.reason AS job_reason
@@ -647,6 +707,7 @@ pub(super) async fn finish_rank(
     rank: u32,
     outcome: RankOutcome,
     reason: &str,
+    policy: &RestartPolicy,
 ) -> Result<bool, StoreError> {
     // A rank that finished successfully evidently ran; count it as started.
     let worker: Option<Uuid> = sqlx::query_scalar(
@@ -684,19 +745,22 @@ pub(super) async fn finish_rank(
     if freed > 0 {
         notify(tx, WORKERS_CHANNEL, worker).await?;
     }
-    settle_attempt(tx, job_id, attempt).await?;
+    settle_attempt(tx, job_id, attempt, policy).await?;
     Ok(true)
 }
 
 /// Decides what the ranks' outcomes so far mean for the attempt and its job:
-/// - a failed (or lost) rank fails a live attempt at once, and the job with it (unless the job
-///   is canceling: cancel wins); the other ranks are then told to stop;
+/// - a failed (or lost) rank fails a live attempt at once (the other ranks are then told to
+///   stop), and the job with it unless the job is canceling (cancel wins): see
+///   [`after_failure`] for restart or fail;
 /// - once every rank has finished: a canceling job's attempt ends CANCELED and the job CANCELED;
-///   all SUCCEEDED ends the attempt and the job SUCCEEDED; anything else ends both FAILED.
+///   all SUCCEEDED ends the attempt and the job SUCCEEDED; a rank that stopped without being
+///   asked to counts as an infrastructure failure.
 async fn settle_attempt(
     tx: &mut Transaction<'_, Postgres>,
     job_id: Uuid,
     attempt: u32,
+    policy: &RestartPolicy,
 ) -> Result<(), StoreError> {
     let job = lock_job(tx, job_id).await?;
     let state = attempt_state(tx, job_id, attempt).await?;
@@ -714,8 +778,7 @@ async fn settle_attempt(
         .find(|(_, o)| o.is_some_and(RankOutcome::is_failure));
 
     if !state.is_terminal() {
-        if let (Some((r, o)), false) = (failed, canceling) {
-            let o = o.expect("a failed rank has an outcome");
+        if let (Some((r, Some(o))), false) = (failed, canceling) {
             let reason = format!(
                 "rank {} ({}:{}) {o}{}",
                 r.rank,
@@ -727,14 +790,14 @@ async fn settle_attempt(
                     format!(": {}", r.reason)
                 }
             );
-            let to = if o == RankOutcome::Lost {
+            let to = if *o == RankOutcome::Lost {
                 AttemptState::Lost
             } else {
                 AttemptState::Failed
             };
             set_attempt_state(tx, job_id, attempt, state, to, &reason).await?;
             if current && matches!(job.state, JobState::Scheduled | JobState::Running) {
-                transition_in_tx(tx, job_id, JobState::Failed, &reason).await?;
+                after_failure(tx, &job, *o, &reason, policy).await?;
             }
             return Ok(());
         }
@@ -760,14 +823,14 @@ async fn settle_attempt(
                 .zip(&outcomes)
                 .find(|(_, o)| **o != Some(RankOutcome::Succeeded))
                 .map(|(r, _)| r)
-                .expect("some rank did not succeed");
+                .ok_or_else(|| StoreError::Corrupt("no rank failed a failed attempt".into()))?;
             let reason = format!(
                 "rank {} ({}:{}) stopped without a cancel request",
                 r.rank, r.host, r.gpu_index
             );
             set_attempt_state(tx, job_id, attempt, state, AttemptState::Failed, &reason).await?;
             if matches!(job.state, JobState::Scheduled | JobState::Running) {
-                transition_in_tx(tx, job_id, JobState::Failed, &reason).await?;
+                after_failure(tx, &job, RankOutcome::FailedInfra, &reason, policy).await?;
             }
             return Ok(());
         }
@@ -776,5 +839,50 @@ async fn settle_attempt(
     if all_finished && current && job.state == JobState::Canceling {
         transition_in_tx(tx, job_id, JobState::Canceled, "").await?;
     }
+    Ok(())
+}
+
+/// The job's current attempt failed: a deterministic failure (bad data, out of memory, NaN
+/// loss) fails the job at once; an infrastructure failure (lost worker, killed trainer,
+/// collective timeout) sends it to RESTARTING with exponential backoff while restarts are left
+/// (the scheduler queues it again at `restart_at`), and fails it otherwise.
+async fn after_failure(
+    tx: &mut Transaction<'_, Postgres>,
+    job: &JobRecord,
+    outcome: RankOutcome,
+    reason: &str,
+    policy: &RestartPolicy,
+) -> Result<(), StoreError> {
+    let max = job.spec.max_restarts;
+    if outcome == RankOutcome::FailedDeterministic {
+        let why = format!("{reason} (not retried: a restart would fail the same way)");
+        transition_in_tx(tx, job.id, JobState::Failed, &why).await?;
+        return Ok(());
+    }
+    if job.restarts >= max {
+        let why = format!(
+            "{reason}; no restarts left ({} of {max} used)",
+            job.restarts
+        );
+        transition_in_tx(tx, job.id, JobState::Failed, &why).await?;
+        return Ok(());
+    }
+    let n = job.restarts + 1;
+    let wait = policy.backoff(n);
+    let why = format!(
+        "{reason}; restart {n} of {max} in {:.1} s",
+        wait.as_secs_f64()
+    );
+    transition_in_tx(tx, job.id, JobState::Restarting, &why).await?;
+    sqlx::query(
+        "UPDATE jobs SET restarts = $2,
+                restart_at = now() + make_interval(secs => $3)
+         WHERE id = $1",
+    )
+    .bind(job.id)
+    .bind(n as i32)
+    .bind(wait.as_secs_f64())
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }

@@ -8,7 +8,7 @@
 
 use super::attempts::{fence, finish_rank, start_rank, unknown_job_is_stale, RankOutcome};
 use super::jobs::{insert_event, lock_job, JobRecord};
-use super::{u64_of, Store, StoreError};
+use super::{u64_of, RestartPolicy, Store, StoreError};
 use crate::events::EventPayload;
 use sqlx::types::Json;
 use sqlx::{Postgres, Transaction};
@@ -52,6 +52,22 @@ pub enum IngestBody {
     },
     Note {
         text: String,
+    },
+    /// Rank 0 began writing this checkpoint.
+    CheckpointPending {
+        iteration: u64,
+        uri: String,
+    },
+    /// Retention removed these checkpoints.
+    CheckpointsDeleted {
+        uris: Vec<String>,
+    },
+    /// The attempt resumed from `uri` (at `iteration`), skipping newer unusable checkpoints.
+    Resumed {
+        iteration: u64,
+        uri: String,
+        /// (iteration, uri, why)
+        skipped: Vec<(u64, String, String)>,
     },
 }
 
@@ -122,7 +138,7 @@ impl Store {
         }
 
         for ev in fresh {
-            apply(&mut tx, ev).await?;
+            apply(&mut tx, ev, &self.restart).await?;
         }
         sqlx::query("UPDATE workers SET acked_seq = $2 WHERE id = $1")
             .bind(worker_id)
@@ -179,12 +195,16 @@ async fn insert_points(
     .rows_affected())
 }
 
-async fn apply(tx: &mut Transaction<'_, Postgres>, ev: &IngestEvent) -> Result<(), StoreError> {
+async fn apply(
+    tx: &mut Transaction<'_, Postgres>,
+    ev: &IngestEvent,
+    policy: &RestartPolicy,
+) -> Result<(), StoreError> {
     let (job_id, attempt) = (ev.job_id, ev.attempt);
     match &ev.body {
         IngestBody::Started => start_rank(tx, job_id, attempt, ev.rank).await?,
         IngestBody::Finished { outcome, reason } => {
-            finish_rank(tx, job_id, attempt, ev.rank, *outcome, reason).await?;
+            finish_rank(tx, job_id, attempt, ev.rank, *outcome, reason, policy).await?;
         }
         IngestBody::Metrics { iteration, values } => {
             let new = insert_points(tx, job_id, attempt, *iteration, values).await?;
@@ -265,6 +285,82 @@ async fn apply(tx: &mut Transaction<'_, Postgres>, ev: &IngestEvent) -> Result<(
                     metrics,
                 };
                 insert_event(tx, job_id, attempt, &payload).await?;
+            }
+        }
+        IngestBody::CheckpointPending { iteration, uri } => {
+            // The files at `uri` are being (re)written: a row for this iteration, whichever
+            // attempt made it, is not resumable until the matching `checkpoint` event.
+            sqlx::query(
+                "INSERT INTO checkpoints (job_id, attempt, iteration, uri, state)
+                 VALUES ($1, $2, $3, $4, 'PENDING')
+                 ON CONFLICT (job_id, iteration) DO UPDATE
+                     SET attempt = EXCLUDED.attempt, uri = EXCLUDED.uri, bytes = 0,
+                         sha256 = '', state = 'PENDING', metrics = '{}', created_at = now()
+                     WHERE checkpoints.state <> 'COMPLETE' OR checkpoints.attempt <> EXCLUDED.attempt
+                        OR checkpoints.uri <> EXCLUDED.uri",
+            )
+            .bind(job_id)
+            .bind(attempt as i32)
+            .bind(*iteration as i64)
+            .bind(uri)
+            .execute(&mut **tx)
+            .await?;
+        }
+        IngestBody::CheckpointsDeleted { uris } => {
+            sqlx::query(
+                "UPDATE checkpoints SET state = 'DELETED'
+                 WHERE job_id = $1 AND uri = ANY($2) AND state <> 'DELETED'",
+            )
+            .bind(job_id)
+            .bind(uris)
+            .execute(&mut **tx)
+            .await?;
+        }
+        IngestBody::Resumed {
+            iteration,
+            uri,
+            skipped,
+        } => {
+            sqlx::query(
+                "UPDATE jobs SET resumed_from_iteration = $2 WHERE id = $1 AND attempt = $3",
+            )
+            .bind(job_id)
+            .bind(*iteration as i64)
+            .bind(attempt as i32)
+            .execute(&mut **tx)
+            .await?;
+            sqlx::query(
+                "UPDATE attempts SET resume_uri = $3, resume_iter = $4
+                 WHERE job_id = $1 AND attempt = $2",
+            )
+            .bind(job_id)
+            .bind(attempt as i32)
+            .bind(uri)
+            .bind(*iteration as i64)
+            .execute(&mut **tx)
+            .await?;
+            let mut text = String::new();
+            for (it, bad_uri, why) in skipped {
+                sqlx::query(
+                    "UPDATE checkpoints SET state = 'CORRUPT'
+                     WHERE job_id = $1 AND uri = $2 AND state = 'COMPLETE'",
+                )
+                .bind(job_id)
+                .bind(bad_uri)
+                .execute(&mut **tx)
+                .await?;
+                text.push_str(&format!(
+                    "checkpoint of iteration {it} ({bad_uri}) is unusable and marked CORRUPT: {why}; "
+                ));
+            }
+            if !skipped.is_empty() {
+                text.push_str("fell back to the previous complete checkpoint; ");
+            }
+            text.push_str(&format!(
+                "attempt {attempt} resumed from iteration {iteration} ({uri})"
+            ));
+            if open(tx, job_id).await? {
+                insert_event(tx, job_id, attempt, &EventPayload::Note { text }).await?;
             }
         }
         IngestBody::Note { text } => {

@@ -20,6 +20,8 @@ pub struct JobRecord {
     pub idempotency_key: Option<String>,
     pub reason: String,
     pub iteration: u64,
+    /// The checkpoint iteration the current attempt resumed from (`None`: started fresh).
+    pub resumed_from_iteration: Option<u64>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
@@ -35,6 +37,7 @@ struct JobRow {
     idempotency_key: Option<String>,
     reason: String,
     iteration: i64,
+    resumed_from_iteration: Option<i64>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
     finished_at: Option<DateTime<Utc>>,
@@ -42,7 +45,7 @@ struct JobRow {
 
 const JOB_COLUMNS: &str =
     "id, spec, state, attempt, restarts, idempotency_key, reason, iteration, \
-                           created_at, updated_at, finished_at";
+                           resumed_from_iteration, created_at, updated_at, finished_at";
 
 impl TryFrom<JobRow> for JobRecord {
     type Error = StoreError;
@@ -61,6 +64,10 @@ impl TryFrom<JobRow> for JobRecord {
             idempotency_key: r.idempotency_key,
             reason: r.reason,
             iteration: u64_of(r.iteration, "iteration")?,
+            resumed_from_iteration: r
+                .resumed_from_iteration
+                .map(|i| u64_of(i, "resumed_from_iteration"))
+                .transpose()?,
             created_at: r.created_at,
             updated_at: r.updated_at,
             finished_at: r.finished_at,

@@ -22,7 +22,7 @@ pub struct CheckpointRecord {
     pub uri: String,
     pub bytes: u64,
     pub sha256: String,
-    /// PENDING, COMPLETE or DELETED.
+    /// PENDING, COMPLETE, CORRUPT or DELETED.
     pub state: String,
     pub metrics: BTreeMap<String, f64>,
     pub created_at: DateTime<Utc>,
@@ -77,7 +77,9 @@ impl Store {
     }
 
     /// Metric points of a job ordered by iteration then name, optionally only some names, from
-    /// `since` on, at most `limit`.
+    /// `since` on, at most `limit`. One point per (iteration, name): the newest attempt's, since
+    /// a resumed attempt re-runs the iterations after its checkpoint and supersedes the failed
+    /// attempt's points there.
     pub async fn get_metrics(
         &self,
         job_id: Uuid,
@@ -86,10 +88,10 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<MetricPoint>, StoreError> {
         let rows: Vec<(i32, i64, String, f64)> = sqlx::query_as(
-            "SELECT attempt, iteration, name, value FROM metrics
+            "SELECT DISTINCT ON (iteration, name) attempt, iteration, name, value FROM metrics
              WHERE job_id = $1 AND iteration >= $2
                AND (cardinality($3::text[]) = 0 OR name = ANY($3))
-             ORDER BY iteration, name, attempt LIMIT $4",
+             ORDER BY iteration, name, attempt DESC LIMIT $4",
         )
         .bind(job_id)
         .bind(since as i64)

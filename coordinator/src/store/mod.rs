@@ -11,7 +11,9 @@ mod jobs;
 mod metrics;
 mod workers;
 
-pub use attempts::{Candidate, RankAssignment, RankOutcome, RendezvousEndpoint, ScheduleOutcome};
+pub use attempts::{
+    Candidate, RankAssignment, RankOutcome, RendezvousEndpoint, ResumeCandidate, ScheduleOutcome,
+};
 pub use events::EventRecord;
 pub use ingest::{IngestBody, IngestEvent};
 pub use jobs::JobRecord;
@@ -57,9 +59,34 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// When a failed attempt is retried: after `base`, doubling per restart, capped at `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartPolicy {
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> RestartPolicy {
+        RestartPolicy {
+            base: Duration::from_secs(5),
+            max: Duration::from_secs(300),
+        }
+    }
+}
+
+impl RestartPolicy {
+    /// The wait before restart number `n` (1 for the first).
+    pub fn backoff(&self, n: u32) -> Duration {
+        let factor = 1u32 << n.saturating_sub(1).min(16);
+        self.base.saturating_mul(factor).min(self.max)
+    }
+}
+
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
+    restart: RestartPolicy,
 }
 
 impl Store {
@@ -71,7 +98,10 @@ impl Store {
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(opts)
             .await?;
-        Ok(Store { pool })
+        Ok(Store {
+            pool,
+            restart: RestartPolicy::default(),
+        })
     }
 
     /// Applies every migration not yet applied (idempotent; takes an advisory lock, so two
@@ -83,6 +113,12 @@ impl Store {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// The same store with another restart backoff.
+    pub fn with_restart_policy(mut self, restart: RestartPolicy) -> Store {
+        self.restart = restart;
+        self
     }
 }
 

@@ -217,7 +217,16 @@ impl Store {
                     "no trainer left after the worker re-registered".to_string(),
                 )
             };
-            finish_rank(&mut tx, r.job_id, r.attempt, r.rank, outcome, &reason).await?;
+            finish_rank(
+                &mut tx,
+                r.job_id,
+                r.attempt,
+                r.rank,
+                outcome,
+                &reason,
+                &self.restart,
+            )
+            .await?;
         }
         // Read the state now: finish_rank may have freed the worker already.
         let state: String = sqlx::query_scalar("SELECT state FROM workers WHERE id = $1")
@@ -303,6 +312,7 @@ impl Store {
                 r.rank,
                 RankOutcome::Canceled,
                 "stopped: the worker no longer runs it",
+                &self.restart,
             )
             .await?;
         }
@@ -384,6 +394,7 @@ impl Store {
                     r.rank,
                     RankOutcome::Lost,
                     &reason,
+                    &self.restart,
                 )
                 .await?;
             }

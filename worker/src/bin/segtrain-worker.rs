@@ -132,6 +132,11 @@ struct TrainArgs {
     /// Turn off dropout and drop path, for equivalence checks.
     #[arg(long)]
     no_dropout: bool,
+    /// A JSON list of checkpoints to resume from, newest first ([{"uri", "iteration",
+    /// "sha256"}], what the worker daemon writes for a restarted attempt): the first intact
+    /// one is used. Overrides resume_from.
+    #[arg(long)]
+    resume_candidates: Option<PathBuf>,
     #[command(flatten)]
     spec: segtrain_spec::JobSpecInput,
 }
@@ -268,75 +273,130 @@ fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The options of one training run, from the job file and the flags.
+fn train_options(args: TrainArgs) -> anyhow::Result<train::TrainOptions> {
+    let input = segtrain_spec::JobSpecInput::from_file(&args.config)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .overlay(args.spec);
+    let spec = input
+        .resolve()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
+    let device = parse_device(&args.device)?;
+    if device != Device::Cpu && !tch::Cuda::is_available() {
+        bail!(
+            "--device {}: no CUDA device is available (see `segtrain-worker doctor`)",
+            args.device
+        );
+    }
+    let world = match args.world {
+        None if spec.world_size != 1 => bail!(
+            "world_size: standalone training runs one rank, got {}; set world_size = 1 \
+             (keep the global batch with batch_per_gpu/accumulate_steps) or submit the job to a coordinator",
+            spec.world_size
+        ),
+        None => 1,
+        Some(0) => bail!("--world: must be at least 1"),
+        Some(w) if w as u64 != u64::from(spec.world_size) => bail!(
+            "--world {w}: the job's world_size is {}; they must agree",
+            spec.world_size
+        ),
+        Some(w) => w,
+    };
+    if args.rank >= world {
+        bail!("--rank {}: must be less than --world ({world})", args.rank);
+    }
+    let rendezvous = match args.rendezvous {
+        Some(r) => r,
+        None if world == 1 => train::trainer::Rendezvous::Single,
+        None => bail!(
+            "--rendezvous: required with --world {world}: tcp-listen:HOST:PORT or \
+             nccl-create on rank 0, tcp:HOST:PORT or nccl:<id> on the others"
+        ),
+    };
+    if args.rendezvous_timeout == 0 || args.collective_timeout == 0 {
+        bail!("--rendezvous-timeout and --collective-timeout must be at least 1 second");
+    }
+    let checkpoint_dir = match args.checkpoint_dir {
+        Some(d) => d,
+        None => {
+            train::trainer::local_path("checkpoint_root", &spec.checkpoint_root)?.join(&spec.name)
+        }
+    };
+    let resume_candidates = match &args.resume_candidates {
+        None => Vec::new(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--resume-candidates: cannot read {}", path.display()))?;
+            serde_json::from_str::<Vec<train::ResumeCandidate>>(&text).with_context(|| {
+                format!(
+                    "--resume-candidates: {} is not a JSON list of {{uri, iteration, sha256}}",
+                    path.display()
+                )
+            })?
+        }
+    };
+    let opts = train::TrainOptions {
+        spec,
+        device,
+        checkpoint_dir,
+        stop_at: args.stop_at,
+        rank: args.rank,
+        world,
+        rendezvous,
+        token: args.rendezvous_token,
+        timeouts: segtrain_worker::collective::Timeouts {
+            setup: std::time::Duration::from_secs(args.rendezvous_timeout),
+            step: std::time::Duration::from_secs(args.collective_timeout),
+        },
+        no_dropout: args.no_dropout,
+        resume_candidates,
+        stop: &train::stop::STOP_REQUESTED,
+    };
+    Ok(opts)
+}
+
+/// `segtrain-worker train`: exit status 0 when the run finished or stopped on request (with a
+/// checkpoint), 3 when it failed in a way a restart would repeat (bad job or data, unusable
+/// checkpoint, out of memory, NaN loss), 1 for other failures. With --json the failure is also
+/// the last line on stdout: {"event": "failed", "class": "deterministic"|"infra", "reason"}.
+fn train_command(args: TrainArgs) -> ExitCode {
+    let json = args.json;
+    train::stop::install_signal_handlers();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let opts = train_options(args).map_err(train::stop::deterministic)?;
+        let mut reporter = train::report::Reporter::new(json);
+        train::train(opts, &mut reporter).map(|_| ())
+    }))
+    .unwrap_or_else(|panic| {
+        let msg = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".to_string());
+        Err(anyhow::anyhow!("the trainer panicked: {msg}"))
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let deterministic = train::stop::is_deterministic(&e);
+            eprintln!("error: {e:#}");
+            if json {
+                let line = serde_json::json!({
+                    "event": "failed",
+                    "class": if deterministic { "deterministic" } else { "infra" },
+                    "reason": format!("{e:#}"),
+                });
+                println!("{line}");
+            }
+            ExitCode::from(if deterministic { 3 } else { 1 })
+        }
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Daemon(args) => run_daemon(args)?,
-        Command::Train(args) => {
-            let args = *args;
-            let input = segtrain_spec::JobSpecInput::from_file(&args.config)
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-                .overlay(args.spec);
-            let spec = input
-                .resolve()
-                .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
-            let device = parse_device(&args.device)?;
-            if device != Device::Cpu && !tch::Cuda::is_available() {
-                bail!(
-                    "--device {}: no CUDA device is available (see `segtrain-worker doctor`)",
-                    args.device
-                );
-            }
-            let world = match args.world {
-                None if spec.world_size != 1 => bail!(
-                    "world_size: standalone training runs one rank, got {}; set world_size = 1 \
-                     (keep the global batch with batch_per_gpu/accumulate_steps) or submit the job to a coordinator",
-                    spec.world_size
-                ),
-                None => 1,
-                Some(0) => bail!("--world: must be at least 1"),
-                Some(w) if w as u64 != u64::from(spec.world_size) => bail!(
-                    "--world {w}: the job's world_size is {}; they must agree",
-                    spec.world_size
-                ),
-                Some(w) => w,
-            };
-            if args.rank >= world {
-                bail!("--rank {}: must be less than --world ({world})", args.rank);
-            }
-            let rendezvous = match args.rendezvous {
-                Some(r) => r,
-                None if world == 1 => train::trainer::Rendezvous::Single,
-                None => bail!(
-                    "--rendezvous: required with --world {world}: tcp-listen:HOST:PORT or \
-                     nccl-create on rank 0, tcp:HOST:PORT or nccl:<id> on the others"
-                ),
-            };
-            if args.rendezvous_timeout == 0 || args.collective_timeout == 0 {
-                bail!("--rendezvous-timeout and --collective-timeout must be at least 1 second");
-            }
-            let checkpoint_dir = match args.checkpoint_dir {
-                Some(d) => d,
-                None => train::trainer::local_path("checkpoint_root", &spec.checkpoint_root)?
-                    .join(&spec.name),
-            };
-            let opts = train::TrainOptions {
-                spec,
-                device,
-                checkpoint_dir,
-                stop_at: args.stop_at,
-                rank: args.rank,
-                world,
-                rendezvous,
-                token: args.rendezvous_token,
-                timeouts: segtrain_worker::collective::Timeouts {
-                    setup: std::time::Duration::from_secs(args.rendezvous_timeout),
-                    step: std::time::Duration::from_secs(args.collective_timeout),
-                },
-                no_dropout: args.no_dropout,
-            };
-            let mut reporter = train::report::Reporter::new(args.json);
-            train::train(opts, &mut reporter)?;
-        }
+        Command::Train(_) => bail!("train runs through train_command"),
         Command::SynthData {
             out,
             train,
@@ -423,7 +483,11 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    if let Command::Train(args) = cli.command {
+        return train_command(*args);
+    }
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

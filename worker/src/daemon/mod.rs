@@ -406,12 +406,20 @@ async fn run_rank(shared: Arc<Shared>, a: pb::Assignment, mut stop_rx: oneshot::
     };
     let mut lines = BufReader::new(stdout).lines();
     let mut stopped: Option<String> = None;
+    let mut failed: Option<(bool, String)> = None;
     let mut stdout_open = true;
     loop {
         tokio::select! {
             line = lines.next_line(), if stdout_open => match line {
                 Ok(Some(l)) => match trainer_process::parse_line(&l, &key.job_id, key.attempt) {
                     Ok(Parsed::Event(p)) => shared.emit(&key, p),
+                    Ok(Parsed::Checkpoint { complete, deleted }) => {
+                        shared.emit(&key, complete);
+                        if let Some(d) = deleted {
+                            shared.emit(&key, d);
+                        }
+                    }
+                    Ok(Parsed::Failed { deterministic, reason }) => failed = Some((deterministic, reason)),
                     Ok(Parsed::Rendezvous(ep)) => publish(&shared, &key, ep).await,
                     Ok(Parsed::Ignored) => {}
                     Err(e) => tracing::warn!(error = %e, "unreadable trainer output"),
@@ -424,15 +432,44 @@ async fn run_rank(shared: Arc<Shared>, a: pb::Assignment, mut stop_rx: oneshot::
                 terminate(&mut child, shared.cfg.grace).await;
             }
             status = child.wait(), if !stdout_open => {
-                let outcome = match (&stopped, status) {
-                    (Some(reason), _) => (pb::Outcome::Canceled, reason.clone()),
-                    (None, Ok(s)) if s.success() => (pb::Outcome::Succeeded, String::new()),
-                    (None, Ok(s)) => (pb::Outcome::FailedInfra, format!("trainer exited with {s}: {}", trainer_process::log_tail(&log, 3))),
-                    (None, Err(e)) => (pb::Outcome::FailedInfra, format!("cannot wait for the trainer: {e}")),
-                };
-                return finish(outcome.0, outcome.1);
+                let (outcome, reason) = outcome_of(stopped.take(), failed.take(), status, &log);
+                return finish(outcome, reason);
             }
         }
+    }
+}
+
+/// How a trainer ended: stopped on request (whatever its exit status), finished, failed as the
+/// trainer classified it, or killed (an infrastructure failure: OOM killer, operator, crash).
+fn outcome_of(
+    stopped: Option<String>,
+    failed: Option<(bool, String)>,
+    status: std::io::Result<std::process::ExitStatus>,
+    log: &std::path::Path,
+) -> (pb::Outcome, String) {
+    use std::os::unix::process::ExitStatusExt;
+    match (stopped, failed, status) {
+        (Some(reason), _, _) => (pb::Outcome::Canceled, reason),
+        (None, _, Ok(s)) if s.success() => (pb::Outcome::Succeeded, String::new()),
+        (None, Some((true, reason)), Ok(_)) => (pb::Outcome::FailedDeterministic, reason),
+        (None, Some((false, reason)), Ok(_)) => (pb::Outcome::FailedInfra, reason),
+        (None, None, Ok(s)) => match s.signal() {
+            Some(sig) => (
+                pb::Outcome::FailedInfra,
+                format!("the trainer was killed by signal {sig}"),
+            ),
+            None => (
+                pb::Outcome::FailedInfra,
+                format!(
+                    "the trainer exited with {s}: {}",
+                    trainer_process::log_tail(log, 3)
+                ),
+            ),
+        },
+        (None, _, Err(e)) => (
+            pb::Outcome::FailedInfra,
+            format!("cannot wait for the trainer: {e}"),
+        ),
     }
 }
 

@@ -48,7 +48,17 @@ impl RankKey {
 #[derive(Debug)]
 pub enum Parsed {
     Event(pb::worker_event::Payload),
+    /// A checkpoint that completed, and the old ones retention deleted with it.
+    Checkpoint {
+        complete: pb::worker_event::Payload,
+        deleted: Option<pb::worker_event::Payload>,
+    },
     Rendezvous(pb::publish_rendezvous_request::Endpoint),
+    /// The trainer's last word before a failing exit: whether a restart would repeat it.
+    Failed {
+        deterministic: bool,
+        reason: String,
+    },
     /// A line the daemon does not forward (e.g. "finished": the exit status decides the outcome).
     Ignored,
 }
@@ -85,19 +95,53 @@ pub fn parse_line(line: &str, job_id: &str, attempt: u32) -> Result<Parsed, Stri
                 .map(|a| a.iter().map(num).collect())
                 .unwrap_or_default(),
         })),
-        "checkpoint" => Parsed::Event(Payload::Checkpoint(pb::CheckpointReport {
-            checkpoint: Some(pb::Checkpoint {
-                job_id: job_id.to_string(),
-                attempt,
-                iteration: it,
-                uri: v["uri"].as_str().unwrap_or_default().to_string(),
-                bytes: v["bytes"].as_u64().unwrap_or(0),
-                sha256: v["sha256"].as_str().unwrap_or_default().to_string(),
-                state: pb::CheckpointState::Complete as i32,
-                metrics: values(&v["metrics"]),
-                created_at: None,
-            }),
+        "checkpoint_pending" => Parsed::Event(Payload::CheckpointPending(pb::CheckpointPending {
+            iteration: it,
+            uri: v["uri"].as_str().unwrap_or_default().to_string(),
         })),
+        "resumed" => Parsed::Event(Payload::Resumed(pb::Resumed {
+            iteration: it,
+            uri: v["uri"].as_str().unwrap_or_default().to_string(),
+            skipped: v["skipped"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|s| pb::SkippedCheckpoint {
+                            iteration: s["iteration"].as_u64().unwrap_or(0),
+                            uri: s["uri"].as_str().unwrap_or_default().to_string(),
+                            reason: s["reason"].as_str().unwrap_or_default().to_string(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })),
+        "failed" => Parsed::Failed {
+            deterministic: v["class"].as_str() == Some("deterministic"),
+            reason: v["reason"].as_str().unwrap_or_default().to_string(),
+        },
+        "checkpoint" => Parsed::Checkpoint {
+            deleted: v["deleted"].as_array().filter(|a| !a.is_empty()).map(|a| {
+                Payload::CheckpointsDeleted(pb::CheckpointsDeleted {
+                    uris: a
+                        .iter()
+                        .filter_map(|u| u.as_str().map(str::to_string))
+                        .collect(),
+                })
+            }),
+            complete: Payload::Checkpoint(pb::CheckpointReport {
+                checkpoint: Some(pb::Checkpoint {
+                    job_id: job_id.to_string(),
+                    attempt,
+                    iteration: it,
+                    uri: v["uri"].as_str().unwrap_or_default().to_string(),
+                    bytes: v["bytes"].as_u64().unwrap_or(0),
+                    sha256: v["sha256"].as_str().unwrap_or_default().to_string(),
+                    state: pb::CheckpointState::Complete as i32,
+                    metrics: values(&v["metrics"]),
+                    created_at: None,
+                }),
+            }),
+        },
         "rendezvous" => {
             if let Some(addr) = v["tcp_address"].as_str() {
                 Parsed::Rendezvous(pb::publish_rendezvous_request::Endpoint::TcpAddress(
@@ -146,9 +190,12 @@ pub fn spawn(l: &Launch<'_>) -> anyhow::Result<(Child, PathBuf)> {
     let log = l.work_dir.join("trainer.log");
     let stderr =
         std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+    // One directory per attempt: a stale trainer of an earlier attempt (a partitioned worker
+    // that has not noticed yet) can never overwrite or delete the current attempt's files.
     let checkpoint_dir =
         crate::train::trainer::local_path("checkpoint_root", &l.spec.checkpoint_root)?
-            .join(&a.job_id);
+            .join(&a.job_id)
+            .join(format!("attempt-{}", a.attempt));
 
     let rendezvous = match (&l.rendezvous, a.rank, l.gpu) {
         (_, _, _) if a.world_size == 1 => "single".to_string(),
@@ -189,8 +236,33 @@ pub fn spawn(l: &Launch<'_>) -> anyhow::Result<(Child, PathBuf)> {
         cmd.env("OMP_NUM_THREADS", n.to_string())
             .env("MKL_NUM_THREADS", n.to_string());
     }
-    if !a.resume_from.is_empty() {
+    if !a.resume_candidates.is_empty() {
+        let candidates: Vec<crate::train::ResumeCandidate> = a
+            .resume_candidates
+            .iter()
+            .map(|c| crate::train::ResumeCandidate {
+                uri: c.uri.clone(),
+                iteration: c.iteration,
+                sha256: c.sha256.clone(),
+            })
+            .collect();
+        let file = l.work_dir.join("resume.json");
+        std::fs::write(&file, serde_json::to_vec_pretty(&candidates)?)
+            .with_context(|| format!("cannot write {}", file.display()))?;
+        cmd.arg("--resume-candidates").arg(&file);
+    } else if !a.resume_from.is_empty() {
         cmd.arg("--resume-from").arg(&a.resume_from);
+    }
+    // The trainer dies with the daemon (even on kill -9 of the daemon): a trainer nobody
+    // supervises would hold its GPU and keep writing checkpoints for an attempt that is over.
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
     match l.gpu {
         // One process per GPU: the trainer always sees its GPU as device 0.
@@ -236,13 +308,43 @@ mod tests {
             other => panic!("{other:?}"),
         }
         match p(
-            r#"{"event":"checkpoint","iteration":100,"uri":"/c/ckpt-00000100","bytes":7,"sha256":"ab","metrics":{"miou":0.5}}"#,
+            r#"{"event":"checkpoint","iteration":100,"uri":"/c/ckpt-00000100","bytes":7,"sha256":"ab","metrics":{"miou":0.5},"deleted":["/c/ckpt-00000050"]}"#,
         ) {
-            Parsed::Event(pb::worker_event::Payload::Checkpoint(c)) => {
+            Parsed::Checkpoint {
+                complete: pb::worker_event::Payload::Checkpoint(c),
+                deleted: Some(pb::worker_event::Payload::CheckpointsDeleted(d)),
+            } => {
                 let c = c.checkpoint.expect("checkpoint");
                 assert_eq!((c.iteration, c.bytes, c.attempt), (100, 7, 2));
                 assert_eq!(c.uri, "/c/ckpt-00000100");
+                assert_eq!(d.uris, ["/c/ckpt-00000050"]);
             }
+            other => panic!("{other:?}"),
+        }
+        match p(r#"{"event":"checkpoint_pending","iteration":100,"uri":"/c/ckpt-00000100"}"#) {
+            Parsed::Event(pb::worker_event::Payload::CheckpointPending(c)) => {
+                assert_eq!((c.iteration, c.uri.as_str()), (100, "/c/ckpt-00000100"))
+            }
+            other => panic!("{other:?}"),
+        }
+        match p(
+            r#"{"event":"resumed","iteration":40,"uri":"/c/a","skipped":[{"iteration":60,"uri":"/c/b","reason":"bad"}]}"#,
+        ) {
+            Parsed::Event(pb::worker_event::Payload::Resumed(r)) => {
+                assert_eq!((r.iteration, r.uri.as_str()), (40, "/c/a"));
+                assert_eq!(r.skipped.len(), 1);
+                assert_eq!(
+                    (r.skipped[0].iteration, r.skipped[0].reason.as_str()),
+                    (60, "bad")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        match p(r#"{"event":"failed","class":"deterministic","reason":"no data"}"#) {
+            Parsed::Failed {
+                deterministic: true,
+                reason,
+            } => assert_eq!(reason, "no data"),
             other => panic!("{other:?}"),
         }
         match p(r#"{"event":"rendezvous","tcp_address":"10.0.0.1:4000"}"#) {

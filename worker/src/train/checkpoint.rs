@@ -162,6 +162,7 @@ pub fn save(root: &Path, c: Contents<'_>) -> anyhow::Result<Saved> {
         files,
     };
     let json = serde_json::to_vec_pretty(&manifest)?;
+    test_write_delay();
     let manifest_path = tmp.join(MANIFEST_FILE);
     {
         let mut f = File::create(&manifest_path)
@@ -185,6 +186,17 @@ pub fn save(root: &Path, c: Contents<'_>) -> anyhow::Result<Saved> {
         bytes,
         sha256: hex(&Sha256::digest(&json)),
     })
+}
+
+/// Fault-injection hook for the tests that stop a trainer in the middle of a checkpoint write:
+/// `SEGTRAIN_TEST_CHECKPOINT_DELAY_MS` pauses between the tensor files and the manifest.
+fn test_write_delay() {
+    if let Some(ms) = std::env::var("SEGTRAIN_TEST_CHECKPOINT_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
 }
 
 pub fn read_manifest(dir: &Path) -> anyhow::Result<Manifest> {
@@ -257,22 +269,86 @@ pub fn list(root: &Path) -> anyhow::Result<Vec<(u64, PathBuf)>> {
     Ok(out)
 }
 
-/// Deletes checkpoints beyond the newest `keep_last`, sparing the one at `best_iteration`.
-/// Returns the deleted directories.
+/// The attempt number of a directory named `attempt-<k>` (where the worker daemon puts each
+/// attempt's checkpoints: `<checkpoint_root>/<job>/attempt-<k>`).
+pub fn attempt_of(dir: &Path) -> Option<u32> {
+    dir.file_name()?
+        .to_str()?
+        .strip_prefix("attempt-")?
+        .parse()
+        .ok()
+}
+
+/// Deletes checkpoints beyond the newest `keep_last` iterations, sparing the one at
+/// `best_iteration`. Returns the deleted directories.
+///
+/// When `root` is `…/attempt-<k>`, the checkpoints of the job's earlier attempts
+/// (`…/attempt-<j>`, j < k) count too: a resumed attempt continues their history, and where it
+/// re-did an iteration its own checkpoint supersedes theirs. Later attempts' directories are
+/// never touched, so a stale trainer cannot delete the files of the attempt that replaced it.
 pub fn retain(
     root: &Path,
     keep_last: usize,
     best_iteration: Option<u64>,
 ) -> anyhow::Result<Vec<PathBuf>> {
-    let all = list(root)?;
-    let cut = all.len().saturating_sub(keep_last);
-    let mut deleted = Vec::new();
-    for (it, dir) in all.into_iter().take(cut) {
-        if Some(it) == best_iteration {
-            continue;
+    // (iteration, attempt, dir)
+    let mut all: Vec<(u64, u32, PathBuf)> = Vec::new();
+    match (attempt_of(root), root.parent()) {
+        (Some(mine), Some(job_dir)) => {
+            let entries = fs::read_dir(job_dir)
+                .with_context(|| format!("cannot list {}", job_dir.display()))?;
+            for e in entries {
+                let dir = e?.path();
+                match attempt_of(&dir) {
+                    Some(a) if a <= mine => {
+                        all.extend(list(&dir)?.into_iter().map(|(it, d)| (it, a, d)))
+                    }
+                    _ => {}
+                }
+            }
         }
+        _ => all.extend(list(root)?.into_iter().map(|(it, d)| (it, 0, d))),
+    }
+    all.sort();
+    let mut doomed: Vec<PathBuf> = Vec::new();
+    // Newest copy of each iteration; older copies are superseded.
+    let mut newest: Vec<(u64, PathBuf)> = Vec::new();
+    for (it, _, dir) in all {
+        match newest.last_mut() {
+            Some((last, kept)) if *last == it => doomed.push(std::mem::replace(kept, dir)),
+            _ => newest.push((it, dir)),
+        }
+    }
+    let cut = newest.len().saturating_sub(keep_last);
+    for (it, dir) in newest.into_iter().take(cut) {
+        if Some(it) != best_iteration {
+            doomed.push(dir);
+        }
+    }
+    let mut deleted = Vec::new();
+    for dir in doomed {
         fs::remove_dir_all(&dir).with_context(|| format!("cannot delete {}", dir.display()))?;
         deleted.push(dir);
     }
     Ok(deleted)
+}
+
+/// Checks that the manifest in `dir` has the sha256 the coordinator recorded for it when the
+/// checkpoint completed (the manifest holds every other file's digest, which [`load`] checks).
+pub fn verify_manifest_digest(dir: &Path, expected: &str) -> anyhow::Result<()> {
+    let path = dir.join(MANIFEST_FILE);
+    let bytes = fs::read(&path).with_context(|| {
+        format!(
+            "{} is missing or unreadable (an incomplete checkpoint)",
+            path.display()
+        )
+    })?;
+    let got = hex(&Sha256::digest(&bytes));
+    if !expected.is_empty() && !got.eq_ignore_ascii_case(expected) {
+        bail!(
+            "{} has sha256 {got}, but {expected} was recorded when the checkpoint completed",
+            path.display()
+        );
+    }
+    Ok(())
 }

@@ -6,6 +6,7 @@ pub mod eval;
 pub mod loss;
 pub mod metrics;
 pub mod report;
+pub mod stop;
 pub mod trainer;
 
-pub use trainer::{train, EventSink, TrainEvent, TrainOptions, TrainSummary};
+pub use trainer::{train, EventSink, ResumeCandidate, TrainEvent, TrainOptions, TrainSummary};

@@ -73,6 +73,16 @@ pub fn event_json(ev: &TrainEvent) -> serde_json::Value {
             "iteration": saved.iteration, "uri": saved.dir, "bytes": saved.bytes, "sha256": saved.sha256,
             "metrics": metrics.iter().map(|(k, v)| (k.clone(), num(*v))).collect::<serde_json::Map<_, _>>(),
             "deleted": deleted}),
+        TrainEvent::Resumed {
+            iteration,
+            dir,
+            skipped,
+        } => json!({"event": "resumed", "iteration": iteration, "uri": dir,
+            "skipped": skipped.iter().map(|(it, uri, why)| json!({"iteration": it, "uri": uri, "reason": why})).collect::<Vec<_>>()}),
+        TrainEvent::CheckpointPending { iteration, dir } => {
+            json!({"event": "checkpoint_pending", "iteration": iteration, "uri": dir})
+        }
+        TrainEvent::Stopped { iteration } => json!({"event": "stopped", "iteration": iteration}),
         TrainEvent::Finished { iteration, best } => {
             json!({"event": "finished", "iteration": iteration,
             "best_miou": best.map(|b| num(b.0)), "best_iteration": best.map(|b| b.1)})
@@ -157,6 +167,31 @@ impl EventSink for Reporter {
                 for d in deleted {
                     self.line(&format!("deleted old checkpoint {}", d.display()));
                 }
+            }
+            TrainEvent::Resumed {
+                iteration,
+                dir,
+                skipped,
+            } => {
+                for (it, uri, why) in skipped {
+                    self.line(&format!(
+                        "skipped the checkpoint of iteration {it} ({uri}): {why}"
+                    ));
+                }
+                self.line(&format!(
+                    "resuming from {} at iteration {iteration}",
+                    dir.display()
+                ));
+            }
+            TrainEvent::CheckpointPending { .. } => {}
+            TrainEvent::Stopped { iteration } => {
+                if let Some(b) = self.bar.take() {
+                    b.finish_and_clear();
+                }
+                eprintln!(
+                    "stopped on request after iteration {iteration}; resume with --resume-from \
+                     (the last checkpoint)"
+                );
             }
             TrainEvent::Finished { iteration, best } => {
                 if let Some(b) = self.bar.take() {

@@ -18,6 +18,7 @@
 use super::checkpoint::{self, Saved};
 use super::eval::{accumulate, evaluate, normalise, EvalConfig, EvalResult};
 use super::loss::segmentation_loss;
+use super::stop::deterministic;
 use crate::collective::nccl::NcclCollective;
 use crate::collective::tcp::{TcpCollective, TcpRendezvous};
 use crate::collective::{Collective, Single, Timeouts};
@@ -35,6 +36,7 @@ use anyhow::{bail, Context};
 use segtrain_spec::{JobSpec, Precision};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -58,7 +60,29 @@ pub struct TrainOptions {
     pub timeouts: Timeouts,
     /// Turn off dropout and drop path (for equivalence checks).
     pub no_dropout: bool,
+    /// Checkpoints to resume from, newest first (from the coordinator): the first intact one
+    /// is used, and the skipped ones are reported. Empty: `spec.resume_from`, if any.
+    pub resume_candidates: Vec<ResumeCandidate>,
+    /// Set when this rank is asked to stop (see [`super::stop`]); checked at iteration
+    /// boundaries.
+    pub stop: &'static AtomicBool,
 }
+
+/// A checkpoint a restarted attempt may resume from, with the manifest digest recorded when it
+/// completed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ResumeCandidate {
+    pub uri: String,
+    pub iteration: u64,
+    pub sha256: String,
+}
+
+/// Never set: for runs nobody stops.
+pub static NEVER_STOP: AtomicBool = AtomicBool::new(false);
+
+/// On CUDA, how many iterations apart the ranks agree on stopping (the agreement reads one
+/// number back to the host); on the CPU it is every iteration.
+const STOP_CHECK_EVERY_CUDA: u64 = 10;
 
 impl TrainOptions {
     /// One rank, no collectives, default everything else.
@@ -74,6 +98,8 @@ impl TrainOptions {
             token: 0,
             timeouts: Timeouts::default(),
             no_dropout: false,
+            resume_candidates: Vec::new(),
+            stop: &NEVER_STOP,
         }
     }
 }
@@ -175,6 +201,22 @@ pub enum TrainEvent {
         iteration: u64,
         result: EvalResult,
     },
+    /// The run resumed from `dir` (at `iteration`); `skipped` are newer candidates that were
+    /// unusable: (iteration, location, why).
+    Resumed {
+        iteration: u64,
+        dir: PathBuf,
+        skipped: Vec<(u64, String, String)>,
+    },
+    /// Rank 0 starts writing the checkpoint of `iteration` into `dir`.
+    CheckpointPending {
+        iteration: u64,
+        dir: PathBuf,
+    },
+    /// Asked to stop: every rank stopped after `iteration` (checkpointed by rank 0).
+    Stopped {
+        iteration: u64,
+    },
     Checkpoint {
         saved: Saved,
         metrics: BTreeMap<String, f64>,
@@ -199,6 +241,8 @@ impl<F: FnMut(&TrainEvent)> EventSink for F {
 #[derive(Debug, Clone)]
 pub struct TrainSummary {
     pub iteration: u64,
+    /// The run stopped early because it was asked to (a checkpoint of `iteration` exists).
+    pub stopped: bool,
     pub last_checkpoint: Option<Saved>,
     pub best: Option<(f64, u64)>,
     pub last_eval: Option<EvalResult>,
@@ -381,6 +425,120 @@ fn evaluate_shard(
     Ok(totals.result())
 }
 
+/// A checkpoint that was loaded and verified, with the newer candidates skipped on the way.
+type ResumePoint = (PathBuf, checkpoint::Loaded, Vec<(u64, String, String)>);
+
+/// Where this rank resumes: the first intact checkpoint of `opts.resume_candidates` (its
+/// manifest digest must match the recorded one, and every file its manifest digest), else
+/// `spec.resume_from`, else nowhere. No intact candidate at all is a deterministic failure.
+fn pick_resume_point(opts: &TrainOptions) -> anyhow::Result<Option<ResumePoint>> {
+    if opts.resume_candidates.is_empty() {
+        let Some(r) = &opts.spec.resume_from else {
+            return Ok(None);
+        };
+        let dir = local_path("resume_from", r)?;
+        let ck = checkpoint::load(&dir)
+            .with_context(|| format!("resume_from: {}", dir.display()))
+            .map_err(deterministic)?;
+        return Ok(Some((dir, ck, Vec::new())));
+    }
+    let mut skipped = Vec::new();
+    for c in &opts.resume_candidates {
+        let dir = local_path("resume_from", &c.uri)?;
+        let loaded = checkpoint::verify_manifest_digest(&dir, &c.sha256)
+            .and_then(|()| checkpoint::load(&dir))
+            .and_then(|ck| {
+                if ck.manifest.iteration == c.iteration {
+                    Ok(ck)
+                } else {
+                    bail!(
+                        "its manifest says iteration {}, the record says {}",
+                        ck.manifest.iteration,
+                        c.iteration
+                    )
+                }
+            });
+        match loaded {
+            Ok(ck) => return Ok(Some((dir, ck, skipped))),
+            Err(e) => skipped.push((c.iteration, c.uri.clone(), format!("{e:#}"))),
+        }
+    }
+    let why: Vec<String> = skipped
+        .iter()
+        .map(|(it, uri, e)| format!("iteration {it} ({uri}): {e}"))
+        .collect();
+    Err(deterministic(anyhow::anyhow!(
+        "no intact checkpoint to resume from: {}",
+        why.join("; ")
+    )))
+}
+
+/// Rank 0 writes the checkpoint of `iteration` (announced first, so it is PENDING until it is
+/// durable), then applies retention; both are reported.
+#[allow(clippy::too_many_arguments)]
+fn write_checkpoint(
+    opts: &TrainOptions,
+    vs: &nn::VarStore,
+    opt: &FlatAdamW,
+    iteration: u64,
+    sampler: SamplerState,
+    metrics: BTreeMap<String, f64>,
+    best: Option<(f64, u64)>,
+    sink: &mut dyn EventSink,
+) -> anyhow::Result<Saved> {
+    let spec = &opts.spec;
+    sink.event(&TrainEvent::CheckpointPending {
+        iteration,
+        dir: opts.checkpoint_dir.join(checkpoint::dir_name(iteration)),
+    });
+    let saved = checkpoint::save(
+        &opts.checkpoint_dir,
+        checkpoint::Contents {
+            iteration,
+            optimizer_steps: opt.steps(),
+            sampler,
+            spec,
+            metrics: metrics.clone(),
+            best,
+            optimizer_layout: opt.slots().to_vec(),
+            model: vs.variables().into_iter().collect(),
+            optimizer: opt.state_tensors(),
+        },
+    )?;
+    let best_it = if spec.keep_best {
+        best.map(|(_, i)| i)
+    } else {
+        None
+    };
+    let deleted = checkpoint::retain(&opts.checkpoint_dir, spec.keep_last as usize, best_it)?;
+    sink.event(&TrainEvent::Checkpoint {
+        saved: saved.clone(),
+        metrics,
+        deleted,
+    });
+    Ok(saved)
+}
+
+/// Whether every rank stops after `iteration`: any rank's stop request counts, agreed through
+/// one all-reduce so all ranks leave the loop together. On CUDA only every
+/// [`STOP_CHECK_EVERY_CUDA`] iterations (the agreement is a host read-back).
+fn stop_agreed(
+    opts: &TrainOptions,
+    comm: &mut dyn Collective,
+    iteration: u64,
+) -> anyhow::Result<bool> {
+    let mine = opts.stop.load(Ordering::SeqCst);
+    if opts.world == 1 {
+        return Ok(mine);
+    }
+    if opts.device != Device::Cpu && !iteration.is_multiple_of(STOP_CHECK_EVERY_CUDA) {
+        return Ok(false);
+    }
+    let mut flag = Tensor::from_slice(&[if mine { 1f32 } else { 0f32 }]).to_device(opts.device);
+    comm.all_reduce_sum(&mut flag)?;
+    Ok(f32::try_from(flag.to_device(Device::Cpu).reshape([-1i64]).get(0))? > 0.0)
+}
+
 /// Runs (or resumes) a job on this rank. Returns after `max_iters` (or `stop_at`).
 pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<TrainSummary> {
     let spec = &opts.spec;
@@ -408,7 +566,8 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
     if let Some(p) = &spec.pretrained {
         let path = local_path("pretrained", p)?;
         weights::load_file(&vs, &path)
-            .with_context(|| format!("pretrained: {}", path.display()))?;
+            .with_context(|| format!("pretrained: {}", path.display()))
+            .map_err(deterministic)?;
     }
     if opts.no_dropout {
         model.disable_stochastic();
@@ -427,21 +586,27 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
     let mut sampler_state = SamplerState::default();
     let mut best: Option<(f64, u64)> = None;
     let mut resumed_from = None;
-    if let Some(r) = &spec.resume_from {
-        let dir = local_path("resume_from", r)?;
-        let ck =
-            checkpoint::load(&dir).with_context(|| format!("resume_from: {}", dir.display()))?;
+    if let Some((dir, ck, skipped)) = pick_resume_point(&opts)? {
         if ck.manifest.optimizer_layout != opt.slots() {
-            bail!(
+            return Err(deterministic(anyhow::anyhow!(
                 "resume_from: {}: the checkpoint was made for a different model",
                 dir.display()
-            );
+            )));
         }
-        weights::load_tensors(&vs, ck.model, &dir.display().to_string())?;
-        opt.load_state(&ck.optimizer, ck.manifest.optimizer_steps)?;
+        weights::load_tensors(&vs, ck.model, &dir.display().to_string())
+            .map_err(|e| deterministic(e.into()))?;
+        opt.load_state(&ck.optimizer, ck.manifest.optimizer_steps)
+            .map_err(|e| deterministic(e.into()))?;
         start = ck.manifest.iteration;
         sampler_state = ck.manifest.sampler;
         best = ck.manifest.best;
+        if rank == 0 {
+            sink.event(&TrainEvent::Resumed {
+                iteration: start,
+                dir: dir.clone(),
+                skipped,
+            });
+        }
         resumed_from = Some(dir);
     }
     if world > 1 {
@@ -501,6 +666,7 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
     let mut last_eval = None;
     let mut last_metrics: BTreeMap<String, f64> = BTreeMap::new();
 
+    super::stop::entering_loop();
     for it in start..end {
         let iteration = it + 1;
         let lr = schedule.lr(it);
@@ -553,7 +719,9 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
             }
             let loss = f64::try_from(&loss_acc)? / window_iters as f64;
             if !loss.is_finite() {
-                bail!("the loss is {loss} at iteration {iteration}: training diverged");
+                return Err(deterministic(anyhow::anyhow!(
+                    "the loss is {loss} at iteration {iteration}: training diverged"
+                )));
             }
             let secs = window_start.elapsed().as_secs_f64().max(1e-9);
             let values = BTreeMap::from([
@@ -624,34 +792,49 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
         {
             let mut metrics = last_metrics.clone();
             metrics.extend(eval_metrics);
-            let saved = checkpoint::save(
-                &opts.checkpoint_dir,
-                checkpoint::Contents {
-                    iteration,
-                    optimizer_steps: opt.steps(),
-                    sampler: sampler_state,
-                    spec,
-                    metrics: metrics.clone(),
-                    best,
-                    optimizer_layout: opt.slots().to_vec(),
-                    model: vs.variables().into_iter().collect(),
-                    optimizer: opt.state_tensors(),
-                },
-            )?;
-            let best_it = if spec.keep_best {
-                best.map(|(_, i)| i)
-            } else {
-                None
-            };
-            let deleted =
-                checkpoint::retain(&opts.checkpoint_dir, spec.keep_last as usize, best_it)?;
-            sink.event(&TrainEvent::Checkpoint {
-                saved: saved.clone(),
+            let saved = write_checkpoint(
+                &opts,
+                &vs,
+                &opt,
+                iteration,
+                sampler_state,
                 metrics,
-                deleted,
-            });
+                best,
+                sink,
+            )?;
             last_checkpoint = Some(saved);
             window_start = Instant::now();
+        }
+
+        if iteration < end && stop_agreed(&opts, &mut *comm, iteration)? {
+            if rank == 0
+                && last_checkpoint
+                    .as_ref()
+                    .is_none_or(|c: &Saved| c.iteration != iteration)
+            {
+                let saved = write_checkpoint(
+                    &opts,
+                    &vs,
+                    &opt,
+                    iteration,
+                    sampler_state,
+                    last_metrics.clone(),
+                    best,
+                    sink,
+                )?;
+                last_checkpoint = Some(saved);
+            }
+            if world > 1 {
+                comm.barrier()?;
+            }
+            sink.event(&TrainEvent::Stopped { iteration });
+            return Ok(TrainSummary {
+                iteration,
+                stopped: true,
+                last_checkpoint,
+                best,
+                last_eval,
+            });
         }
     }
     if world > 1 {
@@ -664,6 +847,7 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
     });
     Ok(TrainSummary {
         iteration: end,
+        stopped: false,
         last_checkpoint,
         best,
         last_eval,
