@@ -12,6 +12,18 @@ impl DaemonProcess {
     /// Starts a CPU worker daemon registering as `host` with the coordinator at `url`; trainer
     /// files and logs go under `work_dir`.
     pub fn start(url: &str, host: &str, work_dir: &Path) -> DaemonProcess {
+        DaemonProcess::start_with(url, host, work_dir, 5, &[])
+    }
+
+    /// Like [`DaemonProcess::start`], with the stop grace period (seconds) and extra
+    /// environment for the daemon and its trainers.
+    pub fn start_with(
+        url: &str,
+        host: &str,
+        work_dir: &Path,
+        grace_seconds: u32,
+        env: &[(&str, &str)],
+    ) -> DaemonProcess {
         std::fs::create_dir_all(work_dir).expect("daemon work dir");
         let log = work_dir.join("daemon.log");
         let err = std::fs::File::create(&log).expect("daemon log");
@@ -24,7 +36,7 @@ impl DaemonProcess {
                 "--host",
                 host,
                 "--grace-seconds",
-                "5",
+                &grace_seconds.to_string(),
                 // Two CPU workers share this machine's cores.
                 "--torch-threads",
                 "1",
@@ -33,6 +45,7 @@ impl DaemonProcess {
             .arg(work_dir)
             .args(["--log-json", "true"])
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err)
@@ -46,6 +59,33 @@ impl DaemonProcess {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
+    }
+
+    /// The daemon's trainer processes (its live children).
+    pub fn trainer_pids(&self) -> Vec<u32> {
+        self.pid().map(children_of).unwrap_or_default()
+    }
+
+    /// SIGSTOP to the daemon and its trainers: they neither send nor answer anything, as if the
+    /// host were cut off from the network (connections stay open but silent).
+    pub fn freeze(&self) {
+        self.signal_all(libc::SIGSTOP);
+    }
+
+    /// SIGCONT: the frozen host comes back.
+    pub fn thaw(&self) {
+        self.signal_all(libc::SIGCONT);
+    }
+
+    fn signal_all(&self, sig: i32) {
+        if let Some(pid) = self.pid() {
+            for p in std::iter::once(pid).chain(children_of(pid)) {
+                // SAFETY: signalling our own child and its children by pid.
+                unsafe {
+                    libc::kill(p as i32, sig);
+                }
+            }
+        }
     }
 
     /// SIGKILL, as in a crash.
@@ -81,4 +121,42 @@ impl Drop for DaemonProcess {
             let _ = c.wait();
         }
     }
+}
+
+/// Live (not zombie) child processes of `pid`, from /proc.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next().unwrap_or("");
+        let ppid = fields.next().and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) && state != "Z" {
+            out.push(child);
+        }
+    }
+    out
+}
+
+/// Whether a process is still alive (and not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.split_whitespace().next() != Some("Z"))
+        })
+        .unwrap_or(false)
 }

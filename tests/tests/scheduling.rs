@@ -325,8 +325,17 @@ async fn placement_spans_the_fewest_hosts() {
 }
 
 #[tokio::test]
-async fn an_expired_lease_fails_the_job_and_stops_the_other_ranks() {
-    let env = Env::start_with(&["--lease-seconds", "2", "--scheduler-interval-ms", "100"]).await;
+async fn an_expired_lease_fails_the_attempt_restarts_the_job_and_stops_the_other_ranks() {
+    // A long backoff keeps the job RESTARTING for the rest of the test.
+    let env = Env::start_with(&[
+        "--lease-seconds",
+        "2",
+        "--scheduler-interval-ms",
+        "100",
+        "--restart-backoff-ms",
+        "600000",
+    ])
+    .await;
     let mut alive = env.worker("host-a", 0).await;
     let mut silent = env.worker("host-a", 1).await;
     // Only one of them heartbeats.
@@ -349,7 +358,8 @@ async fn an_expired_lease_fails_the_job_and_stops_the_other_ranks() {
     silent.started(&s).await;
     assert_eq!(env.state(&job).await, pb::JobState::Running);
 
-    // The silent worker's lease runs out: it is LOST, the job FAILED, the other rank stopped.
+    // The silent worker's lease runs out: it is LOST, the attempt too, the job RESTARTING (an
+    // infrastructure failure, restarts left), the other rank stopped.
     let stop = alive.stop().await;
     assert_eq!((stop.job_id.as_str(), stop.rank), (job.id.as_str(), a.rank));
     assert!(stop.reason.contains("lost"), "{}", stop.reason);
@@ -362,8 +372,10 @@ async fn an_expired_lease_fails_the_job_and_stops_the_other_ranks() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(got.state(), pb::JobState::Failed);
+    assert_eq!(got.state(), pb::JobState::Restarting);
+    assert_eq!(got.restarts, 1);
     assert!(got.reason.contains("lost"), "{}", got.reason);
+    assert!(got.reason.contains("restart 1 of 3"), "{}", got.reason);
     let ws = env.list_workers().await;
     assert_eq!(ws[&silent.id].state(), pb::WorkerState::Lost);
     assert_eq!(ws[&silent.id].job_id, "");

@@ -44,6 +44,8 @@ struct Shared {
     cfg: DaemonConfig,
     channel: Channel,
     worker_id: Mutex<String>,
+    /// The lease the coordinator grants (heartbeats go at a third of it).
+    lease: Mutex<Duration>,
     outbox: Mutex<Outbox>,
     wake_flush: Notify,
     /// Running trainers and how to stop each (`None` once asked to stop: a stopping trainer
@@ -104,6 +106,9 @@ impl Shared {
                     if let Ok(mut w) = self.worker_id.lock() {
                         *w = r.worker_id;
                     }
+                    if let Ok(mut l) = self.lease.lock() {
+                        *l = Duration::from_secs(u64::from(r.lease_seconds.max(1)));
+                    }
                     if let Ok(mut o) = self.outbox.lock() {
                         o.resync(r.acked_seq);
                     }
@@ -145,6 +150,7 @@ pub async fn run(
         cfg,
         channel,
         worker_id: Mutex::new(String::new()),
+        lease: Mutex::new(Duration::from_secs(15)),
         outbox: Mutex::new(Outbox::new(0)),
         wake_flush: Notify::new(),
         running: Mutex::new(HashMap::new()),
@@ -179,8 +185,17 @@ pub async fn run(
     Ok(())
 }
 
+/// Heartbeats at a third of the lease (at most every 3 s), faster while they fail.
 async fn heartbeat_loop(shared: Arc<Shared>) {
-    let mut interval = Duration::from_secs(3);
+    let every = |s: &Shared| {
+        let lease = s
+            .lease
+            .lock()
+            .map(|l| *l)
+            .unwrap_or(Duration::from_secs(15));
+        (lease / 3).clamp(Duration::from_millis(300), Duration::from_secs(3))
+    };
+    let mut interval = every(&shared);
     loop {
         tokio::time::sleep(interval).await;
         let req = pb::HeartbeatRequest {
@@ -197,12 +212,12 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
                         "the coordinator asked this attempt to stop",
                     );
                 }
-                interval = Duration::from_secs(3);
+                interval = every(&shared);
             }
             Err(e) if e.code() == Code::NotFound => shared.register().await,
             Err(e) => {
                 tracing::warn!(error = %e.message(), "heartbeat failed");
-                interval = Duration::from_secs(1);
+                interval = every(&shared).min(Duration::from_secs(1));
             }
         }
     }

@@ -1,0 +1,862 @@
+//! Fault tolerance, end to end (issue 6): real PostgreSQL, the real coordinator, real CPU worker
+//! daemons with their child trainers, and faults injected from outside — kill -9 of a daemon,
+//! of a trainer and of the coordinator, PostgreSQL stopped mid-run, a frozen (partitioned)
+//! host, a corrupted checkpoint, cancels at every stage, a deterministic failure.
+//!
+//! Every test checks that the job ends as it must, and that nothing was lost or duplicated:
+//! one loss per logged iteration through GetMetrics and in the event log.
+//!
+//! The tests run one at a time (they share two cores and time leases).
+
+use segtrain_proto::v1 as pb;
+use segtrain_proto::v1::job_service_client::JobServiceClient;
+use segtrain_tests::binaries;
+use segtrain_tests::coordinator::CoordinatorProcess;
+use segtrain_tests::daemon::{alive, DaemonProcess};
+use segtrain_tests::pg::TempPostgres;
+use sqlx::PgPool;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Lease of the test coordinators: short, so lost workers are found quickly.
+const LEASE_S: u64 = 4;
+
+struct Cluster {
+    tmp: tempfile::TempDir,
+    pg: TempPostgres,
+    coord: CoordinatorProcess,
+    daemons: Vec<DaemonProcess>,
+    pool: PgPool,
+}
+
+struct DaemonOpts<'a> {
+    grace_s: u32,
+    env: &'a [(&'a str, &'a str)],
+}
+
+const DEFAULT_DAEMON: DaemonOpts<'static> = DaemonOpts {
+    grace_s: 10,
+    env: &[],
+};
+
+impl Cluster {
+    async fn start(daemons: usize, backoff_ms: u64, d: DaemonOpts<'_>) -> Cluster {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let data = tmp.path().join("data");
+        let out = Command::new(binaries::path("segtrain-worker"))
+            .args([
+                "synth-data",
+                "--train",
+                "8",
+                "--val",
+                "2",
+                "--size",
+                "64x64",
+            ])
+            .arg("--out")
+            .arg(&data)
+            .output()
+            .expect("synth-data");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pg = TempPostgres::start().expect("PostgreSQL");
+        let lease = LEASE_S.to_string();
+        let backoff = backoff_ms.to_string();
+        let coord = CoordinatorProcess::start_with_args(
+            &pg.url(),
+            &[
+                "--lease-seconds",
+                &lease,
+                "--restart-backoff-ms",
+                &backoff,
+                "--scheduler-interval-ms",
+                "200",
+                "--poll-interval-ms",
+                "500",
+            ],
+        )
+        .await;
+        let daemons = (0..daemons)
+            .map(|i| {
+                let host = format!("cpu-{}", (b'a' + i as u8) as char);
+                DaemonProcess::start_with(
+                    &coord.url(),
+                    &host,
+                    &tmp.path().join(format!("work-{host}")),
+                    d.grace_s,
+                    d.env,
+                )
+            })
+            .collect();
+        let pool = PgPool::connect(&pg.url()).await.expect("connect");
+        Cluster {
+            tmp,
+            pg,
+            coord,
+            daemons,
+            pool,
+        }
+    }
+
+    fn data(&self) -> PathBuf {
+        self.tmp.path().join("data")
+    }
+
+    fn checkpoints(&self) -> PathBuf {
+        self.tmp.path().join("checkpoints")
+    }
+
+    fn spec(&self, world: u32, max_iters: u64, checkpoint_interval: u64) -> pb::JobSpec {
+        pb::JobSpec {
+            name: Some("faults".into()),
+            dataset_root: Some(self.data().display().to_string()),
+            checkpoint_root: Some(self.checkpoints().display().to_string()),
+            world_size: Some(world),
+            batch_per_gpu: Some(1),
+            crop_height: Some(64),
+            crop_width: Some(64),
+            max_iters: Some(max_iters),
+            warmup_iters: Some(1),
+            log_interval: Some(1),
+            eval_interval: Some(0),
+            checkpoint_interval: Some(checkpoint_interval),
+            eval_mode: Some("whole".into()),
+            loader_threads: Some(1),
+            keep_last: Some(3),
+            ..Default::default()
+        }
+    }
+
+    async fn jobs(&self) -> JobServiceClient<Channel> {
+        JobServiceClient::new(self.coord.channel().await)
+    }
+
+    async fn submit(&self, spec: pb::JobSpec) -> String {
+        self.jobs()
+            .await
+            .submit_job(pb::SubmitJobRequest {
+                spec: Some(spec),
+                idempotency_key: String::new(),
+            })
+            .await
+            .expect("submit")
+            .into_inner()
+            .job
+            .expect("job")
+            .id
+    }
+
+    async fn job(&self, id: &str) -> pb::Job {
+        // Through a fresh channel each time: the coordinator may have been restarted.
+        self.jobs()
+            .await
+            .get_job(pb::GetJobRequest {
+                job_id: id.to_string(),
+            })
+            .await
+            .expect("get job")
+            .into_inner()
+    }
+
+    fn logs(&self) -> String {
+        let mut s = format!("coordinator:\n{}\n", self.coord.log_text());
+        for (i, d) in self.daemons.iter().enumerate() {
+            s.push_str(&format!("daemon {i}:\n{}\n", d.log_text()));
+        }
+        s
+    }
+
+    /// Polls the database until `sql` (one boolean, `$1` = the job id) is true.
+    async fn wait_sql(&self, job: &str, sql: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ok: Option<bool> = sqlx::query_scalar(sql)
+                .bind(job)
+                .fetch_one(&self.pool)
+                .await
+                .ok();
+            if ok == Some(true) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for: {sql}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits for a terminal state and returns the job.
+    async fn wait_terminal(&self, id: &str, timeout: Duration) -> pb::Job {
+        self.wait_sql(
+            id,
+            "SELECT state IN ('SUCCEEDED','FAILED','CANCELED') FROM jobs WHERE id = $1::uuid",
+            timeout,
+        )
+        .await;
+        self.job(id).await
+    }
+
+    /// The newest loss iteration stored for the job.
+    async fn wait_iteration(&self, id: &str, iteration: u64) {
+        self.wait_sql(
+            id,
+            &format!(
+                "SELECT coalesce(max(iteration), 0) >= {iteration} FROM metrics
+                 WHERE job_id = $1::uuid AND name = 'loss'"
+            ),
+            Duration::from_secs(180),
+        )
+        .await;
+    }
+
+    /// The newest COMPLETE checkpoint (iteration, uri).
+    async fn latest_checkpoint(&self, id: &str) -> Option<(i64, String)> {
+        sqlx::query_as(
+            "SELECT iteration, uri FROM checkpoints WHERE job_id = $1::uuid AND state = 'COMPLETE'
+             ORDER BY iteration DESC LIMIT 1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .expect("checkpoints")
+    }
+
+    /// The daemon (by index) holding `rank` of the job's current attempt.
+    async fn daemon_of(&self, job: &str, rank: i32) -> usize {
+        let host: String = sqlx::query_scalar(
+            "SELECT w.host FROM attempt_ranks ar JOIN jobs j ON j.id = ar.job_id
+             AND j.attempt = ar.attempt JOIN workers w ON w.id = ar.worker_id
+             WHERE ar.job_id = $1::uuid AND ar.rank = $2",
+        )
+        .bind(job)
+        .bind(rank)
+        .fetch_one(&self.pool)
+        .await
+        .expect("rank holder");
+        (host.as_bytes()[4] - b'a') as usize
+    }
+
+    /// Every event of the job, oldest first.
+    async fn events(&self, id: &str) -> Vec<pb::JobEvent> {
+        let mut stream = self
+            .jobs()
+            .await
+            .watch_job(pb::WatchJobRequest {
+                job_id: id.to_string(),
+                after_event_id: 0,
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        let mut out = Vec::new();
+        while let Ok(Ok(Some(ev))) =
+            tokio::time::timeout(Duration::from_secs(10), stream.message()).await
+        {
+            out.push(ev);
+        }
+        out
+    }
+
+    /// One loss per iteration 1..=max through GetMetrics, one stored row per (attempt,
+    /// iteration), and the loss events of the last attempt cover every iteration after its
+    /// resume point exactly once.
+    async fn assert_every_metric_once(&self, id: &str, max: u64, events: &[pb::JobEvent]) {
+        let points = self
+            .jobs()
+            .await
+            .get_metrics(pb::GetMetricsRequest {
+                job_id: id.to_string(),
+                names: vec!["loss".into()],
+                since_iteration: 0,
+                limit: 0,
+            })
+            .await
+            .expect("metrics")
+            .into_inner()
+            .points;
+        let iters: Vec<u64> = points.iter().map(|p| p.iteration).collect();
+        assert_eq!(iters, (1..=max).collect::<Vec<_>>(), "{}", self.logs());
+        let dup: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT attempt, iteration FROM metrics
+             WHERE job_id = $1::uuid AND name = 'loss' GROUP BY 1, 2 HAVING count(*) > 1) d",
+        )
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await
+        .expect("dups");
+        assert_eq!(dup, 0);
+        // The event log: per attempt, each logged iteration at most once, in order.
+        use pb::job_event::Payload;
+        let mut by_attempt: std::collections::BTreeMap<u32, Vec<u64>> = Default::default();
+        for e in events {
+            if let Some(Payload::Metrics(m)) = &e.payload {
+                if m.values.contains_key("loss") {
+                    by_attempt.entry(e.attempt).or_default().push(m.iteration);
+                }
+            }
+        }
+        for (attempt, its) in &by_attempt {
+            let mut sorted = its.clone();
+            sorted.dedup();
+            assert_eq!(
+                &sorted, its,
+                "attempt {attempt}: duplicated or out of order"
+            );
+        }
+        let last = by_attempt.values().last().expect("some metrics events");
+        assert_eq!(last.last(), Some(&max));
+    }
+
+    fn no_trainer_left(&self) {
+        for (i, d) in self.daemons.iter().enumerate() {
+            let left = d.trainer_pids();
+            assert!(
+                left.is_empty(),
+                "daemon {i} still runs trainers {left:?}\n{}",
+                self.logs()
+            );
+        }
+    }
+}
+
+fn state_changes(events: &[pb::JobEvent]) -> Vec<(pb::JobState, String)> {
+    events
+        .iter()
+        .filter_map(|e| match &e.payload {
+            Some(pb::job_event::Payload::StateChange(s)) => Some((s.to(), s.reason.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn notes(events: &[pb::JobEvent]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match &e.payload {
+            Some(pb::job_event::Payload::Note(n)) => Some(n.text.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn kill9(pid: u32) {
+    // SAFETY: signalling a test-owned process by pid.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+}
+
+/// The restart scenario shared by the kill tests: a world-2 job, `fault` injected once the
+/// checkpoint of iteration 10 is complete; the job must succeed after exactly one restart that
+/// resumed from the newest complete checkpoint.
+async fn one_restart_after(fault: impl FnOnce(&mut Cluster, usize)) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = Cluster::start(2, 300, DEFAULT_DAEMON).await;
+    let max = 30;
+    let id = c.submit(c.spec(2, max, 10)).await;
+    c.wait_sql(
+        &id,
+        "SELECT EXISTS (SELECT 1 FROM checkpoints WHERE job_id = $1::uuid
+                        AND iteration = 10 AND state = 'COMPLETE')",
+        Duration::from_secs(180),
+    )
+    .await;
+    let rank1 = c.daemon_of(&id, 1).await;
+    fault(&mut c, rank1);
+    // Where the failed attempt stood: the restart must resume from its newest checkpoint.
+    c.wait_sql(
+        &id,
+        "SELECT restarts = 1 AND state IN ('RESTARTING','QUEUED','SCHEDULED','RUNNING')
+         FROM jobs WHERE id = $1::uuid",
+        Duration::from_secs(60),
+    )
+    .await;
+    let (ckpt_iter, _) = c.latest_checkpoint(&id).await.expect("a checkpoint");
+    if c.daemons[rank1].pid().is_none() {
+        // The killed daemon comes back, as systemd's Restart=always would bring it.
+        let host = "cpu-".to_string() + &((b'a' + rank1 as u8) as char).to_string();
+        c.daemons[rank1] = DaemonProcess::start_with(
+            &c.coord.url(),
+            &host,
+            &c.tmp.path().join(format!("work-{host}")),
+            10,
+            &[],
+        );
+    }
+    let job = c.wait_terminal(&id, Duration::from_secs(300)).await;
+    assert_eq!(job.state(), pb::JobState::Succeeded, "{}", c.logs());
+    assert_eq!(job.restarts, 1);
+    assert_eq!(job.attempt, 2);
+    assert_eq!(job.resumed_from_iteration, Some(ckpt_iter as u64));
+    let events = c.events(&id).await;
+    let changes = state_changes(&events);
+    assert!(
+        changes
+            .iter()
+            .any(|(s, r)| *s == pb::JobState::Restarting && r.contains("restart 1 of 3")),
+        "{changes:#?}"
+    );
+    assert!(
+        notes(&events)
+            .iter()
+            .any(|n| n.contains(&format!("resumed from iteration {ckpt_iter}"))),
+        "{:#?}",
+        notes(&events)
+    );
+    c.assert_every_metric_once(&id, max, &events).await;
+    c.no_trainer_left();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_worker_daemon_restarts_the_job_from_its_last_checkpoint() {
+    one_restart_after(|c, rank1| {
+        let trainers = c.daemons[rank1].trainer_pids();
+        assert_eq!(trainers.len(), 1, "one trainer under the daemon");
+        c.daemons[rank1].kill();
+        // The orphaned trainer dies with its daemon (PR_SET_PDEATHSIG).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while trainers.iter().any(|p| alive(*p)) {
+            assert!(Instant::now() < deadline, "trainer outlived its daemon");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_trainer_restarts_the_job_from_its_last_checkpoint() {
+    one_restart_after(|c, rank1| {
+        let trainers = c.daemons[rank1].trainer_pids();
+        assert_eq!(trainers.len(), 1, "one trainer under the daemon");
+        kill9(trainers[0]);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_worker_is_failed_within_its_lease_and_the_job_restarts_without_it() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start(
+        3,
+        300,
+        DaemonOpts {
+            grace_s: 3,
+            env: &[],
+        },
+    )
+    .await;
+    let max = 30;
+    let id = c.submit(c.spec(2, max, 10)).await;
+    c.wait_sql(
+        &id,
+        "SELECT EXISTS (SELECT 1 FROM checkpoints WHERE job_id = $1::uuid
+                        AND iteration = 10 AND state = 'COMPLETE')",
+        Duration::from_secs(180),
+    )
+    .await;
+    let cut = c.daemon_of(&id, 1).await;
+    let peer = c.daemon_of(&id, 0).await;
+    let peer_trainers = c.daemons[peer].trainer_pids();
+    c.daemons[cut].freeze();
+    let frozen_at = Instant::now();
+    c.wait_sql(
+        &id,
+        "SELECT state IN ('LOST','FAILED') FROM attempts WHERE job_id = $1::uuid AND attempt = 1",
+        Duration::from_secs(3 * LEASE_S),
+    )
+    .await;
+    let detected = frozen_at.elapsed();
+    // The other rank does not hang on its silent peer: its trainer is stopped (killed after
+    // the grace period) well before any collective timeout.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while peer_trainers.iter().any(|p| alive(*p)) {
+        assert!(
+            Instant::now() < deadline,
+            "the surviving rank's trainer still runs\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let job = c.wait_terminal(&id, Duration::from_secs(300)).await;
+    assert_eq!(job.state(), pb::JobState::Succeeded, "{}", c.logs());
+    assert_eq!(job.restarts, 1);
+    assert!(
+        detected <= Duration::from_secs(LEASE_S + 3),
+        "lost after {detected:?}, lease {LEASE_S} s"
+    );
+    let lost_reason: String =
+        sqlx::query_scalar("SELECT reason FROM attempts WHERE job_id = $1::uuid AND attempt = 1")
+            .bind(&id)
+            .fetch_one(&c.pool)
+            .await
+            .expect("attempt 1");
+    assert!(lost_reason.contains("LOST"), "{lost_reason}");
+    // The second attempt ran on the two others.
+    let hosts: Vec<String> = sqlx::query_scalar(
+        "SELECT w.host FROM attempt_ranks ar JOIN workers w ON w.id = ar.worker_id
+         WHERE ar.job_id = $1::uuid AND ar.attempt = 2 ORDER BY ar.rank",
+    )
+    .bind(&id)
+    .fetch_all(&c.pool)
+    .await
+    .expect("attempt 2 ranks");
+    let cut_host = format!("cpu-{}", (b'a' + cut as u8) as char);
+    assert!(!hosts.contains(&cut_host), "{hosts:?}");
+    // The host comes back: its stale trainer is told to stop, and its late reports are refused.
+    let stale = c.daemons[cut].trainer_pids();
+    c.daemons[cut].thaw();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stale.iter().any(|p| alive(*p)) {
+        assert!(
+            Instant::now() < deadline,
+            "the stale trainer still runs\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let events = c.events(&id).await;
+    c.assert_every_metric_once(&id, max, &events).await;
+    c.no_trainer_left();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_coordinator_mid_run_loses_and_duplicates_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = Cluster::start(2, 300, DEFAULT_DAEMON).await;
+    let max = 30;
+    let id = c.submit(c.spec(2, max, 10)).await;
+    c.wait_iteration(&id, 5).await;
+    let trainers: Vec<u32> = c.daemons.iter().flat_map(|d| d.trainer_pids()).collect();
+    c.coord.kill();
+    // Down for a while: the trainers keep training, the daemons keep their events.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    c.coord.restart().await;
+    let job = c.wait_terminal(&id, Duration::from_secs(300)).await;
+    assert_eq!(job.state(), pb::JobState::Succeeded, "{}", c.logs());
+    assert_eq!(job.restarts, 0, "the trainers survived the coordinator");
+    assert_eq!(job.attempt, 1);
+    assert!(trainers.iter().all(|p| !alive(*p)));
+    // Exactly one row per logged iteration (one attempt), and every metrics event once.
+    let rows: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT iteration, count(*) FROM metrics WHERE job_id = $1::uuid AND name = 'loss'
+         GROUP BY iteration ORDER BY iteration",
+    )
+    .bind(&id)
+    .fetch_all(&c.pool)
+    .await
+    .expect("rows");
+    assert_eq!(rows, (1..=max as i64).map(|i| (i, 1)).collect::<Vec<_>>());
+    let events = c.events(&id).await;
+    c.assert_every_metric_once(&id, max, &events).await;
+    c.no_trainer_left();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopped_mid_run_loses_no_event_and_health_says_so() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = Cluster::start(2, 300, DEFAULT_DAEMON).await;
+    let max = 30;
+    let id = c.submit(c.spec(2, max, 10)).await;
+    c.wait_iteration(&id, 5).await;
+    let mut health = HealthClient::new(c.coord.channel().await);
+    let status = |h: &mut HealthClient<Channel>| {
+        let mut h = h.clone();
+        async move {
+            h.check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner().status())
+            .ok()
+        }
+    };
+    assert_eq!(status(&mut health).await, Some(ServingStatus::Serving));
+    c.pg.stop().expect("stop PostgreSQL");
+    let stopped_at = Instant::now();
+    let mut saw_not_serving = false;
+    while stopped_at.elapsed() < Duration::from_secs(6) {
+        if status(&mut health).await == Some(ServingStatus::NotServing) {
+            saw_not_serving = true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.pg.start_again().expect("start PostgreSQL");
+    assert!(
+        saw_not_serving,
+        "health never said NOT_SERVING\n{}",
+        c.logs()
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(&mut health).await != Some(ServingStatus::Serving) {
+        assert!(Instant::now() < deadline, "health never recovered");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let job = c.wait_terminal(&id, Duration::from_secs(300)).await;
+    assert_eq!(job.state(), pb::JobState::Succeeded, "{}", c.logs());
+    assert_eq!(
+        job.restarts, 0,
+        "an outage of the database is not a failure of the job"
+    );
+    let events = c.events(&id).await;
+    // Every logged iteration has its metrics event, once, and so does every checkpoint.
+    let its: Vec<u64> = events
+        .iter()
+        .filter_map(|e| match &e.payload {
+            Some(pb::job_event::Payload::Metrics(m)) => Some(m.iteration),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(its, (1..=max).collect::<Vec<_>>());
+    let ckpts: Vec<u64> = events
+        .iter()
+        .filter_map(|e| match &e.payload {
+            Some(pb::job_event::Payload::Checkpoint(k)) => {
+                k.checkpoint.as_ref().map(|k| k.iteration)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ckpts, vec![10, 20, 30]);
+    c.assert_every_metric_once(&id, max, &events).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_latest_checkpoint_is_skipped_and_the_previous_one_resumed() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // A long backoff leaves time to corrupt the checkpoint before the restart.
+    let c = Cluster::start(1, 3000, DEFAULT_DAEMON).await;
+    let max = 40;
+    let id = c.submit(c.spec(1, max, 10)).await;
+    c.wait_sql(
+        &id,
+        "SELECT count(*) >= 2 FROM checkpoints WHERE job_id = $1::uuid AND state = 'COMPLETE'",
+        Duration::from_secs(180),
+    )
+    .await;
+    let trainer = c.daemons[0].trainer_pids();
+    assert_eq!(trainer.len(), 1);
+    kill9(trainer[0]);
+    c.wait_sql(
+        &id,
+        "SELECT state = 'RESTARTING' FROM jobs WHERE id = $1::uuid",
+        Duration::from_secs(30),
+    )
+    .await;
+    let complete: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT iteration, uri FROM checkpoints WHERE job_id = $1::uuid AND state = 'COMPLETE'
+         ORDER BY iteration DESC",
+    )
+    .bind(&id)
+    .fetch_all(&c.pool)
+    .await
+    .expect("checkpoints");
+    let (bad_iter, bad_uri) = complete[0].clone();
+    let (good_iter, _) = complete[1].clone();
+    // Flip bytes in the middle of the model file.
+    let model = Path::new(&bad_uri).join("model.safetensors");
+    let mut bytes = std::fs::read(&model).expect("model file");
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 64] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&model, &bytes).expect("corrupt");
+
+    let job = c.wait_terminal(&id, Duration::from_secs(300)).await;
+    assert_eq!(job.state(), pb::JobState::Succeeded, "{}", c.logs());
+    assert_eq!(job.restarts, 1);
+    assert_eq!(job.resumed_from_iteration, Some(good_iter as u64));
+    let events = c.events(&id).await;
+    let notes = notes(&events);
+    assert!(
+        notes.iter().any(|n| n.contains(&format!(
+            "checkpoint of iteration {bad_iter} ({bad_uri}) is unusable and marked CORRUPT"
+        )) && n.contains("fell back to the previous complete checkpoint")
+            && n.contains(&format!("resumed from iteration {good_iter}"))),
+        "{notes:#?}"
+    );
+    c.assert_every_metric_once(&id, max, &events).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_during_rendezvous_ends_canceled_with_no_trainer_left() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start(2, 300, DEFAULT_DAEMON).await;
+    // Rank 1's host is frozen before the job is placed: rank 0 waits in the rendezvous.
+    c.daemons[1].freeze();
+    let id = c.submit(c.spec(2, 30, 10)).await;
+    c.wait_sql(
+        &id,
+        "SELECT state = 'RENDEZVOUS' FROM attempts WHERE job_id = $1::uuid AND attempt = 1",
+        Duration::from_secs(60),
+    )
+    .await;
+    let rank0 = c.daemons[0].trainer_pids();
+    assert_eq!(rank0.len(), 1, "rank 0 waits in the rendezvous");
+    c.jobs()
+        .await
+        .cancel_job(pb::CancelJobRequest {
+            job_id: id.clone(),
+            reason: "test".into(),
+        })
+        .await
+        .expect("cancel");
+    // Rank 0 stops at once; the frozen rank's lease runs out, which counts as stopped.
+    let job = c.wait_terminal(&id, Duration::from_secs(60)).await;
+    assert_eq!(job.state(), pb::JobState::Canceled, "{}", c.logs());
+    assert!(rank0.iter().all(|p| !alive(*p)));
+    c.daemons[1].thaw();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.no_trainer_left();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_during_training_checkpoints_gracefully_and_ends_canceled() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start(2, 300, DEFAULT_DAEMON).await;
+    let id = c.submit(c.spec(2, 1000, 500)).await;
+    c.wait_iteration(&id, 3).await;
+    c.jobs()
+        .await
+        .cancel_job(pb::CancelJobRequest {
+            job_id: id.clone(),
+            reason: "test".into(),
+        })
+        .await
+        .expect("cancel");
+    let job = c.wait_terminal(&id, Duration::from_secs(60)).await;
+    assert_eq!(job.state(), pb::JobState::Canceled, "{}", c.logs());
+    c.no_trainer_left();
+    // The trainers stopped together after one iteration and rank 0 saved it first.
+    let (it, uri) = c
+        .latest_checkpoint(&id)
+        .await
+        .expect("a checkpoint written on the way out");
+    assert!(it >= 3 && it < 1000, "checkpoint at {it}");
+    assert!(Path::new(&uri).join("manifest.json").exists());
+    let outcomes: Vec<String> = sqlx::query_scalar(
+        "SELECT outcome FROM attempt_ranks WHERE job_id = $1::uuid ORDER BY rank",
+    )
+    .bind(&id)
+    .fetch_all(&c.pool)
+    .await
+    .expect("outcomes");
+    assert_eq!(outcomes, ["CANCELED", "CANCELED"]);
+}
+
+/// Cancel while rank 0 is writing a checkpoint (the write is slowed down by the fault hook).
+/// With enough grace the write completes and the checkpoint is COMPLETE; when the grace runs
+/// out first the trainer is killed mid-write and the checkpoint stays PENDING, never resumable.
+async fn cancel_during_checkpoint_write(grace_s: u32) -> (Cluster, String) {
+    let c = Cluster::start(
+        1,
+        300,
+        DaemonOpts {
+            grace_s,
+            env: &[("SEGTRAIN_TEST_CHECKPOINT_DELAY_MS", "4000")],
+        },
+    )
+    .await;
+    let id = c.submit(c.spec(1, 1000, 5)).await;
+    c.wait_sql(
+        &id,
+        "SELECT EXISTS (SELECT 1 FROM checkpoints WHERE job_id = $1::uuid AND iteration = 5
+                        AND state = 'PENDING')",
+        Duration::from_secs(120),
+    )
+    .await;
+    c.jobs()
+        .await
+        .cancel_job(pb::CancelJobRequest {
+            job_id: id.clone(),
+            reason: "test".into(),
+        })
+        .await
+        .expect("cancel");
+    let job = c.wait_terminal(&id, Duration::from_secs(60)).await;
+    assert_eq!(job.state(), pb::JobState::Canceled, "{}", c.logs());
+    c.no_trainer_left();
+    (c, id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_during_a_checkpoint_write_finishes_the_write_within_the_grace() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (c, id) = cancel_during_checkpoint_write(20).await;
+    let state: String = sqlx::query_scalar(
+        "SELECT state FROM checkpoints WHERE job_id = $1::uuid AND iteration = 5",
+    )
+    .bind(&id)
+    .fetch_one(&c.pool)
+    .await
+    .expect("checkpoint 5");
+    assert_eq!(state, "COMPLETE");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_during_a_checkpoint_write_past_the_grace_leaves_it_pending() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (c, id) = cancel_during_checkpoint_write(1).await;
+    let (state, uri): (String, String) = sqlx::query_as(
+        "SELECT state, uri FROM checkpoints WHERE job_id = $1::uuid AND iteration = 5",
+    )
+    .bind(&id)
+    .fetch_one(&c.pool)
+    .await
+    .expect("checkpoint 5");
+    assert_eq!(
+        state, "PENDING",
+        "a half-written checkpoint is never COMPLETE"
+    );
+    assert!(
+        !Path::new(&uri).join("manifest.json").exists(),
+        "nothing was renamed into place"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deterministic_failure_fails_the_job_at_once_and_infra_failures_stop_at_max_restarts() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start(1, 300, DEFAULT_DAEMON).await;
+    // The dataset is not there: a restart would fail the same way.
+    let mut spec = c.spec(1, 10, 5);
+    spec.dataset_root = Some(c.tmp.path().join("no-such-data").display().to_string());
+    let id = c.submit(spec).await;
+    let job = c.wait_terminal(&id, Duration::from_secs(60)).await;
+    assert_eq!(job.state(), pb::JobState::Failed);
+    assert_eq!(job.restarts, 0);
+    assert!(
+        job.reason.contains("FAILED_DETERMINISTIC") && job.reason.contains("not retried"),
+        "{}",
+        job.reason
+    );
+    assert!(job.reason.contains("no-such-data"), "{}", job.reason);
+
+    // No restarts allowed: a killed trainer fails the job, saying why.
+    let mut spec = c.spec(1, 1000, 500);
+    spec.max_restarts = Some(0);
+    let id = c.submit(spec).await;
+    c.wait_iteration(&id, 2).await;
+    let trainer = c.daemons[0].trainer_pids();
+    assert_eq!(trainer.len(), 1);
+    kill9(trainer[0]);
+    let job = c.wait_terminal(&id, Duration::from_secs(60)).await;
+    assert_eq!(job.state(), pb::JobState::Failed);
+    assert!(
+        job.reason.contains("killed by signal 9") && job.reason.contains("no restarts left"),
+        "{}",
+        job.reason
+    );
+}
