@@ -97,13 +97,22 @@ impl Cluster {
             })
             .collect();
         let pool = PgPool::connect(&pg.url()).await.expect("connect");
-        Cluster {
+        let c = Cluster {
             tmp,
             pg,
             coord,
             daemons,
             pool,
-        }
+        };
+        // Every daemon has registered before a test injects anything.
+        let n = c.daemons.len();
+        c.wait_sql(
+            "",
+            &format!("SELECT count(*) = {n} OR $1 = 'never' FROM workers WHERE state = 'IDLE'"),
+            Duration::from_secs(60),
+        )
+        .await;
+        c
     }
 
     fn data(&self) -> PathBuf {

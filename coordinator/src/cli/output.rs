@@ -14,6 +14,8 @@ pub struct JobView {
     pub attempt: u32,
     pub restarts: u32,
     pub iteration: u64,
+    /// The checkpoint iteration the current attempt resumed from.
+    pub resumed_from_iteration: Option<u64>,
     pub max_iters: u64,
     pub world_size: u32,
     pub variant: String,
@@ -52,6 +54,7 @@ impl From<&pb::Job> for JobView {
             attempt: j.attempt,
             restarts: j.restarts,
             iteration: j.iteration,
+            resumed_from_iteration: j.resumed_from_iteration,
             max_iters: spec.max_iters.unwrap_or_default(),
             world_size: spec.world_size.unwrap_or_default(),
             variant: spec.variant.clone().unwrap_or_default(),
@@ -137,6 +140,12 @@ impl Printer {
             ("iteration", format!("{} / {}", j.iteration, j.max_iters)),
             ("attempt", j.attempt.to_string()),
             ("restarts", j.restarts.to_string()),
+            (
+                "resumed at",
+                j.resumed_from_iteration
+                    .map(|i| format!("iteration {i}"))
+                    .unwrap_or_default(),
+            ),
             ("reason", j.reason.clone()),
             ("created", j.created_at.clone()),
             ("updated", j.updated_at.clone()),
