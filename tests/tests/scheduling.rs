@@ -338,15 +338,18 @@ async fn an_expired_lease_fails_the_attempt_restarts_the_job_and_stops_the_other
     .await;
     let mut alive = env.worker("host-a", 0).await;
     let mut silent = env.worker("host-a", 1).await;
-    // Only one of them heartbeats.
+    // Only one of them heartbeats, listing its trainer once it runs one.
     let mut hb = alive.client.clone();
     let alive_id = alive.id.clone();
+    let running_here = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let listed = running_here.clone();
     let beat = tokio::spawn(async move {
         loop {
+            let running = listed.lock().map(|r| r.clone()).unwrap_or_default();
             let _ = hb
                 .heartbeat(pb::HeartbeatRequest {
                     worker_id: alive_id.clone(),
-                    running: vec![],
+                    running,
                 })
                 .await;
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -354,6 +357,11 @@ async fn an_expired_lease_fails_the_attempt_restarts_the_job_and_stops_the_other
     });
     let job = env.submit("fragile", 2, 0).await;
     let (a, s) = (alive.start().await, silent.start().await);
+    running_here.lock().unwrap().push(pb::RunningTrainer {
+        job_id: a.job_id.clone(),
+        attempt: a.attempt,
+        rank: a.rank,
+    });
     alive.started(&a).await;
     silent.started(&s).await;
     assert_eq!(env.state(&job).await, pb::JobState::Running);
@@ -402,6 +410,95 @@ async fn an_expired_lease_fails_the_attempt_restarts_the_job_and_stops_the_other
         env.list_workers().await[&silent.id].state(),
         pb::WorkerState::Idle
     );
+
+    // Cancel wins over the pending restart: CANCELED at once, never queued again.
+    let canceled = env
+        .jobs()
+        .await
+        .cancel_job(pb::CancelJobRequest {
+            job_id: job.id.clone(),
+            reason: "enough".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
+    assert_eq!(canceled.state(), pb::JobState::Canceled);
+    assert!(alive
+        .try_message(Duration::from_millis(500))
+        .await
+        .is_none());
+    assert_eq!(env.state(&job).await, pb::JobState::Canceled);
+}
+
+#[tokio::test]
+async fn a_restarting_job_is_queued_again_after_its_backoff_and_resumes() {
+    let env = Env::start_with(&[
+        "--lease-seconds",
+        "300",
+        "--scheduler-interval-ms",
+        "50",
+        "--restart-backoff-ms",
+        "300",
+    ])
+    .await;
+    let mut w = env.worker("host-r", 0).await;
+    let job = env.submit("flaky", 1, 0).await;
+    let a = w.start().await;
+    assert_eq!(a.attempt, 1);
+    w.started(&a).await;
+    // A checkpoint completes, then the trainer crashes (an infrastructure failure).
+    let sha = "ab".repeat(32);
+    let ckpt = w.event(
+        &job.id,
+        1,
+        0,
+        pb::worker_event::Payload::Checkpoint(pb::CheckpointReport {
+            checkpoint: Some(pb::Checkpoint {
+                iteration: 40,
+                uri: "/ckpt/a1/ckpt-00000040".into(),
+                sha256: sha.clone(),
+                bytes: 10,
+                ..Default::default()
+            }),
+        }),
+    );
+    w.report(vec![ckpt]).await.expect("checkpoint stored");
+    w.finished(&job.id, 1, 0, pb::Outcome::FailedInfra).await;
+    // RESTARTING, then QUEUED after the backoff, then attempt 2 resuming from iteration 40.
+    let b = w.start().await;
+    assert_eq!((b.attempt, b.resume_iteration), (2, 40));
+    assert_eq!(b.resume_from, "/ckpt/a1/ckpt-00000040");
+    assert_eq!(b.resume_candidates.len(), 1);
+    assert_eq!(b.resume_candidates[0].sha256, sha);
+    let got = env
+        .jobs()
+        .await
+        .get_job(pb::GetJobRequest {
+            job_id: job.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.restarts, 1);
+    assert!(got.reason.contains("restart 1 of 3"), "{}", got.reason);
+    // A deterministic failure of the new attempt is not retried.
+    w.started(&b).await;
+    w.finished(&job.id, 2, 0, pb::Outcome::FailedDeterministic)
+        .await;
+    assert_eq!(env.state(&job).await, pb::JobState::Failed);
+    let got = env
+        .jobs()
+        .await
+        .get_job(pb::GetJobRequest {
+            job_id: job.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.restarts, 1);
+    assert!(got.reason.contains("not retried"), "{}", got.reason);
 }
 
 #[tokio::test]

@@ -32,7 +32,12 @@ impl Env {
         let pg = TempPostgres::start().expect("throwaway PostgreSQL");
         // A long lease: these tests do not heartbeat in the background.
         let coord =
-            CoordinatorProcess::start_with_args(&pg.url(), &["--lease-seconds", "300"]).await;
+            // A long restart backoff: a job that restarts stays RESTARTING while a test looks.
+            CoordinatorProcess::start_with_args(
+                &pg.url(),
+                &["--lease-seconds", "300", "--restart-backoff-ms", "600000"],
+            )
+            .await;
         let store = Store::connect(&pg.url()).await.expect("store connects");
         Env {
             _pg: pg,
@@ -807,11 +812,13 @@ async fn a_restarted_daemon_gets_unstarted_work_again_and_fails_lost_trainers() 
         pb::WorkerState::Busy
     );
 
-    // A started rank whose trainer vanished with its daemon fails the attempt.
+    // A started rank whose trainer vanished with its daemon fails the attempt (an
+    // infrastructure failure: the job restarts).
     w1.started(&a1).await;
     let _w1b = env.worker("host-a", 1).await;
     let failed = env.job(&job.id).await;
-    assert_eq!(failed.state(), pb::JobState::Failed);
+    assert_eq!(failed.state(), pb::JobState::Restarting);
+    assert_eq!(failed.restarts, 1);
     assert!(failed.reason.contains("re-registered"), "{}", failed.reason);
     assert_eq!(
         env.list_workers().await[&w1.id].state(),

@@ -242,7 +242,7 @@ async fn transition_locked(
     current.state.check_transition(to)?;
     let row: JobRow = sqlx::query_as(&format!(
         "UPDATE jobs SET state = $2,
-                reason = CASE WHEN $3 = '' THEN reason ELSE $3 END,
+                reason = CASE WHEN $3 = '' OR NOT $5 THEN reason ELSE $3 END,
                 updated_at = now(),
                 finished_at = CASE WHEN $4 THEN now() ELSE finished_at END
          WHERE id = $1
@@ -252,6 +252,12 @@ async fn transition_locked(
     .bind(to.as_str())
     .bind(reason)
     .bind(to.is_terminal())
+    // The job's reason says why it failed, was canceled, or last restarted; every transition's
+    // reason is in its event.
+    .bind(matches!(
+        to,
+        JobState::Failed | JobState::Canceled | JobState::Canceling | JobState::Restarting
+    ))
     .fetch_one(&mut **tx)
     .await?;
     insert_event(
