@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: setup build test fmt-check clippy demo clean-demo
+.PHONY: setup build test fuzz fmt-check clippy demo clean-demo
 
 ## setup: system packages, the torch venv (outside the checkout), build. Idempotent.
 setup:
@@ -14,6 +14,10 @@ build: setup
 test: setup fmt-check clippy
 	$(CARGO) build --workspace --bins --quiet
 	$(CARGO) test --workspace --no-fail-fast
+
+## fuzz: the job-spec and job-file property tests (spec/tests/fuzz.rs), far longer than in `test`.
+fuzz:
+	PROPTEST_CASES=$${PROPTEST_CASES:-100000} $(CARGO) test -p segtrain-spec --test fuzz --release
 
 fmt-check:
 	$(CARGO) fmt --all -- --check

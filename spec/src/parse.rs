@@ -21,6 +21,11 @@ impl JobSpecInput {
         // Convert one key at a time, in field order, so that a type error names its field.
         for field in FIELDS {
             if let Some(value) = table.get(*field) {
+                // serde would read a TOML date or time (`name = 1979-05-27`) as its text, so a
+                // string field would accept it; no field is a date or a time.
+                if let toml::Value::Datetime(d) = value {
+                    return Err(SpecError::new(*field, datetime_message(d)));
+                }
                 let mut one = toml::Table::new();
                 one.insert(field.to_string(), value.clone());
                 if let Err(e) = one.try_into::<JobSpecInput>() {
@@ -70,6 +75,13 @@ fn syntax_error(s: &str, e: &toml::de::Error) -> SpecError {
     SpecError::new(key.copied().unwrap_or(WHOLE_FILE), message)
 }
 
+fn datetime_message(d: &toml::value::Datetime) -> String {
+    format!(
+        "invalid type: TOML date/time {d}; no field is a date or a time \
+         (write \"{d}\" if a string is meant)"
+    )
+}
+
 fn unknown_field_message(key: &str) -> String {
     let hint = match closest_field(key) {
         Some(f) => format!("; did you mean `{f}`?"),
@@ -81,8 +93,12 @@ fn unknown_field_message(key: &str) -> String {
 /// The field a mistyped key most likely meant (kebab-case or a small typo), if any is close.
 fn closest_field(key: &str) -> Option<&'static str> {
     let key = key.replace('-', "_").to_ascii_lowercase();
+    let chars = key.chars().count();
     FIELDS
         .iter()
+        // The distance is at least the difference in length: skip the work for keys that cannot
+        // be close (a huge key would otherwise cost a full edit distance per field).
+        .filter(|f| f.len().abs_diff(chars) <= 2)
         .map(|f| (edit_distance(&key, f), *f))
         .filter(|(d, _)| *d <= 2)
         .min()

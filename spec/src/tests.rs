@@ -520,6 +520,54 @@ fn toml_errors_name_the_key() {
 }
 
 #[test]
+fn unknown_key_hints_allow_two_edits() {
+    let hint = |key: &str| {
+        let err = JobSpecInput::from_toml_str(&format!("{key} = 1\n")).unwrap_err();
+        assert_eq!(err.field, key);
+        err.message.contains("did you mean `seed`")
+    };
+    assert!(hint("sed") && hint("se") && hint("seedxy") && hint("SEED-"));
+    assert!(!hint("s") && !hint("seedxyz"));
+    // A huge key gets no hint (and costs no edit distance: the fuzz test took seconds on these).
+    let key = format!("\"{}\"", "k".repeat(100_000));
+    let err = JobSpecInput::from_toml_str(&format!("{key} = 1\n")).unwrap_err();
+    assert!(
+        err.message.starts_with("unknown field ("),
+        "{}",
+        err.message
+    );
+}
+
+/// Regression (found by `tests/fuzz.rs`): serde read a TOML date or time as its text, so an
+/// unquoted `name = 1979-05-27` was accepted as the name "1979-05-27".
+#[test]
+fn toml_dates_and_times_are_not_strings() {
+    for (text, field) in [
+        ("name = 1979-05-27\n", "name"),
+        ("dataset_root = 07:32:00\n", "dataset_root"),
+        ("precision = 1979-05-27T07:32:00Z\n", "precision"),
+        (
+            "checkpoint_root = 1979-05-27T07:32:00.5-07:00\n",
+            "checkpoint_root",
+        ),
+        ("seed = 1979-05-27\n", "seed"),
+    ] {
+        let err = JobSpecInput::from_toml_str(text).expect_err(text);
+        assert_eq!(err.field, field, "{err}");
+        assert!(err.message.contains("date/time"), "{err}");
+    }
+    let err = JobSpecInput::from_toml_str("name = 1979-05-27\n").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "name: invalid type: TOML date/time 1979-05-27; no field is a date or a time \
+         (write \"1979-05-27\" if a string is meant)"
+    );
+    // Quoted, it is a string (and a valid name).
+    let input = JobSpecInput::from_toml_str("name = \"1979-05-27\"\n").expect("parses");
+    assert_eq!(input.name.as_deref(), Some("1979-05-27"));
+}
+
+#[test]
 fn valid_locations_are_accepted() {
     for loc in [
         "/abs/path",
