@@ -12,6 +12,17 @@ impl DaemonProcess {
     /// Starts a CPU worker daemon registering as `host` with the coordinator at `url`; trainer
     /// files and logs go under `work_dir`.
     pub fn start(url: &str, host: &str, work_dir: &Path) -> DaemonProcess {
+        DaemonProcess::start_with_args(url, host, work_dir, &[])
+    }
+
+    /// [`start`](Self::start) with extra flags, e.g. `--ca PATH --token-file PATH` for a
+    /// coordinator started with `CoordinatorProcess::start_secure`.
+    pub fn start_with_args(
+        url: &str,
+        host: &str,
+        work_dir: &Path,
+        args: &[&std::ffi::OsStr],
+    ) -> DaemonProcess {
         std::fs::create_dir_all(work_dir).expect("daemon work dir");
         let log = work_dir.join("daemon.log");
         let err = std::fs::File::create(&log).expect("daemon log");
@@ -32,6 +43,8 @@ impl DaemonProcess {
             .arg("--work-dir")
             .arg(work_dir)
             .args(["--log-json", "true"])
+            .args(args)
+            .env_remove("SEGTRAIN_TOKEN")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -193,6 +193,17 @@ fn text(field: &str, s: &str, allow_empty: bool) -> Result<String, Status> {
     Ok(s.to_string())
 }
 
+/// An attempt number: attempts are numbered from 1.
+fn attempt(field: &str, a: u32) -> Result<u32, Status> {
+    if a == 0 {
+        return Err(invalid(
+            field,
+            "must be at least 1 (attempts are numbered from 1)",
+        ));
+    }
+    Ok(a)
+}
+
 fn finite(field: &str, x: f64) -> Result<f64, Status> {
     if x.is_finite() {
         Ok(x)
@@ -220,6 +231,19 @@ fn event(i: usize, e: &pb::WorkerEvent) -> Result<IngestEvent, Status> {
             f("rank"),
             format!("must be 0..={MAX_RANK}, got {}", e.rank),
         ));
+    }
+    attempt(&f("attempt"), e.attempt)?;
+    if let Some(t) = &e.time {
+        // Years 1970 to 9999, nanoseconds within the second.
+        if !(0..=253_402_300_799).contains(&t.seconds) || !(0..1_000_000_000).contains(&t.nanos) {
+            return Err(invalid(
+                f("time"),
+                format!(
+                    "must be a time between 1970 and 9999 with 0..1e9 nanoseconds, got {}s {}ns",
+                    t.seconds, t.nanos
+                ),
+            ));
+        }
     }
     let body = match &e.payload {
         None => {
@@ -481,6 +505,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         let req = req.into_inner();
         let id = worker_id(&req.worker_id)?;
         let job = parse_job_id("job_id", &req.job_id)?;
+        attempt("attempt", req.attempt)?;
         let endpoint = publish_endpoint(&req.endpoint)?;
         self.known_worker(id).await?;
         self.store
@@ -498,6 +523,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         let req = req.into_inner();
         let id = worker_id(&req.worker_id)?;
         let job = parse_job_id("job_id", &req.job_id)?;
+        attempt("attempt", req.attempt)?;
         if !(1..=MAX_RENDEZVOUS_WAIT).contains(&req.timeout_seconds) {
             return Err(invalid(
                 "timeout_seconds",
