@@ -223,3 +223,28 @@ pub fn connect_lazy(
     let channel = endpoint(url, tls)?.connect_lazy();
     Ok(InterceptedService::new(channel, token))
 }
+
+/// A status's message followed by its causes (a transport error's message alone is often just
+/// "transport error"; the cause says e.g. "invalid peer certificate: UnknownIssuer").
+pub fn status_detail(s: &Status) -> String {
+    let mut out = s.message().to_string();
+    let mut cause = std::error::Error::source(s);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out.replace(['\n', '\r'], " ")
+}
+
+/// Whether a failed call failed in the TLS handshake (an untrusted or mismatched certificate, a
+/// missing client certificate, plaintext against TLS).
+pub fn is_tls_failure(s: &Status) -> bool {
+    let d = status_detail(s).to_ascii_lowercase();
+    ["certificate", "tls", "alert", "handshake", "invalid peer"]
+        .iter()
+        .any(|k| d.contains(k))
+}

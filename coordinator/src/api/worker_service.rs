@@ -193,17 +193,6 @@ fn text(field: &str, s: &str, allow_empty: bool) -> Result<String, Status> {
     Ok(s.to_string())
 }
 
-/// An attempt number: attempts are numbered from 1.
-fn attempt(field: &str, a: u32) -> Result<u32, Status> {
-    if a == 0 {
-        return Err(invalid(
-            field,
-            "must be at least 1 (attempts are numbered from 1)",
-        ));
-    }
-    Ok(a)
-}
-
 fn finite(field: &str, x: f64) -> Result<f64, Status> {
     if x.is_finite() {
         Ok(x)
@@ -232,7 +221,9 @@ fn event(i: usize, e: &pb::WorkerEvent) -> Result<IngestEvent, Status> {
             format!("must be 0..={MAX_RANK}, got {}", e.rank),
         ));
     }
-    attempt(&f("attempt"), e.attempt)?;
+    // `attempt` is the fencing token: any value other than the job's current attempt (0
+    // included) refuses the batch with FAILED_PRECONDITION in the store, which is what tells a
+    // daemon to drop those events (INVALID_ARGUMENT would make it resend them forever).
     if let Some(t) = &e.time {
         // Years 1970 to 9999, nanoseconds within the second.
         if !(0..=253_402_300_799).contains(&t.seconds) || !(0..1_000_000_000).contains(&t.nanos) {
@@ -505,7 +496,6 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         let req = req.into_inner();
         let id = worker_id(&req.worker_id)?;
         let job = parse_job_id("job_id", &req.job_id)?;
-        attempt("attempt", req.attempt)?;
         let endpoint = publish_endpoint(&req.endpoint)?;
         self.known_worker(id).await?;
         self.store
@@ -523,7 +513,6 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         let req = req.into_inner();
         let id = worker_id(&req.worker_id)?;
         let job = parse_job_id("job_id", &req.job_id)?;
-        attempt("attempt", req.attempt)?;
         if !(1..=MAX_RENDEZVOUS_WAIT).contains(&req.timeout_seconds) {
             return Err(invalid(
                 "timeout_seconds",

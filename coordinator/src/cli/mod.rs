@@ -474,10 +474,18 @@ fn parse_state(s: &str) -> anyhow::Result<i32> {
 
 /// One line for a failed RPC: what went wrong and, where it helps, what to do.
 fn describe(s: Status, coordinator: &str) -> anyhow::Error {
+    let detail = conn::status_detail(&s);
     let msg = s.message();
+    if conn::is_tls_failure(&s) {
+        return anyhow!(
+            "cannot connect securely to the coordinator at {coordinator} ({detail}); check --ca \
+             (SEGTRAIN_CA), that the URL's host is one the server certificate was made for, and \
+             https:// vs http://"
+        );
+    }
     match s.code() {
         Code::Unavailable => anyhow!(
-            "cannot reach the coordinator at {coordinator} ({msg}); is segtrain-coordinator running? \
+            "cannot reach the coordinator at {coordinator} ({detail}); is segtrain-coordinator running? \
              Set --coordinator or SEGTRAIN_COORDINATOR"
         ),
         Code::InvalidArgument => anyhow!("invalid request: {msg}"),

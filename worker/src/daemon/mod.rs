@@ -121,7 +121,7 @@ impl Shared {
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e.message(), "cannot register with the coordinator; retrying");
+                    tracing::warn!(error = %conn::status_detail(&e), "cannot register with the coordinator; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
