@@ -4,13 +4,20 @@
 # trained to completion (gradients averaged over the TCP collective) while `segtrain watch` shows
 # it. It ends with the final mIoU, the checkpoints and the loss plot. Everything it starts is
 # stopped on exit; results stay in ./demo-out.
+#
+# It runs as in production: TLS with a private CA made by `segtrain-coordinator certs`, an admin
+# token bootstrapped in the database, and a client token (for the CLI) and a worker token (for the
+# daemons) created with `segtrain token create`.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-bin="$repo/target/debug"
+bin="${CARGO_TARGET_DIR:-$repo/target}/debug"
 out="$repo/demo-out"
 work=$(mktemp -d -t segtrain-demo-XXXXXX)
 port=${SEGTRAIN_DEMO_PORT:-50051}
-export SEGTRAIN_COORDINATOR="http://127.0.0.1:$port"
+export SEGTRAIN_COORDINATOR="https://127.0.0.1:$port"
+# Every segtrain and segtrain-worker command below trusts the demo's private CA.
+export SEGTRAIN_CA="$out/certs/ca.pem"
+unset SEGTRAIN_TOKEN SEGTRAIN_TOKEN_FILE
 pids=()
 
 cleanup() {
@@ -33,16 +40,35 @@ for _ in $(seq 100); do [ -s "$work/pg.url" ] && break; sleep 0.2; done
 db=$(cat "$work/pg.url")
 echo "$db"
 
-step "the coordinator on 127.0.0.1:$port (log: $out/coordinator.log)"
+step "TLS certificates: a private CA and a server certificate for localhost and 127.0.0.1"
+run "$bin/segtrain-coordinator" certs --out "$out/certs" --host localhost --host 127.0.0.1
+
+step "the first admin token, straight into the database (shown once; only its hash is stored)"
+printf '$ %s\n' "segtrain-coordinator token create --database-url \$db --role admin --name demo-admin > $out/admin.token"
+(umask 077; "$bin/segtrain-coordinator" token create --database-url "$db" --role admin --name demo-admin \
+    >"$out/admin.token")
+
+step "the coordinator on https://127.0.0.1:$port (log: $out/coordinator.log)"
 "$bin/segtrain-coordinator" --listen "127.0.0.1:$port" --database-url "$db" --log-format json \
+    --tls-cert "$out/certs/server.pem" --tls-key "$out/certs/server-key.pem" \
     2>"$out/coordinator.log" &
 pids+=($!)
-for _ in $(seq 100); do "$bin/segtrain" workers >/dev/null 2>&1 && break; sleep 0.2; done
+for _ in $(seq 100); do "$bin/segtrain" --token-file "$out/admin.token" workers >/dev/null 2>&1 && break; sleep 0.2; done
 
-step "two CPU worker daemons (logs: $out/daemon-*.log)"
+step "a client token for the CLI and a worker token for the daemons"
+for role in client worker; do
+    printf '$ %s\n' "segtrain --token-file $out/admin.token token create --role $role --name demo-$role > $out/$role.token"
+    (umask 077; "$bin/segtrain" --token-file "$out/admin.token" token create --role "$role" --name "demo-$role" \
+        >"$out/$role.token")
+done
+run "$bin/segtrain" --token-file "$out/admin.token" token list
+# From here on the CLI uses the client token.
+export SEGTRAIN_TOKEN_FILE="$out/client.token"
+
+step "two CPU worker daemons with the worker token (logs: $out/daemon-*.log)"
 for w in a b; do
     "$bin/segtrain-worker" daemon --cpu --host "cpu-$w" --torch-threads 1 --work-dir "$out/work-$w" --log-json true \
-        2>"$out/daemon-$w.log" &
+        --token-file "$out/worker.token" 2>"$out/daemon-$w.log" &
     pids+=($!)
 done
 for _ in $(seq 100); do
@@ -79,3 +105,4 @@ echo "final val mIoU:  $miou"
 echo "checkpoints:     $out/checkpoints/$job"
 echo "loss plot:       $out/loss.png"
 echo "a prediction:    $out/prediction.png"
+echo "TLS and tokens:  $out/certs, $out/{admin,client,worker}.token"

@@ -5,7 +5,11 @@
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["segtrain/v1/job.proto", "segtrain/v1/worker.proto"];
+    let files = [
+        "segtrain/v1/job.proto",
+        "segtrain/v1/worker.proto",
+        "segtrain/v1/auth.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }

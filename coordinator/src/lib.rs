@@ -4,9 +4,13 @@
 //! Data flow: a gRPC request enters [`api`], which validates it and calls [`store`]; the store
 //! checks every state change against [`state`] and writes it with its event in one transaction.
 //! [`scheduler`] places queued jobs onto idle workers (gang, all or none) and reaps expired leases.
+//! [`auth`] checks every request's bearer token and role before it reaches [`api`]; [`certs`]
+//! makes a private CA and certificates for TLS.
 //! [`cli`] is a pure gRPC client of the same API (it never touches the database).
 
 pub mod api;
+pub mod auth;
+pub mod certs;
 pub mod cli;
 pub mod events;
 pub mod logging;

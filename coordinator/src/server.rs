@@ -1,13 +1,78 @@
 //! Assembles the coordinator: database, migrations, the scheduler task, gRPC services (job,
-//! cluster and worker APIs), reflection and health.
+//! cluster, worker and token APIs), reflection and health, behind TLS and the bearer-token
+//! [`AuthLayer`], with explicit message size limits.
 
-use crate::api::{ClusterApi, EventHub, JobApi, WorkerApi, WorkerApiConfig};
+use crate::api::{ClusterApi, EventHub, JobApi, TokenApi, WorkerApi, WorkerApiConfig};
+use crate::auth::{AuthLayer, Verifier};
 use crate::scheduler::{self, Hints, SchedulerConfig};
 use crate::store::{RestartPolicy, Store, StoreError};
+use segtrain_proto::client::{read_pem, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES};
 use segtrain_proto::v1 as pb;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+/// The coordinator's TLS files (PEM).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// `--tls-cert`: the server certificate (chain).
+    pub cert: PathBuf,
+    /// `--tls-key`: its private key.
+    pub key: PathBuf,
+    /// `--tls-client-ca`: when set, clients must present a certificate signed by this CA.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Transport security and authentication. The safe settings are the default; the two
+/// relaxations are accepted only on a loopback listen address.
+#[derive(Debug, Clone)]
+pub struct Security {
+    /// `None`: plaintext (`--plaintext`).
+    pub tls: Option<TlsFiles>,
+    /// `false`: no bearer tokens needed (`--insecure-no-auth`).
+    pub auth: bool,
+}
+
+impl Security {
+    /// Refuses plaintext or no authentication on an address other machines can reach.
+    pub fn check(&self, listen: SocketAddr) -> anyhow::Result<()> {
+        let loopback = listen.ip().is_loopback();
+        if self.tls.is_none() && !loopback {
+            anyhow::bail!(
+                "--plaintext is accepted only with a loopback --listen address (127.0.0.1 or [::1]), \
+                 got {listen}; serve TLS instead with --tls-cert PATH --tls-key PATH \
+                 (`segtrain-coordinator certs` makes a private CA and a server certificate)"
+            );
+        }
+        if !self.auth && !loopback {
+            anyhow::bail!(
+                "--insecure-no-auth is accepted only with a loopback --listen address (127.0.0.1 or [::1]), \
+                 got {listen}; create tokens instead (`segtrain-coordinator token create --role admin`)"
+            );
+        }
+        Ok(())
+    }
+
+    /// Reads the TLS files (errors name the flag and the path).
+    fn tls_config(&self) -> anyhow::Result<Option<ServerTlsConfig>> {
+        let Some(t) = &self.tls else {
+            return Ok(None);
+        };
+        let cert = read_pem("--tls-cert", &t.cert, "CERTIFICATE")?;
+        let key = read_pem("--tls-key", &t.key, "PRIVATE KEY")?;
+        let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+        if let Some(ca) = &t.client_ca {
+            cfg = cfg.client_ca_root(Certificate::from_pem(read_pem(
+                "--tls-client-ca",
+                ca,
+                "CERTIFICATE",
+            )?));
+        }
+        Ok(Some(cfg))
+    }
+}
 
 /// How the coordinator is run.
 #[derive(Debug, Clone)]
@@ -21,10 +86,12 @@ pub struct ServerConfig {
     pub scheduler: SchedulerConfig,
     /// Backoff between a failed attempt and the next.
     pub restart: RestartPolicy,
+    pub security: Security,
 }
 
 impl ServerConfig {
-    /// A configuration with the default worker and scheduler settings.
+    /// A configuration with the default worker and scheduler settings, plaintext, with
+    /// authentication; set [`security`](Self::security) for TLS.
     pub fn new(listen: SocketAddr, database_url: impl Into<String>) -> ServerConfig {
         ServerConfig {
             listen,
@@ -33,6 +100,10 @@ impl ServerConfig {
             workers: WorkerApiConfig::default(),
             scheduler: SchedulerConfig::default(),
             restart: RestartPolicy::default(),
+            security: Security {
+                tls: None,
+                auth: true,
+            },
         }
     }
 }
@@ -62,6 +133,9 @@ pub async fn connect_store(cfg: &ServerConfig) -> anyhow::Result<Store> {
 
 /// Runs the coordinator until `shutdown` resolves.
 pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // Configuration mistakes first, before waiting for a database.
+    cfg.security.check(cfg.listen)?;
+    let tls = cfg.security.tls_config()?;
     let store = connect_store(&cfg).await?.with_restart_policy(cfg.restart);
     store.migrate().await?;
     tracing::info!("database schema is up to date");
@@ -84,6 +158,10 @@ pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> any
     health
         .set_serving::<pb::worker_service_server::WorkerServiceServer<WorkerApi>>()
         .await;
+    health
+        .set_serving::<pb::token_service_server::TokenServiceServer<TokenApi>>()
+        .await;
+    let verifier = cfg.security.auth.then(|| Verifier::new(store.clone()));
     let db_watch = tokio::spawn(watch_database(store.clone(), health.clone()));
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -99,24 +177,61 @@ pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> any
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, "coordinator serving");
+    tracing::info!(
+        %addr,
+        tls = tls.is_some(),
+        client_certificates = cfg.security.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        auth = cfg.security.auth,
+        "coordinator serving"
+    );
+    if tls.is_none() {
+        tracing::warn!("serving plaintext (--plaintext): for this machine only");
+    }
+    if !cfg.security.auth {
+        tracing::warn!("authentication is off (--insecure-no-auth): for this machine only");
+    }
 
-    tonic::transport::Server::builder()
+    // Every service gets the same explicit limits: requests up to MAX_REQUEST_BYTES (a larger one
+    // is refused with OUT_OF_RANGE and the connection keeps serving), responses up to
+    // MAX_RESPONSE_BYTES.
+    macro_rules! limited {
+        ($svc:expr) => {
+            $svc.max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_RESPONSE_BYTES)
+        };
+    }
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).map_err(|e| {
+            anyhow::anyhow!(
+                "--tls-cert / --tls-key: cannot use them as the server identity: {e} \
+                 (is the key the certificate's? is the certificate PEM?)"
+            )
+        })?;
+    }
+    builder
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .tcp_keepalive(Some(Duration::from_secs(30)))
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(pb::job_service_server::JobServiceServer::new(JobApi::new(
-            store.clone(),
-            hub,
+        .layer(AuthLayer::new(verifier.clone()))
+        .add_service(limited!(health_service))
+        .add_service(limited!(reflection_v1))
+        .add_service(limited!(reflection_v1alpha))
+        .add_service(limited!(pb::job_service_server::JobServiceServer::new(
+            JobApi::new(store.clone(), hub)
         )))
-        .add_service(pb::cluster_service_server::ClusterServiceServer::new(
-            ClusterApi::new(store.clone()),
+        .add_service(limited!(
+            pb::cluster_service_server::ClusterServiceServer::new(ClusterApi::new(store.clone()))
         ))
-        .add_service(pb::worker_service_server::WorkerServiceServer::new(
-            WorkerApi::new(store.clone(), hints, cfg.workers.clone()),
+        .add_service(limited!(
+            pb::worker_service_server::WorkerServiceServer::new(WorkerApi::new(
+                store.clone(),
+                hints,
+                cfg.workers.clone()
+            ))
         ))
+        .add_service(limited!(pb::token_service_server::TokenServiceServer::new(
+            TokenApi::new(store.clone(), verifier)
+        )))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown,
@@ -171,6 +286,12 @@ async fn watch_database(store: Store, health: tonic_health::server::HealthReport
         health
             .set_service_status(
                 <pb::worker_service_server::WorkerServiceServer<WorkerApi> as tonic::server::NamedService>::NAME,
+                status,
+            )
+            .await;
+        health
+            .set_service_status(
+                <pb::token_service_server::TokenServiceServer<TokenApi> as tonic::server::NamedService>::NAME,
                 status,
             )
             .await;

@@ -1,5 +1,6 @@
 //! The `segtrain.v1` API. Generated from `proto/segtrain/v1/*.proto`; see those files for the
-//! meaning of every message and field.
+//! meaning of every message and field. [`client`] is how clients connect (TLS, bearer token,
+//! message limits).
 
 pub mod v1 {
     #![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
@@ -11,3 +12,5 @@ pub mod v1 {
 }
 
 pub use prost_types::Timestamp;
+
+pub mod client;

@@ -1,11 +1,19 @@
 //! The real `segtrain-coordinator` binary as a child process: start, wait until it serves,
 //! kill -9, start again on the same port and database. [`FakeWorker`] plays a worker daemon
 //! through plain WorkerService calls (no trainer), for scheduling and worker API tests.
+//!
+//! [`CoordinatorProcess::start`] and [`start_with_args`](CoordinatorProcess::start_with_args)
+//! run it the way a developer does on one machine: `--plaintext --insecure-no-auth` on
+//! 127.0.0.1. [`start_secure`](CoordinatorProcess::start_secure) runs it as in production: TLS
+//! with certificates from `segtrain-coordinator certs`, bearer tokens required, and an admin
+//! token bootstrapped with `segtrain-coordinator token create`.
 
+use segtrain_proto::client::{self as conn, AuthChannel, BearerToken, ClientTls};
 use segtrain_proto::v1 as pb;
+use segtrain_proto::v1::token_service_client::TokenServiceClient;
 use segtrain_proto::v1::worker_service_client::WorkerServiceClient;
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
@@ -20,7 +28,34 @@ pub struct CoordinatorProcess {
     log: PathBuf,
     /// Extra command-line flags (e.g. `--lease-seconds 2`), kept across restarts.
     args: Vec<String>,
+    /// TLS and tokens (`start_secure`); `None`: plaintext without authentication.
+    secure: Option<Secure>,
     _logdir: tempfile::TempDir,
+}
+
+/// How a [`CoordinatorProcess::start_secure`] coordinator is reached.
+pub struct Secure {
+    /// `ca.pem`, `server.pem`, `server-key.pem`, `client.pem`, `client-key.pem` from
+    /// `segtrain-coordinator certs`.
+    pub cert_dir: PathBuf,
+    /// The admin token bootstrapped with `segtrain-coordinator token create`.
+    pub admin_token: String,
+    /// Whether clients must present a certificate (`--tls-client-ca`).
+    pub client_certificates: bool,
+}
+
+/// Runs `segtrain-coordinator` with `args` to completion; its stdout, or a panic with stderr.
+pub fn coordinator_command(args: &[&str]) -> String {
+    let out = Command::new(crate::binaries::path("segtrain-coordinator"))
+        .args(args)
+        .output()
+        .expect("run segtrain-coordinator");
+    assert!(
+        out.status.success(),
+        "segtrain-coordinator {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn free_port() -> u16 {
@@ -38,17 +73,140 @@ impl CoordinatorProcess {
 
     /// [`start`](Self::start) with extra flags, such as `["--lease-seconds", "2"]`.
     pub async fn start_with_args(database_url: &str, args: &[&str]) -> CoordinatorProcess {
+        let mut all = vec!["--plaintext", "--insecure-no-auth"];
+        all.extend_from_slice(args);
+        CoordinatorProcess::launch(database_url, &all, None).await
+    }
+
+    /// Starts the coordinator with TLS (a fresh private CA; the server certificate is for
+    /// localhost and 127.0.0.1) and tokens required, after bootstrapping an admin token.
+    /// `client_certificates`: also require client certificates (`--tls-client-ca`).
+    pub async fn start_secure(
+        database_url: &str,
+        args: &[&str],
+        client_certificates: bool,
+    ) -> CoordinatorProcess {
+        let logdir = tempfile::tempdir().expect("temp dir for the coordinator");
+        let cert_dir = logdir.path().join("certs");
+        let out = cert_dir.to_string_lossy().into_owned();
+        coordinator_command(&["certs", "--out", &out]);
+        let admin_token = coordinator_command(&[
+            "token",
+            "create",
+            "--database-url",
+            database_url,
+            "--role",
+            "admin",
+            "--name",
+            "test-admin",
+        ])
+        .trim()
+        .to_string();
+        let path = |f: &str| cert_dir.join(f).to_string_lossy().into_owned();
+        let mut all: Vec<String> = vec![
+            "--tls-cert".into(),
+            path("server.pem"),
+            "--tls-key".into(),
+            path("server-key.pem"),
+        ];
+        if client_certificates {
+            all.extend(["--tls-client-ca".into(), path("ca.pem")]);
+        }
+        all.extend(args.iter().map(|a| a.to_string()));
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        let secure = Secure {
+            cert_dir,
+            admin_token,
+            client_certificates,
+        };
+        CoordinatorProcess::launch_in(database_url, &refs, Some(secure), logdir).await
+    }
+
+    async fn launch(
+        database_url: &str,
+        args: &[&str],
+        secure: Option<Secure>,
+    ) -> CoordinatorProcess {
         let logdir = tempfile::tempdir().expect("temp dir for the coordinator log");
+        CoordinatorProcess::launch_in(database_url, args, secure, logdir).await
+    }
+
+    async fn launch_in(
+        database_url: &str,
+        args: &[&str],
+        secure: Option<Secure>,
+        logdir: tempfile::TempDir,
+    ) -> CoordinatorProcess {
         let mut c = CoordinatorProcess {
             database_url: database_url.to_string(),
             port: free_port(),
             child: None,
             log: logdir.path().join("coordinator.log"),
             args: args.iter().map(|a| a.to_string()).collect(),
+            secure,
             _logdir: logdir,
         };
         c.spawn().await;
         c
+    }
+
+    /// TLS and token settings, when started with [`start_secure`](Self::start_secure).
+    pub fn secure(&self) -> Option<&Secure> {
+        self.secure.as_ref()
+    }
+
+    /// The CA that signed the server certificate (`--ca` for clients), when TLS is on.
+    pub fn ca(&self) -> Option<PathBuf> {
+        self.secure.as_ref().map(|s| s.cert_dir.join("ca.pem"))
+    }
+
+    /// The admin token, when tokens are required.
+    pub fn admin_token(&self) -> Option<&str> {
+        self.secure.as_ref().map(|s| s.admin_token.as_str())
+    }
+
+    /// The TLS settings a client of this coordinator needs (none for plaintext).
+    pub fn client_tls(&self) -> ClientTls {
+        match &self.secure {
+            None => ClientTls::default(),
+            Some(s) => ClientTls {
+                ca: Some(s.cert_dir.join("ca.pem")),
+                cert: s.client_certificates.then(|| s.cert_dir.join("client.pem")),
+                key: s
+                    .client_certificates
+                    .then(|| s.cert_dir.join("client-key.pem")),
+            },
+        }
+    }
+
+    /// A lazy channel that sends `token` (or none) with every request.
+    pub fn channel_with_token(&self, token: Option<&str>) -> AuthChannel {
+        let token = match token {
+            Some(t) => BearerToken::new(t, "test token").expect("a valid token"),
+            None => BearerToken::none(),
+        };
+        conn::connect_lazy(&self.url(), &self.client_tls(), token).expect("client channel")
+    }
+
+    /// Creates a token through TokenService with the admin token; returns (token, id).
+    pub async fn create_token(&self, role: pb::TokenRole, name: &str) -> (String, String) {
+        let resp = TokenServiceClient::new(self.channel_with_token(self.admin_token()))
+            .create_token(pb::CreateTokenRequest {
+                name: name.into(),
+                role: role as i32,
+            })
+            .await
+            .expect("create token")
+            .into_inner();
+        let id = resp.info.map(|i| i.id).unwrap_or_default();
+        (resp.token, id)
+    }
+
+    /// Writes `token` into a file in `dir` (for `--token-file`); returns its path.
+    pub fn token_file(dir: &Path, name: &str, token: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, format!("{token}\n")).expect("write token file");
+        p
     }
 
     async fn spawn(&mut self) {
@@ -86,8 +244,8 @@ impl CoordinatorProcess {
                     );
                 }
             }
-            if let Ok(ch) = Channel::from_shared(self.url())
-                .expect("valid url")
+            if let Ok(ch) = conn::endpoint(&self.url(), &self.client_tls())
+                .expect("valid endpoint")
                 .connect()
                 .await
             {
@@ -109,15 +267,25 @@ impl CoordinatorProcess {
         }
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>`, or `https://127.0.0.1:<port>` with TLS.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.secure.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
-    /// A connected channel.
+    /// The port it listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A connected channel (TLS when the coordinator serves TLS; no token).
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url())
-            .expect("valid url")
+        conn::endpoint(&self.url(), &self.client_tls())
+            .expect("valid endpoint")
             .connect()
             .await
             .expect("connect to the coordinator")

@@ -12,7 +12,18 @@ impl DaemonProcess {
     /// Starts a CPU worker daemon registering as `host` with the coordinator at `url`; trainer
     /// files and logs go under `work_dir`.
     pub fn start(url: &str, host: &str, work_dir: &Path) -> DaemonProcess {
-        DaemonProcess::start_with(url, host, work_dir, 5, &[])
+        DaemonProcess::start_with_args(url, host, work_dir, &[])
+    }
+
+    /// [`start`](Self::start) with extra flags, e.g. `--ca PATH --token-file PATH` for a
+    /// coordinator started with `CoordinatorProcess::start_secure`.
+    pub fn start_with_args(
+        url: &str,
+        host: &str,
+        work_dir: &Path,
+        args: &[&std::ffi::OsStr],
+    ) -> DaemonProcess {
+        DaemonProcess::start_full(url, host, work_dir, 5, &[], args)
     }
 
     /// Like [`DaemonProcess::start`], with the stop grace period (seconds) and extra
@@ -23,6 +34,17 @@ impl DaemonProcess {
         work_dir: &Path,
         grace_seconds: u32,
         env: &[(&str, &str)],
+    ) -> DaemonProcess {
+        DaemonProcess::start_full(url, host, work_dir, grace_seconds, env, &[])
+    }
+
+    fn start_full(
+        url: &str,
+        host: &str,
+        work_dir: &Path,
+        grace_seconds: u32,
+        env: &[(&str, &str)],
+        args: &[&std::ffi::OsStr],
     ) -> DaemonProcess {
         std::fs::create_dir_all(work_dir).expect("daemon work dir");
         let log = work_dir.join("daemon.log");
@@ -44,6 +66,8 @@ impl DaemonProcess {
             .arg("--work-dir")
             .arg(work_dir)
             .args(["--log-json", "true"])
+            .args(args)
+            .env_remove("SEGTRAIN_TOKEN")
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
             .stdin(Stdio::null())

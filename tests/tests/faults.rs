@@ -17,11 +17,10 @@ use segtrain_tests::pg::TempPostgres;
 use sqlx::PgPool;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Lease of the test coordinators: short, so lost workers are found quickly.
 const LEASE_S: u64 = 4;
@@ -369,7 +368,7 @@ fn kill9(pid: u32) {
 /// checkpoint of iteration 10 is complete; the job must succeed after exactly one restart that
 /// resumed from the newest complete checkpoint.
 async fn one_restart_after(fault: impl FnOnce(&mut Cluster, usize)) {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let mut c = Cluster::start(2, 300, DEFAULT_DAEMON).await;
     let max = 30;
     let id = c.submit(c.spec(2, max, 10)).await;
@@ -454,7 +453,7 @@ async fn kill_9_of_a_trainer_restarts_the_job_from_its_last_checkpoint() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_worker_is_failed_within_its_lease_and_the_job_restarts_without_it() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let c = Cluster::start(
         3,
         300,
@@ -540,7 +539,7 @@ async fn a_frozen_worker_is_failed_within_its_lease_and_the_job_restarts_without
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_coordinator_mid_run_loses_and_duplicates_nothing() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let mut c = Cluster::start(2, 300, DEFAULT_DAEMON).await;
     let max = 30;
     let id = c.submit(c.spec(2, max, 10)).await;
@@ -575,7 +574,7 @@ async fn postgres_stopped_mid_run_loses_no_event_and_health_says_so() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let mut c = Cluster::start(2, 300, DEFAULT_DAEMON).await;
     let max = 30;
     let id = c.submit(c.spec(2, max, 10)).await;
@@ -644,7 +643,7 @@ async fn postgres_stopped_mid_run_loses_no_event_and_health_says_so() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_latest_checkpoint_is_skipped_and_the_previous_one_resumed() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     // A long backoff leaves time to corrupt the checkpoint before the restart.
     let c = Cluster::start(1, 3000, DEFAULT_DAEMON).await;
     let max = 40;
@@ -701,7 +700,7 @@ async fn a_corrupt_latest_checkpoint_is_skipped_and_the_previous_one_resumed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_during_rendezvous_ends_canceled_with_no_trainer_left() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let c = Cluster::start(2, 300, DEFAULT_DAEMON).await;
     // Rank 1's host is frozen before the job is placed: rank 0 waits in the rendezvous.
     c.daemons[1].freeze();
@@ -733,7 +732,7 @@ async fn cancel_during_rendezvous_ends_canceled_with_no_trainer_left() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_during_training_checkpoints_gracefully_and_ends_canceled() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let c = Cluster::start(2, 300, DEFAULT_DAEMON).await;
     let id = c.submit(c.spec(2, 1000, 500)).await;
     c.wait_iteration(&id, 3).await;
@@ -753,7 +752,7 @@ async fn cancel_during_training_checkpoints_gracefully_and_ends_canceled() {
         .latest_checkpoint(&id)
         .await
         .expect("a checkpoint written on the way out");
-    assert!(it >= 3 && it < 1000, "checkpoint at {it}");
+    assert!((3..1000).contains(&it), "checkpoint at {it}");
     assert!(Path::new(&uri).join("manifest.json").exists());
     let outcomes: Vec<String> = sqlx::query_scalar(
         "SELECT outcome FROM attempt_ranks WHERE job_id = $1::uuid ORDER BY rank",
@@ -802,7 +801,7 @@ async fn cancel_during_checkpoint_write(grace_s: u32) -> (Cluster, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_during_a_checkpoint_write_finishes_the_write_within_the_grace() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let (c, id) = cancel_during_checkpoint_write(20).await;
     let state: String = sqlx::query_scalar(
         "SELECT state FROM checkpoints WHERE job_id = $1::uuid AND iteration = 5",
@@ -816,7 +815,7 @@ async fn cancel_during_a_checkpoint_write_finishes_the_write_within_the_grace() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_during_a_checkpoint_write_past_the_grace_leaves_it_pending() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let (c, id) = cancel_during_checkpoint_write(1).await;
     let (state, uri): (String, String) = sqlx::query_as(
         "SELECT state, uri FROM checkpoints WHERE job_id = $1::uuid AND iteration = 5",
@@ -837,7 +836,7 @@ async fn cancel_during_a_checkpoint_write_past_the_grace_leaves_it_pending() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deterministic_failure_fails_the_job_at_once_and_infra_failures_stop_at_max_restarts() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let c = Cluster::start(1, 300, DEFAULT_DAEMON).await;
     // The dataset is not there: a restart would fail the same way.
     let mut spec = c.spec(1, 10, 5);

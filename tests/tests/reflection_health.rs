@@ -39,6 +39,7 @@ async fn reflection_lists_and_describes_the_api_and_health_reports_serving() {
         "segtrain.v1.JobService",
         "segtrain.v1.ClusterService",
         "segtrain.v1.WorkerService",
+        "segtrain.v1.TokenService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
     ] {

@@ -16,6 +16,8 @@ const MAX_PAGE: u32 = 1000;
 const DEFAULT_METRICS_LIMIT: u32 = 10_000;
 const MAX_METRICS_LIMIT: u32 = 100_000;
 const MAX_REASON_LEN: usize = 1024;
+/// A state filter lists each state at most once, in practice; this bounds a repeated list.
+const MAX_STATES: usize = 16;
 
 pub struct JobApi {
     store: Store,
@@ -53,6 +55,12 @@ fn page_size(n: u32) -> Result<u32, Status> {
 }
 
 fn job_states(states: &[i32]) -> Result<Vec<JobState>, Status> {
+    if states.len() > MAX_STATES {
+        return Err(Status::invalid_argument(format!(
+            "states: at most {MAX_STATES} states, got {}",
+            states.len()
+        )));
+    }
     states
         .iter()
         .map(|&s| {
@@ -203,9 +211,13 @@ impl pb::job_service_server::JobService for JobApi {
                 req.names.len()
             )));
         }
-        if let Some(bad) = req.names.iter().find(|n| n.is_empty() || n.len() > 64) {
+        if let Some(bad) = req
+            .names
+            .iter()
+            .find(|n| n.is_empty() || n.len() > 64 || n.chars().any(char::is_control))
+        {
             return Err(Status::invalid_argument(format!(
-                "names: each name must be 1-64 bytes, got {bad:?}"
+                "names: each name must be 1-64 bytes without control characters, got {bad:?}"
             )));
         }
         let limit = match req.limit {

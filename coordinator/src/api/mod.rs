@@ -1,16 +1,19 @@
 //! The gRPC services the coordinator serves: requests in, store calls, protobuf out.
 //!
-//! This layer validates every request field, turns store errors into gRPC status codes with a
+//! Who may call what is decided before a request gets here, by [`crate::auth`]. This layer
+//! validates every request field, turns store errors into gRPC status codes with a
 //! message naming the field or object, and knows nothing of SQL.
 
 mod cluster_service;
 mod convert;
 mod job_service;
+mod token_service;
 mod watch;
 mod worker_service;
 
 pub use cluster_service::ClusterApi;
 pub use job_service::JobApi;
+pub use token_service::TokenApi;
 pub use watch::EventHub;
 pub use worker_service::{WorkerApi, WorkerApiConfig};
 

@@ -234,6 +234,21 @@ fn event(i: usize, e: &pb::WorkerEvent) -> Result<IngestEvent, Status> {
             format!("must be 0..={MAX_RANK}, got {}", e.rank),
         ));
     }
+    // `attempt` is the fencing token: any value other than the job's current attempt (0
+    // included) refuses the batch with FAILED_PRECONDITION in the store, which is what tells a
+    // daemon to drop those events (INVALID_ARGUMENT would make it resend them forever).
+    if let Some(t) = &e.time {
+        // Years 1970 to 9999, nanoseconds within the second.
+        if !(0..=253_402_300_799).contains(&t.seconds) || !(0..1_000_000_000).contains(&t.nanos) {
+            return Err(invalid(
+                f("time"),
+                format!(
+                    "must be a time between 1970 and 9999 with 0..1e9 nanoseconds, got {}s {}ns",
+                    t.seconds, t.nanos
+                ),
+            ));
+        }
+    }
     let body = match &e.payload {
         None => {
             return Err(invalid(

@@ -1,9 +1,17 @@
 //! `segtrain-coordinator`: the gRPC service that owns jobs and their record in PostgreSQL.
+//!
+//! Without a subcommand it serves. `certs` makes a private CA and certificates for TLS; `token`
+//! manages bearer tokens directly in the database (to bootstrap the first admin token, or to
+//! regain access), without a running coordinator.
 
-use clap::Parser;
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use segtrain_coordinator::auth::{self, Role};
 use segtrain_coordinator::logging::{self, LogFormat};
-use segtrain_coordinator::server::{serve, ServerConfig};
+use segtrain_coordinator::server::{serve, Security, ServerConfig, TlsFiles};
+use segtrain_coordinator::store::{Store, TokenRecord};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -11,15 +19,24 @@ use std::time::Duration;
 #[command(
     name = "segtrain-coordinator",
     version,
-    about = "The segtrain coordinator: job API, scheduler and PostgreSQL record"
+    about = "The segtrain coordinator: job API, scheduler and PostgreSQL record",
+    subcommand_negates_reqs = true
 )]
-struct Args {
-    /// Address to serve gRPC on (job API, worker API, reflection and health).
+struct Cli {
+    #[command(flatten)]
+    serve: ServeArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Address to serve gRPC on (job API, worker API, token API, reflection and health).
     #[arg(long, env = "SEGTRAIN_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
     /// PostgreSQL URL, e.g. postgres://segtrain@localhost/segtrain.
-    #[arg(long, env = "SEGTRAIN_DATABASE_URL")]
-    database_url: String,
+    #[arg(long, env = "SEGTRAIN_DATABASE_URL", required = true)]
+    database_url: Option<String>,
     /// Give up if PostgreSQL is unreachable at start for this many seconds (0: retry forever).
     #[arg(long, env = "SEGTRAIN_DB_CONNECT_TIMEOUT", default_value_t = 0)]
     db_connect_timeout: u64,
@@ -51,13 +68,141 @@ struct Args {
     restart_backoff_max_ms: u64,
     #[arg(long, env = "SEGTRAIN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
     log_format: LogFormat,
+    /// The server certificate (PEM, with its chain), e.g. server.pem from `certs`.
+    #[arg(long, env = "SEGTRAIN_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The server certificate's private key (PEM).
+    #[arg(long, env = "SEGTRAIN_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Also require a client certificate signed by this CA (PEM) from every client (mutual TLS).
+    #[arg(long, env = "SEGTRAIN_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Serve without TLS. Accepted only with a loopback --listen address (local testing).
+    #[arg(long, env = "SEGTRAIN_PLAINTEXT", conflicts_with_all = ["tls_cert", "tls_key"])]
+    plaintext: bool,
+    /// Accept requests without a bearer token. Accepted only with a loopback --listen address.
+    #[arg(long, env = "SEGTRAIN_INSECURE_NO_AUTH")]
+    insecure_no_auth: bool,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let args = Args::parse();
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Write a private CA, a server certificate for the given hosts and a client certificate
+    /// (ca.pem, ca-key.pem, server.pem, server-key.pem, client.pem, client-key.pem; keys mode 0600).
+    Certs(CertsArgs),
+    /// Manage bearer tokens directly in the database: bootstrap the first admin token, or regain
+    /// access. With a running coordinator, prefer `segtrain token ...` (an admin token).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Args, Debug)]
+struct CertsArgs {
+    /// Directory to write into (created if needed).
+    #[arg(long)]
+    out: PathBuf,
+    /// A DNS name or IP address the server certificate is valid for (repeatable; default
+    /// localhost and 127.0.0.1). Clients must connect with one of them.
+    #[arg(long = "host")]
+    hosts: Vec<String>,
+    /// Days the server and client certificates are valid (the CA: ten times as long).
+    #[arg(long, default_value_t = 825, value_parser = clap::value_parser!(u32).range(1..=36500))]
+    days: u32,
+    /// Replace existing files.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args, Debug)]
+struct DbArgs {
+    /// PostgreSQL URL (the coordinator's database).
+    #[arg(long, env = "SEGTRAIN_DATABASE_URL")]
+    database_url: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Create a token and print it (once: only its hash is stored). Runs the migrations first.
+    Create {
+        #[command(flatten)]
+        db: DbArgs,
+        /// client (jobs and cluster), worker (worker daemons) or admin (everything, and tokens).
+        #[arg(long)]
+        role: String,
+        /// A label for people, e.g. "ci" or "gpu-host-3".
+        #[arg(long)]
+        name: String,
+    },
+    /// List tokens (never the secrets).
+    List {
+        #[command(flatten)]
+        db: DbArgs,
+        /// Include revoked tokens.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Revoke a token by id (running coordinators stop accepting it within 5 seconds).
+    Revoke {
+        #[command(flatten)]
+        db: DbArgs,
+        id: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("segtrain-coordinator: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        None => runtime.block_on(run_server(cli.serve)),
+        Some(Command::Certs(a)) => certs(a),
+        Some(Command::Token(t)) => runtime.block_on(token(t)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "coordinator failed");
+            eprintln!("segtrain-coordinator: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_server(args: ServeArgs) -> anyhow::Result<()> {
     logging::init(args.log_format);
-    let mut cfg = ServerConfig::new(args.listen, args.database_url);
+    let database_url = args
+        .database_url
+        .context("--database-url (or SEGTRAIN_DATABASE_URL) is required")?;
+    let tls = match (args.tls_cert, args.tls_key, args.plaintext) {
+        (Some(cert), Some(key), false) => Some(TlsFiles {
+            cert,
+            key,
+            client_ca: args.tls_client_ca,
+        }),
+        (None, None, true) => None,
+        (None, None, false) => anyhow::bail!(
+            "no transport security chosen: pass --tls-cert PATH --tls-key PATH to serve TLS \
+             (`segtrain-coordinator certs --out DIR --host NAME` makes them), or --plaintext with a \
+             loopback --listen address for local testing"
+        ),
+        _ => anyhow::bail!("give --tls-cert and --tls-key together, or --plaintext"),
+    };
+    let mut cfg = ServerConfig::new(args.listen, database_url);
+    cfg.security = Security {
+        tls,
+        auth: !args.insecure_no_auth,
+    };
     cfg.connect_timeout =
         (args.db_connect_timeout > 0).then(|| Duration::from_secs(args.db_connect_timeout));
     cfg.workers.lease = Duration::from_secs(u64::from(args.lease_seconds));
@@ -67,14 +212,123 @@ async fn main() -> ExitCode {
     cfg.restart.base = Duration::from_millis(args.restart_backoff_ms);
     cfg.restart.max =
         Duration::from_millis(args.restart_backoff_max_ms.max(args.restart_backoff_ms));
-    match serve(cfg, shutdown_signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "coordinator failed");
-            eprintln!("segtrain-coordinator: {e:#}");
-            ExitCode::FAILURE
+    serve(cfg, shutdown_signal()).await
+}
+
+fn certs(a: CertsArgs) -> anyhow::Result<()> {
+    let hosts = if a.hosts.is_empty() {
+        segtrain_coordinator::certs::DEFAULT_HOSTS
+            .iter()
+            .map(|h| h.to_string())
+            .collect()
+    } else {
+        a.hosts
+    };
+    let f = segtrain_coordinator::certs::write(&a.out, &hosts, a.days, a.force)?;
+    println!("wrote {} (for {})", a.out.display(), hosts.join(", "));
+    println!("  CA certificate:     {}  (clients: --ca)", f.ca.display());
+    println!(
+        "  CA key:             {}  (keep it offline)",
+        f.ca_key.display()
+    );
+    println!(
+        "  server certificate: {}  (coordinator: --tls-cert)",
+        f.server.display()
+    );
+    println!(
+        "  server key:         {}  (coordinator: --tls-key)",
+        f.server_key.display()
+    );
+    println!(
+        "  client certificate: {}  (with --tls-client-ca: --client-cert)",
+        f.client.display()
+    );
+    println!(
+        "  client key:         {}  (with --tls-client-ca: --client-key)",
+        f.client_key.display()
+    );
+    Ok(())
+}
+
+async fn open_store(db: &DbArgs) -> anyhow::Result<Store> {
+    let store = Store::connect(&db.database_url)
+        .await
+        .context("cannot connect to PostgreSQL (--database-url)")?;
+    store.migrate().await?;
+    Ok(store)
+}
+
+fn token_json(t: &TokenRecord) -> serde_json::Value {
+    serde_json::json!({
+        "id": t.id.to_string(),
+        "name": t.name,
+        "role": t.role,
+        "created_at": t.created_at.to_rfc3339(),
+        "revoked_at": t.revoked_at.map(|x| x.to_rfc3339()),
+        "last_used_at": t.last_used_at.map(|x| x.to_rfc3339()),
+    })
+}
+
+async fn token(cmd: TokenCommand) -> anyhow::Result<()> {
+    match cmd {
+        TokenCommand::Create { db, role, name } => {
+            let role = Role::parse(&role).with_context(|| {
+                format!("--role: must be client, worker or admin, got {role:?}")
+            })?;
+            auth::check_token_name(&name).map_err(|m| anyhow::anyhow!("--name: {m}"))?;
+            let store = open_store(&db).await?;
+            let secret = auth::new_token().context("cannot make a random token")?;
+            let t = store
+                .create_token(&name, role.as_str(), &auth::token_hash(&secret))
+                .await?;
+            if db.json {
+                let mut v = token_json(&t);
+                v["token"] = serde_json::Value::String(secret);
+                println!("{v}");
+            } else {
+                // The token alone on stdout, so `... > admin.token` works; the rest on stderr.
+                eprintln!(
+                    "created {} token {:?} ({}); it is shown only now:",
+                    t.role, t.name, t.id
+                );
+                println!("{secret}");
+            }
+        }
+        TokenCommand::List { db, all } => {
+            let store = open_store(&db).await?;
+            let tokens = store.list_tokens(all).await?;
+            if db.json {
+                let v: Vec<_> = tokens.iter().map(token_json).collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                for t in &tokens {
+                    println!(
+                        "{}  {:<6}  {}{}",
+                        t.id,
+                        t.role,
+                        t.name,
+                        if t.revoked_at.is_some() {
+                            "  (revoked)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+            }
+        }
+        TokenCommand::Revoke { db, id } => {
+            let id = uuid::Uuid::parse_str(id.trim())
+                .map_err(|_| anyhow::anyhow!("ID: not a token id (a UUID), got {id:?}"))?;
+            let store = open_store(&db).await?;
+            let t = store.revoke_token(id).await?;
+            if db.json {
+                println!("{}", token_json(&t));
+            } else {
+                println!("revoked {} token {:?} ({})", t.role, t.name, t.id);
+            }
         }
     }
+    Ok(())
 }
 
 /// SIGINT or SIGTERM (systemd's stop).

@@ -9,14 +9,15 @@ mod plot;
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Parser, Subcommand};
 use output::{JobView, Printer};
+use segtrain_proto::client::{self as conn, AuthChannel, BearerToken, ClientTls};
 use segtrain_proto::v1 as pb;
 use segtrain_proto::v1::cluster_service_client::ClusterServiceClient;
 use segtrain_proto::v1::job_service_client::JobServiceClient;
+use segtrain_proto::v1::token_service_client::TokenServiceClient;
 use segtrain_spec::JobSpecInput;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 /// Exit code of `watch` when the job was canceled (failure and errors exit 1).
@@ -29,7 +30,8 @@ const EXIT_CANCELED: u8 = 3;
     about = "Submit, watch and manage SegFormer training jobs on a segtrain coordinator"
 )]
 struct Cli {
-    /// Coordinator address.
+    /// Coordinator address: https://host:port (TLS) or http://host:port (plaintext, for a
+    /// coordinator on this machine started with --plaintext).
     #[arg(
         long,
         global = true,
@@ -37,6 +39,19 @@ struct Cli {
         default_value = "http://127.0.0.1:50051"
     )]
     coordinator: String,
+    /// The CA certificate (PEM) that signed the coordinator's certificate, e.g. ca.pem from
+    /// `segtrain-coordinator certs` (default: the system's trusted roots).
+    #[arg(long, global = true, env = "SEGTRAIN_CA")]
+    ca: Option<PathBuf>,
+    /// A file holding the bearer token (or set SEGTRAIN_TOKEN to the token itself).
+    #[arg(long, global = true, env = "SEGTRAIN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// This client's certificate (PEM), for a coordinator that requires one (--tls-client-ca).
+    #[arg(long, global = true, env = "SEGTRAIN_CLIENT_CERT")]
+    client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, env = "SEGTRAIN_CLIENT_KEY")]
+    client_key: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -93,6 +108,30 @@ enum Command {
     Workers,
     /// Print a commented job file with every field and its default.
     JobTemplate,
+    /// Manage bearer tokens (needs an admin token).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Create a token; it is printed once (only its hash is kept).
+    Create {
+        /// client (jobs and cluster), worker (worker daemons) or admin (everything, and tokens).
+        #[arg(long)]
+        role: String,
+        /// A label for people, e.g. "ci" or "gpu-host-3".
+        #[arg(long)]
+        name: String,
+    },
+    /// List tokens (never the secrets).
+    List {
+        /// Include revoked tokens.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Revoke a token by id (coordinators stop accepting it within 5 seconds).
+    Revoke { id: String },
 }
 
 #[derive(Args, Debug)]
@@ -155,8 +194,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         print!("{}", segtrain_spec::template());
         return Ok(ExitCode::SUCCESS);
     }
-    let channel = connect(&cli.coordinator).await?;
-    let mut jobs = JobServiceClient::new(channel.clone());
+    let channel = connect(&cli)?;
+    let mut jobs = JobServiceClient::new(channel.clone())
+        .max_decoding_message_size(conn::MAX_RESPONSE_BYTES)
+        .max_encoding_message_size(conn::MAX_REQUEST_BYTES);
     let rpc = |s: Status| describe(s, &cli.coordinator);
     match cli.command {
         Command::Submit(args) => {
@@ -262,11 +303,53 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Workers => {
             let resp = ClusterServiceClient::new(channel)
+                .max_decoding_message_size(conn::MAX_RESPONSE_BYTES)
                 .list_workers(pb::ListWorkersRequest {})
                 .await
                 .map_err(rpc)?
                 .into_inner();
             out.workers(&resp.workers);
+        }
+        Command::Token(t) => {
+            let mut tokens = TokenServiceClient::new(channel)
+                .max_decoding_message_size(conn::MAX_RESPONSE_BYTES)
+                .max_encoding_message_size(conn::MAX_REQUEST_BYTES);
+            match t {
+                TokenCommand::Create { role, name } => {
+                    let role = parse_role(&role)?;
+                    let resp = tokens
+                        .create_token(pb::CreateTokenRequest {
+                            name,
+                            role: role as i32,
+                        })
+                        .await
+                        .map_err(rpc)?
+                        .into_inner();
+                    let info = resp
+                        .info
+                        .context("the coordinator returned no token info")?;
+                    out.token_created(&resp.token, &info);
+                }
+                TokenCommand::List { all } => {
+                    let resp = tokens
+                        .list_tokens(pb::ListTokensRequest {
+                            include_revoked: all,
+                        })
+                        .await
+                        .map_err(rpc)?
+                        .into_inner();
+                    out.tokens(&resp.tokens);
+                }
+                TokenCommand::Revoke { id } => {
+                    let resp = tokens
+                        .revoke_token(pb::RevokeTokenRequest { token_id: id })
+                        .await
+                        .map_err(rpc)?
+                        .into_inner();
+                    let t = resp.token.context("the coordinator returned no token")?;
+                    out.token_revoked(&t);
+                }
+            }
         }
         Command::JobTemplate => unreachable!("handled before connecting"),
     }
@@ -276,7 +359,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// Follows the job's events; reconnects and resumes from the last event seen when the
 /// coordinator restarts or the connection drops.
 async fn watch(
-    jobs: &mut JobServiceClient<Channel>,
+    jobs: &mut JobServiceClient<AuthChannel>,
     out: &Printer,
     coordinator: &str,
     job_id: String,
@@ -360,20 +443,23 @@ async fn pause(so_far: Duration) -> Duration {
     d
 }
 
-/// A lazy channel: the first RPC connects, so an unreachable coordinator is reported by the RPC
-/// with the address in the message.
-async fn connect(url: &str) -> anyhow::Result<Channel> {
-    if !(url.starts_with("http://") || url.starts_with("https://")) {
-        bail!("--coordinator: expected http://host:port or https://host:port, got {url:?}");
+/// A lazy channel (the first RPC connects, so an unreachable coordinator is reported by the RPC
+/// with the address in the message) with TLS and the bearer token as the flags say.
+fn connect(cli: &Cli) -> anyhow::Result<AuthChannel> {
+    let tls = ClientTls {
+        ca: cli.ca.clone(),
+        cert: cli.client_cert.clone(),
+        key: cli.client_key.clone(),
+    };
+    let token = BearerToken::from_file_or_env(cli.token_file.as_deref())?;
+    Ok(conn::connect_lazy(&cli.coordinator, &tls, token)?)
+}
+
+fn parse_role(s: &str) -> anyhow::Result<pb::TokenRole> {
+    match pb::TokenRole::from_str_name(&format!("TOKEN_ROLE_{}", s.to_ascii_uppercase())) {
+        Some(r) if r != pb::TokenRole::Unspecified => Ok(r),
+        _ => bail!("--role: must be client, worker or admin, got {s:?}"),
     }
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|_| {
-            anyhow!("--coordinator: not a valid URL: {url:?} (expected e.g. http://host:50051)")
-        })?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_while_idle(true);
-    Ok(endpoint.connect_lazy())
 }
 
 fn parse_state(s: &str) -> anyhow::Result<i32> {
@@ -388,16 +474,27 @@ fn parse_state(s: &str) -> anyhow::Result<i32> {
 
 /// One line for a failed RPC: what went wrong and, where it helps, what to do.
 fn describe(s: Status, coordinator: &str) -> anyhow::Error {
+    let detail = conn::status_detail(&s);
     let msg = s.message();
+    if conn::is_tls_failure(&s) {
+        return anyhow!(
+            "cannot connect securely to the coordinator at {coordinator} ({detail}); check --ca \
+             (SEGTRAIN_CA), that the URL's host is one the server certificate was made for, and \
+             https:// vs http://"
+        );
+    }
     match s.code() {
         Code::Unavailable => anyhow!(
-            "cannot reach the coordinator at {coordinator} ({msg}); is segtrain-coordinator running? \
+            "cannot reach the coordinator at {coordinator} ({detail}); is segtrain-coordinator running? \
              Set --coordinator or SEGTRAIN_COORDINATOR"
         ),
         Code::InvalidArgument => anyhow!("invalid request: {msg}"),
         Code::NotFound => anyhow!("not found: {msg}"),
         Code::FailedPrecondition | Code::AlreadyExists => anyhow!("refused: {msg}"),
-        Code::Unauthenticated | Code::PermissionDenied => anyhow!("not allowed: {msg}"),
+        Code::Unauthenticated => anyhow!(
+            "not allowed: {msg} (give a token with --token-file or SEGTRAIN_TOKEN)"
+        ),
+        Code::PermissionDenied => anyhow!("not allowed: {msg}"),
         Code::DeadlineExceeded => anyhow!("the coordinator at {coordinator} did not answer in time"),
         other => anyhow!("the coordinator failed ({}): {msg}", other.description()),
     }

@@ -486,3 +486,85 @@ impl Live {
         }
     }
 }
+
+/// A token as the CLI shows it (never the secret, except once at creation).
+fn token_json(t: &pb::TokenInfo) -> Value {
+    json!({
+        "id": t.id, "name": t.name, "role": role_name(t.role),
+        "created_at": time(&t.created_at),
+        "revoked_at": t.revoked_at.as_ref().map(|_| time(&t.revoked_at)),
+        "last_used_at": t.last_used_at.as_ref().map(|_| time(&t.last_used_at)),
+    })
+}
+
+pub fn role_name(r: i32) -> String {
+    pb::TokenRole::try_from(r)
+        .map(|r| {
+            r.as_str_name()
+                .trim_start_matches("TOKEN_ROLE_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_else(|_| format!("unknown({r})"))
+}
+
+impl Printer {
+    /// The new token alone on stdout (so `segtrain token create ... > file` keeps just the
+    /// secret); what it is on stderr. With `--json`, one document with the token in it.
+    pub fn token_created(&self, token: &str, info: &pb::TokenInfo) {
+        if self.json {
+            let mut v = token_json(info);
+            v["token"] = Value::String(token.to_string());
+            print_json(&v);
+        } else {
+            eprintln!(
+                "created {} token {:?} ({}); it is shown only now, store it:",
+                role_name(info.role),
+                info.name,
+                info.id
+            );
+            println!("{token}");
+        }
+    }
+
+    pub fn tokens(&self, ts: &[pb::TokenInfo]) {
+        if self.json {
+            let v: Vec<Value> = ts.iter().map(token_json).collect();
+            print_json(&v);
+            return;
+        }
+        if ts.is_empty() {
+            println!("no tokens");
+            return;
+        }
+        let rows: Vec<Vec<String>> = ts
+            .iter()
+            .map(|t| {
+                vec![
+                    t.id.clone(),
+                    role_name(t.role),
+                    t.name.clone(),
+                    time(&t.created_at),
+                    time(&t.last_used_at),
+                    time(&t.revoked_at),
+                ]
+            })
+            .collect();
+        table(
+            &["ID", "ROLE", "NAME", "CREATED", "LAST USED", "REVOKED"],
+            &rows,
+        );
+    }
+
+    pub fn token_revoked(&self, t: &pb::TokenInfo) {
+        if self.json {
+            print_json(&token_json(t));
+        } else {
+            println!(
+                "revoked {} token {:?} ({})",
+                role_name(t.role),
+                t.name,
+                t.id
+            );
+        }
+    }
+}

@@ -9,6 +9,7 @@ mod events;
 mod ingest;
 mod jobs;
 mod metrics;
+mod tokens;
 mod workers;
 
 pub use attempts::{
@@ -18,6 +19,7 @@ pub use events::EventRecord;
 pub use ingest::{IngestBody, IngestEvent};
 pub use jobs::JobRecord;
 pub use metrics::{CheckpointRecord, MetricPoint};
+pub use tokens::{TokenCheck, TokenRecord};
 pub use workers::{Heartbeat, RankRef, Registered, WorkerRecord, WorkerRegistration};
 
 use crate::state::IllegalTransition;

@@ -143,13 +143,27 @@ struct TrainArgs {
 
 #[derive(clap::Args, Debug)]
 struct DaemonArgs {
-    /// The coordinator's address.
+    /// The coordinator's address: https://host:port (TLS) or http://host:port (plaintext, for a
+    /// coordinator on this machine started with --plaintext).
     #[arg(
         long,
         env = "SEGTRAIN_COORDINATOR",
         default_value = "http://127.0.0.1:50051"
     )]
     coordinator: String,
+    /// The CA certificate (PEM) that signed the coordinator's certificate (default: the
+    /// system's trusted roots).
+    #[arg(long, env = "SEGTRAIN_CA")]
+    ca: Option<PathBuf>,
+    /// A file holding this daemon's worker token (or set SEGTRAIN_TOKEN to the token itself).
+    #[arg(long, env = "SEGTRAIN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// This daemon's client certificate (PEM), for a coordinator started with --tls-client-ca.
+    #[arg(long, env = "SEGTRAIN_CLIENT_CERT", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "SEGTRAIN_CLIENT_KEY", requires = "client_cert")]
+    client_key: Option<PathBuf>,
     /// The GPU this daemon owns (its trainers see only it).
     #[arg(long, conflicts_with = "cpu", required_unless_present = "cpu")]
     gpu: Option<u32>,
@@ -211,6 +225,12 @@ fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
         exe: std::env::current_exe().context("cannot find this binary's path")?,
         grace: std::time::Duration::from_secs(args.grace_seconds),
         torch_threads: args.torch_threads,
+        tls: segtrain_proto::client::ClientTls {
+            ca: args.ca,
+            cert: args.client_cert,
+            key: args.client_key,
+        },
+        token: segtrain_proto::client::BearerToken::from_file_or_env(args.token_file.as_deref())?,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

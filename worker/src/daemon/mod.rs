@@ -8,6 +8,7 @@ pub mod outbox;
 pub mod trainer_process;
 
 use outbox::Outbox;
+use segtrain_proto::client::{self as conn, AuthChannel, BearerToken, ClientTls};
 use segtrain_proto::v1 as pb;
 use segtrain_proto::v1::worker_service_client::WorkerServiceClient;
 use std::collections::HashMap;
@@ -16,7 +17,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{oneshot, Notify};
-use tonic::transport::Channel;
 use tonic::Code;
 use trainer_process::{Parsed, RankKey};
 
@@ -37,12 +37,16 @@ pub struct DaemonConfig {
     /// libtorch CPU threads per trainer (None: libtorch's default, all cores). Several CPU
     /// workers on one host should share the cores rather than each take them all.
     pub torch_threads: Option<u32>,
+    /// TLS for an `https://` coordinator (`--ca`, `--client-cert`, `--client-key`).
+    pub tls: ClientTls,
+    /// The worker token sent with every request (`--token-file` or SEGTRAIN_TOKEN).
+    pub token: BearerToken,
 }
 
 /// State shared by the daemon's tasks.
 struct Shared {
     cfg: DaemonConfig,
-    channel: Channel,
+    channel: AuthChannel,
     worker_id: Mutex<String>,
     /// The lease the coordinator grants (heartbeats go at a third of it).
     lease: Mutex<Duration>,
@@ -58,8 +62,10 @@ fn now() -> prost_types::Timestamp {
 }
 
 impl Shared {
-    fn client(&self) -> WorkerServiceClient<Channel> {
+    fn client(&self) -> WorkerServiceClient<AuthChannel> {
         WorkerServiceClient::new(self.channel.clone())
+            .max_decoding_message_size(conn::MAX_RESPONSE_BYTES)
+            .max_encoding_message_size(conn::MAX_REQUEST_BYTES)
     }
 
     fn worker_id(&self) -> String {
@@ -114,8 +120,13 @@ impl Shared {
                     }
                     return;
                 }
+                Err(e) if matches!(e.code(), Code::Unauthenticated | Code::PermissionDenied) => {
+                    tracing::error!(error = %e.message(), "the coordinator refused this daemon's token; give a worker token (--token-file or SEGTRAIN_TOKEN) and restart; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e.message(), "cannot register with the coordinator; retrying");
+                    tracing::warn!(error = %conn::status_detail(&e), "cannot register with the coordinator; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
@@ -140,12 +151,7 @@ pub async fn run(
     cfg: DaemonConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(cfg.coordinator.clone())
-        .map_err(|_| anyhow::anyhow!("--coordinator: not a valid URL: {:?}", cfg.coordinator))?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_while_idle(true)
-        .connect_lazy();
+    let channel = conn::connect_lazy(&cfg.coordinator, &cfg.tls, cfg.token.clone())?;
     let shared = Arc::new(Shared {
         cfg,
         channel,

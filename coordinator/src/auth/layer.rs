@@ -1,0 +1,107 @@
+//! The tower layer in front of every gRPC service: it reads `authorization: Bearer <token>`,
+//! verifies the token (asynchronously, against PostgreSQL through the [`Verifier`]'s cache),
+//! checks the role the service needs, and either passes the request on with its [`Caller`] in the
+//! extensions or answers the gRPC error itself, so the services never see an unauthorised call.
+
+use super::{access, decide, Verdict, Verifier};
+use crate::api::status_of;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tonic::body::Body;
+use tonic::codegen::http;
+
+/// `None` verifier: authentication is off (`--insecure-no-auth`); every request passes.
+#[derive(Clone)]
+pub struct AuthLayer {
+    verifier: Option<Verifier>,
+}
+
+impl AuthLayer {
+    pub fn new(verifier: Option<Verifier>) -> AuthLayer {
+        AuthLayer { verifier }
+    }
+}
+
+impl<S> tower_layer::Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+
+    fn layer(&self, inner: S) -> AuthService<S> {
+        AuthService {
+            inner,
+            verifier: self.verifier.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthService<S> {
+    inner: S,
+    verifier: Option<Verifier>,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+impl<S> tower_service::Service<http::Request<Body>> for AuthService<S>
+where
+    S: tower_service::Service<http::Request<Body>, Response = http::Response<Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        // The service that was polled ready serves this request; a clone takes its place.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let Some(verifier) = self.verifier.clone() else {
+            return Box::pin(inner.call(req));
+        };
+        Box::pin(async move {
+            let (service, rule) = access(req.uri().path());
+            let header = req
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .map(|v| v.as_bytes().to_vec());
+            // Verify first (async), then decide (sync) with the verdict.
+            let verdict = match (&rule, header.as_deref().and_then(bearer)) {
+                (super::Access::Roles(_), Some(token)) => Some(verifier.verify(token).await),
+                _ => None,
+            };
+            let decided = decide(&service, rule, header.as_deref(), |_| match verdict {
+                Some(Ok(v)) => Ok(v),
+                Some(Err(e)) => Err(status_of(e)),
+                None => Ok(Verdict::Unknown),
+            });
+            match decided {
+                Ok(caller) => {
+                    if let Some(c) = caller {
+                        req.extensions_mut().insert(c);
+                    }
+                    inner.call(req).await
+                }
+                Err(status) => {
+                    tracing::debug!(service = %service, code = ?status.code(), "request refused");
+                    Ok(status.into_http())
+                }
+            }
+        })
+    }
+}
+
+/// The token of a `Bearer <token>` header value.
+fn bearer(header: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(header).ok()?.trim();
+    let (scheme, rest) = text.split_once(' ')?;
+    let token = rest.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}

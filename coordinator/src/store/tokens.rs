@@ -1,0 +1,99 @@
+//! Bearer tokens (`tokens`): only each token's SHA-256 is stored, never the token. Tokens are
+//! revoked, never deleted. What a role may do is [`crate::auth`]'s business; here a role is the
+//! stored text.
+
+use super::{Store, StoreError};
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct TokenRecord {
+    pub id: Uuid,
+    pub name: String,
+    pub role: String,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub last_used_at: Option<DateTime<Utc>>,
+}
+
+/// What the database says about a presented token.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenCheck {
+    Valid(TokenRecord),
+    Revoked(TokenRecord),
+    Unknown,
+}
+
+const COLUMNS: &str = "id, name, role, created_at, revoked_at, last_used_at";
+
+impl Store {
+    /// Stores a new token by its hash.
+    pub async fn create_token(
+        &self,
+        name: &str,
+        role: &str,
+        sha256: &[u8; 32],
+    ) -> Result<TokenRecord, StoreError> {
+        let sql = format!(
+            "INSERT INTO tokens (id, name, role, sha256) VALUES ($1, $2, $3, $4) RETURNING {COLUMNS}"
+        );
+        Ok(sqlx::query_as::<_, TokenRecord>(&sql)
+            .bind(Uuid::now_v7())
+            .bind(name)
+            .bind(role)
+            .bind(&sha256[..])
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Every token, oldest first (revoked ones only with `include_revoked`).
+    pub async fn list_tokens(&self, include_revoked: bool) -> Result<Vec<TokenRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM tokens WHERE $1 OR revoked_at IS NULL ORDER BY created_at, id"
+        );
+        Ok(sqlx::query_as::<_, TokenRecord>(&sql)
+            .bind(include_revoked)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Revokes a token (a revoked one stays as it was).
+    pub async fn revoke_token(&self, id: Uuid) -> Result<TokenRecord, StoreError> {
+        let sql = format!(
+            "UPDATE tokens SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1 RETURNING {COLUMNS}"
+        );
+        sqlx::query_as::<_, TokenRecord>(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::NotFound {
+                what: "token",
+                id: id.to_string(),
+            })
+    }
+
+    /// Looks a presented token up by its hash; a valid one gets `last_used_at` set.
+    pub async fn check_token(&self, sha256: &[u8; 32]) -> Result<TokenCheck, StoreError> {
+        let sql = format!(
+            "UPDATE tokens SET last_used_at = now() WHERE sha256 = $1 AND revoked_at IS NULL RETURNING {COLUMNS}"
+        );
+        if let Some(t) = sqlx::query_as::<_, TokenRecord>(&sql)
+            .bind(&sha256[..])
+            .fetch_optional(&self.pool)
+            .await?
+        {
+            return Ok(TokenCheck::Valid(t));
+        }
+        let sql = format!("SELECT {COLUMNS} FROM tokens WHERE sha256 = $1");
+        Ok(
+            match sqlx::query_as::<_, TokenRecord>(&sql)
+                .bind(&sha256[..])
+                .fetch_optional(&self.pool)
+                .await?
+            {
+                Some(t) => TokenCheck::Revoked(t),
+                None => TokenCheck::Unknown,
+            },
+        )
+    }
+}

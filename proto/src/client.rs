@@ -1,0 +1,250 @@
+//! How clients reach the coordinator: the `segtrain` CLI, the worker daemons and the tests all
+//! connect through here, so the rules are the same everywhere.
+//!
+//! - `http://host:port`: plaintext (only for a coordinator started with `--plaintext`, which it
+//!   accepts on a loopback address only).
+//! - `https://host:port`: TLS (rustls). The server certificate is checked against the CA given
+//!   with `--ca` (a private CA, e.g. from `segtrain-coordinator certs`) or, without it, the
+//!   system's trusted roots. A client certificate is sent when one is configured (for a
+//!   coordinator started with `--tls-client-ca`).
+//! - Every request carries `authorization: Bearer <token>` when a token is configured.
+//! - Requests are at most [`MAX_REQUEST_BYTES`], responses at most [`MAX_RESPONSE_BYTES`]: the
+//!   coordinator enforces the same limits.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Request, Status};
+
+/// The largest request message the coordinator accepts (4 MiB, gRPC's customary default).
+pub const MAX_REQUEST_BYTES: usize = 4 << 20;
+
+/// The largest response message the coordinator sends (16 MiB: a full GetMetrics page of
+/// 100 000 points with long names fits).
+pub const MAX_RESPONSE_BYTES: usize = 16 << 20;
+
+/// The environment variable that holds a bearer token itself (`--token-file` names a file
+/// holding one instead).
+pub const TOKEN_ENV: &str = "SEGTRAIN_TOKEN";
+
+/// A channel whose requests carry the bearer token.
+pub type AuthChannel = InterceptedService<Channel, BearerToken>;
+
+/// A connection problem a person can fix: the message names the flag or file.
+#[derive(Debug, Clone)]
+pub struct ConnectError(pub String);
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConnectError {}
+
+fn err(msg: impl Into<String>) -> ConnectError {
+    ConnectError(msg.into())
+}
+
+/// TLS settings of a client. All optional: an `https://` URL without a CA trusts the system's
+/// roots, and a client certificate is only needed for a coordinator that asks for one.
+#[derive(Debug, Clone, Default)]
+pub struct ClientTls {
+    /// PEM file of the CA that signed the coordinator's certificate (`--ca`).
+    pub ca: Option<PathBuf>,
+    /// PEM files of this client's certificate and key (`--client-cert`, `--client-key`).
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl ClientTls {
+    fn any(&self) -> bool {
+        self.ca.is_some() || self.cert.is_some() || self.key.is_some()
+    }
+}
+
+/// Reads a PEM file and checks that it holds what `what` says (`CERTIFICATE`, `PRIVATE KEY`),
+/// so that a wrong file is reported by name instead of as a failed handshake later.
+pub fn read_pem(flag: &str, path: &Path, what: &str) -> Result<Vec<u8>, ConnectError> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| err(format!("{flag} {}: cannot read it: {e}", path.display())))?;
+    let text = String::from_utf8_lossy(&bytes);
+    let found = text
+        .lines()
+        .any(|l| l.starts_with("-----BEGIN ") && l.trim_end().ends_with(&format!("{what}-----")));
+    if !found {
+        return Err(err(format!(
+            "{flag} {}: not a PEM file with a {what} (expected a line such as -----BEGIN {what}-----)",
+            path.display()
+        )));
+    }
+    Ok(bytes)
+}
+
+/// An endpoint for `url` with TLS set up as `tls` says. Nothing connects yet.
+pub fn endpoint(url: &str, tls: &ClientTls) -> Result<Endpoint, ConnectError> {
+    let https = url.starts_with("https://");
+    if !(https || url.starts_with("http://")) {
+        return Err(err(format!(
+            "--coordinator: expected https://host:port (TLS) or http://host:port (plaintext), got {url:?}"
+        )));
+    }
+    if !https && tls.any() {
+        return Err(err(format!(
+            "--coordinator {url}: a CA or client certificate is set but the URL is http:// \
+             (plaintext); use https:// to connect with TLS"
+        )));
+    }
+    let mut ep = Endpoint::from_shared(url.to_string())
+        .map_err(|_| err(format!("--coordinator: not a valid URL: {url:?}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_while_idle(true);
+    if https {
+        let mut cfg = ClientTlsConfig::new();
+        cfg = match &tls.ca {
+            Some(ca) => {
+                cfg.ca_certificate(Certificate::from_pem(read_pem("--ca", ca, "CERTIFICATE")?))
+            }
+            None => cfg.with_native_roots(),
+        };
+        match (&tls.cert, &tls.key) {
+            (Some(cert), Some(key)) => {
+                let cert = read_pem("--client-cert", cert, "CERTIFICATE")?;
+                let key = read_pem("--client-key", key, "PRIVATE KEY")?;
+                cfg = cfg.identity(Identity::from_pem(cert, key));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(err(
+                    "--client-cert and --client-key: give both or neither".to_string()
+                ))
+            }
+        }
+        ep = ep
+            .tls_config(cfg)
+            .map_err(|e| err(format!("--coordinator {url}: cannot set up TLS: {e}")))?;
+    }
+    Ok(ep)
+}
+
+/// Adds `authorization: Bearer <token>` to every request (nothing when there is no token).
+#[derive(Clone, Default)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the secret.
+        f.write_str(if self.0.is_some() {
+            "BearerToken(<set>)"
+        } else {
+            "BearerToken(<none>)"
+        })
+    }
+}
+
+impl BearerToken {
+    /// No token: for a coordinator started with `--insecure-no-auth`.
+    pub fn none() -> BearerToken {
+        BearerToken(None)
+    }
+
+    /// `where_from` names the flag or file, for the error.
+    pub fn new(token: &str, where_from: &str) -> Result<BearerToken, ConnectError> {
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(err(format!("{where_from}: the token is empty")));
+        }
+        if !token.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(err(format!(
+                "{where_from}: a token is printable ASCII without spaces; this one is not"
+            )));
+        }
+        let mut v: MetadataValue<Ascii> = format!("Bearer {token}").parse().map_err(|_| {
+            err(format!(
+                "{where_from}: the token cannot be sent in a header"
+            ))
+        })?;
+        // Keeps it out of HTTP/2 header compression tables and debug output.
+        v.set_sensitive(true);
+        Ok(BearerToken(Some(v)))
+    }
+
+    /// The token from `file` (`--token-file`) if given, else from the `SEGTRAIN_TOKEN` value
+    /// `env` if set, else none.
+    pub fn from_sources(
+        file: Option<&Path>,
+        env: Option<&str>,
+    ) -> Result<BearerToken, ConnectError> {
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                err(format!(
+                    "--token-file {}: cannot read it: {e}",
+                    path.display()
+                ))
+            })?;
+            return BearerToken::new(&text, &format!("--token-file {}", path.display()));
+        }
+        match env {
+            Some(t) if !t.trim().is_empty() => BearerToken::new(t, TOKEN_ENV),
+            _ => Ok(BearerToken::none()),
+        }
+    }
+
+    /// The token from `--token-file` or the `SEGTRAIN_TOKEN` environment variable.
+    pub fn from_file_or_env(file: Option<&Path>) -> Result<BearerToken, ConnectError> {
+        let env = std::env::var(TOKEN_ENV).ok();
+        BearerToken::from_sources(file, env.as_deref())
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+impl Interceptor for BearerToken {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A lazy channel (the first RPC connects) that sends `token` with every request.
+pub fn connect_lazy(
+    url: &str,
+    tls: &ClientTls,
+    token: BearerToken,
+) -> Result<AuthChannel, ConnectError> {
+    let channel = endpoint(url, tls)?.connect_lazy();
+    Ok(InterceptedService::new(channel, token))
+}
+
+/// A status's message followed by its causes (a transport error's message alone is often just
+/// "transport error"; the cause says e.g. "invalid peer certificate: UnknownIssuer").
+pub fn status_detail(s: &Status) -> String {
+    let mut out = s.message().to_string();
+    let mut cause = std::error::Error::source(s);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out.replace(['\n', '\r'], " ")
+}
+
+/// Whether a failed call failed in the TLS handshake (an untrusted or mismatched certificate, a
+/// missing client certificate, plaintext against TLS).
+pub fn is_tls_failure(s: &Status) -> bool {
+    let d = status_detail(s).to_ascii_lowercase();
+    ["certificate", "tls", "alert", "handshake", "invalid peer"]
+        .iter()
+        .any(|k| d.contains(k))
+}
