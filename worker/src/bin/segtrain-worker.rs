@@ -98,9 +98,14 @@ struct TrainArgs {
     /// auto (CUDA if available), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Where checkpoints go (default: <checkpoint_root>/<name>).
+    /// Where checkpoints go (default: <checkpoint_root>/<name>); with --checkpoint-uri (or a
+    /// gs:// checkpoint_root) the local staging directory they are written to before upload.
     #[arg(long)]
     checkpoint_dir: Option<PathBuf>,
+    /// An object-store directory for the checkpoints, gs://bucket/prefix (default:
+    /// <checkpoint_root>/<name> when checkpoint_root is gs://).
+    #[arg(long)]
+    checkpoint_uri: Option<String>,
     /// Stop after this iteration, writing a checkpoint (resume later with --resume-from).
     #[arg(long)]
     stop_at: Option<u64>,
@@ -336,10 +341,29 @@ fn train_options(args: TrainArgs) -> anyhow::Result<train::TrainOptions> {
     if args.rendezvous_timeout == 0 || args.collective_timeout == 0 {
         bail!("--rendezvous-timeout and --collective-timeout must be at least 1 second");
     }
-    let checkpoint_dir = match args.checkpoint_dir {
-        Some(d) => d,
-        None => {
+    let remote_root = train::remote::is_remote(&spec.checkpoint_root);
+    let checkpoint_uri = match (&args.checkpoint_uri, remote_root) {
+        (Some(u), _) => Some(u.clone()),
+        (None, true) => Some(format!(
+            "{}/{}",
+            spec.checkpoint_root.trim_end_matches('/'),
+            spec.name
+        )),
+        (None, false) => None,
+    };
+    let checkpoint_dir = match (args.checkpoint_dir, &checkpoint_uri) {
+        (Some(d), _) => d,
+        (None, Some(_)) => std::env::temp_dir().join(format!("segtrain-staging-{}", spec.name)),
+        (None, None) => {
             train::trainer::local_path("checkpoint_root", &spec.checkpoint_root)?.join(&spec.name)
+        }
+    };
+    let checkpoint_remote = match &checkpoint_uri {
+        None => None,
+        Some(uri) => {
+            let (store, path) = train::remote::RemoteStore::open(uri)
+                .with_context(|| format!("--checkpoint-uri {uri}"))?;
+            Some(train::remote::RemoteDir { store, path })
         }
     };
     let resume_candidates = match &args.resume_candidates {
@@ -371,6 +395,7 @@ fn train_options(args: TrainArgs) -> anyhow::Result<train::TrainOptions> {
         no_dropout: args.no_dropout,
         resume_candidates,
         stop: &train::stop::STOP_REQUESTED,
+        checkpoint_remote,
     };
     Ok(opts)
 }

@@ -192,10 +192,20 @@ pub fn spawn(l: &Launch<'_>) -> anyhow::Result<(Child, PathBuf)> {
         std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
     // One directory per attempt: a stale trainer of an earlier attempt (a partitioned worker
     // that has not noticed yet) can never overwrite or delete the current attempt's files.
-    let checkpoint_dir =
-        crate::train::trainer::local_path("checkpoint_root", &l.spec.checkpoint_root)?
-            .join(&a.job_id)
-            .join(format!("attempt-{}", a.attempt));
+    let root = &l.spec.checkpoint_root;
+    let attempt_dir = format!("{}/attempt-{}", a.job_id, a.attempt);
+    let (checkpoint_dir, checkpoint_uri) = if crate::train::remote::is_remote(root) {
+        // Written locally, uploaded to the bucket: any node can resume from it.
+        (
+            l.work_dir.join("staging"),
+            Some(format!("{}/{attempt_dir}", root.trim_end_matches('/'))),
+        )
+    } else {
+        (
+            crate::train::trainer::local_path("checkpoint_root", root)?.join(&attempt_dir),
+            None,
+        )
+    };
 
     let rendezvous = match (&l.rendezvous, a.rank, l.gpu) {
         (_, _, _) if a.world_size == 1 => "single".to_string(),
@@ -227,6 +237,11 @@ pub fn spawn(l: &Launch<'_>) -> anyhow::Result<(Child, PathBuf)> {
         .arg(key.token().to_string())
         .arg("--checkpoint-dir")
         .arg(&checkpoint_dir)
+        .args(
+            checkpoint_uri
+                .iter()
+                .flat_map(|u| ["--checkpoint-uri", u.as_str()]),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(stderr)

@@ -309,28 +309,41 @@ pub fn retain(
         }
         _ => all.extend(list(root)?.into_iter().map(|(it, d)| (it, 0, d))),
     }
-    all.sort();
-    let mut doomed: Vec<PathBuf> = Vec::new();
-    // Newest copy of each iteration; older copies are superseded.
-    let mut newest: Vec<(u64, PathBuf)> = Vec::new();
-    for (it, _, dir) in all {
-        match newest.last_mut() {
-            Some((last, kept)) if *last == it => doomed.push(std::mem::replace(kept, dir)),
-            _ => newest.push((it, dir)),
-        }
-    }
-    let cut = newest.len().saturating_sub(keep_last);
-    for (it, dir) in newest.into_iter().take(cut) {
-        if Some(it) != best_iteration {
-            doomed.push(dir);
-        }
-    }
+    let doomed = retention(all, keep_last, best_iteration);
     let mut deleted = Vec::new();
     for dir in doomed {
         fs::remove_dir_all(&dir).with_context(|| format!("cannot delete {}", dir.display()))?;
         deleted.push(dir);
     }
     Ok(deleted)
+}
+
+/// Which checkpoints retention removes, from (iteration, attempt, location) of every checkpoint
+/// it may consider: older copies of an iteration re-done by a later attempt, then everything
+/// beyond the newest `keep_last` iterations except `best_iteration`. Shared by the local and
+/// the object-store retention.
+pub fn retention<T>(
+    mut all: Vec<(u64, u32, T)>,
+    keep_last: usize,
+    best_iteration: Option<u64>,
+) -> Vec<T> {
+    all.sort_by_key(|(it, attempt, _)| (*it, *attempt));
+    let mut doomed: Vec<T> = Vec::new();
+    // Newest copy of each iteration; older copies are superseded.
+    let mut newest: Vec<(u64, T)> = Vec::new();
+    for (it, _, loc) in all {
+        match newest.last_mut() {
+            Some((last, kept)) if *last == it => doomed.push(std::mem::replace(kept, loc)),
+            _ => newest.push((it, loc)),
+        }
+    }
+    let cut = newest.len().saturating_sub(keep_last);
+    for (it, loc) in newest.into_iter().take(cut) {
+        if Some(it) != best_iteration {
+            doomed.push(loc);
+        }
+    }
+    doomed
 }
 
 /// Checks that the manifest in `dir` has the sha256 the coordinator recorded for it when the

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod eval;
 pub mod loss;
 pub mod metrics;
+pub mod remote;
 pub mod report;
 pub mod stop;
 pub mod trainer;

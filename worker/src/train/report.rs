@@ -67,20 +67,21 @@ pub fn event_json(ev: &TrainEvent) -> serde_json::Value {
             "class_iou": result.metrics.class_iou, "images": result.images}),
         TrainEvent::Checkpoint {
             saved,
+            uri,
             metrics,
             deleted,
         } => json!({"event": "checkpoint",
-            "iteration": saved.iteration, "uri": saved.dir, "bytes": saved.bytes, "sha256": saved.sha256,
+            "iteration": saved.iteration, "uri": uri, "bytes": saved.bytes, "sha256": saved.sha256,
             "metrics": metrics.iter().map(|(k, v)| (k.clone(), num(*v))).collect::<serde_json::Map<_, _>>(),
             "deleted": deleted}),
         TrainEvent::Resumed {
             iteration,
-            dir,
+            uri,
             skipped,
-        } => json!({"event": "resumed", "iteration": iteration, "uri": dir,
+        } => json!({"event": "resumed", "iteration": iteration, "uri": uri,
             "skipped": skipped.iter().map(|(it, uri, why)| json!({"iteration": it, "uri": uri, "reason": why})).collect::<Vec<_>>()}),
-        TrainEvent::CheckpointPending { iteration, dir } => {
-            json!({"event": "checkpoint_pending", "iteration": iteration, "uri": dir})
+        TrainEvent::CheckpointPending { iteration, uri } => {
+            json!({"event": "checkpoint_pending", "iteration": iteration, "uri": uri})
         }
         TrainEvent::Stopped { iteration } => json!({"event": "stopped", "iteration": iteration}),
         TrainEvent::Finished { iteration, best } => {
@@ -158,19 +159,20 @@ impl EventSink for Reporter {
                 100.0 * result.metrics.miou, 100.0 * result.metrics.aacc, result.loss, result.images
             ))
             }
-            TrainEvent::Checkpoint { saved, deleted, .. } => {
-                self.line(&format!(
-                    "checkpoint {} ({} bytes)",
-                    saved.dir.display(),
-                    saved.bytes
-                ));
+            TrainEvent::Checkpoint {
+                saved,
+                uri,
+                deleted,
+                ..
+            } => {
+                self.line(&format!("checkpoint {uri} ({} bytes)", saved.bytes));
                 for d in deleted {
-                    self.line(&format!("deleted old checkpoint {}", d.display()));
+                    self.line(&format!("deleted old checkpoint {d}"));
                 }
             }
             TrainEvent::Resumed {
                 iteration,
-                dir,
+                uri,
                 skipped,
             } => {
                 for (it, uri, why) in skipped {
@@ -178,10 +180,7 @@ impl EventSink for Reporter {
                         "skipped the checkpoint of iteration {it} ({uri}): {why}"
                     ));
                 }
-                self.line(&format!(
-                    "resuming from {} at iteration {iteration}",
-                    dir.display()
-                ));
+                self.line(&format!("resuming from {uri} at iteration {iteration}"));
             }
             TrainEvent::CheckpointPending { .. } => {}
             TrainEvent::Stopped { iteration } => {

@@ -18,6 +18,7 @@
 use super::checkpoint::{self, Saved};
 use super::eval::{accumulate, evaluate, normalise, EvalConfig, EvalResult};
 use super::loss::segmentation_loss;
+use super::remote::{self, RemoteDir, RemoteStore};
 use super::stop::deterministic;
 use crate::collective::nccl::NcclCollective;
 use crate::collective::tcp::{TcpCollective, TcpRendezvous};
@@ -66,6 +67,9 @@ pub struct TrainOptions {
     /// Set when this rank is asked to stop (see [`super::stop`]); checked at iteration
     /// boundaries.
     pub stop: &'static AtomicBool,
+    /// Where checkpoints go when they live in an object store: each is written into
+    /// `checkpoint_dir` first (the staging copy), uploaded here, and the staging copy removed.
+    pub checkpoint_remote: Option<RemoteDir>,
 }
 
 /// A checkpoint a restarted attempt may resume from, with the manifest digest recorded when it
@@ -100,6 +104,7 @@ impl TrainOptions {
             no_dropout: false,
             resume_candidates: Vec::new(),
             stop: &NEVER_STOP,
+            checkpoint_remote: None,
         }
     }
 }
@@ -201,26 +206,29 @@ pub enum TrainEvent {
         iteration: u64,
         result: EvalResult,
     },
-    /// The run resumed from `dir` (at `iteration`); `skipped` are newer candidates that were
+    /// The run resumed from `uri` (at `iteration`); `skipped` are newer candidates that were
     /// unusable: (iteration, location, why).
     Resumed {
         iteration: u64,
-        dir: PathBuf,
+        uri: String,
         skipped: Vec<(u64, String, String)>,
     },
-    /// Rank 0 starts writing the checkpoint of `iteration` into `dir`.
+    /// Rank 0 starts writing the checkpoint of `iteration` to `uri` (a path or a gs:// URI).
     CheckpointPending {
         iteration: u64,
-        dir: PathBuf,
+        uri: String,
     },
     /// Asked to stop: every rank stopped after `iteration` (checkpointed by rank 0).
     Stopped {
         iteration: u64,
     },
+    /// A checkpoint is durable at `uri` (the local directory, or its object-store copy);
+    /// retention deleted `deleted`.
     Checkpoint {
         saved: Saved,
+        uri: String,
         metrics: BTreeMap<String, f64>,
-        deleted: Vec<PathBuf>,
+        deleted: Vec<String>,
     },
     Finished {
         iteration: u64,
@@ -262,10 +270,8 @@ pub fn local_path(field: &str, uri: &str) -> anyhow::Result<PathBuf> {
     if let Some(p) = uri.strip_prefix("file://") {
         return Ok(PathBuf::from(p));
     }
-    if uri.starts_with("gs://") {
-        bail!(
-            "{field}: {uri}: gs:// locations are not supported by this trainer yet; use a path (a gcsfuse mount works)"
-        );
+    if remote::is_remote(uri) {
+        bail!("{field}: {uri} is an object-store URI, not a local path");
     }
     Ok(PathBuf::from(uri))
 }
@@ -426,7 +432,12 @@ fn evaluate_shard(
 }
 
 /// A checkpoint that was loaded and verified, with the newer candidates skipped on the way.
-type ResumePoint = (PathBuf, checkpoint::Loaded, Vec<(u64, String, String)>);
+type ResumePoint = (
+    String,
+    PathBuf,
+    checkpoint::Loaded,
+    Vec<(u64, String, String)>,
+);
 
 /// Where this rank resumes: the first intact checkpoint of `opts.resume_candidates` (its
 /// manifest digest must match the recorded one, and every file its manifest digest), else
@@ -436,30 +447,38 @@ fn pick_resume_point(opts: &TrainOptions) -> anyhow::Result<Option<ResumePoint>>
         let Some(r) = &opts.spec.resume_from else {
             return Ok(None);
         };
-        let dir = local_path("resume_from", r)?;
+        let dir = fetch(opts, r)
+            .with_context(|| format!("resume_from: {r}"))
+            .map_err(deterministic)?;
         let ck = checkpoint::load(&dir)
             .with_context(|| format!("resume_from: {}", dir.display()))
             .map_err(deterministic)?;
-        return Ok(Some((dir, ck, Vec::new())));
+        return Ok(Some((r.clone(), dir, ck, Vec::new())));
     }
     let mut skipped = Vec::new();
     for c in &opts.resume_candidates {
-        let dir = local_path("resume_from", &c.uri)?;
-        let loaded = checkpoint::verify_manifest_digest(&dir, &c.sha256)
-            .and_then(|()| checkpoint::load(&dir))
-            .and_then(|ck| {
-                if ck.manifest.iteration == c.iteration {
-                    Ok(ck)
-                } else {
-                    bail!(
-                        "its manifest says iteration {}, the record says {}",
-                        ck.manifest.iteration,
-                        c.iteration
-                    )
-                }
-            });
+        let loaded = fetch(opts, &c.uri)
+            .and_then(|dir| checkpoint::verify_manifest_digest(&dir, &c.sha256).map(|()| dir));
+        let (dir, loaded) = match loaded {
+            Ok(dir) => {
+                let ck = checkpoint::load(&dir);
+                (dir, ck)
+            }
+            Err(e) => (PathBuf::new(), Err(e)),
+        };
+        let loaded = loaded.and_then(|ck| {
+            if ck.manifest.iteration == c.iteration {
+                Ok(ck)
+            } else {
+                bail!(
+                    "its manifest says iteration {}, the record says {}",
+                    ck.manifest.iteration,
+                    c.iteration
+                )
+            }
+        });
         match loaded {
-            Ok(ck) => return Ok(Some((dir, ck, skipped))),
+            Ok(ck) => return Ok(Some((c.uri.clone(), dir, ck, skipped))),
             Err(e) => skipped.push((c.iteration, c.uri.clone(), format!("{e:#}"))),
         }
     }
@@ -471,6 +490,29 @@ fn pick_resume_point(opts: &TrainOptions) -> anyhow::Result<Option<ResumePoint>>
         "no intact checkpoint to resume from: {}",
         why.join("; ")
     )))
+}
+
+/// A local directory holding the checkpoint at `uri`: the path itself, or a download of an
+/// object-store checkpoint into `<checkpoint_dir>/.resume/`.
+fn fetch(opts: &TrainOptions, uri: &str) -> anyhow::Result<PathBuf> {
+    let from_store = |store: &RemoteStore, path: &object_store::path::Path| {
+        let name = path
+            .filename()
+            .map(str::to_string)
+            .unwrap_or_else(|| "checkpoint".to_string());
+        let local = opts.checkpoint_dir.join(".resume").join(name);
+        remote::download(store, path, &local).map(|()| local)
+    };
+    if let Some(r) = &opts.checkpoint_remote {
+        if let Some(path) = r.store.path_of(uri) {
+            return from_store(&r.store, &path);
+        }
+    }
+    if remote::is_remote(uri) {
+        let (store, path) = RemoteStore::open(uri)?;
+        return from_store(&store, &path);
+    }
+    local_path("resume_from", uri)
 }
 
 /// Rank 0 writes the checkpoint of `iteration` (announced first, so it is PENDING until it is
@@ -487,9 +529,14 @@ fn write_checkpoint(
     sink: &mut dyn EventSink,
 ) -> anyhow::Result<Saved> {
     let spec = &opts.spec;
+    let name = checkpoint::dir_name(iteration);
+    let pending_uri = match &opts.checkpoint_remote {
+        Some(r) => r.store.uri(&r.path.clone().join(name.as_str())),
+        None => opts.checkpoint_dir.join(&name).display().to_string(),
+    };
     sink.event(&TrainEvent::CheckpointPending {
         iteration,
-        dir: opts.checkpoint_dir.join(checkpoint::dir_name(iteration)),
+        uri: pending_uri,
     });
     let saved = checkpoint::save(
         &opts.checkpoint_dir,
@@ -510,9 +557,26 @@ fn write_checkpoint(
     } else {
         None
     };
-    let deleted = checkpoint::retain(&opts.checkpoint_dir, spec.keep_last as usize, best_it)?;
+    let (uri, deleted) = match &opts.checkpoint_remote {
+        Some(r) => {
+            let uri = r.upload(&saved.dir)?;
+            // The store holds it now; the staging copy only costs disk.
+            std::fs::remove_dir_all(&saved.dir)
+                .with_context(|| format!("cannot remove {}", saved.dir.display()))?;
+            (uri, r.retain(spec.keep_last as usize, best_it)?)
+        }
+        None => {
+            let deleted =
+                checkpoint::retain(&opts.checkpoint_dir, spec.keep_last as usize, best_it)?;
+            (
+                saved.dir.display().to_string(),
+                deleted.iter().map(|d| d.display().to_string()).collect(),
+            )
+        }
+    };
     sink.event(&TrainEvent::Checkpoint {
         saved: saved.clone(),
+        uri,
         metrics,
         deleted,
     });
@@ -586,7 +650,7 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
     let mut sampler_state = SamplerState::default();
     let mut best: Option<(f64, u64)> = None;
     let mut resumed_from = None;
-    if let Some((dir, ck, skipped)) = pick_resume_point(&opts)? {
+    if let Some((uri, dir, ck, skipped)) = pick_resume_point(&opts)? {
         if ck.manifest.optimizer_layout != opt.slots() {
             return Err(deterministic(anyhow::anyhow!(
                 "resume_from: {}: the checkpoint was made for a different model",
@@ -603,7 +667,7 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
         if rank == 0 {
             sink.event(&TrainEvent::Resumed {
                 iteration: start,
-                dir: dir.clone(),
+                uri,
                 skipped,
             });
         }
