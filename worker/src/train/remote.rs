@@ -230,3 +230,34 @@ pub fn download(store: &RemoteStore, path: &ObjPath, local: &Path) -> anyhow::Re
         Ok(())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_map_to_store_paths_and_back() {
+        let store = RemoteStore::new(Arc::new(object_store::memory::InMemory::new()), "memory://b/");
+        let p = ObjPath::from("jobs/j1/attempt-2/ckpt-00000004");
+        assert_eq!(store.uri(&p), "memory://b/jobs/j1/attempt-2/ckpt-00000004");
+        assert_eq!(store.path_of(&store.uri(&p)), Some(p));
+        assert_eq!(store.path_of("memory://other/x"), None);
+        assert_eq!(store.path_of("/local/path"), None);
+        assert!(is_remote("gs://bucket/prefix"));
+        assert!(!is_remote("/var/lib/segtrain/checkpoints"));
+        assert!(!is_remote("file:///var/lib/segtrain"));
+    }
+
+    #[test]
+    fn bad_gs_uris_are_refused_naming_them() {
+        for (uri, needle) in [
+            ("gs://", "no bucket"),
+            ("gs:///prefix", "no bucket"),
+            ("s3://bucket/x", "expected gs://bucket/prefix"),
+        ] {
+            let e = RemoteStore::open(uri).expect_err(uri);
+            let msg = format!("{e:#}");
+            assert!(msg.contains(uri) && msg.contains(needle), "{msg}");
+        }
+    }
+}
