@@ -6,6 +6,7 @@
 //! [`scheduler`] places queued jobs onto idle workers (gang, all or none) and reaps expired leases.
 //! [`auth`] checks every request's bearer token and role before it reaches [`api`]; [`certs`]
 //! makes a private CA and certificates for TLS.
+//! [`metrics`] exports Prometheus metrics on `/metrics` (`--metrics-listen`).
 //! [`cli`] is a pure gRPC client of the same API (it never touches the database).
 
 pub mod api;
@@ -14,6 +15,7 @@ pub mod certs;
 pub mod cli;
 pub mod events;
 pub mod logging;
+pub mod metrics;
 pub mod scheduler;
 pub mod server;
 pub mod state;

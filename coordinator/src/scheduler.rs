@@ -166,8 +166,12 @@ pub async fn pass(store: &Store) -> Result<usize, crate::store::StoreError> {
                 job_id,
                 attempt,
                 workers,
+                queued_for,
             } => {
-                tracing::info!(job = %job_id, attempt, world_size = workers.len(), "job scheduled");
+                crate::metrics::global()
+                    .scheduling_latency
+                    .observe(queued_for.as_secs_f64());
+                tracing::info!(job = %job_id, attempt, world_size = workers.len(), queued_ms = queued_for.as_millis() as u64, "job scheduled");
                 placed += 1;
             }
             ScheduleOutcome::Blocked {

@@ -1,9 +1,11 @@
 //! Assembles the coordinator: database, migrations, the scheduler task, gRPC services (job,
 //! cluster, worker and token APIs), reflection and health, behind TLS and the bearer-token
-//! [`AuthLayer`], with explicit message size limits.
+//! [`AuthLayer`], with explicit message size limits; and, with `--metrics-listen`, Prometheus
+//! metrics over plain HTTP ([`crate::metrics`]).
 
 use crate::api::{ClusterApi, EventHub, JobApi, TokenApi, WorkerApi, WorkerApiConfig};
 use crate::auth::{AuthLayer, Verifier};
+use crate::metrics;
 use crate::scheduler::{self, Hints, SchedulerConfig};
 use crate::store::{RestartPolicy, Store, StoreError};
 use segtrain_proto::client::{read_pem, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES};
@@ -87,6 +89,10 @@ pub struct ServerConfig {
     /// Backoff between a failed attempt and the next.
     pub restart: RestartPolicy,
     pub security: Security,
+    /// `--metrics-listen`: serve Prometheus metrics on `http://ADDR/metrics` (plain HTTP).
+    pub metrics_listen: Option<SocketAddr>,
+    /// How often the metrics read from PostgreSQL are refreshed.
+    pub metrics_refresh: Duration,
 }
 
 impl ServerConfig {
@@ -104,6 +110,8 @@ impl ServerConfig {
                 tls: None,
                 auth: true,
             },
+            metrics_listen: None,
+            metrics_refresh: Duration::from_secs(2),
         }
     }
 }
@@ -136,9 +144,22 @@ pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> any
     // Configuration mistakes first, before waiting for a database.
     cfg.security.check(cfg.listen)?;
     let tls = cfg.security.tls_config()?;
+    // The metrics endpoint answers from the start, also while PostgreSQL is not reachable yet
+    // (`segtrain_database_up 0`).
+    let metrics_server = match cfg.metrics_listen {
+        Some(addr) => {
+            let listener = metrics::bind(addr).await?;
+            tracing::info!(addr = %listener.local_addr()?, "serving Prometheus metrics on /metrics (plain HTTP)");
+            Some(tokio::spawn(metrics::serve(listener)))
+        }
+        None => None,
+    };
     let store = connect_store(&cfg).await?.with_restart_policy(cfg.restart);
     store.migrate().await?;
     tracing::info!("database schema is up to date");
+    let metrics_refresh = metrics_server
+        .is_some()
+        .then(|| tokio::spawn(metrics::refresh_loop(store.clone(), cfg.metrics_refresh)));
 
     let hub = EventHub::start(&store);
     let hints = Hints::start(&store);
@@ -239,6 +260,9 @@ pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> any
         .await?;
     scheduler.abort();
     db_watch.abort();
+    for task in [metrics_server, metrics_refresh].into_iter().flatten() {
+        task.abort();
+    }
     store.pool().close().await;
     tracing::info!("coordinator stopped");
     Ok(())

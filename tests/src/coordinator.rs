@@ -58,7 +58,8 @@ pub fn coordinator_command(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn free_port() -> u16 {
+/// A port on 127.0.0.1 that was free a moment ago (for `--listen`, `--metrics-listen`).
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -4,9 +4,11 @@
 //! it against a real server rather than a mock: [`pg::TempPostgres`] starts a
 //! throwaway cluster in a temporary directory and removes it again on drop.
 //! [`coordinator::CoordinatorProcess`] runs the real `segtrain-coordinator`
-//! binary against it, so tests can kill and restart it.
+//! binary against it, so tests can kill and restart it. [`metrics`] scrapes and checks
+//! Prometheus `/metrics` pages.
 
 pub mod binaries;
 pub mod coordinator;
 pub mod daemon;
+pub mod metrics;
 pub mod pg;

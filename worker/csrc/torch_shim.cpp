@@ -1,9 +1,10 @@
 // What tch 0.24 does not expose, as a small C ABI over libtorch (reference/rust-stack.md §1.3):
 // bf16 autocast (tch's autocast is fp16 only), TF32 switches, cuDNN deterministic/benchmark flags,
-// and version queries. Built by worker/build.rs against the wheel's headers, C++17, CXX11 ABI.
+// version queries, and the CUDA caching allocator's memory statistics. Built by worker/build.rs against the wheel's headers, C++17, CXX11 ABI.
 #include <ATen/Context.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/detail/CUDAHooksInterface.h>
+#include <c10/core/CachingDeviceAllocator.h>
 #include <torch/headeronly/version.h>
 
 extern "C" {
@@ -50,6 +51,26 @@ bool segtrain_autocast_enabled() { return at::autocast::is_autocast_enabled(at::
 
 bool segtrain_autocast_is_bf16() {
   return at::autocast::get_autocast_dtype(at::kCUDA) == at::kBFloat16;
+}
+
+// The CUDA caching allocator's statistics for one device, in bytes: allocated now, peak allocated,
+// reserved now (what the process holds from the driver, cached blocks included), peak reserved.
+// Returns false (and writes nothing) when there is no CUDA allocator or it is not initialised.
+bool segtrain_cuda_memory(int device, int64_t* allocated, int64_t* peak_allocated,
+                          int64_t* reserved, int64_t* peak_reserved) {
+  try {
+    c10::DeviceAllocator* a = c10::getDeviceAllocator(c10::DeviceType::CUDA);
+    if (a == nullptr || !a->initialized()) return false;
+    auto stats = a->getDeviceStats(static_cast<c10::DeviceIndex>(device));
+    const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    *allocated = stats.allocated_bytes[all].current;
+    *peak_allocated = stats.allocated_bytes[all].peak;
+    *reserved = stats.reserved_bytes[all].current;
+    *peak_reserved = stats.reserved_bytes[all].peak;
+    return true;
+  } catch (...) {
+    return false;
+  }
 }
 
 // Current values of the switches above, so callers and tests can see what is in force.

@@ -16,6 +16,49 @@ extern "C" {
     fn segtrain_tf32_cudnn() -> bool;
     fn segtrain_cudnn_deterministic() -> bool;
     fn segtrain_cudnn_benchmark() -> bool;
+    fn segtrain_cuda_memory(
+        device: std::os::raw::c_int,
+        allocated: *mut i64,
+        peak_allocated: *mut i64,
+        reserved: *mut i64,
+        peak_reserved: *mut i64,
+    ) -> bool;
+}
+
+/// The CUDA caching allocator's memory statistics for one device of this process, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CudaMemory {
+    /// Held by tensors now.
+    pub allocated: i64,
+    /// The most held by tensors since the process started.
+    pub peak_allocated: i64,
+    /// Taken from the driver by the allocator now (cached free blocks included).
+    pub reserved: i64,
+    pub peak_reserved: i64,
+}
+
+/// Memory statistics of CUDA device `index` (as this process numbers it), or `None` without CUDA
+/// or before anything was allocated on it.
+pub fn cuda_memory(index: usize) -> Option<CudaMemory> {
+    let device = std::os::raw::c_int::try_from(index).ok()?;
+    let mut m = CudaMemory {
+        allocated: 0,
+        peak_allocated: 0,
+        reserved: 0,
+        peak_reserved: 0,
+    };
+    // SAFETY: the four pointers are valid for writes for the duration of the call; the shim
+    // catches C++ exceptions and returns false.
+    let ok = unsafe {
+        segtrain_cuda_memory(
+            device,
+            &mut m.allocated,
+            &mut m.peak_allocated,
+            &mut m.reserved,
+            &mut m.peak_reserved,
+        )
+    };
+    ok.then_some(m)
 }
 
 /// The libtorch switches in force: (TF32 in cuBLAS, TF32 in cuDNN, cuDNN deterministic,

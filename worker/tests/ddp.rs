@@ -231,6 +231,13 @@ fn two_cpu_ranks_train_the_same_model_as_one_rank_accumulating_two_micro_batches
         );
     }
     assert_eq!(of(&events1, "finished").len(), 1, "{events1:?}");
+    // Rank 1 prints its own speed (for its daemon's gauges, never stored with the job).
+    let own = of(&events1, "rank_metrics");
+    assert_eq!(own.len(), 4, "{events1:?}");
+    assert!(own
+        .iter()
+        .all(|e| e["values"]["step_ms"].as_f64() > Some(0.0)));
+    assert!(of(&events0, "rank_metrics").is_empty());
     // The evaluation covered both ranks' shards (one val image each).
     let evals = of(&events0, "eval");
     assert_eq!(evals.len(), 2, "at iterations 2 and 4");

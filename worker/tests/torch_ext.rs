@@ -46,3 +46,27 @@ fn tf32_and_cudnn_switches_take_effect() {
     torch_ext::set_cudnn_flags(false, true);
     assert_eq!(torch_ext::switches(), (false, false, false, true));
 }
+
+#[test]
+fn cuda_memory_statistics_follow_allocations_or_are_absent_without_cuda() {
+    if !tch::Cuda::is_available() {
+        // The CUDA allocator is not set up (or not linked): no numbers, and no crash.
+        assert_eq!(torch_ext::cuda_memory(0), None);
+        return;
+    }
+    let device = tch::Device::Cuda(0);
+    let t = tch::Tensor::zeros([64, 1024, 1024], (tch::Kind::Float, device));
+    let m = torch_ext::cuda_memory(0).expect("statistics once a tensor lives on the GPU");
+    assert!(m.allocated >= 256 << 20, "{m:?}");
+    assert!(
+        m.peak_allocated >= m.allocated && m.reserved >= m.allocated,
+        "{m:?}"
+    );
+    drop(t);
+    let after = torch_ext::cuda_memory(0).expect("statistics");
+    assert!(after.allocated < m.allocated, "{after:?}");
+    assert!(
+        after.peak_allocated >= m.allocated,
+        "the peak stays: {after:?}"
+    );
+}

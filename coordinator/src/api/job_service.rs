@@ -90,7 +90,7 @@ impl pb::job_service_server::JobService for JobApi {
             .map_err(|e| Status::invalid_argument(format!("spec.{e}")))?;
         let (job, existing) = self.store.submit_job(&spec, key).await.map_err(status_of)?;
         if !existing {
-            tracing::info!(job = %job.id, name = %spec.name, world_size = spec.world_size, "job submitted");
+            tracing::info!(job = %job.id, attempt = job.attempt, name = %spec.name, world_size = spec.world_size, "job submitted");
         }
         Ok(Response::new(pb::SubmitJobResponse {
             job: Some(convert::job(&job)),
@@ -155,7 +155,7 @@ impl pb::job_service_server::JobService for JobApi {
             req.reason.as_str()
         };
         let job = self.store.cancel_job(id, reason).await.map_err(status_of)?;
-        tracing::info!(job = %id, state = %job.state, "cancel requested");
+        tracing::info!(job = %id, attempt = job.attempt, state = %job.state, "cancel requested");
         Ok(Response::new(pb::CancelJobResponse {
             job: Some(convert::job(&job)),
         }))

@@ -14,14 +14,16 @@
 //! FAILED_PRECONDITION ("stale attempt: job X is at attempt N, got M") and changes nothing.
 
 use super::{convert, parse_job_id, status_of};
+use crate::metrics;
 use crate::scheduler::{Hint, Hints};
 use crate::store::{
-    IngestBody, IngestEvent, RankOutcome, RankRef, RendezvousEndpoint, Store, WorkerRegistration,
+    IngestBody, IngestEvent, Ingested, RankOutcome, RankRef, RendezvousEndpoint, Store,
+    WorkerRegistration,
 };
 use segtrain_proto::v1 as pb;
 use std::collections::{BTreeMap, HashSet};
 use std::pin::Pin;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
@@ -421,6 +423,52 @@ fn publish_endpoint(
     }
 }
 
+/// The `kind` label of `segtrain_events_ingested_total` for an event.
+fn event_kind(p: &Option<pb::worker_event::Payload>) -> &'static str {
+    use pb::worker_event::Payload;
+    match p {
+        Some(Payload::Started(_)) => "started",
+        Some(Payload::Metrics(_)) => "metrics",
+        Some(Payload::Eval(_)) => "eval",
+        Some(Payload::CheckpointPending(_)) => "checkpoint_pending",
+        Some(Payload::Checkpoint(_)) => "checkpoint",
+        Some(Payload::CheckpointsDeleted(_)) => "checkpoints_deleted",
+        Some(Payload::Resumed(_)) => "resumed",
+        Some(Payload::Note(_)) => "note",
+        Some(Payload::Finished(_)) => "finished",
+        None => "none",
+    }
+}
+
+/// Metrics and log lines for the events a batch applied (resent ones were counted before).
+fn record_ingested(events: &[pb::WorkerEvent], done: &Ingested) {
+    use pb::worker_event::Payload;
+    let m = metrics::global();
+    let now = SystemTime::now();
+    let mut fresh: HashSet<u64> = done.applied.iter().copied().collect();
+    for e in events.iter().filter(|e| fresh.remove(&e.seq)) {
+        let sent = e.time.and_then(|t| SystemTime::try_from(t).ok());
+        m.ingested(event_kind(&e.payload), sent, now);
+        match &e.payload {
+            Some(Payload::Started(_)) => {
+                tracing::info!(job = %e.job_id, attempt = e.attempt, rank = e.rank, "rank started")
+            }
+            Some(Payload::Finished(f)) => {
+                let outcome = pb::Outcome::try_from(f.outcome).map_or_else(
+                    |_| f.outcome.to_string(),
+                    |o| o.as_str_name().trim_start_matches("OUTCOME_").to_string(),
+                );
+                tracing::info!(job = %e.job_id, attempt = e.attempt, rank = e.rank, %outcome, reason = %f.reason, "rank finished")
+            }
+            _ => {}
+        }
+    }
+    for (job, attempt, placed_ago) in &done.running {
+        m.rendezvous_latency.observe(placed_ago.as_secs_f64());
+        tracing::info!(job = %job, attempt, rendezvous_ms = placed_ago.as_millis() as u64, "all ranks started");
+    }
+}
+
 #[tonic::async_trait]
 impl pb::worker_service_server::WorkerService for WorkerApi {
     async fn register(
@@ -532,12 +580,15 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             .enumerate()
             .map(|(i, e)| event(i, e))
             .collect::<Result<Vec<_>, _>>()?;
-        let acked = self
+        let done = self
             .store
             .ingest_events(id, &events)
             .await
             .map_err(status_of)?;
-        Ok(Response::new(pb::ReportEventsResponse { acked_seq: acked }))
+        record_ingested(&req.events, &done);
+        Ok(Response::new(pb::ReportEventsResponse {
+            acked_seq: done.acked,
+        }))
     }
 
     async fn publish_rendezvous(
@@ -553,7 +604,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             .publish_rendezvous(id, job, req.attempt, &endpoint)
             .await
             .map_err(status_of)?;
-        tracing::info!(job = %job, attempt = req.attempt, "rendezvous published");
+        tracing::info!(job = %job, attempt = req.attempt, rank = 0, "rendezvous published");
         Ok(Response::new(pb::PublishRendezvousResponse {}))
     }
 

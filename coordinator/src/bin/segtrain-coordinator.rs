@@ -83,6 +83,15 @@ struct ServeArgs {
     /// Accept requests without a bearer token. Accepted only with a loopback --listen address.
     #[arg(long, env = "SEGTRAIN_INSECURE_NO_AUTH")]
     insecure_no_auth: bool,
+    /// Serve Prometheus metrics on http://ADDR/metrics, e.g. 0.0.0.0:9464 (default: off). Plain
+    /// HTTP without authentication, for a scraper on an internal network: expose it only there.
+    #[arg(long, env = "SEGTRAIN_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// How often the metrics read from PostgreSQL (jobs and workers by state, queue length,
+    /// restarts) are refreshed, milliseconds.
+    #[arg(long, env = "SEGTRAIN_METRICS_REFRESH_MS", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(100..=300_000))]
+    metrics_refresh_ms: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -212,6 +221,8 @@ async fn run_server(args: ServeArgs) -> anyhow::Result<()> {
     cfg.restart.base = Duration::from_millis(args.restart_backoff_ms);
     cfg.restart.max =
         Duration::from_millis(args.restart_backoff_max_ms.max(args.restart_backoff_ms));
+    cfg.metrics_listen = args.metrics_listen;
+    cfg.metrics_refresh = Duration::from_millis(args.metrics_refresh_ms);
     serve(cfg, shutdown_signal()).await
 }
 

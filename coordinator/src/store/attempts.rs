@@ -44,6 +44,9 @@ pub enum ScheduleOutcome {
         job_id: Uuid,
         attempt: u32,
         workers: Vec<Uuid>,
+        /// How long the job had been QUEUED (since it was submitted, or queued again after a
+        /// restart's backoff).
+        queued_for: std::time::Duration,
     },
 }
 
@@ -295,9 +298,11 @@ impl Store {
         };
 
         let job = lock_job(&mut tx, job_id).await?;
-        let attempt: i32 = sqlx::query_scalar(
+        // `updated_at` is when the job entered QUEUED (only state changes set it).
+        let (attempt, queued_secs): (i32, f64) = sqlx::query_as(
             "UPDATE jobs SET attempt = attempt + 1, resumed_from_iteration = NULL, restart_at = NULL
-             WHERE id = $1 RETURNING attempt",
+             WHERE id = $1
+             RETURNING attempt, EXTRACT(EPOCH FROM clock_timestamp() - updated_at)::float8",
         )
         .bind(job_id)
         .fetch_one(&mut *tx)
@@ -371,6 +376,7 @@ impl Store {
             job_id,
             attempt: u32_of(attempt, "attempt")?,
             workers: chosen,
+            queued_for: seconds(queued_secs),
         })
     }
 
@@ -655,14 +661,20 @@ async fn attempt_state(
     parse_attempt_state(&s)
 }
 
+/// A non-negative, finite number of seconds from PostgreSQL as a duration (0 otherwise).
+fn seconds(s: f64) -> std::time::Duration {
+    std::time::Duration::try_from_secs_f64(s.max(0.0)).unwrap_or_default()
+}
+
 /// A rank's trainer runs. Once every rank has started: attempt → RUNNING and, for the current
-/// attempt, job SCHEDULED → RUNNING. The caller holds the job's row lock.
+/// attempt, job SCHEDULED → RUNNING. The caller holds the job's row lock. Returns the time
+/// from placement to now when this start moved the attempt to RUNNING (the rendezvous latency).
 pub(super) async fn start_rank(
     tx: &mut Transaction<'_, Postgres>,
     job_id: Uuid,
     attempt: u32,
     rank: u32,
-) -> Result<(), StoreError> {
+) -> Result<Option<std::time::Duration>, StoreError> {
     sqlx::query(
         "UPDATE attempt_ranks SET started_at = now()
          WHERE job_id = $1 AND attempt = $2 AND rank = $3 AND started_at IS NULL",
@@ -675,25 +687,37 @@ pub(super) async fn start_rank(
     promote_if_all_started(tx, job_id, attempt).await
 }
 
+/// Moves the attempt to RUNNING once every rank has started; returns how long ago it was placed
+/// when it did.
 async fn promote_if_all_started(
     tx: &mut Transaction<'_, Postgres>,
     job_id: Uuid,
     attempt: u32,
-) -> Result<(), StoreError> {
+) -> Result<Option<std::time::Duration>, StoreError> {
     let ranks = ranks_of(tx, job_id, attempt).await?;
     if ranks.is_empty() || !ranks.iter().all(|r| r.started) {
-        return Ok(());
+        return Ok(None);
     }
     let state = attempt_state(tx, job_id, attempt).await?;
+    let mut placed_ago = None;
     if matches!(state, AttemptState::Pending | AttemptState::Rendezvous) {
         set_attempt_state(tx, job_id, attempt, state, AttemptState::Running, "").await?;
+        let secs: f64 = sqlx::query_scalar(
+            "SELECT EXTRACT(EPOCH FROM clock_timestamp() - created_at)::float8 FROM attempts
+             WHERE job_id = $1 AND attempt = $2",
+        )
+        .bind(job_id)
+        .bind(attempt as i32)
+        .fetch_one(&mut **tx)
+        .await?;
+        placed_ago = Some(seconds(secs));
     }
     let job = lock_job(tx, job_id).await?;
     if job.attempt == attempt && job.state == JobState::Scheduled && !state.is_terminal() {
         let reason = format!("all {} ranks started", ranks.len());
         transition_in_tx(tx, job_id, JobState::Running, &reason).await?;
     }
-    Ok(())
+    Ok(placed_ago)
 }
 
 /// A rank's trainer is done (reported by its daemon, or decided by the coordinator when the

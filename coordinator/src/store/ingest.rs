@@ -81,13 +81,26 @@ fn finite(values: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
         .collect()
 }
 
+/// What a ReportEvents batch did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Ingested {
+    /// The worker's acknowledged sequence number afterwards.
+    pub acked: u64,
+    /// The sequence numbers applied by this batch (not those stored before: a resend).
+    pub applied: Vec<u64>,
+    /// Attempts whose last rank started in this batch (now RUNNING), with the time since their
+    /// placement.
+    pub running: Vec<(Uuid, u32, std::time::Duration)>,
+}
+
 impl Store {
-    /// Applies a batch; returns the worker's acknowledged sequence number afterwards.
+    /// Applies a batch; returns the worker's acknowledged sequence number afterwards and what
+    /// was new.
     pub async fn ingest_events(
         &self,
         worker_id: Uuid,
         events: &[IngestEvent],
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Ingested, StoreError> {
         let mut tx = self.pool.begin().await?;
         let acked: Option<i64> =
             sqlx::query_scalar("SELECT acked_seq FROM workers WHERE id = $1 FOR UPDATE")
@@ -106,7 +119,10 @@ impl Store {
         fresh.dedup_by_key(|e| e.seq);
         let Some(last) = fresh.last().map(|e| e.seq) else {
             tx.rollback().await?;
-            return Ok(acked);
+            return Ok(Ingested {
+                acked,
+                ..Ingested::default()
+            });
         };
 
         // Fence every (job, attempt, rank) first, locking jobs in id order.
@@ -137,8 +153,15 @@ impl Store {
             }
         }
 
+        let mut done = Ingested {
+            acked: last,
+            applied: fresh.iter().map(|e| e.seq).collect(),
+            running: Vec::new(),
+        };
         for ev in fresh {
-            apply(&mut tx, ev, &self.restart).await?;
+            if let Some(placed_ago) = apply(&mut tx, ev, &self.restart).await? {
+                done.running.push((ev.job_id, ev.attempt, placed_ago));
+            }
         }
         sqlx::query("UPDATE workers SET acked_seq = $2 WHERE id = $1")
             .bind(worker_id)
@@ -146,7 +169,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(last)
+        Ok(done)
     }
 }
 
@@ -195,14 +218,15 @@ async fn insert_points(
     .rows_affected())
 }
 
+/// Applies one event; returns the time since placement when it was the last rank's `started`.
 async fn apply(
     tx: &mut Transaction<'_, Postgres>,
     ev: &IngestEvent,
     policy: &RestartPolicy,
-) -> Result<(), StoreError> {
+) -> Result<Option<std::time::Duration>, StoreError> {
     let (job_id, attempt) = (ev.job_id, ev.attempt);
     match &ev.body {
-        IngestBody::Started => start_rank(tx, job_id, attempt, ev.rank).await?,
+        IngestBody::Started => return start_rank(tx, job_id, attempt, ev.rank).await,
         IngestBody::Finished { outcome, reason } => {
             finish_rank(tx, job_id, attempt, ev.rank, *outcome, reason, policy).await?;
         }
@@ -375,5 +399,5 @@ async fn apply(
             }
         }
     }
-    Ok(())
+    Ok(None)
 }

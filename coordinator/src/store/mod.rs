@@ -16,7 +16,7 @@ pub use attempts::{
     Candidate, RankAssignment, RankOutcome, RendezvousEndpoint, ResumeCandidate, ScheduleOutcome,
 };
 pub use events::EventRecord;
-pub use ingest::{IngestBody, IngestEvent};
+pub use ingest::{IngestBody, IngestEvent, Ingested};
 pub use jobs::JobRecord;
 pub use metrics::{CheckpointRecord, MetricPoint};
 pub use tokens::{TokenCheck, TokenRecord};

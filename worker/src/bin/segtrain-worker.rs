@@ -198,6 +198,10 @@ struct DaemonArgs {
     /// JSON log lines (default: when stderr is not a terminal).
     #[arg(long)]
     log_json: Option<bool>,
+    /// Serve Prometheus metrics on http://ADDR/metrics, e.g. 0.0.0.0:9465 (default: off). Plain
+    /// HTTP without authentication, for a scraper on an internal network: expose it only there.
+    #[arg(long, env = "SEGTRAIN_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 fn hostname() -> String {
@@ -236,6 +240,7 @@ fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
             key: args.client_key,
         },
         token: segtrain_proto::client::BearerToken::from_file_or_env(args.token_file.as_deref())?,
+        metrics_listen: args.metrics_listen,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

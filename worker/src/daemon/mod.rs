@@ -4,14 +4,17 @@
 //! the coordinator is away. A crashed or hung trainer never takes the daemon down (the
 //! torchelastic-agent / Determined-agent split). tch never runs here: the daemon is all tokio.
 
+pub mod metrics;
 pub mod outbox;
 pub mod trainer_process;
 
+use metrics::{DaemonMetrics, Phase};
 use outbox::Outbox;
 use segtrain_proto::client::{self as conn, AuthChannel, BearerToken, ClientTls};
 use segtrain_proto::v1 as pb;
 use segtrain_proto::v1::worker_service_client::WorkerServiceClient;
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -41,6 +44,8 @@ pub struct DaemonConfig {
     pub tls: ClientTls,
     /// The worker token sent with every request (`--token-file` or SEGTRAIN_TOKEN).
     pub token: BearerToken,
+    /// `--metrics-listen`: serve Prometheus metrics on `http://ADDR/metrics` (plain HTTP).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// State shared by the daemon's tasks.
@@ -55,6 +60,7 @@ struct Shared {
     /// Running trainers and how to stop each (`None` once asked to stop: a stopping trainer
     /// stays listed, so its worker is not freed, until its process has exited).
     running: Mutex<HashMap<RankKey, Option<oneshot::Sender<String>>>>,
+    metrics: DaemonMetrics,
 }
 
 fn now() -> prost_types::Timestamp {
@@ -152,7 +158,14 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let channel = conn::connect_lazy(&cfg.coordinator, &cfg.tls, cfg.token.clone())?;
+    // Bound before registering: the endpoint answers while the coordinator is unreachable.
+    let metrics_listener = match cfg.metrics_listen {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
+    let metrics = DaemonMetrics::new(&cfg.host, cfg.gpu);
     let shared = Arc::new(Shared {
+        metrics,
         cfg,
         channel,
         worker_id: Mutex::new(String::new()),
@@ -161,6 +174,18 @@ pub async fn run(
         wake_flush: Notify::new(),
         running: Mutex::new(HashMap::new()),
     });
+    let metrics_server = match metrics_listener {
+        Some(listener) => {
+            tracing::info!(addr = %listener.local_addr()?, "serving Prometheus metrics on /metrics (plain HTTP)");
+            let s = shared.clone();
+            let render = Arc::new(move || {
+                let pending = s.outbox.lock().map(|o| o.len()).unwrap_or(0);
+                s.metrics.render(pending)
+            });
+            Some(tokio::spawn(metrics::serve(listener, render)))
+        }
+        None => None,
+    };
     shared.register().await;
 
     let heartbeat = tokio::spawn(heartbeat_loop(shared.clone()));
@@ -188,6 +213,9 @@ pub async fn run(
     }
     heartbeat.abort();
     flusher.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     Ok(())
 }
 
@@ -220,8 +248,12 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
                 }
                 interval = every(&shared);
             }
-            Err(e) if e.code() == Code::NotFound => shared.register().await,
+            Err(e) if e.code() == Code::NotFound => {
+                shared.metrics.heartbeat_failures.inc();
+                shared.register().await
+            }
             Err(e) => {
+                shared.metrics.heartbeat_failures.inc();
                 tracing::warn!(error = %e.message(), "heartbeat failed");
                 interval = every(&shared).min(Duration::from_secs(1));
             }
@@ -256,7 +288,12 @@ async fn flush_loop(shared: Arc<Shared>) {
         match shared.client().report_events(req).await {
             Ok(r) => {
                 if let Ok(mut o) = shared.outbox.lock() {
+                    let before = o.len();
                     o.ack(r.into_inner().acked_seq);
+                    shared
+                        .metrics
+                        .events_acked
+                        .inc_by(before.saturating_sub(o.len()) as u64);
                 }
                 backoff = Duration::from_millis(200);
             }
@@ -268,6 +305,7 @@ async fn flush_loop(shared: Arc<Shared>) {
             }
             Err(e) if e.code() == Code::NotFound => shared.register().await,
             Err(e) => {
+                shared.metrics.report_failures.inc();
                 let pending = shared.outbox.lock().map(|o| o.len()).unwrap_or(0);
                 tracing::warn!(error = %e.message(), pending, "cannot report events yet; keeping them");
                 tokio::time::sleep(backoff).await;
@@ -356,8 +394,11 @@ fn stop(shared: &Shared, job_id: &str, attempt: u32, reason: &str) {
 /// Runs one rank: rendezvous, the child trainer, its events, its end.
 async fn run_rank(shared: Arc<Shared>, a: pb::Assignment, mut stop_rx: oneshot::Receiver<String>) {
     let key = RankKey::of(&a);
+    shared.metrics.set_phase(&key, Phase::Starting);
     let finish = |outcome: pb::Outcome, reason: String| {
-        tracing::info!(job = %key.job_id, attempt = key.attempt, rank = key.rank, outcome = ?outcome, reason = %reason, "trainer finished");
+        let name = outcome.as_str_name().trim_start_matches("OUTCOME_");
+        tracing::info!(job = %key.job_id, attempt = key.attempt, rank = key.rank, outcome = name, reason = %reason, "trainer finished");
+        shared.metrics.finished(&key, name);
         shared.emit(
             &key,
             pb::worker_event::Payload::Finished(pb::AttemptFinished {
@@ -433,7 +474,21 @@ async fn run_rank(shared: Arc<Shared>, a: pb::Assignment, mut stop_rx: oneshot::
         tokio::select! {
             line = lines.next_line(), if stdout_open => match line {
                 Ok(Some(l)) => match trainer_process::parse_line(&l, &key.job_id, key.attempt) {
-                    Ok(Parsed::Event(p)) => shared.emit(&key, p),
+                    Ok(Parsed::Event(p)) => {
+                        match &p {
+                            pb::worker_event::Payload::Started(_) if stopped.is_none() => {
+                                shared.metrics.set_phase(&key, Phase::Running)
+                            }
+                            pb::worker_event::Payload::Metrics(m) => {
+                                shared.metrics.observe(m.iteration, &m.values)
+                            }
+                            _ => {}
+                        }
+                        shared.emit(&key, p)
+                    }
+                    Ok(Parsed::Local { iteration, values }) => {
+                        shared.metrics.observe(iteration, &values)
+                    }
                     Ok(Parsed::Checkpoint { complete, deleted }) => {
                         shared.emit(&key, complete);
                         if let Some(d) = deleted {
@@ -443,13 +498,14 @@ async fn run_rank(shared: Arc<Shared>, a: pb::Assignment, mut stop_rx: oneshot::
                     Ok(Parsed::Failed { deterministic, reason }) => failed = Some((deterministic, reason)),
                     Ok(Parsed::Rendezvous(ep)) => publish(&shared, &key, ep).await,
                     Ok(Parsed::Ignored) => {}
-                    Err(e) => tracing::warn!(error = %e, "unreadable trainer output"),
+                    Err(e) => tracing::warn!(job = %key.job_id, attempt = key.attempt, rank = key.rank, error = %e, "unreadable trainer output"),
                 },
                 _ => stdout_open = false,
             },
             reason = &mut stop_rx, if stopped.is_none() => {
                 let reason = reason.unwrap_or_else(|_| "stopped".into());
                 stopped = Some(reason);
+                shared.metrics.set_phase(&key, Phase::Stopping);
                 terminate(&mut child, shared.cfg.grace).await;
             }
             status = child.wait(), if !stdout_open => {
@@ -518,14 +574,14 @@ async fn publish(shared: &Shared, key: &RankKey, ep: pb::publish_rendezvous_requ
         };
         match shared.client().publish_rendezvous(req).await {
             Ok(_) => {
-                tracing::info!(job = %key.job_id, attempt = key.attempt, "rendezvous published");
+                tracing::info!(job = %key.job_id, attempt = key.attempt, rank = key.rank, "rendezvous published");
                 return;
             }
             Err(e) if e.code() == Code::Unavailable => {
                 tokio::time::sleep(Duration::from_secs(1)).await
             }
             Err(e) => {
-                tracing::warn!(error = %e.message(), "cannot publish the rendezvous");
+                tracing::warn!(job = %key.job_id, attempt = key.attempt, rank = key.rank, error = %e.message(), "cannot publish the rendezvous");
                 return;
             }
         }

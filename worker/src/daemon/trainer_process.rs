@@ -59,6 +59,11 @@ pub enum Parsed {
         deterministic: bool,
         reason: String,
     },
+    /// A rank's own metrics (`rank_metrics`, ranks other than 0): for this daemon's gauges only.
+    Local {
+        iteration: u64,
+        values: HashMap<String, f64>,
+    },
     /// A line the daemon does not forward (e.g. "finished": the exit status decides the outcome).
     Ignored,
 }
@@ -85,6 +90,10 @@ pub fn parse_line(line: &str, job_id: &str, attempt: u32) -> Result<Parsed, Stri
             iteration: it,
             values: values(&v["values"]),
         })),
+        "rank_metrics" => Parsed::Local {
+            iteration: it,
+            values: values(&v["values"]),
+        },
         "eval" => Parsed::Event(Payload::Eval(pb::EvalReport {
             iteration: it,
             miou: num(&v["miou"]),
@@ -365,6 +374,12 @@ mod tests {
         match p(r#"{"event":"rendezvous","tcp_address":"10.0.0.1:4000"}"#) {
             Parsed::Rendezvous(pb::publish_rendezvous_request::Endpoint::TcpAddress(a)) => {
                 assert_eq!(a, "10.0.0.1:4000")
+            }
+            other => panic!("{other:?}"),
+        }
+        match p(r#"{"event":"rank_metrics","iteration":5,"values":{"step_ms":12.5}}"#) {
+            Parsed::Local { iteration, values } => {
+                assert_eq!((iteration, values["step_ms"]), (5, 12.5))
             }
             other => panic!("{other:?}"),
         }

@@ -237,7 +237,10 @@ mod tests {
 
     #[test]
     fn uris_map_to_store_paths_and_back() {
-        let store = RemoteStore::new(Arc::new(object_store::memory::InMemory::new()), "memory://b/");
+        let store = RemoteStore::new(
+            Arc::new(object_store::memory::InMemory::new()),
+            "memory://b/",
+        );
         let p = ObjPath::from("jobs/j1/attempt-2/ckpt-00000004");
         assert_eq!(store.uri(&p), "memory://b/jobs/j1/attempt-2/ckpt-00000004");
         assert_eq!(store.path_of(&store.uri(&p)), Some(p));

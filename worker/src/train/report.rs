@@ -62,6 +62,10 @@ pub fn event_json(ev: &TrainEvent) -> serde_json::Value {
             json!({"event": "metrics", "iteration": iteration,
             "values": values.iter().map(|(k, v)| (k.clone(), num(*v))).collect::<serde_json::Map<_, _>>()})
         }
+        TrainEvent::RankMetrics { iteration, values } => {
+            json!({"event": "rank_metrics", "iteration": iteration,
+            "values": values.iter().map(|(k, v)| (k.clone(), num(*v))).collect::<serde_json::Map<_, _>>()})
+        }
         TrainEvent::Eval { iteration, result } => json!({"event": "eval", "iteration": iteration,
             "miou": num(result.metrics.miou), "aacc": num(result.metrics.aacc), "loss": num(result.loss),
             "class_iou": result.metrics.class_iou, "images": result.images}),
@@ -182,7 +186,7 @@ impl EventSink for Reporter {
                 }
                 self.line(&format!("resuming from {uri} at iteration {iteration}"));
             }
-            TrainEvent::CheckpointPending { .. } => {}
+            TrainEvent::CheckpointPending { .. } | TrainEvent::RankMetrics { .. } => {}
             TrainEvent::Stopped { iteration } => {
                 if let Some(b) = self.bar.take() {
                     b.finish_and_clear();

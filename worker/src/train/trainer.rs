@@ -197,8 +197,16 @@ pub enum TrainEvent {
         resumed_from: Option<PathBuf>,
         parameters: i64,
     },
-    /// Averages since the previous report: loss, lr, images_per_s, data_wait_ms, step_ms.
+    /// Averages since the previous report: loss, lr, images_per_s, data_wait_ms, step_ms; on
+    /// CUDA also this rank's GPU memory now, at its peak and reserved (gpu_mem_bytes,
+    /// gpu_mem_peak_bytes, gpu_mem_reserved_bytes). Rank 0's: the job's metrics.
     Metrics {
+        iteration: u64,
+        values: BTreeMap<String, f64>,
+    },
+    /// The same values on ranks other than 0 (their own step time, data wait and memory): for
+    /// their worker daemon's gauges, never stored with the job.
+    RankMetrics {
         iteration: u64,
         values: BTreeMap<String, f64>,
     },
@@ -788,7 +796,7 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
                 )));
             }
             let secs = window_start.elapsed().as_secs_f64().max(1e-9);
-            let values = BTreeMap::from([
+            let mut values = BTreeMap::from([
                 ("loss".to_string(), loss),
                 ("lr".to_string(), lr),
                 (
@@ -801,8 +809,21 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
                 ),
                 ("step_ms".to_string(), secs * 1e3 / window_iters as f64),
             ]);
+            if let Device::Cuda(index) = device {
+                if let Some(m) = crate::torch_ext::cuda_memory(index) {
+                    values.insert("gpu_mem_bytes".to_string(), m.allocated as f64);
+                    values.insert("gpu_mem_peak_bytes".to_string(), m.peak_allocated as f64);
+                    values.insert("gpu_mem_reserved_bytes".to_string(), m.reserved as f64);
+                }
+            }
             if rank == 0 {
                 sink.event(&TrainEvent::Metrics {
+                    iteration,
+                    values: values.clone(),
+                });
+            } else {
+                // The other ranks' own speed and memory, for their daemons' gauges only.
+                sink.event(&TrainEvent::RankMetrics {
                     iteration,
                     values: values.clone(),
                 });
