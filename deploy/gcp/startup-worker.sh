@@ -35,6 +35,7 @@ packages=${packages:-nvidia-open}
 collective_timeout=$(md segtrain-collective-timeout)
 collective_timeout=${collective_timeout:-600}
 ifname=$(md segtrain-nccl-socket-ifname)
+gpus=$(md segtrain-gpus)
 if [ -z "$bucket" ] || [ -z "$release" ] || [ -z "$coordinator" ]; then
     log "metadata segtrain-bucket, segtrain-release and segtrain-coordinator are required"
     exit 1
@@ -165,4 +166,8 @@ if systemctl is-active --quiet segtrain-workers.target && [ "$(sha256sum <"$env_
 else
     systemctl start segtrain-workers.target
 fi
-log "ready: $(nvidia-smi -L | wc -l) GPU workers for $coordinator"
+found=$(nvidia-smi -L | grep -c '^GPU ' || true)
+if [ -n "$gpus" ] && [ "$found" != "$gpus" ]; then
+    log "warning: nvidia-smi lists $found GPUs, the cluster was created with $gpus per VM"
+fi
+log "ready: $found GPU workers for $coordinator"
