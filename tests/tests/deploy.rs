@@ -701,6 +701,41 @@ fn install_into_destdir_is_complete_idempotent_and_uninstallable() {
         }
     }
 
+    // The per-GPU starter: one instance per GPU `nvidia-smi -L` lists, or SEGTRAIN_GPUS.
+    let fake = tmp.path().join("fake-bin");
+    std::fs::create_dir_all(&fake).expect("fake bin");
+    std::fs::write(
+        fake.join("nvidia-smi"),
+        "#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-a)'\necho 'GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-b)'\n",
+    )
+    .expect("fake nvidia-smi");
+    std::fs::set_permissions(
+        fake.join("nvidia-smi"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .expect("chmod");
+    let starter_run = |gpus: Option<&str>| {
+        let mut cmd = Command::new(&starter);
+        cmd.arg("--dry-run")
+            .env("PATH", format!("{}:{}", fake.display(), guards.path()))
+            .env_remove("SEGTRAIN_GPUS");
+        if let Some(g) = gpus {
+            cmd.env("SEGTRAIN_GPUS", g);
+        }
+        let out = cmd.output().expect("segtrain-workers-enable");
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(
+        starter_run(None),
+        "systemctl start --no-block segtrain-worker@0.service segtrain-worker@1.service"
+    );
+    assert_eq!(
+        starter_run(Some("cpu")),
+        "systemctl start --no-block segtrain-worker@cpu.service"
+    );
+    assert_eq!(guards.calls(), "");
+
     // Idempotent: a second run changes no file.
     let before = tree(&root);
     let out = install_all(&root, &guards);
