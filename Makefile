@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: setup build test fuzz fmt-check clippy demo clean-demo
+.PHONY: setup build test fuzz fmt-check clippy lint-deploy demo clean-demo
 
 ## setup: system packages, the torch venv (outside the checkout), build. Idempotent.
 setup:
@@ -11,7 +11,7 @@ setup:
 build: setup
 
 ## test: formatting, lints, then every test against real PostgreSQL clusters and real processes.
-test: setup fmt-check clippy
+test: setup fmt-check clippy lint-deploy
 	$(CARGO) build --workspace --bins --quiet
 	$(CARGO) test --workspace --no-fail-fast
 
@@ -24,6 +24,12 @@ fmt-check:
 
 clippy:
 	$(CARGO) clippy --workspace --all-targets --quiet -- -D warnings
+
+## lint-deploy: shellcheck on deploy/ and .ci/run; systemd-analyze verify on the units, installed
+## into a temporary DESTDIR by deploy/install.sh (deploy/lint.sh).
+lint-deploy:
+	$(CARGO) build --workspace --bins --quiet
+	@bash deploy/lint.sh
 
 ## demo: a throwaway PostgreSQL and the coordinator, a job submitted and queried through the CLI.
 demo: setup

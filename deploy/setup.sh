@@ -3,7 +3,8 @@
 # first and does nothing when its result is already there.
 #
 #   1. system packages: PostgreSQL server binaries (tests start throwaway clusters from them), a C/C++
-#      toolchain (torch-sys and the libtorch shim), Python venv support;
+#      toolchain (torch-sys and the libtorch shim), Python venv support, shellcheck and
+#      systemd-analyze (`make lint-deploy`);
 #   2. a Python venv OUTSIDE the checkout holding PyPI torch==2.11.0, whose libtorch tch 0.24 links
 #      (reused when present and correct; ~5 GB with the nvidia-* wheels libtorch needs even on CPU);
 #   3. `.torch` in the checkout -> that venv's torch package (.cargo/config.toml points LIBTORCH here);
@@ -30,6 +31,9 @@ command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 # The text font of `segtrain plot` PNGs.
 [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
+# `make lint-deploy`: shellcheck on the deploy scripts (systemd-analyze comes with systemd).
+command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     need+=(python3-venv)
 fi

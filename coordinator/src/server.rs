@@ -221,6 +221,7 @@ pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> any
                 .max_encoding_message_size(MAX_RESPONSE_BYTES)
         };
     }
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         builder = builder.tls_config(tls).map_err(|e| {
@@ -230,7 +231,7 @@ pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> any
             )
         })?;
     }
-    builder
+    let serving = builder
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .tcp_keepalive(Some(Duration::from_secs(30)))
         .layer(AuthLayer::new(verifier.clone()))
@@ -255,9 +256,21 @@ pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> any
         )))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
-        .await?;
+            shutdown_then_drain(shutdown, stopping_tx),
+        );
+    // Graceful shutdown waits for open calls, but streams (daemons' assignments, WatchJob) last
+    // until their clients go: after SHUTDOWN_DRAIN they are cut, and clients reconnect to the
+    // next coordinator and resume (systemd's TimeoutStopSec is longer).
+    tokio::select! {
+        r = serving => r?,
+        () = async {
+            if stopping_rx.await.is_ok() {
+                tokio::time::sleep(SHUTDOWN_DRAIN).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => tracing::info!("open streams cut after {SHUTDOWN_DRAIN:?}"),
+    }
     scheduler.abort();
     db_watch.abort();
     for task in [metrics_server, metrics_refresh].into_iter().flatten() {
@@ -266,6 +279,18 @@ pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> any
     store.pool().close().await;
     tracing::info!("coordinator stopped");
     Ok(())
+}
+
+/// How long a stopping coordinator lets open calls and streams finish before it cuts them.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
+
+/// `shutdown`, then a note on `stopping` that the drain period has begun.
+async fn shutdown_then_drain(
+    shutdown: impl Future<Output = ()>,
+    stopping: tokio::sync::oneshot::Sender<()>,
+) {
+    shutdown.await;
+    let _ = stopping.send(());
 }
 
 /// Probes PostgreSQL every second. While it does not answer, health reports NOT_SERVING for the

@@ -128,11 +128,12 @@ struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     rendezvous_token: u64,
     /// Seconds to wait for the other ranks to join.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, env = "SEGTRAIN_RENDEZVOUS_TIMEOUT", default_value_t = 60)]
     rendezvous_timeout: u64,
     /// Seconds one collective operation may wait for the other ranks (a dead rank is an
-    /// error after this, never a hang).
-    #[arg(long, default_value_t = 300)]
+    /// error after this, never a hang). Trainers started by a daemon inherit its environment,
+    /// so SEGTRAIN_COLLECTIVE_TIMEOUT in the worker's environment file sets it for every job.
+    #[arg(long, env = "SEGTRAIN_COLLECTIVE_TIMEOUT", default_value_t = 300)]
     collective_timeout: u64,
     /// Turn off dropout and drop path, for equivalence checks.
     #[arg(long)]
@@ -169,9 +170,10 @@ struct DaemonArgs {
     /// The client certificate's private key (PEM).
     #[arg(long, env = "SEGTRAIN_CLIENT_KEY", requires = "client_cert")]
     client_key: Option<PathBuf>,
-    /// The GPU this daemon owns (its trainers see only it).
-    #[arg(long, conflicts_with = "cpu", required_unless_present = "cpu")]
-    gpu: Option<u32>,
+    /// The GPU this daemon owns (its trainers see only it), or `cpu` for a CPU worker (the
+    /// same as --cpu, so that one systemd template `--gpu %i` serves GPU and CPU workers).
+    #[arg(long, value_parser = parse_gpu, conflicts_with = "cpu", required_unless_present = "cpu")]
+    gpu: Option<GpuChoice>,
     /// A CPU worker instead of a GPU one (tests, CPU-only hosts).
     #[arg(long)]
     cpu: bool,
@@ -188,20 +190,42 @@ struct DaemonArgs {
         default_value = "/var/lib/segtrain/work"
     )]
     work_dir: PathBuf,
-    /// Seconds a stopped trainer gets to exit before it is killed.
-    #[arg(long, default_value_t = 30)]
+    /// Seconds a stopped trainer gets to exit before it is killed (also on the daemon's own
+    /// SIGTERM, e.g. `systemctl stop`: give the unit a longer TimeoutStopSec).
+    #[arg(long, env = "SEGTRAIN_GRACE_SECONDS", default_value_t = 30)]
     grace_seconds: u64,
     /// libtorch CPU threads per trainer (default: all cores); give CPU workers sharing a host a
     /// share each.
     #[arg(long, env = "SEGTRAIN_TORCH_THREADS")]
     torch_threads: Option<u32>,
-    /// JSON log lines (default: when stderr is not a terminal).
+    /// JSON log lines (default: as --log-format says).
     #[arg(long)]
     log_json: Option<bool>,
     /// Serve Prometheus metrics on http://ADDR/metrics, e.g. 0.0.0.0:9465 (default: off). Plain
     /// HTTP without authentication, for a scraper on an internal network: expose it only there.
     #[arg(long, env = "SEGTRAIN_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// auto (JSON when stderr is not a terminal, e.g. under systemd), json or pretty.
+    #[arg(long, env = "SEGTRAIN_LOG_FORMAT", default_value = "auto",
+          value_parser = ["auto", "json", "pretty"])]
+    log_format: String,
+}
+
+/// `--gpu N` or `--gpu cpu`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GpuChoice {
+    Index(u32),
+    Cpu,
+}
+
+fn parse_gpu(s: &str) -> Result<GpuChoice, String> {
+    match s.trim() {
+        "cpu" => Ok(GpuChoice::Cpu),
+        n => n
+            .parse()
+            .map(GpuChoice::Index)
+            .map_err(|_| format!("expected a GPU index (0, 1, ...) or `cpu`, got {s:?}")),
+    }
 }
 
 fn hostname() -> String {
@@ -214,7 +238,11 @@ fn hostname() -> String {
 
 fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
     use std::io::IsTerminal;
-    let json = args.log_json.unwrap_or(!std::io::stderr().is_terminal());
+    let json = args.log_json.unwrap_or(match args.log_format.as_str() {
+        "json" => true,
+        "pretty" => false,
+        _ => !std::io::stderr().is_terminal(),
+    });
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -227,7 +255,11 @@ fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
     }
     let cfg = segtrain_worker::daemon::DaemonConfig {
         coordinator: args.coordinator,
-        gpu: if args.cpu { None } else { args.gpu },
+        gpu: match (args.cpu, args.gpu) {
+            (true, _) | (false, Some(GpuChoice::Cpu)) => None,
+            (false, Some(GpuChoice::Index(g))) => Some(g),
+            (false, None) => bail!("give --gpu N, --gpu cpu or --cpu"),
+        },
         host: args.host.unwrap_or_else(hostname),
         advertise_host: args.advertise_host,
         work_dir: args.work_dir,

@@ -202,11 +202,15 @@ pub async fn run(
     for tx in stops {
         let _ = tx.send("the worker daemon is shutting down".to_string());
     }
-    // Give trainers their grace period and the outbox a chance to drain.
-    let deadline = tokio::time::Instant::now() + shared.cfg.grace + Duration::from_secs(5);
+    // Wait for the trainers to exit (each gets its grace period to checkpoint, then SIGKILL:
+    // they die with this process, so leaving earlier would kill them mid-checkpoint) and for
+    // the outbox to drain (their last checkpoint and `finished` events), within the grace
+    // period and a little more. systemd's TimeoutStopSec must be longer than this.
+    let deadline = tokio::time::Instant::now() + shared.cfg.grace + Duration::from_secs(10);
     while tokio::time::Instant::now() < deadline {
+        let trainers = shared.running.lock().map(|r| r.len()).unwrap_or(0);
         let empty = shared.outbox.lock().map(|o| o.is_empty()).unwrap_or(true);
-        if empty {
+        if trainers == 0 && empty {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

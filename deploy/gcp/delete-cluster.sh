@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Deletes what create-cluster.sh made: the VMs, the firewall rules, the service account and its
+# binding on the bucket. The bucket and its checkpoints stay (delete them yourself).
+#
+#   deploy/gcp/delete-cluster.sh --project P --zone Z --bucket B [--name NAME] [--workers N]
+#                                [--dry-run]
+#
+#   --workers N  how many worker VMs to delete (default: every NAME-worker-* in the zone;
+#                with --dry-run, 1 unless given)
+#   --dry-run    print every gcloud command, one per line, shell-quoted, instead of running it
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=SCRIPTDIR/common.sh
+. "$here/common.sh"
+
+project=
+zone=
+bucket=
+name=segtrain
+workers=
+mapfile -d '' args < <(split_args "$@")
+set -- "${args[@]+"${args[@]}"}"
+while [ $# -gt 0 ]; do
+    arg=$1
+    shift
+    case $arg in
+        --project) req "$arg" "$@"; project=$1; shift ;;
+        --zone) req "$arg" "$@"; zone=$1; shift ;;
+        --bucket) req "$arg" "$@"; bucket=${1#gs://}; bucket=${bucket%/}; shift ;;
+        --name) req "$arg" "$@"; name=$1; shift ;;
+        --workers) req "$arg" "$@"; workers=$1; shift ;;
+        --dry-run) dry_run=1 ;;
+        -h | --help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) die "unknown argument $arg (see --help)" ;;
+    esac
+done
+need --project "$project"
+need --zone "$zone"
+need --bucket "$bucket"
+if [ -n "$workers" ] && ! [[ $workers =~ ^[0-9]{1,3}$ ]]; then
+    die "--workers: a number, got $workers"
+fi
+g=(gcloud --project="$project")
+sa=$name-node@$project.iam.gserviceaccount.com
+
+vms=()
+if [ -n "$workers" ] || ((dry_run)); then
+    for ((i = 0; i < ${workers:-1}; i++)); do
+        vms+=("$name-worker-$i")
+    done
+else
+    mapfile -t vms < <("${g[@]}" compute instances list --zones="$zone" \
+        --filter="name ~ ^$name-worker-[0-9]+\$" --format='value(name)')
+fi
+vms+=("$name-coordinator")
+run "${g[@]}" compute instances delete "${vms[@]}" --zone="$zone" --quiet
+run "${g[@]}" compute firewall-rules delete "$name-grpc" "$name-nccl" --quiet
+run "${g[@]}" storage buckets remove-iam-policy-binding "gs://$bucket" \
+    --member="serviceAccount:$sa" --role=roles/storage.objectAdmin --format=none
+run "${g[@]}" iam service-accounts delete "$sa" --quiet
+say "kept gs://$bucket (checkpoints, and segtrain/bootstrap with the worker token: delete it too)"
