@@ -4,6 +4,7 @@
 //! what devices it sees. The trainer (model, data, optimizer, checkpoints) and the daemon arrive
 //! with the issues that build them.
 
+pub mod bench;
 pub mod collective;
 pub mod daemon;
 pub mod data;

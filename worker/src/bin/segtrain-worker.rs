@@ -62,6 +62,35 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Time full training steps (forward, loss, backward, AdamW) on synthetic batches: median
+    /// ms/iter, images/s, peak GPU memory, achieved TFLOP/s (3 × the forward FLOPs).
+    Bench {
+        /// b0..b5
+        #[arg(long, default_value = "b3")]
+        variant: Variant,
+        /// Images per step.
+        #[arg(long, default_value_t = 8)]
+        batch: i64,
+        /// Square crop side, pixels (a multiple of 32).
+        #[arg(long, default_value_t = 1024)]
+        crop: i64,
+        /// fp32 or bf16 (autocast; CUDA only).
+        #[arg(long, default_value = "bf16")]
+        precision: Precision,
+        /// Timed steps (after the warm-up).
+        #[arg(long, default_value_t = 12)]
+        iters: usize,
+        #[arg(long, default_value_t = 4)]
+        warmup: usize,
+        /// auto (CUDA if available), cpu, cuda or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long, default_value_t = 19)]
+        classes: i64,
+        /// One JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Segment one image (or a safetensors file holding an NCHW `pixel_values` tensor).
     Predict {
         /// b0..b5
@@ -479,6 +508,49 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Daemon(args) => run_daemon(args)?,
         Command::Train(_) => bail!("train runs through train_command"),
+        Command::Bench {
+            variant,
+            batch,
+            crop,
+            precision,
+            iters,
+            warmup,
+            device,
+            classes,
+            json,
+        } => {
+            let device = parse_device(&device)?;
+            let r = segtrain_worker::bench::run(&segtrain_worker::bench::BenchOptions {
+                variant,
+                batch,
+                crop,
+                precision,
+                warmup,
+                iters,
+                device,
+                num_classes: classes,
+            })?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "| variant | precision | batch | crop | device | ms/iter (median) | images/s | peak GiB | TFLOP/s |"
+                );
+                println!("|---|---|---|---|---|---|---|---|---|");
+                println!(
+                    "| {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.1} | {:.1} |",
+                    r.variant,
+                    r.precision,
+                    r.batch,
+                    r.crop,
+                    r.device,
+                    r.ms_per_iter_median,
+                    r.images_per_s,
+                    r.peak_memory_bytes as f64 / (1u64 << 30) as f64,
+                    r.tflops
+                );
+            }
+        }
         Command::SynthData {
             out,
             train,

@@ -83,4 +83,80 @@ impl SegFormerConfig {
         }
         out
     }
+
+    /// Multiply-accumulates of one forward pass for an `h` x `w` input (linear, conv and
+    /// attention matmuls; norms, activations and upsampling left out), as (total, attention
+    /// matmuls). The paper's "FLOPs" are these MACs; a FLOP count is twice them.
+    pub fn forward_macs(&self, h: i64, w: i64) -> (f64, f64) {
+        let (mut total, mut attention) = (0f64, 0f64);
+        let shapes = self.stage_shapes(h, w);
+        let mut c_in = 3f64;
+        for (s, &(c, hs, ws)) in shapes.iter().enumerate() {
+            let (k, _, _) = PATCH_EMBED[s];
+            let c = c as f64;
+            let n = (hs * ws) as f64;
+            total += n * c * c_in * (k * k) as f64;
+            let sr = self.sr_ratios[s];
+            // Every block's attention first reduces the keys' sequence with an sr x sr conv.
+            let (n_kv, reduction) = if sr > 1 {
+                let (hk, wk) = ((hs - sr) / sr + 1, (ws - sr) / sr + 1);
+                let n_kv = (hk * wk) as f64;
+                (n_kv, n_kv * c * c * (sr * sr) as f64)
+            } else {
+                (n, 0.0)
+            };
+            let hidden = c * self.mlp_ratio as f64;
+            let per_block_attention = 2.0 * n * n_kv * c; // QK^T and AV over all heads
+            let per_block = reduction
+                + n * c * c // query
+                + 2.0 * n_kv * c * c // key, value
+                + per_block_attention
+                + n * c * c // output projection
+                + n * c * hidden // fc1
+                + n * hidden * 9.0 // depthwise 3x3
+                + n * hidden * c; // fc2
+            total += per_block * self.depths[s] as f64;
+            attention += per_block_attention * self.depths[s] as f64;
+            c_in = c;
+        }
+        // Decode head: a linear per stage to D, the 1x1 fuse of 4D at 1/4, the classifier.
+        let d = self.decoder_dim as f64;
+        let n4 = (shapes[0].1 * shapes[0].2) as f64;
+        for &(c, hs, ws) in &shapes {
+            total += (hs * ws) as f64 * c as f64 * d;
+        }
+        total += n4 * 4.0 * d * d + n4 * d * self.num_classes as f64;
+        (total, attention)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reference's computed table (segformer.md §1.6): GMAC per 1024×1024 crop, total and
+    /// the attention matmuls' share, for 19 classes.
+    #[test]
+    fn forward_macs_match_the_reference_table() {
+        let table = [
+            (Variant::B0, 43.8, 16.6),
+            (Variant::B1, 86.3, 33.3),
+            (Variant::B2, 289.5, 62.3),
+            (Variant::B3, 380.1, 94.5),
+            (Variant::B4, 477.5, 135.8),
+            (Variant::B5, 561.0, 162.1),
+        ];
+        for (v, total, attention) in table {
+            let (t, a) = SegFormerConfig::variant(v, 19).forward_macs(1024, 1024);
+            assert!((t / 1e9 - total).abs() < 0.06, "{v:?}: {} GMAC", t / 1e9);
+            assert!(
+                (a / 1e9 - attention).abs() < 0.06,
+                "{v:?}: {} GMAC",
+                a / 1e9
+            );
+        }
+        // The full Cityscapes image, against the same table's second column.
+        let (t, _) = SegFormerConfig::variant(Variant::B3, 19).forward_macs(1024, 2048);
+        assert!((t / 1e9 - 949.2).abs() < 0.1, "{} GMAC", t / 1e9);
+    }
 }

@@ -439,6 +439,43 @@ fn evaluate_shard(
     Ok(totals.result())
 }
 
+/// One micro-batch of a training step: u8 NHWC images and u8 labels (on the CPU: copied to
+/// `device` through pinned memory, asynchronously), normalised, the forward pass (bf16 autocast
+/// on CUDA when asked), the loss scaled by 1/`accumulate`, backward. Returns the detached loss;
+/// nothing is read back to the host. The trainer and `segtrain-worker bench` share it.
+pub fn forward_backward(
+    model: &SegFormer,
+    images: &Tensor,
+    labels: &Tensor,
+    precision: Precision,
+    device: Device,
+    accumulate: u32,
+) -> Tensor {
+    let (images, labels) = if images.device() == device {
+        (images.shallow_clone(), labels.shallow_clone())
+    } else {
+        (
+            images
+                .pin_memory(device)
+                .to_device_(device, Kind::Uint8, true, false),
+            labels
+                .pin_memory(device)
+                .to_device_(device, Kind::Uint8, true, false),
+        )
+    };
+    let x = normalise(&images);
+    let y = labels.to_kind(Kind::Int64);
+    let logits = match precision {
+        Precision::Bf16 if device != Device::Cpu => {
+            crate::torch_ext::with_bf16_autocast(|| model.forward_t(&x, true))
+        }
+        _ => model.forward_t(&x, true),
+    };
+    let loss = segmentation_loss(&logits, &y) / f64::from(accumulate);
+    loss.backward();
+    loss.detach()
+}
+
 /// A checkpoint that was loaded and verified, with the newer candidates skipped on the way.
 type ResumePoint = (
     String,
@@ -751,29 +788,14 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
             let (n, h, w) = (batch.n as i64, batch.height as i64, batch.width as i64);
             let images = Tensor::from_data_size(&batch.images, &[n, h, w, 3], Kind::Uint8);
             let labels = Tensor::from_data_size(&batch.labels, &[n, h, w], Kind::Uint8);
-            let (images, labels) = if device == Device::Cpu {
-                (images, labels)
-            } else {
-                (
-                    images
-                        .pin_memory(device)
-                        .to_device_(device, Kind::Uint8, true, false),
-                    labels
-                        .pin_memory(device)
-                        .to_device_(device, Kind::Uint8, true, false),
-                )
-            };
-            let x = normalise(&images);
-            let y = labels.to_kind(Kind::Int64);
-            let logits = match spec.precision {
-                Precision::Bf16 if device != Device::Cpu => {
-                    crate::torch_ext::with_bf16_autocast(|| model.forward_t(&x, true))
-                }
-                _ => model.forward_t(&x, true),
-            };
-            let loss = segmentation_loss(&logits, &y) / spec.accumulate_steps as f64;
-            loss.backward();
-            loss_acc += loss.detach();
+            loss_acc += forward_backward(
+                &model,
+                &images,
+                &labels,
+                spec.precision,
+                device,
+                spec.accumulate_steps,
+            );
         }
         let mut grad = opt.flat_grad();
         if world > 1 {

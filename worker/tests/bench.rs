@@ -1,0 +1,61 @@
+//! `segtrain-worker bench` on the CPU: it runs the trainer's step and reports consistent numbers
+//! (the GPU rows come from `bench/compare.py` on a GPU machine).
+
+use segtrain_spec::Variant;
+use segtrain_worker::model::SegFormerConfig;
+use std::process::Command;
+
+fn bench(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_segtrain-worker"))
+        .arg("bench")
+        .args(args)
+        .output()
+        .expect("run segtrain-worker bench")
+}
+
+#[test]
+fn bench_times_training_steps_and_counts_flops_from_the_model() {
+    let out = bench(&[
+        "--variant",
+        "b0",
+        "--batch",
+        "2",
+        "--crop",
+        "64",
+        "--iters",
+        "2",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    let ms = r["ms_per_iter_median"].as_f64().expect("ms");
+    assert!(ms > 0.0);
+    assert!(r["ms_per_iter_min"].as_f64().expect("min") <= ms);
+    let ips = r["images_per_s"].as_f64().expect("images/s");
+    assert!((ips - 2000.0 / ms).abs() < 1e-6 * ips.max(1.0));
+    let (macs, _) = SegFormerConfig::variant(Variant::B0, 19).forward_macs(64, 64);
+    let gflop = r["forward_gflop_per_image"].as_f64().expect("gflop");
+    assert!((gflop - 2.0 * macs / 1e9).abs() < 1e-9);
+    let tflops = r["tflops"].as_f64().expect("tflops");
+    assert!((tflops - 3.0 * 2.0 * macs * 2.0 / (ms / 1e3) / 1e12).abs() < 1e-9 * tflops.max(1.0));
+    assert_eq!(r["peak_memory_bytes"], 0, "no GPU memory on the CPU");
+
+    let bad = bench(&["--crop", "100", "--device", "cpu"]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("--crop") && err.contains("multiple of 32"),
+        "{err}"
+    );
+}
