@@ -1,11 +1,16 @@
 // What tch 0.24 does not expose, as a small C ABI over libtorch (reference/rust-stack.md §1.3):
 // bf16 autocast (tch's autocast is fp16 only), TF32 switches, cuDNN deterministic/benchmark flags,
-// version queries, and the CUDA caching allocator's memory statistics. Built by worker/build.rs against the wheel's headers, C++17, CXX11 ABI.
+// version queries, the CUDA caching allocator's memory statistics, setting a parameter's .grad
+// and the fused AdamW kernel. Tensors arrive as tch's handles, which are at::Tensor pointers. Built by worker/build.rs against the wheel's headers, C++17, CXX11 ABI.
 #include <ATen/Context.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_fused_adamw.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/detail/CUDAHooksInterface.h>
 #include <c10/core/CachingDeviceAllocator.h>
 #include <torch/headeronly/version.h>
+
+#include <cstring>
 
 extern "C" {
 
@@ -78,4 +83,30 @@ bool segtrain_tf32_cublas() { return at::globalContext().allowTF32CuBLAS(); }
 bool segtrain_tf32_cudnn() { return at::globalContext().allowTF32CuDNN(); }
 bool segtrain_cudnn_deterministic() { return at::globalContext().deterministicCuDNN(); }
 bool segtrain_cudnn_benchmark() { return at::globalContext().benchmarkCuDNN(); }
+
+// Makes `grad` the .grad of `var` (same shape, dtype and device: the caller checks). Autograd then
+// accumulates into it in place, so a view of a flat buffer stays one.
+void segtrain_set_grad(at::Tensor* var, const at::Tensor* grad) { var->mutable_grad() = *grad; }
+
+static void copy_error(const std::exception& e, char* err, size_t len) {
+  if (len == 0) return;
+  std::strncpy(err, e.what(), len - 1);
+  err[len - 1] = '\0';
+}
+
+// One AdamW update of one tensor with torch.optim.AdamW(fused=True)'s kernel: decoupled weight
+// decay, bias-corrected moments, `step` a float tensor on the same device holding the update's
+// number (read by the kernel, not incremented). Returns false and the message on error.
+bool segtrain_fused_adamw(at::Tensor* param, const at::Tensor* grad, at::Tensor* exp_avg,
+                          at::Tensor* exp_avg_sq, const at::Tensor* step, double lr, double beta1,
+                          double beta2, double weight_decay, double eps, char* err, size_t len) {
+  try {
+    at::_fused_adamw_({*param}, {*grad}, {*exp_avg}, {*exp_avg_sq}, {}, {*step}, lr, beta1, beta2,
+                      weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false);
+    return true;
+  } catch (const std::exception& e) {
+    copy_error(e, err, len);
+    return false;
+  }
+}
 }

@@ -3,12 +3,15 @@
 //! on a world of 1), the flat AdamW step — on synthetic batches already on the device, after a
 //! warm-up, and reports the median step time, images/s, peak GPU memory and the achieved
 //! TFLOP/s, counting a step as 3 × the forward pass (2 FLOP per multiply-accumulate, from
-//! [`SegFormerConfig::forward_macs`]).
+//! [`SegFormerConfig::forward_macs`]). That is the model's nominal count, the one the reference's
+//! numbers use: the merged head ([`HeadMode::Merged`]) executes fewer (for B3 at 1024², 450 of
+//! the nominal 760 forward GFLOP per image), so the figure is the model-FLOP rate, comparable
+//! across implementations, not the rate of arithmetic actually done.
 
-use crate::model::{SegFormer, SegFormerConfig};
+use crate::model::{HeadMode, SegFormer, SegFormerConfig};
 use crate::optim::adamw::AdamWConfig;
 use crate::optim::FlatAdamW;
-use crate::train::trainer::forward_backward;
+use crate::train::trainer::{forward_backward, forward_loss};
 use anyhow::bail;
 use segtrain_spec::{Precision, Variant};
 use std::time::Instant;
@@ -25,6 +28,23 @@ pub struct BenchOptions {
     pub iters: usize,
     pub device: Device,
     pub num_classes: i64,
+    /// The head's computation order (the default is the fast one): for A/B runs.
+    pub head: HeadMode,
+    /// Contiguous NCHW stage maps instead of channels-last views: for A/B runs.
+    pub contiguous_maps: bool,
+    /// Also time forward, backward and the optimizer separately (synchronising between them).
+    pub breakdown: bool,
+}
+
+/// Median milliseconds of each phase of a step, synchronised between phases (so their sum is a
+/// little more than the pipelined step).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Breakdown {
+    /// Host-to-device already done: normalisation, forward pass, loss.
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    /// All-reduce (nothing on a world of 1), AdamW, zeroing the gradients.
+    pub optimizer_ms: f64,
 }
 
 /// One benchmark row.
@@ -44,6 +64,9 @@ pub struct BenchResult {
     /// 3 × forward FLOPs per step / step time.
     pub tflops: f64,
     pub forward_gflop_per_image: f64,
+    pub head: String,
+    pub contiguous_maps: bool,
+    pub breakdown: Option<Breakdown>,
 }
 
 fn sync(device: Device) {
@@ -69,7 +92,9 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchResult> {
         crate::torch_ext::set_cudnn_flags(false, true);
     }
     let vs = nn::VarStore::new(o.device);
-    let model = SegFormer::new(&vs.root(), cfg.clone());
+    let mut model = SegFormer::new(&vs.root(), cfg.clone());
+    model.set_head_mode(o.head);
+    model.set_contiguous_maps(o.contiguous_maps);
     let mut opt = FlatAdamW::new(&vs, AdamWConfig::default());
     // A synthetic batch on the device: random pixels, random labels with some ignored ones.
     let images = Tensor::randint(256, [o.batch, o.crop, o.crop, 3], (Kind::Uint8, o.device));
@@ -81,25 +106,57 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchResult> {
     let ignore = Tensor::rand([o.batch, o.crop, o.crop], (Kind::Float, o.device)).lt(0.05);
     let labels = labels.masked_fill(&ignore, 255);
 
-    let mut step = || {
+    let mut step = || -> anyhow::Result<()> {
         let _loss = forward_backward(&model, &images, &labels, o.precision, o.device, 1);
         let grad = opt.flat_grad();
-        opt.step(&grad, 6e-5);
+        opt.step(&grad, 6e-5)?;
         opt.zero_grad();
+        Ok(())
     };
     for _ in 0..o.warmup {
-        step();
+        step()?;
     }
     sync(o.device);
     let mut times = Vec::with_capacity(o.iters);
     for _ in 0..o.iters {
         let t = Instant::now();
-        step();
+        step()?;
         sync(o.device);
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
+    let breakdown = if o.breakdown {
+        let mut phases: [Vec<f64>; 3] = Default::default();
+        for _ in 0..o.iters {
+            let t0 = Instant::now();
+            let loss = forward_loss(&model, &images, &labels, o.precision, o.device);
+            sync(o.device);
+            let t1 = Instant::now();
+            loss.backward();
+            sync(o.device);
+            let t2 = Instant::now();
+            let grad = opt.flat_grad();
+            opt.step(&grad, 6e-5)?;
+            opt.zero_grad();
+            sync(o.device);
+            let t3 = Instant::now();
+            for (v, (a, b)) in phases.iter_mut().zip([(t0, t1), (t1, t2), (t2, t3)]) {
+                v.push((b - a).as_secs_f64() * 1e3);
+            }
+        }
+        let [f, b, s] = phases.map(|mut v| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        });
+        Some(Breakdown {
+            forward_ms: f,
+            backward_ms: b,
+            optimizer_ms: s,
+        })
+    } else {
+        None
+    };
     let (macs, _) = cfg.forward_macs(o.crop, o.crop);
     let forward_flop = 2.0 * macs;
     let peak = match o.device {
@@ -119,5 +176,70 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchResult> {
         peak_memory_bytes: peak,
         tflops: 3.0 * forward_flop * o.batch as f64 / (median / 1e3) / 1e12,
         forward_gflop_per_image: forward_flop / 1e9,
+        head: format!("{:?}", o.head).to_lowercase(),
+        contiguous_maps: o.contiguous_maps,
+        breakdown,
+    })
+}
+
+/// What `segtrain-worker bench-loader` times: the training loader alone, exactly as the trainer
+/// starts it (the recipe's augmentation), over a dataset's train split.
+#[derive(Debug, Clone)]
+pub struct LoaderBenchOptions {
+    pub data: std::path::PathBuf,
+    pub threads: usize,
+    pub batch: usize,
+    pub crop_h: usize,
+    pub crop_w: usize,
+    /// Batches timed after the first (which includes the threads' start).
+    pub batches: usize,
+}
+
+/// How fast the loader delivers.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LoaderBenchResult {
+    pub threads: usize,
+    pub batch: usize,
+    pub crop: [usize; 2],
+    pub images: usize,
+    pub images_per_s: f64,
+    /// Wall time per image per thread: decode, augment, copy into the batch.
+    pub ms_per_image_per_thread: f64,
+}
+
+/// Times `batches` batches of the training loader (after one untimed batch).
+pub fn run_loader(o: &LoaderBenchOptions) -> anyhow::Result<LoaderBenchResult> {
+    use crate::data::augment::AugmentConfig;
+    use crate::data::loader::TrainLoader;
+    use crate::data::sampler::DistributedSampler;
+    if o.batches == 0 {
+        bail!("--batches must be at least 1");
+    }
+    let samples = crate::data::cityscapes::scan(&o.data, "train")?;
+    let sampler = DistributedSampler::new(samples.len(), 0, 1, 0, true)?;
+    let mut loader = TrainLoader::start(
+        samples,
+        sampler,
+        AugmentConfig::recipe(o.crop_h, o.crop_w),
+        o.batch,
+        o.threads,
+        // As the trainer: enough batches in flight to keep every thread busy.
+        o.threads.div_ceil(o.batch) + 2,
+        0,
+    )?;
+    loader.next_batch()?;
+    let t = Instant::now();
+    for _ in 0..o.batches {
+        loader.next_batch()?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let images = o.batches * o.batch;
+    Ok(LoaderBenchResult {
+        threads: o.threads,
+        batch: o.batch,
+        crop: [o.crop_h, o.crop_w],
+        images,
+        images_per_s: images as f64 / secs,
+        ms_per_image_per_thread: secs * 1e3 * o.threads as f64 / images as f64,
     })
 }

@@ -23,6 +23,22 @@ extern "C" {
         reserved: *mut i64,
         peak_reserved: *mut i64,
     ) -> bool;
+    fn segtrain_set_grad(var: *mut torch_sys::C_tensor, grad: *const torch_sys::C_tensor);
+    #[allow(clippy::too_many_arguments)]
+    fn segtrain_fused_adamw(
+        param: *mut torch_sys::C_tensor,
+        grad: *const torch_sys::C_tensor,
+        exp_avg: *mut torch_sys::C_tensor,
+        exp_avg_sq: *mut torch_sys::C_tensor,
+        step: *const torch_sys::C_tensor,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+        err: *mut c_char,
+        len: usize,
+    ) -> bool;
 }
 
 /// The CUDA caching allocator's memory statistics for one device of this process, in bytes.
@@ -127,4 +143,73 @@ pub fn with_bf16_autocast<T>(f: impl FnOnce() -> T) -> T {
     // SAFETY: sets thread-local autocast state; undone by `Restore`.
     let _restore = Restore(unsafe { segtrain_autocast_bf16_enter() });
     f()
+}
+
+/// Makes `grad` the `.grad` of `var`; autograd then accumulates into it in place. Refuses a
+/// `grad` of another shape, kind or device.
+pub fn set_grad(var: &mut tch::Tensor, grad: &tch::Tensor) -> Result<(), String> {
+    if var.size() != grad.size() || var.kind() != grad.kind() || var.device() != grad.device() {
+        return Err(format!(
+            "a gradient must match its variable: {:?} {:?} {:?} vs {:?} {:?} {:?}",
+            var.size(),
+            var.kind(),
+            var.device(),
+            grad.size(),
+            grad.kind(),
+            grad.device()
+        ));
+    }
+    // SAFETY: both handles are live tch tensors (at::Tensor pointers) for the whole call.
+    unsafe { segtrain_set_grad(var.as_mut_ptr(), grad.as_ptr()) };
+    Ok(())
+}
+
+/// Hyper-parameters of one fused AdamW update.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWStep {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub weight_decay: f64,
+    pub eps: f64,
+}
+
+/// One AdamW update of `param` in place through torch's fused kernel (the one
+/// `torch.optim.AdamW(fused=True)` runs): one pass over parameter, gradient and both moments.
+/// `step` is a float tensor on the parameter's device holding the update's number (1-based).
+pub fn fused_adamw(
+    param: &mut tch::Tensor,
+    grad: &tch::Tensor,
+    exp_avg: &mut tch::Tensor,
+    exp_avg_sq: &mut tch::Tensor,
+    step: &tch::Tensor,
+    h: AdamWStep,
+) -> Result<(), String> {
+    let mut err = [0 as c_char; 512];
+    // SAFETY: every handle is a live tch tensor for the whole call; `err` outlives it and its
+    // length is passed.
+    let ok = unsafe {
+        segtrain_fused_adamw(
+            param.as_mut_ptr(),
+            grad.as_ptr(),
+            exp_avg.as_mut_ptr(),
+            exp_avg_sq.as_mut_ptr(),
+            step.as_ptr(),
+            h.lr,
+            h.beta1,
+            h.beta2,
+            h.weight_decay,
+            h.eps,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    if ok {
+        Ok(())
+    } else {
+        // SAFETY: the shim wrote a NUL-terminated message into `err`.
+        Err(unsafe { CStr::from_ptr(err.as_ptr()) }
+            .to_string_lossy()
+            .into_owned())
+    }
 }

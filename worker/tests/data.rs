@@ -936,3 +936,21 @@ fn rgb_label_is_refused() {
         assert!(err.to_string().contains("RGB 8-bit"), "{err}");
     }
 }
+
+/// The trainer's one-kernel normalisation equals (x - mean) / std per channel, NHWC u8 in,
+/// NCHW f32 out.
+#[test]
+fn normalise_is_mean_std_per_channel_in_nchw() {
+    use segtrain_worker::data::cityscapes::{MEAN, STD};
+    use tch::{Device, Kind, Tensor};
+    let images = Tensor::randint(256, [2, 5, 7, 3], (Kind::Uint8, Device::Cpu));
+    let x = segtrain_worker::train::eval::normalise(&images);
+    assert_eq!(x.size(), [2, 3, 5, 7]);
+    assert_eq!(x.kind(), Kind::Float);
+    for c in 0..3usize {
+        let want = (images.select(3, c as i64).to_kind(Kind::Double) - MEAN[c]) / STD[c];
+        let got = x.select(1, c as i64).to_kind(Kind::Double);
+        let d = f64::try_from((got - want).abs().max()).expect("scalar");
+        assert!(d < 1e-5, "channel {c}: {d}");
+    }
+}

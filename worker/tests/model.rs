@@ -259,3 +259,56 @@ fn sliding_window_equals_whole_image_when_one_window_covers_it() {
     assert_eq!(overlapped.size(), vec![1, 19, 64, 96]);
     assert!(bool::try_from(overlapped.isfinite().all()).expect("bool"));
 }
+
+/// The fast head (fuse merged into each stage's projection, before upsampling) computes the same
+/// logits and the same gradients for every parameter as the paper's upsample-concat-fuse order,
+/// in train mode (BatchNorm on batch statistics), and so do contiguous and channels-last stage
+/// maps.
+#[test]
+fn the_merged_head_equals_upsample_concat_fuse_in_value_and_gradient() {
+    use segtrain_worker::model::HeadMode;
+    let (vs, mut m) = model(Variant::B0, 19);
+    m.disable_stochastic();
+    // A non-square input, so the four stage sizes differ in both directions.
+    let x = Tensor::randn([2, 3, 96, 64], (Kind::Float, Device::Cpu));
+    let r = Tensor::randn([2, 19, 24, 16], (Kind::Float, Device::Cpu));
+    let mut run = |mode: HeadMode, contiguous: bool| {
+        m.set_head_mode(mode);
+        m.set_contiguous_maps(contiguous);
+        for (_, mut v) in vs.variables() {
+            v.zero_grad();
+        }
+        let logits = m.forward_t(&x, true);
+        (&logits * &r).sum(Kind::Float).backward();
+        let mut grads: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .filter(|(_, v)| v.requires_grad())
+            .map(|(k, v)| (k, v.grad().copy()))
+            .collect();
+        grads.sort_by(|a, b| a.0.cmp(&b.0));
+        (logits.detach(), grads)
+    };
+    let (concat, concat_grads) = run(HeadMode::Concat, true);
+    for contiguous in [false, true] {
+        let (merged, merged_grads) = run(HeadMode::Merged, contiguous);
+        let d = f64::try_from((&merged - &concat).abs().max()).expect("scalar");
+        assert!(
+            d < 1e-4,
+            "logits differ by {d} (contiguous maps: {contiguous})"
+        );
+        assert_eq!(merged_grads.len(), concat_grads.len());
+        for ((name, a), (other, b)) in merged_grads.iter().zip(&concat_grads) {
+            assert_eq!(name, other);
+            // The stage projections' biases get (mathematically) zero gradient, as BatchNorm
+            // removes any constant shift: hence the absolute floor, far below the typical
+            // gradient (order 1 to 100 for this loss).
+            let scale = f64::try_from(b.abs().max()).expect("scalar");
+            let d = f64::try_from((a - b).abs().max()).expect("scalar");
+            assert!(
+                d <= 1e-4 * scale + 1e-4,
+                "{name}: gradients differ by {d} (scale {scale})"
+            );
+        }
+    }
+}

@@ -114,7 +114,7 @@ fn updates_equal_a_per_tensor_adamw_with_groups() {
             0,
         );
         let lr = 1e-3 * step as f64;
-        opt.step(&flat, lr);
+        opt.step(&flat, lr).expect("step");
         for (name, (p, r)) in reference.iter_mut() {
             let (glr, wd) = match ParamGroup::of(name) {
                 ParamGroup::Encoder => (lr, 0.05),
@@ -161,12 +161,12 @@ fn saved_state_continues_exactly() {
     // Straight: 4 steps.
     let (vs_a, mut a) = make();
     for g in &grads {
-        a.step(g, 1e-3);
+        a.step(g, 1e-3).expect("step");
     }
     // Interrupted: 2 steps, save, a fresh optimizer restores, 2 more.
     let (vs_b, mut b) = make();
     for g in &grads[..2] {
-        b.step(g, 1e-3);
+        b.step(g, 1e-3).expect("step");
     }
     let state = b
         .state_tensors()
@@ -192,7 +192,7 @@ fn saved_state_continues_exactly() {
         "restored m"
     );
     for g in &grads[2..] {
-        c.step(g, 1e-3);
+        c.step(g, 1e-3).expect("step");
     }
     assert!(a.params().equal(c.params()), "parameters bit for bit");
     let (sa, sc) = (a.state_tensors(), c.state_tensors());
@@ -217,4 +217,57 @@ fn saved_state_continues_exactly() {
     ];
     let err = c.load_state(&bad, 1).expect_err("wrong layout");
     assert!(err.to_string().contains("shape"), "{err}");
+}
+
+/// Autograd accumulates straight into the optimizer's flat gradient buffer (each parameter's
+/// `.grad` is a view of it): two backward passes sum there, `zero_grad` clears it, and a gradient
+/// of the wrong size is refused without changing anything.
+#[test]
+fn gradients_accumulate_in_the_flat_buffer() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let mut model = SegFormer::new(&vs.root(), SegFormerConfig::variant(Variant::B0, 19));
+    model.disable_stochastic();
+    let mut opt = FlatAdamW::new(&vs, AdamWConfig::default());
+    let x = Tensor::randn([2, 3, 64, 64], (Kind::Float, Device::Cpu));
+    let loss = || model.forward_t(&x, true).square().mean(Kind::Float);
+
+    loss().backward();
+    let once = opt.flat_grad().copy();
+    assert!(f64::try_from(once.abs().sum(Kind::Double)).expect("scalar") > 0.0);
+    // The flat buffer and every parameter's .grad are the same memory.
+    let vars = vs.variables();
+    for s in opt.slots() {
+        let n: i64 = s.shape.iter().product();
+        let flat = opt.flat_grad().narrow(0, s.offset, n);
+        assert!(
+            flat.equal(&vars[&s.name].grad().reshape([-1])),
+            "{}: .grad is not its slice of the flat buffer",
+            s.name
+        );
+    }
+    loss().backward();
+    let twice = opt.flat_grad();
+    let d = f64::try_from((&twice - &once * 2.0).abs().max()).expect("scalar");
+    let scale = f64::try_from(once.abs().max()).expect("scalar");
+    assert!(
+        d <= 1e-5 * scale,
+        "second backward accumulates: {d} (scale {scale})"
+    );
+
+    opt.zero_grad();
+    assert_eq!(
+        f64::try_from(opt.flat_grad().abs().sum(Kind::Double)).expect("scalar"),
+        0.0
+    );
+    let vars = vs.variables();
+    let key = "decode_head.classifier.weight";
+    assert!(vars[key].grad().defined(), "zeroing keeps the views");
+
+    let before = opt.params().copy();
+    let err = opt
+        .step(&Tensor::zeros([5], (Kind::Float, Device::Cpu)), 1e-3)
+        .expect_err("wrong size");
+    assert!(err.to_string().contains("gradient"), "{err}");
+    assert!(opt.params().equal(&before), "nothing changed");
+    assert_eq!(opt.steps(), 0);
 }

@@ -90,6 +90,35 @@ enum Command {
         /// One JSON object instead of the table.
         #[arg(long)]
         json: bool,
+        /// The head's computation order: merged (fuse before upsampling, the default) or
+        /// concat (upsample, concatenate, fuse, as the paper writes it); for A/B runs.
+        #[arg(long, default_value = "merged")]
+        head: HeadArg,
+        /// Copy stage maps to contiguous NCHW instead of channels-last views; for A/B runs.
+        #[arg(long)]
+        contiguous_maps: bool,
+        /// Also time forward, backward and optimizer separately (a per-phase profile).
+        #[arg(long)]
+        breakdown: bool,
+    },
+    /// Time the training loader alone (decode, the recipe's augmentation, batching) over a
+    /// dataset's train split: images/s with N threads, and ms per image per thread.
+    BenchLoader {
+        /// Dataset root in the Cityscapes layout (e.g. from `synth-data`).
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 16)]
+        threads: usize,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Crop as HxW.
+        #[arg(long, default_value = "1024x1024")]
+        crop: String,
+        /// Batches timed (after one untimed).
+        #[arg(long, default_value_t = 16)]
+        batches: usize,
+        #[arg(long)]
+        json: bool,
     },
     /// Segment one image (or a safetensors file holding an NCHW `pixel_values` tensor).
     Predict {
@@ -117,6 +146,12 @@ enum Command {
         #[arg(long, default_value = "fp32")]
         precision: Precision,
     },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum HeadArg {
+    Merged,
+    Concat,
 }
 
 #[derive(clap::Args, Debug)]
@@ -323,16 +358,17 @@ fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
     }))
 }
 
-/// Two sides `AxB` in the order given; `form` names them for the error (e.g. "HxW").
-fn parse_size(s: &str, form: &str) -> anyhow::Result<(i64, i64)> {
-    let err = || format!("--size: expected {form} such as 1024x1024, got {s:?}");
+/// Two sides `AxB` of option `flag` in the order given; `form` names them for the error (e.g.
+/// "HxW").
+fn parse_size(flag: &str, s: &str, form: &str) -> anyhow::Result<(i64, i64)> {
+    let err = || format!("{flag}: expected {form} such as 1024x1024, got {s:?}");
     let (a, b) = s.split_once(['x', 'X']).with_context(err)?;
     let (a, b): (i64, i64) = (
         a.trim().parse().with_context(err)?,
         b.trim().parse().with_context(err)?,
     );
     if a < 32 || b < 32 || a > 16384 || b > 16384 {
-        bail!("--size: each side must be in 32..=16384, got {a}x{b}");
+        bail!("{flag}: each side must be in 32..=16384, got {a}x{b}");
     }
     Ok((a, b))
 }
@@ -518,9 +554,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             device,
             classes,
             json,
+            head,
+            contiguous_maps,
+            breakdown,
         } => {
             let device = parse_device(&device)?;
             let r = segtrain_worker::bench::run(&segtrain_worker::bench::BenchOptions {
+                head: match head {
+                    HeadArg::Merged => segtrain_worker::model::HeadMode::Merged,
+                    HeadArg::Concat => segtrain_worker::model::HeadMode::Concat,
+                },
+                contiguous_maps,
+                breakdown,
                 variant,
                 batch,
                 crop,
@@ -549,6 +594,56 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     r.peak_memory_bytes as f64 / (1u64 << 30) as f64,
                     r.tflops
                 );
+                println!(
+                    "head {}, stage maps {}",
+                    r.head,
+                    if r.contiguous_maps {
+                        "contiguous NCHW"
+                    } else {
+                        "channels-last views"
+                    }
+                );
+                if let Some(b) = &r.breakdown {
+                    println!(
+                        "phases (median ms, synchronised): forward+loss {:.1}, backward {:.1}, optimizer {:.1}",
+                        b.forward_ms, b.backward_ms, b.optimizer_ms
+                    );
+                }
+            }
+        }
+        Command::BenchLoader {
+            data,
+            threads,
+            batch,
+            crop,
+            batches,
+            json,
+        } => {
+            let (crop_h, crop_w) = parse_size("--crop", &crop, "HxW")?;
+            let r =
+                segtrain_worker::bench::run_loader(&segtrain_worker::bench::LoaderBenchOptions {
+                    data,
+                    threads,
+                    batch,
+                    crop_h: crop_h as usize,
+                    crop_w: crop_w as usize,
+                    batches,
+                })?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("| threads | batch | crop | images | images/s | ms/image/thread |");
+                println!("|---|---|---|---|---|---|");
+                println!(
+                    "| {} | {} | {}x{} | {} | {:.1} | {:.1} |",
+                    r.threads,
+                    r.batch,
+                    r.crop[0],
+                    r.crop[1],
+                    r.images,
+                    r.images_per_s,
+                    r.ms_per_image_per_thread
+                );
             }
         }
         Command::SynthData {
@@ -558,7 +653,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             size,
             seed,
         } => {
-            let (w, h) = parse_size(&size, "WxH")?;
+            let (w, h) = parse_size("--size", &size, "WxH")?;
             let summary = data::synth::generate(&data::synth::SynthOptions {
                 out: out.clone(),
                 train,
@@ -587,7 +682,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => {
             check_classes(classes)?;
-            let (h, w) = parse_size(&size, "HxW")?;
+            let (h, w) = parse_size("--size", &size, "HxW")?;
             let info = model::info(variant, classes, h, w);
             if json {
                 print_json(&info)?;

@@ -68,17 +68,18 @@ fn to_map(x: &Tensor, h: i64, w: i64) -> Tensor {
     x.transpose(1, 2).reshape([b, c, h, w])
 }
 
-/// Per-sample stochastic depth: drops a sample's whole residual branch with probability `p`.
-fn drop_path(x: Tensor, p: f64, train: bool) -> Tensor {
+/// `residual + branch`, with per-sample stochastic depth in training: each sample's branch is
+/// dropped with probability `p` and a kept one scaled by 1/(1-p). One kernel (addcmul with a
+/// (B, 1, 1) scale) instead of three passes over the activation.
+fn add_drop_path(residual: &Tensor, branch: &Tensor, p: f64, train: bool) -> Tensor {
     if !train || p == 0.0 {
-        return x;
+        return residual + branch;
     }
     let keep = 1.0 - p;
-    let b = x.size()[0];
-    let mask = Tensor::rand([b, 1, 1], (x.kind(), x.device()))
-        .g_add_scalar(keep)
-        .floor();
-    x / keep * mask
+    let b = branch.size()[0];
+    let scale =
+        (Tensor::rand([b, 1, 1], (residual.kind(), residual.device())) + keep).floor() / keep;
+    residual.addcmul(branch, &scale)
 }
 
 #[derive(Debug)]
@@ -197,9 +198,9 @@ struct Block {
 impl Block {
     fn forward_t(&self, x: &Tensor, h: i64, w: i64, train: bool) -> Tensor {
         let a = self.attention.forward(&self.layer_norm_1.forward(x), h, w);
-        let x = x + drop_path(a, self.drop_path, train);
+        let x = add_drop_path(x, &a, self.drop_path, train);
         let m = self.mlp.forward(&self.layer_norm_2.forward(&x), h, w);
-        &x + drop_path(m, self.drop_path, train)
+        add_drop_path(&x, &m, self.drop_path, train)
     }
 }
 
@@ -214,6 +215,9 @@ struct Stage {
 #[derive(Debug)]
 pub struct MitEncoder {
     stages: Vec<Stage>,
+    /// Copy each stage map to contiguous NCHW (the layout HF hands on) instead of leaving it a
+    /// channels-last view of the tokens; for benchmarks comparing the two.
+    contiguous_maps: bool,
 }
 
 impl MitEncoder {
@@ -259,7 +263,10 @@ impl MitEncoder {
                 }
             })
             .collect();
-        MitEncoder { stages }
+        MitEncoder {
+            stages,
+            contiguous_maps: false,
+        }
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Vec<Tensor> {
@@ -272,10 +279,20 @@ impl MitEncoder {
             }
             let t = stage.norm.forward(&t);
             let (b, _, c) = t.size3().expect("tokens");
-            x = t.reshape([b, h, w, c]).permute([0, 3, 1, 2]).contiguous();
+            // A channels-last view, no copy: the next patch embedding and the head's 1x1 convs
+            // take it as is (NHWC is cuDNN's native layout for tensor cores), and a conv's
+            // channels-last output turns back into tokens without a copy either.
+            x = t.reshape([b, h, w, c]).permute([0, 3, 1, 2]);
+            if self.contiguous_maps {
+                x = x.contiguous();
+            }
             maps.push(x.shallow_clone());
         }
         maps
+    }
+
+    pub fn set_contiguous_maps(&mut self, on: bool) {
+        self.contiguous_maps = on;
     }
 
     /// Sets drop-path rates to 0 (for equivalence tests and evaluation-like training).

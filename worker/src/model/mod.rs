@@ -10,6 +10,7 @@ pub mod weights;
 pub use config::SegFormerConfig;
 
 use head::DecodeHead;
+pub use head::HeadMode;
 use mit::MitEncoder;
 use tch::{nn, Tensor};
 
@@ -70,6 +71,17 @@ impl SegFormer {
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         let maps = self.encoder.forward_t(x, train);
         self.head.forward_t(&maps, train)
+    }
+
+    /// How the head computes its fused map (the default is the fast one; both are the same
+    /// function).
+    pub fn set_head_mode(&mut self, mode: HeadMode) {
+        self.head.set_mode(mode);
+    }
+
+    /// Whether the encoder copies its stage maps to contiguous NCHW (default: channels-last views).
+    pub fn set_contiguous_maps(&mut self, on: bool) {
+        self.encoder.set_contiguous_maps(on);
     }
 
     /// Turns off dropout and stochastic depth (train mode then differs from eval mode only by

@@ -1,10 +1,12 @@
 //! AdamW over flat fp32 buffers (reference/rust-stack.md §1.3: tch's optimizer cannot save its
-//! state, and the fused kernels are not bound).
+//! state, and the fused kernels are not bound; the C++ shim binds the one we use).
 //!
 //! Every trainable parameter is re-pointed into one flat buffer, ordered by group, so that each
-//! group is one contiguous slice and a step is a handful of elementwise kernels per group over the
-//! whole model. The moments `m` and `v` are flat buffers of the same layout, which makes the state
-//! trivial to checkpoint and (later) the gradients one buffer to all-reduce.
+//! group is one contiguous slice, and every parameter's `.grad` is set to the matching view of a
+//! second flat buffer, so autograd accumulates straight into it: the gradients are one buffer to
+//! all-reduce with no per-step concatenation, and zeroing them is one kernel. A step is one
+//! launch of torch's fused AdamW kernel per group (three in all). The moments `m` and `v` are
+//! flat buffers of the same layout, which makes the state trivial to checkpoint.
 //!
 //! Groups follow the recipe (reference/segformer.md §4.1, mmcv custom_keys, first match wins:
 //! "head" before "norm"): every decode-head parameter gets lr x head_lr_mult and weight decay;
@@ -76,17 +78,24 @@ pub struct Slot {
 pub enum OptimError {
     #[error("optimizer state does not match the model: {0}")]
     Layout(String),
+    /// Only a libtorch without the fused kernel for this device could say this.
+    #[error("the fused AdamW kernel failed: {0}")]
+    Kernel(String),
 }
 
 pub struct FlatAdamW {
     pub config: AdamWConfig,
     /// Parameters in buffer order.
     slots: Vec<Slot>,
-    vars: Vec<Tensor>,
     /// The parameters themselves: every variable is a view into this.
     params: Tensor,
+    /// The gradients, same layout: every variable's `.grad` is a view into this.
+    grads: Tensor,
     m: Tensor,
     v: Tensor,
+    /// The update's number as the fused kernel reads it: a float on the parameters' device,
+    /// filled from `step` before each update (a fill, not a host-to-device copy).
+    step_tensor: Tensor,
     /// (offset, len) of each group's slice, in `ParamGroup::ORDER`.
     groups: Vec<(ParamGroup, i64, i64)>,
     /// Updates applied so far (Adam's t).
@@ -94,7 +103,8 @@ pub struct FlatAdamW {
 }
 
 impl FlatAdamW {
-    /// Moves every trainable variable of `vs` into one flat fp32 buffer on its device.
+    /// Moves every trainable variable of `vs` into one flat fp32 buffer on its device, and its
+    /// gradient into another.
     pub fn new(vs: &nn::VarStore, config: AdamWConfig) -> FlatAdamW {
         let mut named: Vec<(String, Tensor)> = vs
             .variables()
@@ -114,8 +124,8 @@ impl FlatAdamW {
         let total: i64 = named.iter().map(|(_, t)| t.numel() as i64).sum();
         let device = vs.device();
         let params = Tensor::zeros([total], (Kind::Float, device));
+        let grads = Tensor::zeros([total], (Kind::Float, device));
         let mut slots = Vec::with_capacity(named.len());
-        let mut vars = Vec::with_capacity(named.len());
         let mut offset = 0i64;
         tch::no_grad(|| {
             for (name, mut var) in named {
@@ -125,13 +135,17 @@ impl FlatAdamW {
                 view.copy_(&var);
                 // The variable now shares storage with the flat buffer (Apex/DeepSpeed style).
                 var.set_data(&view);
+                let grad = grads.narrow(0, offset, n).view(shape.as_slice());
+                if let Err(e) = crate::torch_ext::set_grad(&mut var, &grad) {
+                    // Same shape, kind and device by construction.
+                    unreachable!("{name}: {e}");
+                }
                 slots.push(Slot {
                     group: ParamGroup::of(&name),
                     name,
                     shape,
                     offset,
                 });
-                vars.push(var);
                 offset += n;
             }
         });
@@ -150,9 +164,10 @@ impl FlatAdamW {
         FlatAdamW {
             config,
             slots,
-            vars,
             m: params.zeros_like(),
             v: params.zeros_like(),
+            step_tensor: Tensor::zeros([], (Kind::Float, device)),
+            grads,
             params,
             groups,
             step: 0,
@@ -176,59 +191,62 @@ impl FlatAdamW {
         &self.params
     }
 
-    /// The gradients as one flat buffer in the parameter layout (one concatenation). A parameter
-    /// without a gradient contributes zeros.
+    /// The gradients as one flat buffer in the parameter layout: the buffer autograd accumulates
+    /// into (a handle to it, not a copy), to all-reduce in place and pass to [`step`](Self::step).
     pub fn flat_grad(&self) -> Tensor {
-        let parts: Vec<Tensor> = self
-            .vars
-            .iter()
-            .map(|v| {
-                let g = v.grad();
-                if g.defined() {
-                    g.reshape([-1])
-                } else {
-                    Tensor::zeros([v.numel() as i64], (Kind::Float, v.device()))
-                }
-            })
-            .collect();
-        Tensor::cat(&parts, 0)
+        self.grads.shallow_clone()
     }
 
+    /// Zeroes every gradient (one kernel over the flat buffer; the views stay in place).
     pub fn zero_grad(&mut self) {
-        for v in &mut self.vars {
-            v.zero_grad();
-        }
+        tch::no_grad(|| {
+            let _ = self.grads.zero_();
+        });
     }
 
     /// One AdamW update with the flat gradient `grad` and encoder learning rate `lr`, exactly
-    /// as torch.optim.AdamW (decoupled decay, bias-corrected moments).
-    pub fn step(&mut self, grad: &Tensor, lr: f64) {
+    /// as torch.optim.AdamW (decoupled decay, bias-corrected moments), through its fused kernel.
+    /// A `grad` of another size or device is refused and nothing changes.
+    pub fn step(&mut self, grad: &Tensor, lr: f64) -> Result<(), OptimError> {
+        if grad.size() != self.params.size()
+            || grad.device() != self.params.device()
+            || grad.kind() != Kind::Float
+        {
+            return Err(OptimError::Layout(format!(
+                "the gradient is {:?} {:?} on {:?}; the parameters need Float {:?} on {:?}",
+                grad.kind(),
+                grad.size(),
+                grad.device(),
+                self.params.size(),
+                self.params.device()
+            )));
+        }
         self.step += 1;
         let c = self.config;
-        let t = self.step as i32;
-        let bc1 = 1.0 - c.beta1.powi(t);
-        let bc2 = 1.0 - c.beta2.powi(t);
-        tch::no_grad(|| {
+        tch::no_grad(|| -> Result<(), OptimError> {
+            let _ = self.step_tensor.fill_(self.step as f64);
             for &(group, off, len) in &self.groups {
                 let (glr, wd) = match group {
                     ParamGroup::Encoder => (lr, c.weight_decay),
                     ParamGroup::EncoderNorm => (lr, 0.0),
                     ParamGroup::Head => (lr * c.head_lr_mult, c.weight_decay),
                 };
+                let h = crate::torch_ext::AdamWStep {
+                    lr: glr,
+                    beta1: c.beta1,
+                    beta2: c.beta2,
+                    weight_decay: wd,
+                    eps: c.eps,
+                };
                 let mut p = self.params.narrow(0, off, len);
                 let mut m = self.m.narrow(0, off, len);
                 let mut v = self.v.narrow(0, off, len);
                 let g = grad.narrow(0, off, len);
-                if wd != 0.0 {
-                    let _ = p.g_mul_scalar_(1.0 - glr * wd);
-                }
-                let _ = m.lerp_(&g, 1.0 - c.beta1);
-                let _ = v.g_mul_scalar_(c.beta2);
-                let _ = v.g_add_(&(g.square() * (1.0 - c.beta2)));
-                let denom = (v.sqrt() / bc2.sqrt()).g_add_scalar_(c.eps);
-                let _ = p.addcdiv_(&(&m * (-glr / bc1)), &denom);
+                crate::torch_ext::fused_adamw(&mut p, &g, &mut m, &mut v, &self.step_tensor, h)
+                    .map_err(OptimError::Kernel)?;
             }
-        });
+            Ok(())
+        })
     }
 
     /// The state to checkpoint: the moments (the parameters themselves are saved as the model).

@@ -25,18 +25,20 @@ pub struct EvalResult {
     pub images: usize,
 }
 
-/// Normalises a u8 NHWC batch on its device: RGB, ImageNet mean/std in pixel units, NCHW f32.
+/// Normalises a u8 NHWC batch on its device: RGB, ImageNet mean/std in pixel units, NCHW f32
+/// (a channels-last view, as the first convolution wants it). One kernel reads the u8 pixels and
+/// writes `x / std - mean / std`; the per-channel constants are filled on the device, so there is
+/// no host-to-device copy (which would synchronise the host with the GPU every step).
 pub fn normalise(images_u8: &Tensor) -> Tensor {
-    let dev = images_u8.device();
-    let mean = Tensor::from_slice(&crate::data::cityscapes::MEAN)
-        .to_kind(Kind::Float)
-        .to_device(dev)
-        .view([1, 3, 1, 1]);
-    let std = Tensor::from_slice(&crate::data::cityscapes::STD)
-        .to_kind(Kind::Float)
-        .to_device(dev)
-        .view([1, 3, 1, 1]);
-    (images_u8.permute([0, 3, 1, 2]).to_kind(Kind::Float) - mean) / std
+    let opts = (Kind::Float, images_u8.device());
+    let per_channel = |f: &dyn Fn(usize) -> f64| {
+        let parts: Vec<Tensor> = (0..3).map(|c| Tensor::full([1], f(c), opts)).collect();
+        Tensor::cat(&parts, 0).view([1, 3, 1, 1])
+    };
+    let (mean, std) = (crate::data::cityscapes::MEAN, crate::data::cityscapes::STD);
+    let scale = per_channel(&|c| 1.0 / std[c]);
+    let shift = per_channel(&|c| -mean[c] / std[c]);
+    shift.addcmul(&images_u8.permute([0, 3, 1, 2]), &scale)
 }
 
 fn forward(model: &SegFormer, x: &Tensor, precision: Precision) -> Tensor {

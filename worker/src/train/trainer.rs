@@ -451,6 +451,19 @@ pub fn forward_backward(
     device: Device,
     accumulate: u32,
 ) -> Tensor {
+    let loss = forward_loss(model, images, labels, precision, device) / f64::from(accumulate);
+    loss.backward();
+    loss.detach()
+}
+
+/// The forward half of [`forward_backward`]: the (attached) loss of one micro-batch.
+pub fn forward_loss(
+    model: &SegFormer,
+    images: &Tensor,
+    labels: &Tensor,
+    precision: Precision,
+    device: Device,
+) -> Tensor {
     let (images, labels) = if images.device() == device {
         (images.shallow_clone(), labels.shallow_clone())
     } else {
@@ -471,9 +484,7 @@ pub fn forward_backward(
         }
         _ => model.forward_t(&x, true),
     };
-    let loss = segmentation_loss(&logits, &y) / f64::from(accumulate);
-    loss.backward();
-    loss.detach()
+    segmentation_loss(&logits, &y)
 }
 
 /// A checkpoint that was loaded and verified, with the newer candidates skipped on the way.
@@ -801,7 +812,7 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
         if world > 1 {
             comm.all_reduce_mean(&mut grad)?;
         }
-        opt.step(&grad, lr);
+        opt.step(&grad, lr)?;
         opt.zero_grad();
         window_iters += 1;
 
