@@ -484,7 +484,9 @@ async fn run_rank(shared: Arc<Shared>, a: pb::Assignment, mut stop_rx: oneshot::
                                 shared.metrics.set_phase(&key, Phase::Running)
                             }
                             pb::worker_event::Payload::Metrics(m) => {
-                                shared.metrics.observe(m.iteration, &m.values)
+                                shared.metrics.observe(m.iteration, &m.values);
+                                let v = |k: &str| m.values.get(k).copied().unwrap_or(f64::NAN);
+                                tracing::info!(job = %key.job_id, attempt = key.attempt, iteration = m.iteration, loss = v("loss"), lr = v("lr"), images_per_s = v("images_per_s"), step_ms = v("step_ms"), data_wait_ms = v("data_wait_ms"), "progress");
                             }
                             _ => {}
                         }
@@ -501,6 +503,9 @@ async fn run_rank(shared: Arc<Shared>, a: pb::Assignment, mut stop_rx: oneshot::
                     }
                     Ok(Parsed::Failed { deterministic, reason }) => failed = Some((deterministic, reason)),
                     Ok(Parsed::Rendezvous(ep)) => publish(&shared, &key, ep).await,
+                    Ok(Parsed::Collective { backend, detail }) => {
+                        tracing::info!(job = %key.job_id, attempt = key.attempt, rank = key.rank, backend, detail, "collective ready")
+                    }
                     Ok(Parsed::Ignored) => {}
                     Err(e) => tracing::warn!(job = %key.job_id, attempt = key.attempt, rank = key.rank, error = %e, "unreadable trainer output"),
                 },

@@ -64,6 +64,11 @@ pub enum Parsed {
         iteration: u64,
         values: HashMap<String, f64>,
     },
+    /// The trainer's collective backend is up: logged by the daemon.
+    Collective {
+        backend: String,
+        detail: String,
+    },
     /// A line the daemon does not forward (e.g. "finished": the exit status decides the outcome).
     Ignored,
 }
@@ -167,6 +172,10 @@ pub fn parse_line(line: &str, job_id: &str, attempt: u32) -> Result<Parsed, Stri
                 return Err(format!("rendezvous event without an endpoint: {line}"));
             }
         }
+        "collective" => Parsed::Collective {
+            backend: v["backend"].as_str().unwrap_or_default().to_string(),
+            detail: v["detail"].as_str().unwrap_or_default().to_string(),
+        },
         _ => Parsed::Ignored,
     })
 }
@@ -216,21 +225,13 @@ pub fn spawn(l: &Launch<'_>) -> anyhow::Result<(Child, PathBuf)> {
         )
     };
 
-    let rendezvous = match (&l.rendezvous, a.rank, l.gpu) {
-        (_, _, _) if a.world_size == 1 => "single".to_string(),
-        (None, 0, None) => format!("tcp-listen:{}:0", l.advertise_host),
-        (None, 0, Some(_)) => "nccl-create".to_string(),
-        (Some(pb::await_rendezvous_response::Endpoint::TcpAddress(addr)), _, _) => {
-            format!("tcp:{addr}")
-        }
-        (Some(pb::await_rendezvous_response::Endpoint::NcclUniqueId(id)), _, _) => {
-            format!(
-                "nccl:{}",
-                base64::engine::general_purpose::STANDARD.encode(id)
-            )
-        }
-        (None, _, _) => anyhow::bail!("rank {} needs rank 0's rendezvous endpoint", a.rank),
-    };
+    let rendezvous = rendezvous_arg(
+        l.rendezvous.as_ref(),
+        a.rank,
+        a.world_size,
+        l.gpu,
+        l.advertise_host,
+    )?;
     let mut cmd = Command::new(l.exe);
     cmd.arg("train")
         .arg("--config")
@@ -312,9 +313,63 @@ pub fn log_tail(log: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join(" | ")
 }
 
+/// The trainer's `--rendezvous`. GPU ranks always meet over NCCL, a world of 1 too (a
+/// communicator of one rank: the collectives are skipped, but NCCL is loaded and initialised
+/// exactly as for a bigger world, so a host whose NCCL is broken fails on its first job, not on
+/// its first multi-GPU one). CPU ranks use the TCP collective, and a CPU world of 1 none.
+fn rendezvous_arg(
+    endpoint: Option<&pb::await_rendezvous_response::Endpoint>,
+    rank: u32,
+    world: u32,
+    gpu: Option<u32>,
+    advertise_host: &str,
+) -> anyhow::Result<String> {
+    use pb::await_rendezvous_response::Endpoint;
+    Ok(match (endpoint, rank, gpu) {
+        (_, 0, Some(_)) => "nccl-create".to_string(),
+        (_, _, None) if world == 1 => "single".to_string(),
+        (None, 0, None) => format!("tcp-listen:{advertise_host}:0"),
+        (Some(Endpoint::TcpAddress(addr)), _, _) => format!("tcp:{addr}"),
+        (Some(Endpoint::NcclUniqueId(id)), _, _) => {
+            format!(
+                "nccl:{}",
+                base64::engine::general_purpose::STANDARD.encode(id)
+            )
+        }
+        (None, _, _) => anyhow::bail!("rank {rank} needs rank 0's rendezvous endpoint"),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpu_ranks_meet_over_nccl_even_alone_and_cpu_ranks_over_tcp() {
+        use pb::await_rendezvous_response::Endpoint;
+        let r = |e: Option<&Endpoint>, rank, world, gpu| {
+            rendezvous_arg(e, rank, world, gpu, "10.0.0.9")
+        };
+        assert_eq!(r(None, 0, 1, Some(0)).expect("gpu alone"), "nccl-create");
+        assert_eq!(r(None, 0, 4, Some(3)).expect("gpu rank 0"), "nccl-create");
+        assert_eq!(r(None, 0, 1, None).expect("cpu alone"), "single");
+        assert_eq!(
+            r(None, 0, 2, None).expect("cpu rank 0"),
+            "tcp-listen:10.0.0.9:0"
+        );
+        let tcp = Endpoint::TcpAddress("10.0.0.1:4000".into());
+        assert_eq!(
+            r(Some(&tcp), 1, 2, None).expect("cpu rank 1"),
+            "tcp:10.0.0.1:4000"
+        );
+        let id = Endpoint::NcclUniqueId(vec![1, 2, 3]);
+        assert_eq!(
+            r(Some(&id), 1, 2, Some(1)).expect("gpu rank 1"),
+            "nccl:AQID"
+        );
+        let err = r(None, 1, 2, Some(1)).expect_err("no endpoint");
+        assert!(err.to_string().contains("rank 1"), "{err}");
+    }
 
     #[test]
     fn parses_every_event_kind() {
@@ -380,6 +435,12 @@ mod tests {
         match p(r#"{"event":"rank_metrics","iteration":5,"values":{"step_ms":12.5}}"#) {
             Parsed::Local { iteration, values } => {
                 assert_eq!((iteration, values["step_ms"]), (5, 12.5))
+            }
+            other => panic!("{other:?}"),
+        }
+        match p(r#"{"event":"collective","backend":"nccl","detail":"NCCL 2.28.9"}"#) {
+            Parsed::Collective { backend, detail } => {
+                assert_eq!((backend.as_str(), detail.as_str()), ("nccl", "NCCL 2.28.9"))
             }
             other => panic!("{other:?}"),
         }

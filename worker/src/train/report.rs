@@ -47,6 +47,9 @@ pub fn event_json(ev: &TrainEvent) -> serde_json::Value {
             }
             v
         }
+        TrainEvent::Collective { backend, detail } => {
+            json!({"event": "collective", "backend": backend, "detail": detail})
+        }
         TrainEvent::Started {
             start_iteration,
             max_iters,
@@ -108,6 +111,9 @@ impl EventSink for Reporter {
                 Some(a) => self.line(&format!("rank 0 waits for the other ranks on {a}")),
                 None => self.line("rank 0 made the NCCL unique id; waiting for the other ranks"),
             },
+            TrainEvent::Collective { backend, detail } => {
+                self.line(&format!("collective ready: {backend}: {detail}"))
+            }
             TrainEvent::Started {
                 start_iteration,
                 max_iters,

@@ -188,6 +188,12 @@ pub enum TrainEvent {
         tcp_address: Option<String>,
         nccl_unique_id: Option<Vec<u8>>,
     },
+    /// The collective backend is up (after the rendezvous): `backend` "nccl" or "tcp", and
+    /// what it runs on (library and version, rank, world, device).
+    Collective {
+        backend: String,
+        detail: String,
+    },
     Started {
         start_iteration: u64,
         max_iters: u64,
@@ -303,14 +309,24 @@ fn connect(opts: &TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Box<
             opts.rendezvous
         )),
     };
+    let nccl_detail = |ordinal: usize| {
+        format!(
+            "NCCL {} ({}), rank {rank} of {world} on cuda:{ordinal}",
+            NcclCollective::version().unwrap_or_else(|e| e.to_string()),
+            crate::collective::nccl::library_path()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        )
+    };
     let comm: Box<dyn Collective> = match (&opts.rendezvous, rank) {
         (Rendezvous::Single, _) if world == 1 => Box::new(Single),
         (Rendezvous::Single, _) => bail!(
             "world {world} needs a rendezvous: rank 0 tcp-listen:HOST:PORT or nccl-create, \
              the others tcp:HOST:PORT or nccl:<id>"
         ),
-        (rv, _) if world == 1 => {
-            bail!("rendezvous {rv:?}: a world of 1 has nobody to meet; use single")
+        // NCCL with a world of 1 is allowed (GPU daemons always use NCCL); TCP is not.
+        (rv, _) if world == 1 && *rv != Rendezvous::NcclCreate => {
+            bail!("rendezvous {rv:?}: a world of 1 has nobody to meet; use single or nccl-create")
         }
         (Rendezvous::TcpListen { bind }, 0) => {
             let (listener, addr) = TcpRendezvous::bind(bind)?;
@@ -330,11 +346,21 @@ fn connect(opts: &TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Box<
                 tcp_address: None,
                 nccl_unique_id: Some(id.to_vec()),
             });
-            Box::new(NcclCollective::init_on(id, 0, world, ordinal, timeouts)?)
+            let comm = NcclCollective::init_on(id, 0, world, ordinal, timeouts)?;
+            sink.event(&TrainEvent::Collective {
+                backend: "nccl".into(),
+                detail: nccl_detail(ordinal),
+            });
+            Box::new(comm)
         }
         (Rendezvous::NcclJoin { id }, r) if r > 0 => {
             let ordinal = cuda_ordinal()?;
-            Box::new(NcclCollective::init_on(*id, r, world, ordinal, timeouts)?)
+            let comm = NcclCollective::init_on(*id, r, world, ordinal, timeouts)?;
+            sink.event(&TrainEvent::Collective {
+                backend: "nccl".into(),
+                detail: nccl_detail(ordinal),
+            });
+            Box::new(comm)
         }
         (rv, r) => bail!(
             "rank {r} cannot use rendezvous {rv:?}: rank 0 uses tcp-listen:HOST:PORT or \
