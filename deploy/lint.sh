@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Lints the deployment files (`make lint-deploy`, part of `make test`):
 #
-#   1. shellcheck on every shell script under deploy/ and on .ci/run;
+#   1. shellcheck on every shell script under deploy/ and bench/ and on .ci/run;
 #   2. deploy/install.sh into a temporary DESTDIR (hard links: quick), then
 #      `systemd-analyze verify` on every unit it installed (the worker template as instances
 #      segtrain-worker@0 and segtrain-worker@cpu), with the install prefix and /etc/segtrain
@@ -31,7 +31,7 @@ while IFS= read -r -d '' f; do
         *.sh) scripts+=("$f") ;;
         *) if head -n 1 "$f" | grep -Eq '^#!.*\b(ba)?sh\b'; then scripts+=("$f"); fi ;;
     esac
-done < <(find deploy -type f -print0 | sort -z)
+done < <(find deploy bench -type f ! -path "*/__pycache__/*" -print0 | sort -z)
 shellcheck --external-sources "${scripts[@]}"
 say "shellcheck: ${#scripts[@]} scripts clean"
 

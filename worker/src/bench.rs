@@ -90,6 +90,7 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchResult> {
     tch::manual_seed(0);
     if o.device != Device::Cpu {
         crate::torch_ext::set_cudnn_flags(false, true);
+        crate::torch_ext::set_tf32(true); // as the trainer (fp32 rows run as TF32)
     }
     let vs = nn::VarStore::new(o.device);
     let mut model = SegFormer::new(&vs.root(), cfg.clone());

@@ -58,3 +58,49 @@ fn bf16_autocast_logits_are_within_two_percent_of_fp32() {
         println!("{v}: bf16 vs fp32 relative error {rel:.2e}");
     }
 }
+
+/// A bf16 step on CUDA from CPU u8 batches (the pinned asynchronous copy) fills the optimizer's
+/// flat gradient buffer through the parameters' .grad views, and torch's fused AdamW kernel on
+/// CUDA updates exactly as the CPU kernel does with the same gradient.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn a_cuda_step_fills_the_flat_gradients_and_fused_adamw_matches_the_cpu() {
+    use segtrain_spec::Precision;
+    use segtrain_worker::optim::adamw::AdamWConfig;
+    use segtrain_worker::optim::FlatAdamW;
+    use segtrain_worker::train::trainer::forward_backward;
+    let dev = cuda();
+    torch_ext::set_tf32(false);
+    let cfg = SegFormerConfig::variant(Variant::B0, 19);
+    let vs_cpu = nn::VarStore::new(Device::Cpu);
+    let _cpu_model = SegFormer::new(&vs_cpu.root(), cfg.clone());
+    let mut vs_gpu = nn::VarStore::new(dev);
+    let gpu_model = SegFormer::new(&vs_gpu.root(), cfg);
+    vs_gpu.copy(&vs_cpu).expect("same variables");
+    let mut opt_cpu = FlatAdamW::new(&vs_cpu, AdamWConfig::default());
+    let mut opt_gpu = FlatAdamW::new(&vs_gpu, AdamWConfig::default());
+    assert!(opt_gpu
+        .params()
+        .to_device(Device::Cpu)
+        .equal(opt_cpu.params()));
+
+    let images = Tensor::randint(256, [2, 128, 128, 3], (Kind::Uint8, Device::Cpu));
+    let labels = Tensor::randint(19, [2, 128, 128], (Kind::Uint8, Device::Cpu));
+    let loss = forward_backward(&gpu_model, &images, &labels, Precision::Bf16, dev, 1);
+    let loss = f64::try_from(loss).expect("scalar");
+    assert!(loss.is_finite() && loss > 0.0, "loss {loss}");
+    let grad = opt_gpu.flat_grad();
+    let g = grad.to_device(Device::Cpu);
+    assert!(
+        bool::try_from(g.isfinite().all()).expect("bool"),
+        "finite gradients"
+    );
+    assert!(f64::try_from(g.abs().sum(Kind::Double)).expect("scalar") > 0.0);
+
+    for _ in 0..3 {
+        opt_gpu.step(&grad, 1e-3).expect("CUDA step");
+        opt_cpu.step(&g, 1e-3).expect("CPU step");
+    }
+    let d = max_abs_diff(&opt_gpu.params().to_device(Device::Cpu), opt_cpu.params());
+    assert!(d <= 1e-6, "fused AdamW on CUDA vs CPU: {d}");
+}

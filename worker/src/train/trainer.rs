@@ -701,6 +701,9 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
     tch::manual_seed(mix(spec.seed) as i64);
     if device != Device::Cpu {
         crate::torch_ext::set_cudnn_flags(false, true); // the recipe: cudnn_benchmark=True
+                                                        // fp32 runs its matmuls and convolutions as TF32 on tensor cores (as the reference
+                                                        // trainer does); bf16 autocast is unaffected.
+        crate::torch_ext::set_tf32(true);
     }
 
     // Model, initial weights, optimizer.

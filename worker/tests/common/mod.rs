@@ -4,10 +4,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
+/// `worker/tests/fixtures/NAME`; `$SEGTRAIN_TEST_FIXTURES` overrides the folder (for prebuilt
+/// test binaries run from another checkout, as `bench/gpu-session.sh` does).
 pub fn fixture(name: &str) -> BTreeMap<String, Tensor> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name);
+    let dir = std::env::var_os("SEGTRAIN_TEST_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"));
+    let path = dir.join(name);
     Tensor::read_safetensors(&path)
         .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
         .into_iter()
