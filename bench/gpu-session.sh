@@ -6,7 +6,8 @@
 #                                     # job through the daemon in bf16 (PostgreSQL + coordinator
 #                                     # + daemon)
 #   bash bench/gpu-session.sh bench   # bench/compare.py: our step vs the PyTorch reference
-#   bash bench/gpu-session.sh extra   # A/B rows (head order, map layout, phase profile), then
+#   bash bench/gpu-session.sh extra   # A/B rows (head order, map layout), phase and kernel
+#                                     # profiles with a Chrome trace, then
 #                                     # datawait: the full trainer's data-wait on 2048x1024 PNGs
 #
 # Each phase fits in one 10-minute call. Logs and tables go to $OUT (they come back); the
@@ -102,15 +103,18 @@ bench)
     ;;
 extra)
     {
-        for args in "" "--head concat" "--contiguous-maps" "--head concat --contiguous-maps" "--breakdown"; do
+        for args in "" "--head concat" "--contiguous-maps" "--head concat --contiguous-maps" \
+            "--breakdown --profile $out/trace-b3-bf16.json"; do
             echo "## bench b3 bf16 8 $args"
             # shellcheck disable=SC2086 # the A/B flags
             segtrain-worker bench --variant b3 --batch 8 --crop 1024 --precision bf16 --device cuda $args
         done
     } 2>&1 | tee "$out/ab.txt"
+    gzip -f "$out/trace-b3-bf16.json" # Chrome trace: chrome://tracing or ui.perfetto.dev
+    python3 bench/peer_profile.py b3 bf16 8 2>&1 | tee "$out/peer-profile.txt"
 
     "$0" datawait
-    note "A/B rows: ab.txt"
+    note "A/B rows and the kernel profile: ab.txt; trace: trace-b3-bf16.json.gz; the peer's: peer-profile.txt"
     ;;
 datawait)
     # Overridable to try it on a CPU: DW_DEVICE=cpu DW_VARIANT=b0 DW_SIZE=256x128 DW_CROP=128 ...

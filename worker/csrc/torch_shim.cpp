@@ -8,9 +8,11 @@
 #include <ATen/autocast_mode.h>
 #include <ATen/detail/CUDAHooksInterface.h>
 #include <c10/core/CachingDeviceAllocator.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 #include <torch/headeronly/version.h>
 
 #include <cstring>
+#include <fstream>
 
 extern "C" {
 
@@ -103,6 +105,47 @@ bool segtrain_fused_adamw(at::Tensor* param, const at::Tensor* grad, at::Tensor*
   try {
     at::_fused_adamw_({*param}, {*grad}, {*exp_avg}, {*exp_avg_sq}, {}, {*step}, lr, beta1, beta2,
                       weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false);
+    return true;
+  } catch (const std::exception& e) {
+    copy_error(e, err, len);
+    return false;
+  }
+}
+
+// The Kineto profiler (what torch.profiler runs): CPU operators of the calling thread and, with
+// `cuda`, every CUDA kernel and copy (through CUPTI). Returns false and the message on error.
+bool segtrain_profile_start(bool cuda, char* err, size_t len) {
+  try {
+    using torch::profiler::impl::ActivityType;
+    torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
+    std::set<ActivityType> activities{ActivityType::CPU};
+    if (cuda) activities.insert(ActivityType::CUDA);
+    torch::autograd::profiler::prepareProfiler(config, activities);
+    torch::autograd::profiler::enableProfiler(config, activities);
+    return true;
+  } catch (const std::exception& e) {
+    copy_error(e, err, len);
+    return false;
+  }
+}
+
+// Stops the profiler; writes the Chrome trace to `trace` (when not empty) and one line per event
+// to `events`: device ("cpu"/"cuda"), duration in ns, name, tab-separated.
+bool segtrain_profile_stop(const char* trace, const char* events, char* err, size_t len) {
+  try {
+    auto result = torch::autograd::profiler::disableProfiler();
+    if (!result) throw std::runtime_error("the profiler was not running");
+    std::ofstream out(events);
+    if (!out) throw std::runtime_error(std::string("cannot write ") + events);
+    for (const auto& e : result->events()) {
+      const char* device = e.deviceType() == c10::DeviceType::CUDA ? "cuda" : "cpu";
+      std::string name = e.name();
+      for (auto& c : name)
+        if (c == '\t' || c == '\n') c = ' ';
+      out << device << '\t' << e.durationNs() << '\t' << name << '\n';
+    }
+    if (!out) throw std::runtime_error(std::string("cannot write ") + events);
+    if (trace != nullptr && trace[0] != '\0') result->save(trace);
     return true;
   } catch (const std::exception& e) {
     copy_error(e, err, len);

@@ -34,6 +34,23 @@ pub struct BenchOptions {
     pub contiguous_maps: bool,
     /// Also time forward, backward and the optimizer separately (synchronising between them).
     pub breakdown: bool,
+    /// Profile [`PROFILED_STEPS`] more steps with libtorch's Kineto profiler: the kernels that
+    /// take the time, and a Chrome trace written here.
+    pub profile: Option<std::path::PathBuf>,
+}
+
+/// Steps run under the profiler.
+pub const PROFILED_STEPS: usize = 2;
+
+/// One line of the profile: a kernel (on CUDA) or an operator (on the CPU, inclusive of the
+/// operators it calls), summed over its calls.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProfileRow {
+    pub name: String,
+    pub ms_per_step: f64,
+    pub calls_per_step: f64,
+    /// Share of all device time (CUDA), or of the step (CPU).
+    pub percent: f64,
 }
 
 /// Median milliseconds of each phase of a step, synchronised between phases (so their sum is a
@@ -67,6 +84,8 @@ pub struct BenchResult {
     pub head: String,
     pub contiguous_maps: bool,
     pub breakdown: Option<Breakdown>,
+    /// The top kernels by time, when profiled.
+    pub profile: Option<Vec<ProfileRow>>,
 }
 
 fn sync(device: Device) {
@@ -107,7 +126,8 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchResult> {
     let ignore = Tensor::rand([o.batch, o.crop, o.crop], (Kind::Float, o.device)).lt(0.05);
     let labels = labels.masked_fill(&ignore, 255);
 
-    let mut step = || -> anyhow::Result<()> {
+    // One full step: forward, loss, backward, (all-reduce: none on a world of 1), AdamW.
+    let step = |opt: &mut FlatAdamW| -> anyhow::Result<()> {
         let _loss = forward_backward(&model, &images, &labels, o.precision, o.device, 1);
         let grad = opt.flat_grad();
         opt.step(&grad, 6e-5)?;
@@ -115,13 +135,13 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchResult> {
         Ok(())
     };
     for _ in 0..o.warmup {
-        step()?;
+        step(&mut opt)?;
     }
     sync(o.device);
     let mut times = Vec::with_capacity(o.iters);
     for _ in 0..o.iters {
         let t = Instant::now();
-        step()?;
+        step(&mut opt)?;
         sync(o.device);
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
@@ -164,6 +184,21 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchResult> {
         Device::Cuda(i) => crate::torch_ext::cuda_memory(i).map_or(0, |m| m.peak_allocated),
         _ => 0,
     };
+    let profile = match &o.profile {
+        Some(trace) => {
+            let cuda = o.device != Device::Cpu;
+            crate::torch_ext::profile_start(cuda).map_err(anyhow::Error::msg)?;
+            let t = Instant::now();
+            for _ in 0..PROFILED_STEPS {
+                step(&mut opt)?;
+            }
+            sync(o.device);
+            let wall_ms = t.elapsed().as_secs_f64() * 1e3 / PROFILED_STEPS as f64;
+            let events = crate::torch_ext::profile_stop(Some(trace)).map_err(anyhow::Error::msg)?;
+            Some(summarise_profile(&events, cuda, wall_ms, 30))
+        }
+        None => None,
+    };
     Ok(BenchResult {
         variant: format!("{:?}", o.variant).to_lowercase(),
         precision: o.precision.as_str().to_string(),
@@ -180,7 +215,45 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchResult> {
         head: format!("{:?}", o.head).to_lowercase(),
         contiguous_maps: o.contiguous_maps,
         breakdown,
+        profile,
     })
+}
+
+/// The `top` names by total time per step: CUDA kernels (as a share of all kernel time) when
+/// `cuda`, else CPU operators (inclusive, as a share of the step's wall time `wall_ms`).
+pub fn summarise_profile(
+    events: &[crate::torch_ext::ProfiledEvent],
+    cuda: bool,
+    wall_ms: f64,
+    top: usize,
+) -> Vec<ProfileRow> {
+    let mut by_name: std::collections::HashMap<&str, (u64, u64)> = Default::default();
+    for e in events.iter().filter(|e| e.cuda == cuda) {
+        let entry = by_name.entry(e.name.as_str()).or_default();
+        entry.0 += e.duration_ns;
+        entry.1 += 1;
+    }
+    let steps = PROFILED_STEPS as f64;
+    let total_ms = if cuda {
+        by_name.values().map(|v| v.0).sum::<u64>() as f64 / 1e6 / steps
+    } else {
+        wall_ms
+    };
+    let mut rows: Vec<ProfileRow> = by_name
+        .into_iter()
+        .map(|(name, (ns, calls))| {
+            let ms = ns as f64 / 1e6 / steps;
+            ProfileRow {
+                name: name.to_string(),
+                ms_per_step: ms,
+                calls_per_step: calls as f64 / steps,
+                percent: 100.0 * ms / total_ms.max(1e-9),
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| b.ms_per_step.total_cmp(&a.ms_per_step));
+    rows.truncate(top);
+    rows
 }
 
 /// What `segtrain-worker bench-loader` times: the training loader alone, exactly as the trainer

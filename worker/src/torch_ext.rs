@@ -23,6 +23,13 @@ extern "C" {
         reserved: *mut i64,
         peak_reserved: *mut i64,
     ) -> bool;
+    fn segtrain_profile_start(cuda: bool, err: *mut c_char, len: usize) -> bool;
+    fn segtrain_profile_stop(
+        trace: *const c_char,
+        events: *const c_char,
+        err: *mut c_char,
+        len: usize,
+    ) -> bool;
     fn segtrain_set_grad(var: *mut torch_sys::C_tensor, grad: *const torch_sys::C_tensor);
     #[allow(clippy::too_many_arguments)]
     fn segtrain_fused_adamw(
@@ -212,4 +219,65 @@ pub fn fused_adamw(
             .to_string_lossy()
             .into_owned())
     }
+}
+
+fn shim_call(f: impl FnOnce(*mut c_char, usize) -> bool) -> Result<(), String> {
+    let mut err = [0 as c_char; 512];
+    if f(err.as_mut_ptr(), err.len()) {
+        Ok(())
+    } else {
+        // SAFETY: the shim wrote a NUL-terminated message into `err` when it returned false.
+        Err(unsafe { CStr::from_ptr(err.as_ptr()) }
+            .to_string_lossy()
+            .into_owned())
+    }
+}
+
+fn c_path(p: &std::path::Path) -> Result<std::ffi::CString, String> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| format!("{}: a path with a NUL byte", p.display()))
+}
+
+/// Starts libtorch's Kineto profiler (as torch.profiler): CPU operators of this thread and, with
+/// `cuda`, every CUDA kernel. Stop it with [`profile_stop`].
+pub fn profile_start(cuda: bool) -> Result<(), String> {
+    // SAFETY: `err` is a live buffer of the length passed.
+    shim_call(|err, len| unsafe { segtrain_profile_start(cuda, err, len) })
+}
+
+/// One profiled event: where it ran, how long, what.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProfiledEvent {
+    pub cuda: bool,
+    pub duration_ns: u64,
+    pub name: String,
+}
+
+/// Stops the profiler, writes the Chrome trace to `trace` (if given) and returns the events.
+pub fn profile_stop(trace: Option<&std::path::Path>) -> Result<Vec<ProfiledEvent>, String> {
+    let events_path =
+        std::env::temp_dir().join(format!("segtrain-profile-{}.tsv", std::process::id()));
+    let events = c_path(&events_path)?;
+    let trace = trace.map(c_path).transpose()?.unwrap_or_default();
+    // SAFETY: both paths are NUL-terminated and live for the call; `err` as above.
+    shim_call(|err, len| unsafe {
+        segtrain_profile_stop(trace.as_ptr(), events.as_ptr(), err, len)
+    })?;
+    let text = std::fs::read_to_string(&events_path)
+        .map_err(|e| format!("{}: {e}", events_path.display()));
+    let _ = std::fs::remove_file(&events_path);
+    let text = text?;
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.splitn(3, '\t');
+            let (device, ns, name) = (f.next()?, f.next()?, f.next()?);
+            Some(ProfiledEvent {
+                cuda: device == "cuda",
+                duration_ns: ns.parse().ok()?,
+                name: name.to_string(),
+            })
+        })
+        .collect())
 }

@@ -59,3 +59,73 @@ fn bench_times_training_steps_and_counts_flops_from_the_model() {
         "{err}"
     );
 }
+
+/// The A/B switches and the per-phase breakdown are reported, and `--profile` writes a Chrome
+/// trace and names the operators that take the time (on the CPU: convolutions among them).
+#[test]
+fn bench_reports_ab_switches_breakdown_and_a_profile() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let trace = dir.path().join("trace.json");
+    let out = bench(&[
+        "--variant",
+        "b0",
+        "--batch",
+        "2",
+        "--crop",
+        "64",
+        "--iters",
+        "2",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--head",
+        "concat",
+        "--contiguous-maps",
+        "--breakdown",
+        "--profile",
+        trace.to_str().expect("utf-8 path"),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    assert_eq!(r["head"], "concat");
+    assert_eq!(r["contiguous_maps"], true);
+    for phase in ["forward_ms", "backward_ms", "optimizer_ms"] {
+        assert!(
+            r["breakdown"][phase].as_f64().expect(phase) > 0.0,
+            "{phase}"
+        );
+    }
+    let rows = r["profile"].as_array().expect("profile rows");
+    assert!(!rows.is_empty() && rows.len() <= 30);
+    assert!(
+        rows.iter().any(|p| p["name"]
+            .as_str()
+            .is_some_and(|n| n.contains("convolution"))),
+        "{rows:?}"
+    );
+    let ms: Vec<f64> = rows
+        .iter()
+        .map(|p| p["ms_per_step"].as_f64().expect("ms"))
+        .collect();
+    assert!(
+        ms.windows(2).all(|w| w[0] >= w[1]),
+        "sorted by time: {ms:?}"
+    );
+    let chrome: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&trace).expect("trace written")).expect("JSON");
+    assert!(
+        chrome["traceEvents"]
+            .as_array()
+            .is_some_and(|e| !e.is_empty()),
+        "a Chrome trace with events"
+    );
+}

@@ -100,6 +100,10 @@ enum Command {
         /// Also time forward, backward and optimizer separately (a per-phase profile).
         #[arg(long)]
         breakdown: bool,
+        /// Profile two more steps with libtorch's profiler: print the kernels that take the
+        /// time and write a Chrome trace (chrome://tracing, Perfetto) to this file.
+        #[arg(long, value_name = "TRACE.json")]
+        profile: Option<PathBuf>,
     },
     /// Time the training loader alone (decode, the recipe's augmentation, batching) over a
     /// dataset's train split: images/s with N threads, and ms per image per thread.
@@ -557,6 +561,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             head,
             contiguous_maps,
             breakdown,
+            profile,
         } => {
             let device = parse_device(&device)?;
             let r = segtrain_worker::bench::run(&segtrain_worker::bench::BenchOptions {
@@ -566,6 +571,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 contiguous_maps,
                 breakdown,
+                profile: profile.clone(),
                 variant,
                 batch,
                 crop,
@@ -608,6 +614,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         "phases (median ms, synchronised): forward+loss {:.1}, backward {:.1}, optimizer {:.1}",
                         b.forward_ms, b.backward_ms, b.optimizer_ms
                     );
+                }
+                if let (Some(rows), Some(trace)) = (&r.profile, &profile) {
+                    let what = if r.device == "Cpu" {
+                        "operators (inclusive)"
+                    } else {
+                        "CUDA kernels"
+                    };
+                    println!("\ntop {what} per step (trace: {})", trace.display());
+                    println!("| ms/step | % | calls/step | name |");
+                    println!("|---|---|---|---|");
+                    for p in rows {
+                        let name: String = p.name.chars().take(110).collect();
+                        println!(
+                            "| {:.2} | {:.1} | {:.0} | {} |",
+                            p.ms_per_step, p.percent, p.calls_per_step, name
+                        );
+                    }
                 }
             }
         }
