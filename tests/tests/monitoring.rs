@@ -414,6 +414,20 @@ async fn metrics_follow_a_job_from_queued_to_succeeded_on_coordinator_and_daemon
             }
         }
     }
+    // Rank 0's daemon logs the progress of every log interval, loss and speed included.
+    let progress: Vec<serde_json::Value> = [&a, &b]
+        .iter()
+        .flat_map(|d| json_lines(&d.log_text()))
+        .filter(|l| l["fields"]["job"] == job.id.as_str() && message(l) == "progress")
+        .collect();
+    assert!(!progress.is_empty(), "no progress lines");
+    for l in &progress {
+        let f = &l["fields"];
+        assert!(f["rank"] == 0 && f["iteration"].is_u64(), "{l}");
+        for k in ["loss", "lr", "images_per_s", "step_ms", "data_wait_ms"] {
+            assert!(f[k].is_f64(), "{k} in {l}");
+        }
+    }
 
     // PostgreSQL away: a scrape still answers, with the last values and database_up 0.
     pg.stop().expect("stop PostgreSQL");

@@ -486,7 +486,7 @@ async fn run_rank(shared: Arc<Shared>, a: pb::Assignment, mut stop_rx: oneshot::
                             pb::worker_event::Payload::Metrics(m) => {
                                 shared.metrics.observe(m.iteration, &m.values);
                                 let v = |k: &str| m.values.get(k).copied().unwrap_or(f64::NAN);
-                                tracing::info!(job = %key.job_id, attempt = key.attempt, iteration = m.iteration, loss = v("loss"), lr = v("lr"), images_per_s = v("images_per_s"), step_ms = v("step_ms"), data_wait_ms = v("data_wait_ms"), "progress");
+                                tracing::info!(job = %key.job_id, attempt = key.attempt, rank = key.rank, iteration = m.iteration, loss = v("loss"), lr = v("lr"), images_per_s = v("images_per_s"), step_ms = v("step_ms"), data_wait_ms = v("data_wait_ms"), "progress");
                             }
                             _ => {}
                         }
