@@ -19,7 +19,11 @@ out=${OUT:-/tmp/segtrain-gpu-out}
 mkdir -p "$out"
 kit=/tmp/segtrain-kit
 if [ ! -x "$kit/bin/segtrain-worker" ]; then
-    mkdir -p "$kit" && tar -xJf "$repo/.gpu/kit.tar.xz" -C "$kit" || exit 1
+    mkdir -p "$kit"
+    # tar needs xz for this; Python's tarfile does not.
+    tar -xJf "$repo/.gpu/kit.tar.xz" -C "$kit" 2>/dev/null ||
+        python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
+            "$repo/.gpu/kit.tar.xz" "$kit" || exit 1
     chmod -R a+rX "$kit" # PostgreSQL runs as an unprivileged user
 fi
 site=/opt/torch/.venv/lib/python3.12/site-packages
