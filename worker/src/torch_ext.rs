@@ -192,10 +192,9 @@ pub fn fused_adamw(
     step: &tch::Tensor,
     h: AdamWStep,
 ) -> Result<(), String> {
-    let mut err = [0 as c_char; 512];
-    // SAFETY: every handle is a live tch tensor for the whole call; `err` outlives it and its
-    // length is passed.
-    let ok = unsafe {
+    // SAFETY: every handle is a live tch tensor for the whole call; `err` is a live buffer of
+    // the length passed.
+    shim_call(|err, len| unsafe {
         segtrain_fused_adamw(
             param.as_mut_ptr(),
             grad.as_ptr(),
@@ -207,20 +206,14 @@ pub fn fused_adamw(
             h.beta2,
             h.weight_decay,
             h.eps,
-            err.as_mut_ptr(),
-            err.len(),
+            err,
+            len,
         )
-    };
-    if ok {
-        Ok(())
-    } else {
-        // SAFETY: the shim wrote a NUL-terminated message into `err`.
-        Err(unsafe { CStr::from_ptr(err.as_ptr()) }
-            .to_string_lossy()
-            .into_owned())
-    }
+    })
 }
 
+/// Runs a shim call that reports failure as false plus a message written into the buffer it is
+/// given.
 fn shim_call(f: impl FnOnce(*mut c_char, usize) -> bool) -> Result<(), String> {
     let mut err = [0 as c_char; 512];
     if f(err.as_mut_ptr(), err.len()) {
