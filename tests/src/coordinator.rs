@@ -373,6 +373,11 @@ impl FakeWorker {
         self.stream = Some(s);
     }
 
+    /// Takes the open assignment stream away (e.g. to open a second one and watch the first).
+    pub fn take_stream(&mut self) -> Option<tonic::Streaming<pb::AssignmentMessage>> {
+        self.stream.take()
+    }
+
     /// The next message on the stream within `timeout`, or `None`.
     pub async fn try_message(&mut self, timeout: Duration) -> Option<pb::AssignmentMessage> {
         let s = self.stream.as_mut().expect("stream open");

@@ -38,7 +38,9 @@ impl DaemonProcess {
         DaemonProcess::start_full(url, host, work_dir, grace_seconds, env, &[])
     }
 
-    fn start_full(
+    /// The most general start: grace period (seconds), extra environment and extra flags (e.g.
+    /// `--trainer PATH` for a stand-in trainer, `--metrics-listen ADDR`).
+    pub fn start_full(
         url: &str,
         host: &str,
         work_dir: &Path,
@@ -123,6 +125,34 @@ impl DaemonProcess {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Waits up to `timeout` for the daemon to exit by itself; its exit status, or `None` while
+    /// it still runs.
+    pub fn wait_exit(&mut self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let c = self.child.as_mut()?;
+            if let Ok(Some(status)) = c.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+/// Writes an executable `/bin/sh` script to `path`: a stand-in for `segtrain-worker train`
+/// (`segtrain-worker daemon --trainer PATH`). It gets the trainer's arguments and prints what
+/// `body` prints on stdout, the daemon's wire format.
+pub fn stand_in_trainer(path: &Path, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).expect("write the stand-in trainer");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+        .expect("make the stand-in trainer executable");
+    path.to_path_buf()
 }
 
 impl Drop for DaemonProcess {

@@ -157,6 +157,21 @@ fn assert_code(r: Result<impl std::fmt::Debug, tonic::Status>, code: Code, needl
     );
 }
 
+/// The machine-readable reason of a refusal (google.rpc.ErrorInfo), if it has one.
+fn reason(e: &tonic::Status) -> Option<String> {
+    use tonic_types::StatusExt;
+    e.get_details_error_info().map(|i| i.reason)
+}
+
+/// A stale-attempt refusal: FAILED_PRECONDITION with the STALE_ATTEMPT reason, the only one
+/// that tells a daemon to drop the attempt's events.
+fn assert_stale(r: Result<impl std::fmt::Debug, tonic::Status>, needle: &str) {
+    let e = r.expect_err("the call must fail");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(e.message().contains(needle), "{needle:?}: {}", e.message());
+    assert_eq!(reason(&e).as_deref(), Some("STALE_ATTEMPT"), "{e:?}");
+}
+
 #[tokio::test]
 async fn happy_path_through_the_worker_api() {
     let env = Env::start().await;
@@ -563,42 +578,30 @@ async fn stale_attempts_are_refused_and_write_nothing() {
 
     // ReportEvents with the old attempt: refused, naming job and attempts.
     let ev = old0.event(&job.id, 1, a0.rank, metrics(50, 1.0));
-    assert_code(
+    assert_stale(
         old0.report(vec![ev]).await,
-        Code::FailedPrecondition,
         &format!("stale attempt: job {} is at attempt 2, got 1", job.id),
     );
     // Attempt 0 (never valid) and a future attempt too.
     for attempt in [0, 3] {
         let ev = new0.event(&job.id, attempt, b0.rank, metrics(50, 1.0));
-        assert_code(
-            new0.report(vec![ev]).await,
-            Code::FailedPrecondition,
-            "stale attempt",
-        );
+        assert_stale(new0.report(vec![ev]).await, "stale attempt");
     }
     // One stale event refuses the whole batch, valid events included.
     let good = new0.event(&job.id, 2, b0.rank, metrics(50, 1.0));
     let stale = new0.event(&job.id, 1, b0.rank, metrics(60, 1.0));
-    assert_code(
-        new0.report(vec![good, stale]).await,
-        Code::FailedPrecondition,
-        "got 1",
-    );
-    // A rank of the current attempt that belongs to another worker.
+    assert_stale(new0.report(vec![good, stale]).await, "got 1");
+    // A rank of the current attempt that belongs to another worker: a conflict, not a stale
+    // attempt (no STALE_ATTEMPT reason, so a daemon drops only this event, never the rest of
+    // the attempt's).
     let other = new0.event(&job.id, 2, b1.rank, metrics(50, 1.0));
-    assert_code(
-        new0.report(vec![other]).await,
-        Code::FailedPrecondition,
-        "not assigned",
-    );
+    let e = new0.report(vec![other]).await.expect_err("not assigned");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(e.message().contains("not assigned"), "{}", e.message());
+    assert_ne!(reason(&e).as_deref(), Some("STALE_ATTEMPT"), "{e:?}");
     // An unknown job.
     let unknown = new0.event(&Uuid::now_v7().to_string(), 1, 0, metrics(50, 1.0));
-    assert_code(
-        new0.report(vec![unknown]).await,
-        Code::FailedPrecondition,
-        "does not exist",
-    );
+    assert_stale(new0.report(vec![unknown]).await, "does not exist");
 
     // PublishRendezvous with the old attempt, from the old and from the new rank 0.
     let (rank0_old, rank0_new) = (
@@ -618,21 +621,19 @@ async fn stale_attempts_are_refused_and_write_nothing() {
         )),
     };
     let old_id = rank0_old.id.clone();
-    assert_code(
+    assert_stale(
         rank0_old
             .client
             .publish_rendezvous(publish(&old_id, 1))
             .await,
-        Code::FailedPrecondition,
         "stale attempt: job",
     );
     let mut client = env.workers().await;
-    assert_code(
+    assert_stale(
         client.publish_rendezvous(publish(&rank0_new, 1)).await,
-        Code::FailedPrecondition,
         "is at attempt 2, got 1",
     );
-    assert_code(
+    assert_stale(
         client
             .await_rendezvous(pb::AwaitRendezvousRequest {
                 worker_id: rank0_new.clone(),
@@ -641,7 +642,6 @@ async fn stale_attempts_are_refused_and_write_nothing() {
                 timeout_seconds: 1,
             })
             .await,
-        Code::FailedPrecondition,
         "stale attempt",
     );
 
@@ -697,11 +697,7 @@ async fn stale_attempts_are_refused_and_write_nothing() {
             reason: String::new(),
         }),
     );
-    assert_code(
-        old1.report(vec![fin]).await,
-        Code::FailedPrecondition,
-        "stale",
-    );
+    assert_stale(old1.report(vec![fin]).await, "stale");
     assert_eq!(
         env.list_workers().await[&old1.id].state(),
         pb::WorkerState::Busy
@@ -720,6 +716,86 @@ async fn stale_attempts_are_refused_and_write_nothing() {
         1
     );
     assert_eq!(env.job(&job.id).await.state(), pb::JobState::Scheduled);
+}
+
+#[tokio::test]
+async fn a_second_assignment_stream_of_a_worker_ends_the_first() {
+    let env = Env::start().await;
+    let mut w = env.worker("host-a", 0).await;
+    let mut first = w.take_stream().expect("the first stream");
+    w.open_stream().await;
+    // The older stream ends (a half-open connection, or a second daemon process with the same
+    // worker id: either way only one stream may carry starts).
+    match tokio::time::timeout(Duration::from_secs(10), first.message()).await {
+        Ok(Ok(None)) | Ok(Err(_)) => {}
+        Ok(Ok(Some(m))) => panic!("the first stream got {m:?}"),
+        Err(_) => panic!("the first stream is still open after a second one was opened"),
+    }
+    let job = env.submit("one-stream", 1).await;
+    let a = w.start().await;
+    assert_eq!(a.job_id, job.id);
+}
+
+#[tokio::test]
+async fn non_finite_scores_are_stored_as_what_they_are() {
+    let env = Env::start().await;
+    let mut w = env.worker("host-a", 0).await;
+    let job = env.submit("nan", 1).await;
+    let a = w.start().await;
+    w.started(&a).await;
+    let eval = w.event(
+        &job.id,
+        a.attempt,
+        0,
+        Payload::Eval(pb::EvalReport {
+            iteration: 10,
+            miou: f64::NAN,
+            aacc: 0.5,
+            loss: f64::INFINITY,
+            class_iou: vec![0.25, f64::NAN],
+        }),
+    );
+    let m = w.event(
+        &job.id,
+        a.attempt,
+        0,
+        Payload::Metrics(pb::MetricsReport {
+            iteration: 10,
+            values: HashMap::from([("loss".to_string(), f64::NAN)]),
+        }),
+    );
+    w.report(vec![eval, m])
+        .await
+        .expect("non-finite values are accepted");
+    let points: Vec<(String, f64)> =
+        sqlx::query_as("SELECT name, value FROM metrics WHERE job_id = $1::uuid ORDER BY name")
+            .bind(&job.id)
+            .fetch_all(env.store.pool())
+            .await
+            .expect("points");
+    let names: Vec<&str> = points.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["aacc", "loss", "miou", "val_loss"]);
+    assert!(points[1].1.is_nan() && points[2].1.is_nan());
+    assert_eq!(points[3].1, f64::INFINITY);
+    // The event log (JSON) holds null for them; WatchJob sends NaN.
+    let payload: serde_json::Value = sqlx::query_scalar(
+        "SELECT payload FROM job_events WHERE job_id = $1::uuid AND kind = 'eval'",
+    )
+    .bind(&job.id)
+    .fetch_one(env.store.pool())
+    .await
+    .expect("eval event");
+    assert_eq!(payload["miou"], serde_json::Value::Null, "{payload}");
+    assert_eq!(payload["loss"], serde_json::Value::Null, "{payload}");
+    assert_eq!(payload["class_iou"], serde_json::json!([0.25, null]));
+    let metrics_payload: serde_json::Value = sqlx::query_scalar(
+        "SELECT payload FROM job_events WHERE job_id = $1::uuid AND kind = 'metrics'",
+    )
+    .bind(&job.id)
+    .fetch_one(env.store.pool())
+    .await
+    .expect("metrics event");
+    assert_eq!(metrics_payload["values"]["loss"], serde_json::Value::Null);
 }
 
 #[tokio::test]

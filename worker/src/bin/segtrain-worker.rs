@@ -266,6 +266,11 @@ struct DaemonArgs {
     /// share each.
     #[arg(long, env = "SEGTRAIN_TORCH_THREADS")]
     torch_threads: Option<u32>,
+    /// The trainer program (default: this binary). Each rank runs `PROGRAM train --config FILE
+    /// --json ...`; a wrapper (numactl, a profiler, a test stand-in) gets those arguments and
+    /// runs `segtrain-worker train "$@"` itself.
+    #[arg(long, env = "SEGTRAIN_TRAINER")]
+    trainer: Option<PathBuf>,
     /// JSON log lines (default: as --log-format says).
     #[arg(long)]
     log_json: Option<bool>,
@@ -331,7 +336,10 @@ fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
         host: args.host.unwrap_or_else(hostname),
         advertise_host: args.advertise_host,
         work_dir: args.work_dir,
-        exe: std::env::current_exe().context("cannot find this binary's path")?,
+        exe: match args.trainer {
+            Some(p) => p,
+            None => std::env::current_exe().context("cannot find this binary's path")?,
+        },
         grace: std::time::Duration::from_secs(args.grace_seconds),
         torch_threads: args.torch_threads,
         tls: segtrain_proto::client::ClientTls {
