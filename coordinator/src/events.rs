@@ -1,7 +1,9 @@
 //! Job events: what `job_events.payload` holds, and how it becomes a `segtrain.v1.JobEvent`.
 //!
 //! The database keeps each payload as JSON (the `kind` column names the variant, so it can be
-//! filtered without parsing); on the wire every event is a typed protobuf message.
+//! filtered without parsing); on the wire every event is a typed protobuf message. JSON has no
+//! NaN or infinity: a non-finite value (a diverged loss, the IoU of a class absent from the val
+//! set) is `null` in a payload and NaN again on the wire; the `metrics` table keeps it as it is.
 
 use crate::state::JobState;
 use segtrain_proto::v1 as pb;
@@ -19,14 +21,14 @@ pub enum EventPayload {
     },
     Metrics {
         iteration: u64,
-        values: BTreeMap<String, f64>,
+        values: BTreeMap<String, Option<f64>>,
     },
     Eval {
         iteration: u64,
-        miou: f64,
-        aacc: f64,
-        loss: f64,
-        /// `None` for a class absent from both prediction and label (JSON has no NaN).
+        miou: Option<f64>,
+        aacc: Option<f64>,
+        loss: Option<f64>,
+        /// `None` for a class absent from both prediction and label.
         class_iou: Vec<Option<f64>>,
     },
     Checkpoint {
@@ -34,11 +36,32 @@ pub enum EventPayload {
         uri: String,
         bytes: u64,
         sha256: String,
-        metrics: BTreeMap<String, f64>,
+        metrics: BTreeMap<String, Option<f64>>,
     },
     Note {
         text: String,
     },
+}
+
+/// A number as a payload holds it: `None` (JSON null) when not finite.
+pub fn json_number(v: f64) -> Option<f64> {
+    v.is_finite().then_some(v)
+}
+
+/// Named numbers as a payload holds them (non-finite ones as null).
+pub fn json_values(values: &BTreeMap<String, f64>) -> BTreeMap<String, Option<f64>> {
+    values
+        .iter()
+        .map(|(k, v)| (k.clone(), json_number(*v)))
+        .collect()
+}
+
+/// Back to wire numbers: null is NaN.
+fn wire_values(values: &BTreeMap<String, Option<f64>>) -> std::collections::HashMap<String, f64> {
+    values
+        .iter()
+        .map(|(k, v)| (k.clone(), v.unwrap_or(f64::NAN)))
+        .collect()
 }
 
 impl EventPayload {
@@ -78,7 +101,7 @@ impl EventPayload {
             }
             EventPayload::Metrics { iteration, values } => Payload::Metrics(pb::MetricsReport {
                 iteration: *iteration,
-                values: values.clone().into_iter().collect(),
+                values: wire_values(values),
             }),
             EventPayload::Eval {
                 iteration,
@@ -88,9 +111,9 @@ impl EventPayload {
                 class_iou,
             } => Payload::Eval(pb::EvalReport {
                 iteration: *iteration,
-                miou: *miou,
-                aacc: *aacc,
-                loss: *loss,
+                miou: miou.unwrap_or(f64::NAN),
+                aacc: aacc.unwrap_or(f64::NAN),
+                loss: loss.unwrap_or(f64::NAN),
                 class_iou: class_iou.iter().map(|v| v.unwrap_or(f64::NAN)).collect(),
             }),
             EventPayload::Checkpoint {
@@ -108,7 +131,7 @@ impl EventPayload {
                     bytes: *bytes,
                     sha256: sha256.clone(),
                     state: pb::CheckpointState::Complete as i32,
-                    metrics: metrics.clone().into_iter().collect(),
+                    metrics: wire_values(metrics),
                     created_at: None,
                 }),
             }),

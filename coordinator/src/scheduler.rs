@@ -50,7 +50,8 @@ impl Hints {
     pub fn start(store: &Store) -> Hints {
         let (tx, _) = broadcast::channel(4096);
         let hints = Hints { tx: tx.clone() };
-        let pool = store.pool().clone();
+        // A side connection: LISTEN holds it for good, and must not take one of the RPCs'.
+        let pool = store.side_pool().clone();
         tokio::spawn(async move {
             loop {
                 if let Err(e) = listen(&pool, &tx).await {

@@ -7,7 +7,7 @@ use crate::api::{ClusterApi, EventHub, JobApi, TokenApi, WorkerApi, WorkerApiCon
 use crate::auth::{AuthLayer, Verifier};
 use crate::metrics;
 use crate::scheduler::{self, Hints, SchedulerConfig};
-use crate::store::{RestartPolicy, Store, StoreError};
+use crate::store::{PoolSettings, RestartPolicy, Store, StoreError};
 use segtrain_proto::client::{read_pem, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES};
 use segtrain_proto::v1 as pb;
 use std::future::Future;
@@ -83,6 +83,8 @@ pub struct ServerConfig {
     pub database_url: String,
     /// Give up connecting to PostgreSQL at start after this long (`None`: retry forever).
     pub connect_timeout: Option<Duration>,
+    /// The connection pool RPCs and the scheduler share.
+    pub pool: PoolSettings,
     /// Worker leases, stop grace, stream poll interval.
     pub workers: WorkerApiConfig,
     pub scheduler: SchedulerConfig,
@@ -103,6 +105,7 @@ impl ServerConfig {
             listen,
             database_url: database_url.into(),
             connect_timeout: None,
+            pool: PoolSettings::default(),
             workers: WorkerApiConfig::default(),
             scheduler: SchedulerConfig::default(),
             restart: RestartPolicy::default(),
@@ -122,7 +125,7 @@ pub async fn connect_store(cfg: &ServerConfig) -> anyhow::Result<Store> {
     let start = tokio::time::Instant::now();
     let mut delay = Duration::from_millis(200);
     loop {
-        match Store::connect(&cfg.database_url).await {
+        match Store::connect_with(&cfg.database_url, cfg.pool).await {
             Ok(store) => return Ok(store),
             Err(StoreError::Db(sqlx::Error::Configuration(e))) => {
                 anyhow::bail!("database URL is invalid: {e}")
@@ -161,7 +164,7 @@ pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> any
         .is_some()
         .then(|| tokio::spawn(metrics::refresh_loop(store.clone(), cfg.metrics_refresh)));
 
-    let hub = EventHub::start(&store);
+    let hub = EventHub::start(&store, cfg.workers.poll);
     let hints = Hints::start(&store);
     let scheduler = scheduler::start(
         store.clone(),
@@ -277,6 +280,7 @@ pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> any
         task.abort();
     }
     store.pool().close().await;
+    store.side_pool().close().await;
     tracing::info!("coordinator stopped");
     Ok(())
 }
@@ -293,10 +297,11 @@ async fn shutdown_then_drain(
     let _ = stopping.send(());
 }
 
-/// Probes PostgreSQL every second. While it does not answer, health reports NOT_SERVING for the
-/// whole server and every service (load balancers and daemons see the outage; RPCs meanwhile
+/// Probes PostgreSQL every second over a side connection (never behind RPCs waiting for the
+/// pool: a busy pool is not an outage). While it does not answer, health reports NOT_SERVING for
+/// the whole server and every service (load balancers and daemons see the outage; RPCs meanwhile
 /// fail with UNAVAILABLE and daemons keep their events until acknowledged); once it answers
-/// again, SERVING. The pool reconnects by itself.
+/// again, SERVING. The pools reconnect by themselves.
 async fn watch_database(store: Store, health: tonic_health::server::HealthReporter) {
     use tonic_health::ServingStatus;
     let mut up = true;
@@ -304,7 +309,7 @@ async fn watch_database(store: Store, health: tonic_health::server::HealthReport
         tokio::time::sleep(Duration::from_secs(1)).await;
         let probe = tokio::time::timeout(
             Duration::from_secs(3),
-            sqlx::query("SELECT 1").execute(store.pool()),
+            sqlx::query("SELECT 1").execute(store.side_pool()),
         )
         .await;
         let ok = matches!(probe, Ok(Ok(_)));

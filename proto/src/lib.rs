@@ -1,6 +1,6 @@
 //! The `segtrain.v1` API. Generated from `proto/segtrain/v1/*.proto`; see those files for the
 //! meaning of every message and field. [`client`] is how clients connect (TLS, bearer token,
-//! message limits).
+//! message limits); [`refusal`] the machine-readable reasons some refusals carry.
 
 pub mod v1 {
     #![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
@@ -14,3 +14,4 @@ pub mod v1 {
 pub use prost_types::Timestamp;
 
 pub mod client;
+pub mod refusal;

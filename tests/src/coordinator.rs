@@ -317,6 +317,11 @@ impl Drop for CoordinatorProcess {
     }
 }
 
+/// A fresh daemon instance id, as a daemon makes one at its start.
+pub fn new_instance() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
 /// How long a [`FakeWorker`] waits for an expected assignment message.
 pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -325,6 +330,8 @@ pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(20);
 /// `--lease-seconds` unless the test heartbeats.
 pub struct FakeWorker {
     pub id: String,
+    /// The daemon instance this fake plays (every request carries it).
+    pub instance: String,
     pub host: String,
     pub gpu_index: i32,
     pub client: WorkerServiceClient<Channel>,
@@ -336,7 +343,23 @@ pub struct FakeWorker {
 impl FakeWorker {
     /// Registers (host, gpu_index) and opens its assignment stream.
     pub async fn register(coord: &CoordinatorProcess, host: &str, gpu_index: i32) -> FakeWorker {
+        FakeWorker::register_after(coord, host, gpu_index, None).await
+    }
+
+    /// A restart of this daemon: a new instance, succeeding this one (as a real daemon proves
+    /// through its work dir).
+    pub async fn restarted(&self, coord: &CoordinatorProcess) -> FakeWorker {
+        FakeWorker::register_after(coord, &self.host, self.gpu_index, Some(&self.instance)).await
+    }
+
+    async fn register_after(
+        coord: &CoordinatorProcess,
+        host: &str,
+        gpu_index: i32,
+        previous: Option<&str>,
+    ) -> FakeWorker {
         let mut client = WorkerServiceClient::new(coord.channel().await);
+        let instance = new_instance();
         let resp = client
             .register(pb::RegisterRequest {
                 host: host.into(),
@@ -344,12 +367,15 @@ impl FakeWorker {
                 gpu_name: "Fake GPU".into(),
                 gpu_memory_bytes: 80 << 30,
                 running: vec![],
+                instance_id: instance.clone(),
+                previous_instance_id: previous.unwrap_or_default().to_string(),
             })
             .await
             .expect("register")
             .into_inner();
         let mut w = FakeWorker {
             id: resp.worker_id,
+            instance,
             host: host.into(),
             gpu_index,
             client,
@@ -366,6 +392,7 @@ impl FakeWorker {
             .client
             .await_assignment(pb::AwaitAssignmentRequest {
                 worker_id: self.id.clone(),
+                instance_id: self.instance.clone(),
             })
             .await
             .expect("await_assignment")
@@ -443,6 +470,7 @@ impl FakeWorker {
             .report_events(pb::ReportEventsRequest {
                 worker_id: self.id.clone(),
                 events,
+                instance_id: self.instance.clone(),
             })
             .await
             .map(|r| r.into_inner())
@@ -478,6 +506,7 @@ impl FakeWorker {
             .heartbeat(pb::HeartbeatRequest {
                 worker_id: self.id.clone(),
                 running,
+                instance_id: self.instance.clone(),
             })
             .await
             .expect("heartbeat")

@@ -10,5 +10,6 @@
 pub mod binaries;
 pub mod coordinator;
 pub mod daemon;
+pub mod gcs;
 pub mod metrics;
 pub mod pg;

@@ -215,7 +215,10 @@ async fn cli_submits_lists_watches_and_cancels() {
             .transition_job(uid, JobState::Running, "")
             .await
             .expect("running");
-        let values = BTreeMap::from([("loss".to_string(), 0.25), ("lr".to_string(), 6e-5)]);
+        let values = BTreeMap::from([
+            ("loss".to_string(), Some(0.25)),
+            ("lr".to_string(), Some(6e-5)),
+        ]);
         store
             .append_event(
                 uid,

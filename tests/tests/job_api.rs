@@ -528,7 +528,7 @@ async fn watch_delivers_events_in_order_live_and_resumes_after_an_id() {
             .expect("running");
         for it in [50u64, 100, 150] {
             tokio::time::sleep(Duration::from_millis(30)).await;
-            let values = BTreeMap::from([("loss".to_string(), 1.0 / it as f64)]);
+            let values = BTreeMap::from([("loss".to_string(), Some(1.0 / it as f64))]);
             store
                 .append_event(
                     id,

@@ -336,7 +336,7 @@ async fn a_second_daemon_for_one_host_and_gpu_is_refused_and_a_superseded_one_ex
         &none,
     )
     .await;
-    let mut b = env.daemon("same-host", "work-b", 5, &t);
+    let b = env.daemon("same-host", "work-b", 5, &t);
     env.wait_sql(
         "",
         "SELECT state = 'IDLE' OR $1 = 'never' FROM workers",
@@ -575,9 +575,9 @@ async fn a_dataset_vanishing_for_a_moment_mid_run_is_an_infrastructure_failure()
     .await;
     std::fs::rename(&away, &images).expect("bring the images back");
     let job = env.job(&id).await;
-    assert_eq!(
-        job.state() == pb::JobState::Failed,
-        false,
+    assert_ne!(
+        job.state(),
+        pb::JobState::Failed,
         "a vanished file failed the job as deterministic: {}",
         job.reason
     );
@@ -613,6 +613,90 @@ async fn a_dataset_vanishing_for_a_moment_mid_run_is_an_infrastructure_failure()
         .await
         .expect("cancel");
     env.wait_terminal(&id, Duration::from_secs(60), &logs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pretrained_weights_on_gs_are_fetched_and_a_missing_object_fails_at_once() {
+    let _serial = SERIAL.lock().await;
+    let env = Env::start(&[
+        "--scheduler-interval-ms",
+        "200",
+        "--restart-backoff-ms",
+        "200",
+    ])
+    .await;
+    // Weights with the model's key names: a one-iteration run's checkpoint.
+    let spec = real_spec(&env, "weights", 1);
+    let job_file = env.path("weights.toml");
+    std::fs::write(
+        &job_file,
+        format!(
+            "name = \"weights\"\ndataset_root = {:?}\nworld_size = 1\ncrop_height = 64\n\
+             crop_width = 64\nmax_iters = 1\nwarmup_iters = 0\neval_interval = 0\n\
+             loader_threads = 1\n",
+            spec.dataset_root.clone().unwrap_or_default()
+        ),
+    )
+    .expect("job file");
+    let out = Command::new(binaries::path("segtrain-worker"))
+        .args(["train", "--device", "cpu", "--config"])
+        .arg(&job_file)
+        .arg("--checkpoint-dir")
+        .arg(env.path("weights"))
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .expect("segtrain-worker train");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let weights = std::fs::read(env.path("weights/ckpt-00000001/model.safetensors"))
+        .expect("the checkpoint's model");
+    let gcs = segtrain_tests::gcs::FakeGcs::start(
+        [("weights/mit/b0.safetensors".to_string(), weights)].into(),
+    );
+    let vars = gcs.env();
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let d = DaemonProcess::start_full(&env.coord.url(), "gs", &env.path("work"), 5, &vars, &[]);
+    let logs = || d.log_text();
+
+    let id = env
+        .submit(pb::JobSpec {
+            pretrained: Some("gs://weights/mit/b0.safetensors".into()),
+            ..real_spec(&env, "from-gs", 2)
+        })
+        .await;
+    env.wait_terminal(&id, Duration::from_secs(120), &logs)
+        .await;
+    let job = env.job(&id).await;
+    assert_eq!(job.state(), pb::JobState::Succeeded, "{}", job.reason);
+    assert_eq!(job.restarts, 0);
+    assert!(gcs.served() >= 1, "the weights were never fetched");
+
+    // A missing object: FAILED at once, naming the field and the URI; no restart spent.
+    let id = env
+        .submit(pb::JobSpec {
+            pretrained: Some("gs://weights/mit/missing.safetensors".into()),
+            ..real_spec(&env, "missing-weights", 2)
+        })
+        .await;
+    env.wait_terminal(&id, Duration::from_secs(120), &logs)
+        .await;
+    let job = env.job(&id).await;
+    assert_eq!(job.state(), pb::JobState::Failed, "{}", job.reason);
+    assert_eq!(job.restarts, 0, "{}", job.reason);
+    for needle in [
+        "pretrained",
+        "gs://weights/mit/missing.safetensors",
+        "not retried",
+    ] {
+        assert!(
+            job.reason.contains(needle),
+            "{needle:?} not in {}",
+            job.reason
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

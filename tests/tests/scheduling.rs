@@ -341,6 +341,7 @@ async fn an_expired_lease_fails_the_attempt_restarts_the_job_and_stops_the_other
     // Only one of them heartbeats, listing its trainer once it runs one.
     let mut hb = alive.client.clone();
     let alive_id = alive.id.clone();
+    let alive_instance = alive.instance.clone();
     let running_here = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let listed = running_here.clone();
     let beat = tokio::spawn(async move {
@@ -350,6 +351,7 @@ async fn an_expired_lease_fails_the_attempt_restarts_the_job_and_stops_the_other
                 .heartbeat(pb::HeartbeatRequest {
                     worker_id: alive_id.clone(),
                     running,
+                    instance_id: alive_instance.clone(),
                 })
                 .await;
             tokio::time::sleep(Duration::from_millis(300)).await;

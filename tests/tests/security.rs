@@ -63,6 +63,13 @@ fn tokens(coord: &CoordinatorProcess, token: Option<&str>) -> TokenServiceClient
     TokenServiceClient::new(coord.channel_with_token(token))
 }
 
+/// The daemon instance these hand-made worker requests come from.
+fn instance() -> String {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(segtrain_tests::coordinator::new_instance)
+        .clone()
+}
+
 fn register_req(host: &str) -> pb::RegisterRequest {
     pb::RegisterRequest {
         host: host.into(),
@@ -70,6 +77,8 @@ fn register_req(host: &str) -> pb::RegisterRequest {
         gpu_name: "cpu".into(),
         gpu_memory_bytes: 0,
         running: vec![],
+        instance_id: instance(),
+        previous_instance_id: String::new(),
     }
 }
 
@@ -167,6 +176,7 @@ async fn tokens_and_roles_decide_who_may_call_what() {
             .report_events(pb::ReportEventsRequest {
                 worker_id: uuid::Uuid::now_v7().to_string(),
                 events: vec![],
+                instance_id: instance(),
             })
             .await,
         Code::PermissionDenied,
@@ -200,6 +210,7 @@ async fn tokens_and_roles_decide_who_may_call_what() {
     w.heartbeat(pb::HeartbeatRequest {
         worker_id: reg.worker_id.clone(),
         running: vec![],
+        instance_id: instance(),
     })
     .await
     .expect("worker heartbeats");
@@ -857,6 +868,7 @@ async fn request_fields_are_validated_and_named() {
         w.report_events(pb::ReportEventsRequest {
             worker_id: reg.worker_id.clone(),
             events: (1..=10_001).map(|s| event(s, 1)).collect(),
+            instance_id: instance(),
         })
         .await,
         Code::InvalidArgument,
@@ -872,6 +884,7 @@ async fn request_fields_are_validated_and_named() {
                 }),
                 ..event(1, 1)
             }],
+            instance_id: instance(),
         })
         .await,
         Code::InvalidArgument,
@@ -881,6 +894,7 @@ async fn request_fields_are_validated_and_named() {
         w.report_events(pb::ReportEventsRequest {
             worker_id: "w".into(),
             events: vec![],
+            instance_id: instance(),
         })
         .await,
         Code::InvalidArgument,
@@ -892,6 +906,7 @@ async fn request_fields_are_validated_and_named() {
             job_id: uuid(),
             attempt: 1,
             timeout_seconds: 0,
+            instance_id: instance(),
         })
         .await,
         Code::InvalidArgument,
@@ -905,6 +920,7 @@ async fn request_fields_are_validated_and_named() {
             endpoint: Some(pb::publish_rendezvous_request::Endpoint::NcclUniqueId(
                 vec![0; 7],
             )),
+            instance_id: instance(),
         })
         .await,
         Code::InvalidArgument,

@@ -1,8 +1,6 @@
-//! The segtrain worker: the per-GPU daemon and the SegFormer trainer it runs.
-//!
-//! This crate is a skeleton for now: [`doctor`] reports what libtorch this binary loaded and
-//! what devices it sees. The trainer (model, data, optimizer, checkpoints) and the daemon arrive
-//! with the issues that build them.
+//! The segtrain worker: the per-GPU daemon ([`daemon`], tokio, never tch) and the SegFormer
+//! trainer it runs as a child process ([`train`], with [`model`], [`data`], [`optim`],
+//! [`collective`]); [`wire`] is the line format between the two.
 
 pub mod bench;
 pub mod collective;
@@ -14,3 +12,4 @@ pub mod optim;
 pub mod predict;
 pub mod torch_ext;
 pub mod train;
+pub mod wire;

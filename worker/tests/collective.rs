@@ -356,9 +356,12 @@ fn nccl_world_one_reduces_and_broadcasts_a_cuda_tensor() {
 #[test]
 fn rendezvous_events_are_the_json_the_daemon_reads() {
     use base64::Engine;
-    use segtrain_worker::train::report::event_json;
+    use segtrain_worker::train::report::event_line;
     use segtrain_worker::train::TrainEvent;
-    let tcp = event_json(&TrainEvent::Rendezvous {
+    let json = |ev: &TrainEvent| -> serde_json::Value {
+        serde_json::from_str(&event_line(ev).to_line()).expect("one JSON object")
+    };
+    let tcp = json(&TrainEvent::Rendezvous {
         tcp_address: Some("127.0.0.1:40123".into()),
         nccl_unique_id: None,
     });
@@ -367,7 +370,7 @@ fn rendezvous_events_are_the_json_the_daemon_reads() {
         serde_json::json!({"event": "rendezvous", "tcp_address": "127.0.0.1:40123"})
     );
     let id: Vec<u8> = (0..128).map(|i| (i * 37 % 256) as u8).collect();
-    let nccl = event_json(&TrainEvent::Rendezvous {
+    let nccl = json(&TrainEvent::Rendezvous {
         tcp_address: None,
         nccl_unique_id: Some(id.clone()),
     });

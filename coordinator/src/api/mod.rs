@@ -18,7 +18,8 @@ pub use watch::EventHub;
 pub use worker_service::{WorkerApi, WorkerApiConfig};
 
 use crate::store::StoreError;
-use tonic::Status;
+use segtrain_proto::refusal;
+use tonic::{Code, Status};
 use uuid::Uuid;
 
 /// The status a store error becomes on the wire.
@@ -27,6 +28,23 @@ pub(crate) fn status_of(e: StoreError) -> Status {
         StoreError::NotFound { .. } => Status::not_found(e.to_string()),
         StoreError::Illegal(t) => Status::failed_precondition(t.to_string()),
         StoreError::Conflict(m) => Status::failed_precondition(m),
+        StoreError::StaleAttempt(m) => {
+            refusal::status(Code::FailedPrecondition, m, refusal::STALE_ATTEMPT)
+        }
+        StoreError::WorkerHeld { .. } => {
+            refusal::status(Code::AlreadyExists, e.to_string(), refusal::WORKER_HELD)
+        }
+        StoreError::Superseded { .. } => refusal::status(
+            Code::FailedPrecondition,
+            e.to_string(),
+            refusal::WORKER_SUPERSEDED,
+        ),
+        // Reachable, but every connection is taken: the coordinator is overloaded (or a query
+        // waits on a lock), which "unreachable" would misdiagnose.
+        StoreError::Db(sqlx::Error::PoolTimedOut) => Status::unavailable(
+            "all of the coordinator's database connections are busy \
+             (--database-max-connections); retry later",
+        ),
         StoreError::Db(ref db) if database_away(db) => Status::unavailable(format!(
             "the coordinator's database is unreachable ({e}); retry later"
         )),
@@ -42,8 +60,7 @@ pub(crate) fn status_of(e: StoreError) -> Status {
 /// exception (class 08). Clients should retry those.
 fn database_away(e: &sqlx::Error) -> bool {
     match e {
-        sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
+        sqlx::Error::PoolClosed
         | sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::Protocol(_)

@@ -15,20 +15,26 @@ use tonic::Status;
 use uuid::Uuid;
 
 const BATCH: i64 = 500;
-const POLL: Duration = Duration::from_secs(2);
 
 /// Fans the NOTIFYs of the events channel out to every watcher in this process.
 #[derive(Clone)]
 pub struct EventHub {
     tx: broadcast::Sender<Uuid>,
+    /// Watchers re-read at least this often (`--poll-interval-ms`).
+    poll: Duration,
 }
 
 impl EventHub {
-    /// Starts the listener task. It reconnects by itself; watchers poll meanwhile.
-    pub fn start(store: &Store) -> EventHub {
+    /// Starts the listener task. It reconnects by itself; watchers poll every `poll` meanwhile
+    /// (and always: a NOTIFY is only a hint).
+    pub fn start(store: &Store, poll: Duration) -> EventHub {
         let (tx, _) = broadcast::channel(1024);
-        let hub = EventHub { tx: tx.clone() };
-        let pool = store.pool().clone();
+        let hub = EventHub {
+            tx: tx.clone(),
+            poll,
+        };
+        // A side connection: LISTEN holds it for good, and must not take one of the RPCs'.
+        let pool = store.side_pool().clone();
         tokio::spawn(async move {
             loop {
                 match listen(&pool, &tx).await {
@@ -69,6 +75,7 @@ pub(crate) fn watch_job(
 ) -> ReceiverStream<Result<pb::JobEvent, Status>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let mut wake = hub.subscribe();
+    let poll = hub.poll;
     tokio::spawn(async move {
         let mut cursor = after;
         loop {
@@ -107,7 +114,7 @@ pub(crate) fn watch_job(
                     return;
                 }
             }
-            wait_for(&mut wake, job, &tx).await;
+            wait_for(&mut wake, job, &tx, poll).await;
             if tx.is_closed() {
                 return;
             }
@@ -121,8 +128,9 @@ async fn wait_for<T>(
     wake: &mut broadcast::Receiver<Uuid>,
     job: Uuid,
     client: &tokio::sync::mpsc::Sender<T>,
+    poll: Duration,
 ) {
-    let deadline = tokio::time::sleep(POLL);
+    let deadline = tokio::time::sleep(poll);
     tokio::pin!(deadline);
     loop {
         tokio::select! {
@@ -134,7 +142,7 @@ async fn wait_for<T>(
                 // Missed some notifications: re-read to be safe.
                 Err(broadcast::error::RecvError::Lagged(_)) => return,
                 Err(broadcast::error::RecvError::Closed) => {
-                    tokio::time::sleep(POLL).await;
+                    tokio::time::sleep(poll).await;
                     return;
                 }
             },

@@ -11,7 +11,10 @@
 //!   NCCL unique id or TCP address within one attempt.
 //!
 //! Every message about an attempt is fenced by the attempt number: a stale one is refused with
-//! FAILED_PRECONDITION ("stale attempt: job X is at attempt N, got M") and changes nothing.
+//! FAILED_PRECONDITION ("stale attempt: job X is at attempt N, got M", reason STALE_ATTEMPT) and
+//! changes nothing. Every request names the daemon instance (random per daemon start): one that
+//! another instance has replaced is refused with FAILED_PRECONDITION (WORKER_SUPERSEDED), and one
+//! (host, GPU) has one assignment stream at a time, so no rank ever runs in two trainers.
 
 use super::{convert, parse_job_id, status_of};
 use crate::metrics;
@@ -21,8 +24,9 @@ use crate::store::{
     WorkerRegistration,
 };
 use segtrain_proto::v1 as pb;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::ReceiverStream;
@@ -68,21 +72,68 @@ pub struct WorkerApi {
     store: Store,
     hints: Hints,
     cfg: WorkerApiConfig,
+    streams: Arc<StreamSlots>,
+}
+
+/// The open assignment stream of each worker in this process: a newer stream ends the older one
+/// (a half-open connection whose daemon has reconnected, or a copy of the daemon), so one
+/// worker's starts go to one place.
+#[derive(Default)]
+struct StreamSlots {
+    next: std::sync::atomic::AtomicU64,
+    open: Mutex<HashMap<Uuid, (u64, tokio::sync::oneshot::Sender<()>)>>,
+}
+
+impl StreamSlots {
+    /// Takes the worker's slot: the previous holder's receiver fires. Returns this stream's
+    /// number (for [`release`](Self::release)) and its own "replaced" receiver.
+    fn take(&self, worker: Uuid) -> (u64, tokio::sync::oneshot::Receiver<()>) {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if let Ok(mut open) = self.open.lock() {
+            if let Some((_, old)) = open.insert(worker, (n, tx)) {
+                let _ = old.send(());
+            }
+        }
+        (n, rx)
+    }
+
+    /// Frees the slot if stream `n` still holds it.
+    fn release(&self, worker: Uuid, n: u64) {
+        if let Ok(mut open) = self.open.lock() {
+            if open.get(&worker).is_some_and(|(m, _)| *m == n) {
+                open.remove(&worker);
+            }
+        }
+    }
 }
 
 impl WorkerApi {
     pub fn new(store: Store, hints: Hints, cfg: WorkerApiConfig) -> WorkerApi {
-        WorkerApi { store, hints, cfg }
+        WorkerApi {
+            store,
+            hints,
+            cfg,
+            streams: Arc::new(StreamSlots::default()),
+        }
     }
 
-    async fn known_worker(&self, id: Uuid) -> Result<(), Status> {
-        if self.store.worker_exists(id).await.map_err(status_of)? {
-            Ok(())
-        } else {
-            Err(Status::not_found(format!(
-                "worker {id} not found; register again"
-            )))
+    /// The worker exists and `instance` holds it.
+    async fn known_instance(&self, id: Uuid, instance: Uuid) -> Result<(), Status> {
+        self.store
+            .check_worker_instance(id, instance)
+            .await
+            .map_err(instance_status)
+    }
+}
+
+/// NotFound says "register again"; the rest as [`status_of`].
+fn instance_status(e: crate::store::StoreError) -> Status {
+    match e {
+        crate::store::StoreError::NotFound { id, .. } => {
+            Status::not_found(format!("worker {id} not found; register again"))
         }
+        e => status_of(e),
     }
 }
 
@@ -95,6 +146,16 @@ fn worker_id(s: &str) -> Result<Uuid, Status> {
         invalid(
             "worker_id",
             format!("not a worker id (the UUID Register returned), got {s:?}"),
+        )
+    })
+}
+
+/// The daemon instance a request comes from (required).
+fn instance(field: &str, s: &str) -> Result<Uuid, Status> {
+    Uuid::parse_str(s.trim()).map_err(|_| {
+        invalid(
+            field,
+            format!("not a daemon instance id (the UUID a daemon makes at its start), got {s:?}"),
         )
     })
 }
@@ -195,14 +256,6 @@ fn text(field: &str, s: &str, allow_empty: bool) -> Result<String, Status> {
     Ok(s.to_string())
 }
 
-fn finite(field: &str, x: f64) -> Result<f64, Status> {
-    if x.is_finite() {
-        Ok(x)
-    } else {
-        Err(invalid(field, format!("must be a finite number, got {x}")))
-    }
-}
-
 fn checkpoint_uri(field: &str, uri: &str) -> Result<String, Status> {
     if uri.is_empty() || uri.len() > MAX_TEXT || has_control(uri) {
         return Err(invalid(
@@ -271,16 +324,14 @@ fn event(i: usize, e: &pb::WorkerEvent) -> Result<IngestEvent, Status> {
                     format!("at most {MAX_CLASSES} classes, got {}", ev.class_iou.len()),
                 ));
             }
+            // Scores may be NaN or infinite (a diverged validation loss, classes absent from
+            // the val set): stored as they are, never a reason to refuse the batch.
             IngestBody::Eval {
                 iteration: iteration(&f("eval.iteration"), ev.iteration)?,
-                miou: finite(&f("eval.miou"), ev.miou)?,
-                aacc: finite(&f("eval.aacc"), ev.aacc)?,
-                loss: finite(&f("eval.loss"), ev.loss)?,
-                class_iou: ev
-                    .class_iou
-                    .iter()
-                    .map(|x| x.is_finite().then_some(*x))
-                    .collect(),
+                miou: ev.miou,
+                aacc: ev.aacc,
+                loss: ev.loss,
+                class_iou: ev.class_iou.clone(),
             }
         }
         Some(Payload::Checkpoint(c)) => {
@@ -501,23 +552,31 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
                 format!("must be at most {}, got {}", i64::MAX, req.gpu_memory_bytes),
             ));
         }
+        let instance_id = instance("instance_id", &req.instance_id)?;
+        let previous_instance_id = match req.previous_instance_id.trim() {
+            "" => None,
+            p => Some(instance("previous_instance_id", p)?),
+        };
         let reg = WorkerRegistration {
             host,
             gpu_index: req.gpu_index,
             gpu_name: req.gpu_name,
             gpu_memory_bytes: req.gpu_memory_bytes,
             running: running(&req.running)?,
+            instance_id,
+            previous_instance_id,
         };
         let r = self
             .store
             .register_worker(&reg, self.cfg.lease)
             .await
             .map_err(status_of)?;
-        tracing::info!(worker = %r.id, host = %reg.host, gpu = reg.gpu_index, state = %r.state, "worker registered");
+        tracing::info!(worker = %r.id, host = %reg.host, gpu = reg.gpu_index, instance = %reg.instance_id, state = %r.state, "worker registered");
         Ok(Response::new(pb::RegisterResponse {
             worker_id: r.id.to_string(),
             lease_seconds: self.cfg.lease.as_secs().max(1) as u32,
             acked_seq: r.acked_seq,
+            stop_grace_seconds: self.cfg.stop_grace_seconds,
         }))
     }
 
@@ -527,17 +586,13 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let req = req.into_inner();
         let id = worker_id(&req.worker_id)?;
+        let instance = instance("instance_id", &req.instance_id)?;
         let running = running(&req.running)?;
         let hb = self
             .store
-            .heartbeat(id, &running, self.cfg.lease)
+            .heartbeat(id, instance, &running, self.cfg.lease)
             .await
-            .map_err(|e| match e {
-                crate::store::StoreError::NotFound { .. } => {
-                    Status::not_found(format!("worker {id} not found; register again"))
-                }
-                e => status_of(e),
-            })?;
+            .map_err(instance_status)?;
         Ok(Response::new(pb::HeartbeatResponse {
             lease_until: Some(convert::timestamp(hb.lease_until)),
             stop: hb.stop.iter().map(convert::running_trainer).collect(),
@@ -552,11 +607,16 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         req: Request<pb::AwaitAssignmentRequest>,
     ) -> Result<Response<Self::AwaitAssignmentStream>, Status> {
         let id = worker_id(&req.get_ref().worker_id)?;
-        self.known_worker(id).await?;
+        let instance = instance("instance_id", &req.get_ref().instance_id)?;
+        self.known_instance(id, instance).await?;
         let stream = assignment_stream(
             self.store.clone(),
             self.hints.subscribe(),
-            id,
+            Owner {
+                worker: id,
+                instance,
+            },
+            self.streams.clone(),
             self.cfg.clone(),
         );
         Ok(Response::new(Box::pin(stream)))
@@ -568,6 +628,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
     ) -> Result<Response<pb::ReportEventsResponse>, Status> {
         let req = req.into_inner();
         let id = worker_id(&req.worker_id)?;
+        let instance = instance("instance_id", &req.instance_id)?;
         if req.events.len() > MAX_EVENTS {
             return Err(invalid(
                 "events",
@@ -582,9 +643,9 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             .collect::<Result<Vec<_>, _>>()?;
         let done = self
             .store
-            .ingest_events(id, &events)
+            .ingest_events(id, instance, &events)
             .await
-            .map_err(status_of)?;
+            .map_err(instance_status)?;
         record_ingested(&req.events, &done);
         Ok(Response::new(pb::ReportEventsResponse {
             acked_seq: done.acked,
@@ -599,7 +660,8 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         let id = worker_id(&req.worker_id)?;
         let job = parse_job_id("job_id", &req.job_id)?;
         let endpoint = publish_endpoint(&req.endpoint)?;
-        self.known_worker(id).await?;
+        let instance = instance("instance_id", &req.instance_id)?;
+        self.known_instance(id, instance).await?;
         self.store
             .publish_rendezvous(id, job, req.attempt, &endpoint)
             .await
@@ -624,7 +686,8 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
                 ),
             ));
         }
-        self.known_worker(id).await?;
+        let instance = instance("instance_id", &req.instance_id)?;
+        self.known_instance(id, instance).await?;
         let deadline =
             tokio::time::Instant::now() + Duration::from_secs(u64::from(req.timeout_seconds));
         let mut wake = self.hints.subscribe();
@@ -681,19 +744,62 @@ async fn wait(
     }
 }
 
-/// The assignment stream of one worker.
+/// Whose assignment stream it is.
+#[derive(Clone, Copy)]
+struct Owner {
+    worker: Uuid,
+    instance: Uuid,
+}
+
+/// The assignment stream of one worker: it holds the worker's slot until it ends, and ends
+/// when a newer stream takes the slot (ABORTED) or another daemon instance takes the worker
+/// (FAILED_PRECONDITION, WORKER_SUPERSEDED).
 fn assignment_stream(
     store: Store,
-    mut wake: broadcast::Receiver<Hint>,
-    worker: Uuid,
+    wake: broadcast::Receiver<Hint>,
+    owner: Owner,
+    slots: Arc<StreamSlots>,
     cfg: WorkerApiConfig,
 ) -> ReceiverStream<Result<pb::AssignmentMessage, Status>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let (n, replaced) = slots.take(owner.worker);
     tokio::spawn(async move {
+        let tx2 = tx.clone();
+        tokio::select! {
+            () = send_assignments(store, wake, owner, &tx, cfg) => {}
+            _ = replaced => {
+                let _ = tx2
+                    .send(Err(Status::aborted(format!(
+                        "a newer AwaitAssignment stream of worker {} replaced this one",
+                        owner.worker
+                    ))))
+                    .await;
+            }
+        }
+        slots.release(owner.worker, n);
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Sends `start` and `stop` messages until the daemon goes away or may no longer act for the
+/// worker.
+async fn send_assignments(
+    store: Store,
+    mut wake: broadcast::Receiver<Hint>,
+    owner: Owner,
+    tx: &tokio::sync::mpsc::Sender<Result<pb::AssignmentMessage, Status>>,
+    cfg: WorkerApiConfig,
+) {
+    let worker = owner.worker;
+    {
         // What this connection has sent; a new connection starts empty and sends again.
         let mut started_sent: HashSet<(Uuid, u32, u32)> = HashSet::new();
         let mut stop_sent: HashSet<(Uuid, u32, u32)> = HashSet::new();
         loop {
+            if let Err(e) = store.check_worker_instance(worker, owner.instance).await {
+                let _ = tx.send(Err(instance_status(e))).await;
+                return;
+            }
             let open = match store.worker_assignments(worker).await {
                 Ok(a) => a,
                 Err(e) => {
@@ -735,6 +841,5 @@ fn assignment_stream(
                 }) => {}
             }
         }
-    });
-    ReceiverStream::new(rx)
+    }
 }

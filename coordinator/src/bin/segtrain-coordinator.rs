@@ -40,6 +40,17 @@ struct ServeArgs {
     /// Give up if PostgreSQL is unreachable at start for this many seconds (0: retry forever).
     #[arg(long, env = "SEGTRAIN_DB_CONNECT_TIMEOUT", default_value_t = 0)]
     db_connect_timeout: u64,
+    /// PostgreSQL connections RPCs and the scheduler share (3 more are held apart: two LISTEN
+    /// connections and the health probe). Keep the sum of all coordinators' pools + 3 each
+    /// below the server's max_connections.
+    #[arg(long, env = "SEGTRAIN_DATABASE_MAX_CONNECTIONS", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    database_max_connections: u32,
+    /// How long a request waits for a free connection, milliseconds; then it is refused with
+    /// UNAVAILABLE ("all ... connections are busy"), which clients retry.
+    #[arg(long, env = "SEGTRAIN_DATABASE_ACQUIRE_TIMEOUT_MS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    database_acquire_timeout_ms: u64,
     /// Worker lease, seconds: a worker that has not heartbeat for this long is declared lost and
     /// its attempt fails. Daemons heartbeat well within it.
     #[arg(long, env = "SEGTRAIN_LEASE_SECONDS", default_value_t = 15,
@@ -53,7 +64,8 @@ struct ServeArgs {
     #[arg(long, env = "SEGTRAIN_SCHEDULER_INTERVAL_MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(10..=60000))]
     scheduler_interval_ms: u64,
-    /// Assignment streams and rendezvous waits re-read at least this often, milliseconds.
+    /// Assignment streams, rendezvous waits and WatchJob streams re-read at least this often,
+    /// milliseconds (NOTIFY hints wake them sooner).
     #[arg(long, env = "SEGTRAIN_POLL_INTERVAL_MS", default_value_t = 2000,
           value_parser = clap::value_parser!(u64).range(10..=60000))]
     poll_interval_ms: u64,
@@ -214,6 +226,10 @@ async fn run_server(args: ServeArgs) -> anyhow::Result<()> {
     };
     cfg.connect_timeout =
         (args.db_connect_timeout > 0).then(|| Duration::from_secs(args.db_connect_timeout));
+    cfg.pool = segtrain_coordinator::store::PoolSettings {
+        max_connections: args.database_max_connections,
+        acquire_timeout: Duration::from_millis(args.database_acquire_timeout_ms),
+    };
     cfg.workers.lease = Duration::from_secs(u64::from(args.lease_seconds));
     cfg.workers.stop_grace_seconds = args.stop_grace_seconds;
     cfg.workers.poll = Duration::from_millis(args.poll_interval_ms);

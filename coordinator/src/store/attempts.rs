@@ -227,7 +227,7 @@ fn parse_attempt_state(s: &str) -> Result<AttemptState, StoreError> {
 
 /// The refusal of a message about an attempt that is not the job's current one.
 pub(super) fn stale(job: &JobRecord, attempt: u32) -> StoreError {
-    StoreError::Conflict(format!(
+    StoreError::StaleAttempt(format!(
         "stale attempt: job {} is at attempt {}, got {attempt}",
         job.id, job.attempt
     ))
@@ -579,7 +579,7 @@ impl Store {
 pub(super) fn unknown_job_is_stale(e: StoreError) -> StoreError {
     match e {
         StoreError::NotFound { what: "job", id } => {
-            StoreError::Conflict(format!("stale attempt: job {id} does not exist"))
+            StoreError::StaleAttempt(format!("stale attempt: job {id} does not exist"))
         }
         e => e,
     }

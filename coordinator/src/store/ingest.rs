@@ -8,8 +8,9 @@
 
 use super::attempts::{fence, finish_rank, start_rank, unknown_job_is_stale, RankOutcome};
 use super::jobs::{insert_event, lock_job, JobRecord};
+use super::workers::{instance_verdict, Holder};
 use super::{u64_of, RestartPolicy, Store, StoreError};
-use crate::events::EventPayload;
+use crate::events::{json_number, json_values, EventPayload};
 use sqlx::types::Json;
 use sqlx::{Postgres, Transaction};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -37,7 +38,7 @@ pub enum IngestBody {
         miou: f64,
         aacc: f64,
         loss: f64,
-        class_iou: Vec<Option<f64>>,
+        class_iou: Vec<f64>,
     },
     Checkpoint {
         iteration: u64,
@@ -71,16 +72,6 @@ pub enum IngestBody {
     },
 }
 
-/// JSON has no NaN or infinity: such values stay in the `metrics` table but are left out of
-/// JSON payloads.
-fn finite(values: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
-    values
-        .iter()
-        .filter(|(_, v)| v.is_finite())
-        .map(|(k, v)| (k.clone(), *v))
-        .collect()
-}
-
 /// What a ReportEvents batch did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Ingested {
@@ -99,21 +90,27 @@ impl Store {
     pub async fn ingest_events(
         &self,
         worker_id: Uuid,
+        instance: Uuid,
         events: &[IngestEvent],
     ) -> Result<Ingested, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let acked: Option<i64> =
-            sqlx::query_scalar("SELECT acked_seq FROM workers WHERE id = $1 FOR UPDATE")
-                .bind(worker_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let acked = u64_of(
-            acked.ok_or_else(|| StoreError::NotFound {
-                what: "worker",
-                id: worker_id.to_string(),
-            })?,
-            "acked_seq",
-        )?;
+        type Row = (
+            String,
+            i32,
+            Option<Uuid>,
+            Option<chrono::DateTime<chrono::Utc>>,
+            i64,
+        );
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT host, gpu_index, instance_id, instance_since, acked_seq FROM workers
+             WHERE id = $1 FOR UPDATE",
+        )
+        .bind(worker_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let holder: Holder = row.as_ref().map(|(h, g, i, s, _)| (h.clone(), *g, *i, *s));
+        instance_verdict(worker_id, instance, holder)?;
+        let acked = u64_of(row.map_or(0, |r| r.4), "acked_seq")?;
         let mut fresh: Vec<&IngestEvent> = events.iter().filter(|e| e.seq > acked).collect();
         fresh.sort_by_key(|e| e.seq);
         fresh.dedup_by_key(|e| e.seq);
@@ -237,7 +234,7 @@ async fn apply(
             if (new > 0 || values.is_empty()) && open(tx, job_id).await? {
                 let payload = EventPayload::Metrics {
                     iteration: *iteration,
-                    values: finite(values),
+                    values: json_values(values),
                 };
                 insert_event(tx, job_id, attempt, &payload).await?;
             }
@@ -260,10 +257,10 @@ async fn apply(
             if open(tx, job_id).await? {
                 let payload = EventPayload::Eval {
                     iteration: *iteration,
-                    miou: *miou,
-                    aacc: *aacc,
-                    loss: *loss,
-                    class_iou: class_iou.clone(),
+                    miou: json_number(*miou),
+                    aacc: json_number(*aacc),
+                    loss: json_number(*loss),
+                    class_iou: class_iou.iter().map(|v| json_number(*v)).collect(),
                 };
                 insert_event(tx, job_id, attempt, &payload).await?;
             }
@@ -275,7 +272,7 @@ async fn apply(
             sha256,
             metrics,
         } => {
-            let metrics = finite(metrics);
+            let metrics = json_values(metrics);
             // An identical row already stored (a replay) is left alone and gets no new event.
             let changed: Option<i64> = sqlx::query_scalar(
                 "INSERT INTO checkpoints (job_id, attempt, iteration, uri, bytes, sha256, state, metrics)

@@ -24,6 +24,7 @@ pub struct CheckpointRecord {
     pub sha256: String,
     /// PENDING, COMPLETE, CORRUPT or DELETED.
     pub state: String,
+    /// The trainer's numbers at the checkpoint (NaN where it had none that was finite).
     pub metrics: BTreeMap<String, f64>,
     pub created_at: DateTime<Utc>,
 }
@@ -37,7 +38,8 @@ struct CheckpointRow {
     bytes: i64,
     sha256: String,
     state: String,
-    metrics: Json<BTreeMap<String, f64>>,
+    /// Non-finite values are null in JSON.
+    metrics: Json<BTreeMap<String, Option<f64>>>,
     created_at: DateTime<Utc>,
 }
 
@@ -136,7 +138,12 @@ impl Store {
                     bytes: u64_of(r.bytes, "bytes")?,
                     sha256: r.sha256,
                     state: r.state,
-                    metrics: r.metrics.0,
+                    metrics: r
+                        .metrics
+                        .0
+                        .into_iter()
+                        .map(|(k, v)| (k, v.unwrap_or(f64::NAN)))
+                        .collect(),
                     created_at: r.created_at,
                 })
             })

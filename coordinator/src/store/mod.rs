@@ -23,6 +23,7 @@ pub use tokens::{TokenCheck, TokenRecord};
 pub use workers::{Heartbeat, RankRef, Registered, WorkerRecord, WorkerRegistration};
 
 use crate::state::IllegalTransition;
+use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 use std::str::FromStr;
@@ -52,6 +53,40 @@ pub enum StoreError {
     /// The request conflicts with what is stored (reused idempotency key, finished job).
     #[error("{0}")]
     Conflict(String),
+    /// A message about an attempt that is not the job's current one (or a job that does not
+    /// exist): the sender's events of it can never be stored.
+    #[error("{0}")]
+    StaleAttempt(String),
+    /// Register: another daemon instance holds a live lease for this host and GPU.
+    #[error(
+        "worker {host}:{} is held by another daemon (instance {instance}, held since {}, lease live until {}); \
+         is a second segtrain-worker daemon running for this host and GPU (a cloned VM, a second \
+         container, a copied unit)? Give each daemon its own --host or --gpu, or stop the other",
+        gpu_label(*gpu_index),
+        since.format("%Y-%m-%dT%H:%M:%SZ"),
+        lease_until.format("%Y-%m-%dT%H:%M:%SZ")
+    )]
+    WorkerHeld {
+        host: String,
+        gpu_index: i32,
+        instance: uuid::Uuid,
+        since: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    },
+    /// A request from a daemon instance that another instance has replaced.
+    #[error(
+        "daemon instance {instance} of worker {host}:{} was replaced by instance {holder} at {} \
+         (its lease had expired); this daemon must stop",
+        gpu_label(*gpu_index),
+        since.format("%Y-%m-%dT%H:%M:%SZ")
+    )]
+    Superseded {
+        host: String,
+        gpu_index: i32,
+        instance: uuid::Uuid,
+        holder: uuid::Uuid,
+        since: DateTime<Utc>,
+    },
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
     #[error("database migration failed: {0}")]
@@ -60,6 +95,38 @@ pub enum StoreError {
     #[error("unreadable row: {0}")]
     Corrupt(String),
 }
+
+/// A worker's GPU index as people name it (`cpu` for -1).
+pub fn gpu_label(gpu_index: i32) -> String {
+    if gpu_index < 0 {
+        "cpu".to_string()
+    } else {
+        gpu_index.to_string()
+    }
+}
+
+/// The coordinator's connection pool (`--database-max-connections`,
+/// `--database-acquire-timeout-ms`): RPCs and the scheduler share it. The LISTEN connections and
+/// the health probe have their own (see [`Store::side_pool`]), so they never wait behind RPCs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSettings {
+    pub max_connections: u32,
+    /// How long a request waits for a free connection before it is refused as busy.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> PoolSettings {
+        PoolSettings {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Connections outside the pool: the two LISTEN connections (job events; scheduler hints) and
+/// the health probe.
+const SIDE_CONNECTIONS: u32 = 3;
 
 /// When a failed attempt is retried: after `base`, doubling per restart, capped at `max`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,20 +155,33 @@ impl RestartPolicy {
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
+    side: PgPool,
     restart: RestartPolicy,
 }
 
 impl Store {
-    /// Connects a pool. Fails fast when the database is unreachable; callers decide how to retry.
+    /// Connects a pool with the default settings. Fails fast when the database is unreachable;
+    /// callers decide how to retry.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        Store::connect_with(url, PoolSettings::default()).await
+    }
+
+    /// Connects a pool of `settings.max_connections`, and the side connections (made when first
+    /// used).
+    pub async fn connect_with(url: &str, settings: PoolSettings) -> Result<Store, StoreError> {
         let opts = PgConnectOptions::from_str(url)?.application_name("segtrain-coordinator");
         let pool = PgPoolOptions::new()
-            .max_connections(16)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_with(opts)
+            .max_connections(settings.max_connections)
+            .acquire_timeout(settings.acquire_timeout)
+            .connect_with(opts.clone())
             .await?;
+        let side = PgPoolOptions::new()
+            .max_connections(SIDE_CONNECTIONS)
+            .acquire_timeout(Duration::from_secs(3))
+            .connect_lazy_with(opts);
         Ok(Store {
             pool,
+            side,
             restart: RestartPolicy::default(),
         })
     }
@@ -115,6 +195,12 @@ impl Store {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// The connections that must never wait behind RPCs: LISTEN (one per listener, held) and
+    /// the health probe.
+    pub fn side_pool(&self) -> &PgPool {
+        &self.side
     }
 
     /// The same store with another restart backoff.

@@ -1,5 +1,6 @@
 //! Worker daemons as the coordinator knows them: registration (one row per host and GPU, so the
-//! id survives daemon restarts), leases and heartbeats, the lease reaper, and the cluster view.
+//! id survives daemon restarts), which daemon instance holds each row, leases and heartbeats, the
+//! lease reaper, and the cluster view.
 
 use super::attempts::{finish_rank, RankOutcome};
 use super::jobs::lock_job;
@@ -42,6 +43,38 @@ pub struct WorkerRegistration {
     pub gpu_memory_bytes: u64,
     /// Trainers the daemon still runs.
     pub running: Vec<RankRef>,
+    /// The daemon process (random per start).
+    pub instance_id: Uuid,
+    /// The instance it succeeds on this (host, GPU), gone by the daemon's own proof.
+    pub previous_instance_id: Option<Uuid>,
+}
+
+/// Who holds a worker row: (host, GPU index, instance, since). `None` for an unknown worker.
+pub(super) type Holder = Option<(String, i32, Option<Uuid>, Option<DateTime<Utc>>)>;
+
+/// Whether a request from `instance` may act for worker `id`: NotFound for an unknown worker or a
+/// row no instance holds yet (register again), Superseded when another instance holds it.
+pub(super) fn instance_verdict(id: Uuid, instance: Uuid, holder: Holder) -> Result<(), StoreError> {
+    match holder {
+        None | Some((_, _, None, _)) => Err(not_found(id)),
+        Some((_, _, Some(h), _)) if h == instance => Ok(()),
+        Some((host, gpu_index, Some(holder), since)) => Err(StoreError::Superseded {
+            host,
+            gpu_index,
+            instance,
+            holder,
+            since: since.unwrap_or_else(Utc::now),
+        }),
+    }
+}
+
+/// Whether `reg` may take a row held by `holder` (since `since`), whose lease is live or not:
+/// the same instance, its named successor, or anyone once the lease has lapsed.
+fn may_take(reg: &WorkerRegistration, holder: Option<Uuid>, lease_live: bool) -> bool {
+    match holder {
+        None => true,
+        Some(h) => h == reg.instance_id || reg.previous_instance_id == Some(h) || !lease_live,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -163,29 +196,71 @@ impl Store {
     /// never started is kept (its `start` is sent again); one that had started finished with it
     /// (the daemon restarted under it): it ends FAILED_INFRA, or CANCELED when its attempt or job
     /// was stopping anyway. The worker is BUSY while it holds an unfinished rank, IDLE otherwise.
+    ///
+    /// One instance holds a row at a time: while another holds a live lease, registering is
+    /// refused (`WorkerHeld`) unless `previous_instance_id` names it (a restarted daemon).
     pub async fn register_worker(
         &self,
         reg: &WorkerRegistration,
         lease: Duration,
     ) -> Result<Registered, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let (id, acked, lease_until): (Uuid, i64, DateTime<Utc>) = sqlx::query_as(
+        sqlx::query(
             "INSERT INTO workers (id, host, gpu_index, gpu_name, gpu_memory_bytes, state, lease_until)
-             VALUES ($1, $2, $3, $4, $5, 'IDLE', now() + make_interval(secs => $6))
-             ON CONFLICT (host, gpu_index) DO UPDATE
-                 SET gpu_name = EXCLUDED.gpu_name,
-                     gpu_memory_bytes = EXCLUDED.gpu_memory_bytes,
-                     registered_at = now(),
-                     last_heartbeat = now(),
-                     lease_until = EXCLUDED.lease_until
-             RETURNING id, acked_seq, lease_until",
+             VALUES ($1, $2, $3, $4, $5, 'IDLE', now())
+             ON CONFLICT (host, gpu_index) DO NOTHING",
         )
         .bind(Uuid::now_v7())
         .bind(&reg.host)
         .bind(reg.gpu_index)
         .bind(&reg.gpu_name)
         .bind(i64::try_from(reg.gpu_memory_bytes).unwrap_or(i64::MAX))
+        .execute(&mut *tx)
+        .await?;
+        type Row = (
+            Uuid,
+            Option<Uuid>,
+            Option<DateTime<Utc>>,
+            DateTime<Utc>,
+            bool,
+        );
+        let (id, holder, since, held_until, live): Row = sqlx::query_as(
+            "SELECT id, instance_id, instance_since, lease_until,
+                    lease_until > now() AND state <> 'LOST'
+             FROM workers WHERE host = $1 AND gpu_index = $2 FOR UPDATE",
+        )
+        .bind(&reg.host)
+        .bind(reg.gpu_index)
+        .fetch_one(&mut *tx)
+        .await?;
+        if !may_take(reg, holder, live) {
+            tx.rollback().await?;
+            return Err(StoreError::WorkerHeld {
+                host: reg.host.clone(),
+                gpu_index: reg.gpu_index,
+                instance: holder.unwrap_or_default(),
+                since: since.unwrap_or(held_until),
+                lease_until: held_until,
+            });
+        }
+        if holder.is_some_and(|h| h != reg.instance_id) {
+            tracing::info!(worker = %id, host = %reg.host, gpu = reg.gpu_index, old = ?holder, new = %reg.instance_id, "another daemon instance takes the worker");
+        }
+        let (acked, lease_until): (i64, DateTime<Utc>) = sqlx::query_as(
+            "UPDATE workers
+                 SET gpu_name = $2, gpu_memory_bytes = $3, registered_at = now(),
+                     last_heartbeat = now(), lease_until = now() + make_interval(secs => $4),
+                     instance_since = CASE WHEN instance_id IS NOT DISTINCT FROM $5
+                                           THEN instance_since ELSE now() END,
+                     instance_id = $5
+             WHERE id = $1
+             RETURNING acked_seq, lease_until",
+        )
+        .bind(id)
+        .bind(&reg.gpu_name)
+        .bind(i64::try_from(reg.gpu_memory_bytes).unwrap_or(i64::MAX))
         .bind(lease_secs(lease))
+        .bind(reg.instance_id)
         .fetch_one(&mut *tx)
         .await?;
         let running: BTreeSet<RankRef> = reg.running.iter().copied().collect();
@@ -276,6 +351,7 @@ impl Store {
     pub async fn heartbeat(
         &self,
         id: Uuid,
+        instance: Uuid,
         running: &[RankRef],
         lease: Duration,
     ) -> Result<Heartbeat, StoreError> {
@@ -283,13 +359,19 @@ impl Store {
         let row: Option<(String, DateTime<Utc>)> = sqlx::query_as(
             "UPDATE workers SET last_heartbeat = now(),
                                 lease_until = now() + make_interval(secs => $2)
-             WHERE id = $1 RETURNING state, lease_until",
+             WHERE id = $1 AND instance_id = $3 RETURNING state, lease_until",
         )
         .bind(id)
         .bind(lease_secs(lease))
+        .bind(instance)
         .fetch_optional(&mut *tx)
         .await?;
-        let (state, lease_until) = row.ok_or_else(|| not_found(id))?;
+        let Some((state, lease_until)) = row else {
+            tx.rollback().await?;
+            // Unknown, or another instance's: say which.
+            self.check_worker_instance(id, instance).await?;
+            return Err(not_found(id));
+        };
         let state = worker_state(id, &state)?;
         // A rank it was told to stop and no longer runs has stopped, whether or not its
         // `finished` event arrives (a stale attempt's events are refused).
@@ -456,13 +538,68 @@ impl Store {
         .rows_affected())
     }
 
-    /// Whether a worker exists.
-    pub async fn worker_exists(&self, id: Uuid) -> Result<bool, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM workers WHERE id = $1)")
-                .bind(id)
-                .fetch_one(&self.pool)
-                .await?,
+    /// Checks that `instance` is the daemon instance holding worker `id` (NotFound: unknown, or
+    /// never registered with an instance; Superseded: another instance holds it).
+    pub async fn check_worker_instance(&self, id: Uuid, instance: Uuid) -> Result<(), StoreError> {
+        let holder: Holder = sqlx::query_as(
+            "SELECT host, gpu_index, instance_id, instance_since FROM workers WHERE id = $1",
         )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        instance_verdict(id, instance, holder)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg(instance: Uuid, previous: Option<Uuid>) -> WorkerRegistration {
+        WorkerRegistration {
+            host: "h".into(),
+            gpu_index: 0,
+            gpu_name: String::new(),
+            gpu_memory_bytes: 0,
+            running: vec![],
+            instance_id: instance,
+            previous_instance_id: previous,
+        }
+    }
+
+    #[test]
+    fn a_live_lease_is_taken_only_by_its_holder_or_the_holders_named_successor() {
+        let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        // Nobody holds it yet.
+        assert!(may_take(&reg(a, None), None, true));
+        // The holder itself (a re-registration) and the successor it names.
+        assert!(may_take(&reg(a, None), Some(a), true));
+        assert!(may_take(&reg(b, Some(a)), Some(a), true));
+        // Another instance, naming nobody or someone else: refused while the lease is live.
+        assert!(!may_take(&reg(b, None), Some(a), true));
+        assert!(!may_take(&reg(b, Some(c)), Some(a), true));
+        // Once the lease has lapsed, anyone.
+        assert!(may_take(&reg(b, None), Some(a), false));
+    }
+
+    #[test]
+    fn requests_of_another_instance_are_superseded_and_unknown_workers_not_found() {
+        let (id, a, b) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let held = |h| Some(("h".to_string(), 3, h, None));
+        assert!(instance_verdict(id, a, held(Some(a))).is_ok());
+        match instance_verdict(id, b, held(Some(a))) {
+            Err(StoreError::Superseded {
+                instance, holder, ..
+            }) => assert_eq!((instance, holder), (b, a)),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            instance_verdict(id, a, None),
+            Err(StoreError::NotFound { .. })
+        ));
+        assert!(matches!(
+            instance_verdict(id, a, held(None)),
+            Err(StoreError::NotFound { .. })
+        ));
     }
 }

@@ -540,12 +540,16 @@ fn train_command(args: TrainArgs) -> ExitCode {
             let deterministic = train::stop::is_deterministic(&e);
             eprintln!("error: {e:#}");
             if json {
-                let line = serde_json::json!({
-                    "event": "failed",
-                    "class": if deterministic { "deterministic" } else { "infra" },
-                    "reason": format!("{e:#}"),
-                });
-                println!("{line}");
+                use segtrain_worker::wire::{FailureClass, TrainerLine};
+                let line = TrainerLine::Failed {
+                    class: if deterministic {
+                        FailureClass::Deterministic
+                    } else {
+                        FailureClass::Infra
+                    },
+                    reason: format!("{e:#}"),
+                };
+                println!("{}", line.to_line());
             }
             ExitCode::from(if deterministic { 3 } else { 1 })
         }

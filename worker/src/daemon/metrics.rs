@@ -56,6 +56,11 @@ pub struct DaemonMetrics {
     pub report_failures: IntCounter,
     /// `segtrain_worker_events_acked_total`: events the coordinator acknowledged.
     pub events_acked: IntCounter,
+    /// `segtrain_worker_events_refused_total`: events the coordinator can never store (refused
+    /// for themselves, not for a stale attempt), dropped with a note on the job.
+    pub events_refused: IntCounter,
+    /// `segtrain_worker_trainer_lines_dropped_total{reason}`: trainer output lines not read.
+    pub lines_dropped: IntCounterVec,
     trainer_exits: IntCounterVec,
     trainers: Mutex<HashMap<RankKey, Phase>>,
 }
@@ -134,6 +139,18 @@ impl DaemonMetrics {
                 "segtrain_worker_events_acked_total",
                 "Events the coordinator acknowledged.",
             ),
+            events_refused: counter(
+                "segtrain_worker_events_refused_total",
+                "Events the coordinator refused for themselves (not a stale attempt); dropped, with a note on the job.",
+            ),
+            lines_dropped: IntCounterVec::new(
+                Opts::new(
+                    "segtrain_worker_trainer_lines_dropped_total",
+                    "Trainer output lines the daemon could not read, by reason (malformed, unknown_kind, too_long).",
+                ),
+                &["reason"],
+            )
+            .unwrap_or_else(|e| panic!("segtrain_worker_trainer_lines_dropped_total: {e}")),
             trainer_exits: IntCounterVec::new(
                 Opts::new(
                     "segtrain_worker_trainer_exits_total",
@@ -164,6 +181,9 @@ impl DaemonMetrics {
         ] {
             m.trainer_exits.with_label_values(&[o]).inc_by(0);
         }
+        for r in ["malformed", "unknown_kind", "too_long"] {
+            m.lines_dropped.with_label_values(&[r]).inc_by(0);
+        }
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(info),
             Box::new(m.trainer_state.clone()),
@@ -179,6 +199,8 @@ impl DaemonMetrics {
             Box::new(m.heartbeat_failures.clone()),
             Box::new(m.report_failures.clone()),
             Box::new(m.events_acked.clone()),
+            Box::new(m.events_refused.clone()),
+            Box::new(m.lines_dropped.clone()),
             Box::new(m.trainer_exits.clone()),
         ];
         for c in collectors {

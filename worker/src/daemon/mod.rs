@@ -3,14 +3,23 @@
 //! trainer's events — numbered, buffered and resent until acknowledged, so nothing is lost while
 //! the coordinator is away. A crashed or hung trainer never takes the daemon down (the
 //! torchelastic-agent / Determined-agent split). tch never runs here: the daemon is all tokio.
+//!
+//! Files: [`instance`] (one daemon per host and GPU), [`rank`] (one trainer: its output, its
+//! stop, its end), [`flush`] (the outbox to the coordinator, and what each refusal means),
+//! [`lines`] (bounded reading of trainer output), [`outbox`], [`trainer_process`], [`metrics`].
 
+pub mod flush;
+pub mod instance;
+pub mod lines;
 pub mod metrics;
 pub mod outbox;
+pub mod rank;
 pub mod trainer_process;
 
-use metrics::{DaemonMetrics, Phase};
+use metrics::DaemonMetrics;
 use outbox::Outbox;
 use segtrain_proto::client::{self as conn, AuthChannel, BearerToken, ClientTls};
+use segtrain_proto::refusal;
 use segtrain_proto::v1 as pb;
 use segtrain_proto::v1::worker_service_client::WorkerServiceClient;
 use std::collections::HashMap;
@@ -18,10 +27,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{oneshot, Notify};
-use tonic::Code;
-use trainer_process::{Parsed, RankKey};
+use tonic::{Code, Status};
+use trainer_process::RankKey;
 
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -31,11 +39,12 @@ pub struct DaemonConfig {
     pub host: String,
     /// The address other ranks use to reach this host's rank-0 TCP listener.
     pub advertise_host: String,
-    /// Per-rank job files and trainer logs.
+    /// Per-rank job files and trainer logs; the instance lock and record.
     pub work_dir: PathBuf,
     /// The trainer binary (normally this binary).
     pub exe: PathBuf,
-    /// Seconds a stopped trainer gets before it is killed.
+    /// Seconds a stopped trainer gets before it is killed, at most (the coordinator's
+    /// `--stop-grace-seconds` may shorten it: see [`stop_grace`]).
     pub grace: Duration,
     /// libtorch CPU threads per trainer (None: libtorch's default, all cores). Several CPU
     /// workers on one host should share the cores rather than each take them all.
@@ -48,23 +57,65 @@ pub struct DaemonConfig {
     pub metrics_listen: Option<SocketAddr>,
 }
 
+/// A request to stop one trainer: why, and the grace period the coordinator gave (None: the
+/// daemon's own, e.g. on its shutdown).
+#[derive(Debug, Clone)]
+pub struct StopRequest {
+    pub reason: String,
+    pub grace: Option<Duration>,
+}
+
+/// How long a stopped trainer gets before SIGKILL: the smaller of the daemon's `--grace-seconds`
+/// and the coordinator's `--stop-grace-seconds`, so neither side's promise is broken (the
+/// coordinator's: a cancel ends in its time; the daemon's: `systemctl stop` ends within the
+/// unit's TimeoutStopSec).
+pub fn stop_grace(daemon: Duration, coordinator: Option<Duration>) -> Duration {
+    coordinator.map_or(daemon, |c| c.min(daemon))
+}
+
 /// State shared by the daemon's tasks.
-struct Shared {
+pub(crate) struct Shared {
     cfg: DaemonConfig,
     channel: AuthChannel,
+    instance: instance::Instance,
     worker_id: Mutex<String>,
     /// The lease the coordinator grants (heartbeats go at a third of it).
     lease: Mutex<Duration>,
+    /// The coordinator's stop grace (from Register), for stops that do not carry one.
+    coordinator_grace: Mutex<Option<Duration>>,
     outbox: Mutex<Outbox>,
     wake_flush: Notify,
     /// Running trainers and how to stop each (`None` once asked to stop: a stopping trainer
     /// stays listed, so its worker is not freed, until its process has exited).
-    running: Mutex<HashMap<RankKey, Option<oneshot::Sender<String>>>>,
+    running: Mutex<HashMap<RankKey, Option<oneshot::Sender<StopRequest>>>>,
     metrics: DaemonMetrics,
+    /// Set once this daemon must not go on (another instance holds its worker).
+    fatal: Mutex<Option<String>>,
+    fatal_notify: Notify,
 }
 
 fn now() -> prost_types::Timestamp {
     prost_types::Timestamp::from(SystemTime::now())
+}
+
+/// Longest text the daemon sends in a note or a reason (the coordinator takes 4096 bytes).
+const MAX_TEXT: usize = 4000;
+
+/// Text the coordinator can store: no NUL (PostgreSQL text cannot hold it), at most
+/// [`MAX_TEXT`] bytes (cut at a character boundary, marked with "…").
+pub fn wire_text(s: &str) -> String {
+    let clean: String = s
+        .chars()
+        .map(|c| if c == '\0' { '\u{FFFD}' } else { c })
+        .collect();
+    if clean.len() <= MAX_TEXT {
+        return clean;
+    }
+    let mut end = MAX_TEXT - '…'.len_utf8();
+    while !clean.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &clean[..end])
 }
 
 impl Shared {
@@ -76,6 +127,14 @@ impl Shared {
 
     fn worker_id(&self) -> String {
         self.worker_id.lock().map(|w| w.clone()).unwrap_or_default()
+    }
+
+    fn instance_id(&self) -> String {
+        self.instance.id.to_string()
+    }
+
+    fn coordinator_grace(&self) -> Option<Duration> {
+        self.coordinator_grace.lock().ok().and_then(|g| *g)
     }
 
     fn running_list(&self) -> Vec<pb::RunningTrainer> {
@@ -100,31 +159,109 @@ impl Shared {
         self.wake_flush.notify_one();
     }
 
-    /// Registers (again), retrying until the coordinator answers.
-    async fn register(&self) {
+    /// A note on the job, about one of its ranks.
+    fn note(&self, key: &RankKey, text: &str) {
+        self.emit(
+            key,
+            pb::worker_event::Payload::Note(pb::Note {
+                text: wire_text(text),
+            }),
+        );
+    }
+
+    /// This daemon must stop: another instance holds its worker. The first reason wins.
+    fn fail(&self, why: String) {
+        if let Ok(mut f) = self.fatal.lock() {
+            if f.is_none() {
+                tracing::error!(error = %why, "this daemon cannot go on");
+                *f = Some(why);
+            }
+        }
+        self.fatal_notify.notify_waiters();
+    }
+
+    fn failed(&self) -> Option<String> {
+        self.fatal.lock().ok().and_then(|f| f.clone())
+    }
+
+    /// Resolves once [`fail`](Self::fail) was called.
+    async fn fatal(&self) -> String {
+        loop {
+            let wait = self.fatal_notify.notified();
+            if let Some(why) = self.failed() {
+                return why;
+            }
+            wait.await;
+        }
+    }
+
+    /// A refusal that ends this daemon (another instance holds its worker); true when it was
+    /// one.
+    fn fatal_refusal(&self, e: &Status) -> bool {
+        let reason = refusal::reason(e);
+        let fatal = matches!(
+            reason.as_deref(),
+            Some(refusal::WORKER_SUPERSEDED | refusal::WORKER_HELD)
+        );
+        if fatal {
+            self.fail(e.message().to_string());
+        }
+        fatal
+    }
+
+    /// Registers (again), retrying until the coordinator answers. Fails (and marks the daemon
+    /// failed) when another daemon instance holds this host and GPU.
+    async fn register(&self) -> Result<(), String> {
         let mut delay = Duration::from_millis(200);
         loop {
+            if let Some(why) = self.failed() {
+                return Err(why);
+            }
             let req = pb::RegisterRequest {
                 host: self.cfg.host.clone(),
                 gpu_index: self.cfg.gpu.map_or(-1, |g| g as i32),
                 gpu_name: gpu_name(self.cfg.gpu),
                 gpu_memory_bytes: 0,
                 running: self.running_list(),
+                instance_id: self.instance_id(),
+                previous_instance_id: self
+                    .instance
+                    .previous
+                    .map(|p| p.to_string())
+                    .unwrap_or_default(),
             };
             match self.client().register(req).await {
                 Ok(r) => {
                     let r = r.into_inner();
-                    tracing::info!(worker_id = %r.worker_id, acked_seq = r.acked_seq, "registered");
+                    tracing::info!(worker_id = %r.worker_id, instance = %self.instance.id, acked_seq = r.acked_seq, "registered");
+                    if let Err(e) = self.instance.record() {
+                        tracing::warn!(error = format!("{e:#}"), "cannot record this daemon's instance; a restart will wait for its lease to expire");
+                    }
                     if let Ok(mut w) = self.worker_id.lock() {
                         *w = r.worker_id;
                     }
                     if let Ok(mut l) = self.lease.lock() {
                         *l = Duration::from_secs(u64::from(r.lease_seconds.max(1)));
                     }
+                    if let Ok(mut g) = self.coordinator_grace.lock() {
+                        *g = Some(Duration::from_secs(u64::from(r.stop_grace_seconds)));
+                    }
                     if let Ok(mut o) = self.outbox.lock() {
                         o.resync(r.acked_seq);
                     }
-                    return;
+                    return Ok(());
+                }
+                Err(e)
+                    if e.code() == Code::AlreadyExists
+                        || refusal::reason(&e).as_deref() == Some(refusal::WORKER_SUPERSEDED) =>
+                {
+                    let code = match e.code() {
+                        Code::AlreadyExists => "ALREADY_EXISTS",
+                        _ => "FAILED_PRECONDITION",
+                    };
+                    let why = format!("{code}: {}", e.message());
+                    self.fail(why.clone());
+                    return Err(why);
                 }
                 Err(e) if matches!(e.code(), Code::Unauthenticated | Code::PermissionDenied) => {
                     tracing::error!(error = %e.message(), "the coordinator refused this daemon's token; give a worker token (--token-file or SEGTRAIN_TOKEN) and restart; retrying");
@@ -153,10 +290,13 @@ fn gpu_name(gpu: Option<u32>) -> String {
 }
 
 /// Runs the daemon until `shutdown` resolves; then stops its trainers and flushes what it can.
+/// Returns an error (and stops its trainers at once) when it must not run: its work dir is in
+/// use, or another daemon instance holds its host and GPU.
 pub async fn run(
     cfg: DaemonConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let instance = instance::claim(&cfg.work_dir, cfg.gpu)?;
     let channel = conn::connect_lazy(&cfg.coordinator, &cfg.tls, cfg.token.clone())?;
     // Bound before registering: the endpoint answers while the coordinator is unreachable.
     let metrics_listener = match cfg.metrics_listen {
@@ -168,11 +308,15 @@ pub async fn run(
         metrics,
         cfg,
         channel,
+        instance,
         worker_id: Mutex::new(String::new()),
         lease: Mutex::new(Duration::from_secs(15)),
+        coordinator_grace: Mutex::new(None),
         outbox: Mutex::new(Outbox::new(0)),
         wake_flush: Notify::new(),
         running: Mutex::new(HashMap::new()),
+        fatal: Mutex::new(None),
+        fatal_notify: Notify::new(),
     });
     let metrics_server = match metrics_listener {
         Some(listener) => {
@@ -186,30 +330,50 @@ pub async fn run(
         }
         None => None,
     };
-    shared.register().await;
+    tokio::pin!(shutdown);
+    tokio::select! {
+        r = shared.register() => r.map_err(anyhow::Error::msg)?,
+        () = &mut shutdown => return Ok(()),
+    }
 
     let heartbeat = tokio::spawn(heartbeat_loop(shared.clone()));
-    let flusher = tokio::spawn(flush_loop(shared.clone()));
+    let flusher = tokio::spawn(flush::flush_loop(shared.clone()));
     let assignments = tokio::spawn(assignment_loop(shared.clone()));
-    shutdown.await;
-    tracing::info!("shutting down: stopping trainers");
+    let fatal = tokio::select! {
+        () = &mut shutdown => None,
+        why = shared.fatal() => Some(why),
+    };
     assignments.abort();
-    let stops: Vec<oneshot::Sender<String>> = shared
+    let (reason, grace) = match &fatal {
+        // Another daemon owns the GPU now: free it at once.
+        Some(_) => (
+            "another daemon instance took over this worker",
+            Some(Duration::ZERO),
+        ),
+        None => ("the worker daemon is shutting down", None),
+    };
+    tracing::info!(reason, "stopping trainers");
+    let stops: Vec<oneshot::Sender<StopRequest>> = shared
         .running
         .lock()
         .map(|mut r| r.values_mut().filter_map(Option::take).collect())
         .unwrap_or_default();
     for tx in stops {
-        let _ = tx.send("the worker daemon is shutting down".to_string());
+        let _ = tx.send(StopRequest {
+            reason: reason.to_string(),
+            grace,
+        });
     }
     // Wait for the trainers to exit (each gets its grace period to checkpoint, then SIGKILL:
     // they die with this process, so leaving earlier would kill them mid-checkpoint) and for
     // the outbox to drain (their last checkpoint and `finished` events), within the grace
-    // period and a little more. systemd's TimeoutStopSec must be longer than this.
-    let deadline = tokio::time::Instant::now() + shared.cfg.grace + Duration::from_secs(10);
+    // period and a little more. systemd's TimeoutStopSec must be longer than this. A daemon
+    // that was replaced has nothing to report any more.
+    let deadline =
+        tokio::time::Instant::now() + grace.unwrap_or(shared.cfg.grace) + Duration::from_secs(10);
     while tokio::time::Instant::now() < deadline {
         let trainers = shared.running.lock().map(|r| r.len()).unwrap_or(0);
-        let empty = shared.outbox.lock().map(|o| o.is_empty()).unwrap_or(true);
+        let empty = fatal.is_some() || shared.outbox.lock().map(|o| o.is_empty()).unwrap_or(true);
         if trainers == 0 && empty {
             break;
         }
@@ -220,7 +384,10 @@ pub async fn run(
     if let Some(m) = metrics_server {
         m.abort();
     }
-    Ok(())
+    match fatal {
+        Some(why) => Err(anyhow::Error::msg(why)),
+        None => Ok(()),
+    }
 }
 
 /// Heartbeats at a third of the lease (at most every 3 s), faster while they fail.
@@ -239,6 +406,7 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
         let req = pb::HeartbeatRequest {
             worker_id: shared.worker_id(),
             running: shared.running_list(),
+            instance_id: shared.instance_id(),
         };
         match shared.client().heartbeat(req).await {
             Ok(r) => {
@@ -247,14 +415,20 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
                         &shared,
                         &s.job_id,
                         s.attempt,
-                        "the coordinator asked this attempt to stop",
+                        StopRequest {
+                            reason: "the coordinator asked this attempt to stop".into(),
+                            grace: shared.coordinator_grace(),
+                        },
                     );
                 }
                 interval = every(&shared);
             }
+            Err(e) if shared.fatal_refusal(&e) => return,
             Err(e) if e.code() == Code::NotFound => {
                 shared.metrics.heartbeat_failures.inc();
-                shared.register().await
+                if shared.register().await.is_err() {
+                    return;
+                }
             }
             Err(e) => {
                 shared.metrics.heartbeat_failures.inc();
@@ -265,70 +439,20 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
     }
 }
 
-/// Sends the outbox in order, one (job, attempt) run at a time, so that a stale attempt's events
-/// can be dropped without losing anyone else's.
-async fn flush_loop(shared: Arc<Shared>) {
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        let batch: Vec<pb::WorkerEvent> = shared
-            .outbox
-            .lock()
-            .map(|o| o.batch(256))
-            .unwrap_or_default();
-        let Some(first) = batch.first() else {
-            let _ =
-                tokio::time::timeout(Duration::from_secs(1), shared.wake_flush.notified()).await;
-            continue;
-        };
-        let (job, attempt) = (first.job_id.clone(), first.attempt);
-        let events: Vec<pb::WorkerEvent> = batch
-            .into_iter()
-            .take_while(|e| e.job_id == job && e.attempt == attempt)
-            .collect();
-        let req = pb::ReportEventsRequest {
-            worker_id: shared.worker_id(),
-            events,
-        };
-        match shared.client().report_events(req).await {
-            Ok(r) => {
-                if let Ok(mut o) = shared.outbox.lock() {
-                    let before = o.len();
-                    o.ack(r.into_inner().acked_seq);
-                    shared
-                        .metrics
-                        .events_acked
-                        .inc_by(before.saturating_sub(o.len()) as u64);
-                }
-                backoff = Duration::from_millis(200);
-            }
-            Err(e) if e.code() == Code::FailedPrecondition => {
-                tracing::warn!(job = %job, attempt, error = %e.message(), "events of a stale attempt dropped");
-                if let Ok(mut o) = shared.outbox.lock() {
-                    o.drop_attempt(&job, attempt);
-                }
-            }
-            Err(e) if e.code() == Code::NotFound => shared.register().await,
-            Err(e) => {
-                shared.metrics.report_failures.inc();
-                let pending = shared.outbox.lock().map(|o| o.len()).unwrap_or(0);
-                tracing::warn!(error = %e.message(), pending, "cannot report events yet; keeping them");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-}
-
 async fn assignment_loop(shared: Arc<Shared>) {
     loop {
         let req = pb::AwaitAssignmentRequest {
             worker_id: shared.worker_id(),
+            instance_id: shared.instance_id(),
         };
         let mut stream = match shared.client().await_assignment(req).await {
             Ok(s) => s.into_inner(),
+            Err(e) if shared.fatal_refusal(&e) => return,
             Err(e) => {
                 if e.code() == Code::NotFound {
-                    shared.register().await;
+                    if shared.register().await.is_err() {
+                        return;
+                    }
                 } else {
                     tracing::warn!(error = %e.message(), "assignment stream unavailable; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -351,15 +475,22 @@ async fn assignment_loop(shared: Arc<Shared>) {
                             if let Ok(mut r) = shared.running.lock() {
                                 r.insert(key.clone(), Some(tx));
                             }
-                            tokio::spawn(run_rank(shared.clone(), a, rx));
+                            tokio::spawn(rank::run_rank(shared.clone(), a, rx));
                         }
                     }
-                    Some(pb::assignment_message::Kind::Stop(s)) => {
-                        stop(&shared, &s.job_id, s.attempt, &s.reason)
-                    }
+                    Some(pb::assignment_message::Kind::Stop(s)) => stop(
+                        &shared,
+                        &s.job_id,
+                        s.attempt,
+                        StopRequest {
+                            reason: s.reason,
+                            grace: Some(Duration::from_secs(u64::from(s.grace_seconds))),
+                        },
+                    ),
                     None => {}
                 },
                 Ok(None) => break,
+                Err(e) if shared.fatal_refusal(&e) => return,
                 Err(e) => {
                     tracing::warn!(error = %e.message(), "assignment stream broke; reconnecting");
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -371,7 +502,7 @@ async fn assignment_loop(shared: Arc<Shared>) {
 }
 
 /// Asks every trainer of (job, attempt) on this worker to stop.
-fn stop(shared: &Shared, job_id: &str, attempt: u32, reason: &str) {
+fn stop(shared: &Shared, job_id: &str, attempt: u32, req: StopRequest) {
     let keys: Vec<RankKey> = shared
         .running
         .lock()
@@ -389,210 +520,31 @@ fn stop(shared: &Shared, job_id: &str, attempt: u32, reason: &str) {
             .ok()
             .and_then(|mut r| r.get_mut(&k).and_then(Option::take));
         if let Some(tx) = tx {
-            tracing::info!(job = %k.job_id, attempt = k.attempt, rank = k.rank, reason, "stopping trainer");
-            let _ = tx.send(reason.to_string());
+            tracing::info!(job = %k.job_id, attempt = k.attempt, rank = k.rank, reason = %req.reason, "stopping trainer");
+            let _ = tx.send(req.clone());
         }
     }
 }
 
-/// Runs one rank: rendezvous, the child trainer, its events, its end.
-async fn run_rank(shared: Arc<Shared>, a: pb::Assignment, mut stop_rx: oneshot::Receiver<String>) {
-    let key = RankKey::of(&a);
-    shared.metrics.set_phase(&key, Phase::Starting);
-    let finish = |outcome: pb::Outcome, reason: String| {
-        let name = outcome.as_str_name().trim_start_matches("OUTCOME_");
-        tracing::info!(job = %key.job_id, attempt = key.attempt, rank = key.rank, outcome = name, reason = %reason, "trainer finished");
-        shared.metrics.finished(&key, name);
-        shared.emit(
-            &key,
-            pb::worker_event::Payload::Finished(pb::AttemptFinished {
-                outcome: outcome as i32,
-                reason,
-            }),
-        );
-        if let Ok(mut r) = shared.running.lock() {
-            r.remove(&key);
-        }
-    };
-    let spec = match segtrain_spec::JobSpec::from_proto(&a.spec.clone().unwrap_or_default()) {
-        Ok(s) => s,
-        Err(e) => {
-            return finish(
-                pb::Outcome::FailedDeterministic,
-                format!("invalid spec: {e}"),
-            )
-        }
-    };
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    // Ranks > 0 wait for rank 0's endpoint (or a stop).
-    let mut endpoint = None;
-    if a.rank > 0 && a.world_size > 1 {
-        loop {
-            let req = pb::AwaitRendezvousRequest {
-                worker_id: shared.worker_id(),
-                job_id: a.job_id.clone(),
-                attempt: a.attempt,
-                timeout_seconds: 30,
-            };
-            let mut client = shared.client();
-            tokio::select! {
-                reason = &mut stop_rx => {
-                    return finish(pb::Outcome::Canceled, reason.unwrap_or_else(|_| "stopped".into()));
-                }
-                r = client.await_rendezvous(req) => match r {
-                    Ok(r) => { endpoint = r.into_inner().endpoint; break; }
-                    Err(e) if matches!(e.code(), Code::DeadlineExceeded | Code::Unavailable | Code::Unknown) => continue,
-                    Err(e) => return finish(pb::Outcome::FailedInfra, format!("rendezvous: {}", e.message())),
-                }
-            }
-        }
+    #[test]
+    fn the_smaller_grace_wins() {
+        let s = Duration::from_secs;
+        assert_eq!(stop_grace(s(60), Some(s(2))), s(2));
+        assert_eq!(stop_grace(s(5), Some(s(30))), s(5));
+        assert_eq!(stop_grace(s(30), None), s(30));
+        assert_eq!(stop_grace(s(30), Some(s(0))), s(0));
     }
 
-    let work_dir = shared
-        .cfg
-        .work_dir
-        .join(format!("{}-a{}-r{}", key.job_id, key.attempt, key.rank));
-    let launch = trainer_process::Launch {
-        exe: &shared.cfg.exe,
-        assignment: &a,
-        spec: &spec,
-        work_dir: &work_dir,
-        gpu: shared.cfg.gpu,
-        rendezvous: endpoint,
-        advertise_host: &shared.cfg.advertise_host,
-        torch_threads: shared.cfg.torch_threads,
-    };
-    let (mut child, log) = match trainer_process::spawn(&launch) {
-        Ok(c) => c,
-        Err(e) => return finish(pb::Outcome::FailedInfra, format!("{e:#}")),
-    };
-    tracing::info!(job = %key.job_id, attempt = key.attempt, rank = key.rank, pid = child.id(), "trainer started");
-    let Some(stdout) = child.stdout.take() else {
-        return finish(pb::Outcome::FailedInfra, "trainer has no stdout".into());
-    };
-    let mut lines = BufReader::new(stdout).lines();
-    let mut stopped: Option<String> = None;
-    let mut failed: Option<(bool, String)> = None;
-    let mut stdout_open = true;
-    loop {
-        tokio::select! {
-            line = lines.next_line(), if stdout_open => match line {
-                Ok(Some(l)) => match trainer_process::parse_line(&l, &key.job_id, key.attempt) {
-                    Ok(Parsed::Event(p)) => {
-                        match &p {
-                            pb::worker_event::Payload::Started(_) if stopped.is_none() => {
-                                shared.metrics.set_phase(&key, Phase::Running)
-                            }
-                            pb::worker_event::Payload::Metrics(m) => {
-                                shared.metrics.observe(m.iteration, &m.values);
-                                let v = |k: &str| m.values.get(k).copied().unwrap_or(f64::NAN);
-                                tracing::info!(job = %key.job_id, attempt = key.attempt, rank = key.rank, iteration = m.iteration, loss = v("loss"), lr = v("lr"), images_per_s = v("images_per_s"), step_ms = v("step_ms"), data_wait_ms = v("data_wait_ms"), "progress");
-                            }
-                            _ => {}
-                        }
-                        shared.emit(&key, p)
-                    }
-                    Ok(Parsed::Local { iteration, values }) => {
-                        shared.metrics.observe(iteration, &values)
-                    }
-                    Ok(Parsed::Checkpoint { complete, deleted }) => {
-                        shared.emit(&key, complete);
-                        if let Some(d) = deleted {
-                            shared.emit(&key, d);
-                        }
-                    }
-                    Ok(Parsed::Failed { deterministic, reason }) => failed = Some((deterministic, reason)),
-                    Ok(Parsed::Rendezvous(ep)) => publish(&shared, &key, ep).await,
-                    Ok(Parsed::Collective { backend, detail }) => {
-                        tracing::info!(job = %key.job_id, attempt = key.attempt, rank = key.rank, backend, detail, "collective ready")
-                    }
-                    Ok(Parsed::Ignored) => {}
-                    Err(e) => tracing::warn!(job = %key.job_id, attempt = key.attempt, rank = key.rank, error = %e, "unreadable trainer output"),
-                },
-                _ => stdout_open = false,
-            },
-            reason = &mut stop_rx, if stopped.is_none() => {
-                let reason = reason.unwrap_or_else(|_| "stopped".into());
-                stopped = Some(reason);
-                shared.metrics.set_phase(&key, Phase::Stopping);
-                terminate(&mut child, shared.cfg.grace).await;
-            }
-            status = child.wait(), if !stdout_open => {
-                let (outcome, reason) = outcome_of(stopped.take(), failed.take(), status, &log);
-                return finish(outcome, reason);
-            }
-        }
-    }
-}
-
-/// How a trainer ended: stopped on request (whatever its exit status), finished, failed as the
-/// trainer classified it, or killed (an infrastructure failure: OOM killer, operator, crash).
-fn outcome_of(
-    stopped: Option<String>,
-    failed: Option<(bool, String)>,
-    status: std::io::Result<std::process::ExitStatus>,
-    log: &std::path::Path,
-) -> (pb::Outcome, String) {
-    use std::os::unix::process::ExitStatusExt;
-    match (stopped, failed, status) {
-        (Some(reason), _, _) => (pb::Outcome::Canceled, reason),
-        (None, _, Ok(s)) if s.success() => (pb::Outcome::Succeeded, String::new()),
-        (None, Some((true, reason)), Ok(_)) => (pb::Outcome::FailedDeterministic, reason),
-        (None, Some((false, reason)), Ok(_)) => (pb::Outcome::FailedInfra, reason),
-        (None, None, Ok(s)) => match s.signal() {
-            Some(sig) => (
-                pb::Outcome::FailedInfra,
-                format!("the trainer was killed by signal {sig}"),
-            ),
-            None => (
-                pb::Outcome::FailedInfra,
-                format!(
-                    "the trainer exited with {s}: {}",
-                    trainer_process::log_tail(log, 3)
-                ),
-            ),
-        },
-        (None, _, Err(e)) => (
-            pb::Outcome::FailedInfra,
-            format!("cannot wait for the trainer: {e}"),
-        ),
-    }
-}
-
-/// SIGTERM, then SIGKILL after the grace period.
-async fn terminate(child: &mut tokio::process::Child, grace: Duration) {
-    if let Some(pid) = child.id() {
-        // SAFETY: signalling our own child process by its pid.
-        unsafe {
-            libc::kill(pid as i32, libc::SIGTERM);
-        }
-    }
-    if tokio::time::timeout(grace, child.wait()).await.is_err() {
-        let _ = child.kill().await;
-    }
-}
-
-/// Publishes rank 0's endpoint, retrying while the coordinator is unreachable.
-async fn publish(shared: &Shared, key: &RankKey, ep: pb::publish_rendezvous_request::Endpoint) {
-    for _ in 0..60 {
-        let req = pb::PublishRendezvousRequest {
-            worker_id: shared.worker_id(),
-            job_id: key.job_id.clone(),
-            attempt: key.attempt,
-            endpoint: Some(ep.clone()),
-        };
-        match shared.client().publish_rendezvous(req).await {
-            Ok(_) => {
-                tracing::info!(job = %key.job_id, attempt = key.attempt, rank = key.rank, "rendezvous published");
-                return;
-            }
-            Err(e) if e.code() == Code::Unavailable => {
-                tokio::time::sleep(Duration::from_secs(1)).await
-            }
-            Err(e) => {
-                tracing::warn!(job = %key.job_id, attempt = key.attempt, rank = key.rank, error = %e.message(), "cannot publish the rendezvous");
-                return;
-            }
-        }
+    #[test]
+    fn texts_are_storable() {
+        assert_eq!(wire_text("a\0b"), "a\u{FFFD}b");
+        let long = "é".repeat(3000);
+        let t = wire_text(&long);
+        assert!(t.len() <= MAX_TEXT && t.ends_with('…'), "{}", t.len());
+        assert_eq!(wire_text("short"), "short");
     }
 }

@@ -44,6 +44,20 @@ impl Outbox {
         }
     }
 
+    /// Drops one event (the coordinator can never store it).
+    pub fn remove(&mut self, seq: u64) {
+        self.pending.retain(|e| e.seq != seq);
+    }
+
+    /// Puts `payload` in the place (and under the number) of event `seq`: what replaces an
+    /// event the coordinator refused arrives where it would have, before the events after it
+    /// (a note after the job's end would not be recorded).
+    pub fn replace(&mut self, seq: u64, payload: pb::worker_event::Payload) {
+        if let Some(e) = self.pending.iter_mut().find(|e| e.seq == seq) {
+            e.payload = Some(payload);
+        }
+    }
+
     /// Drops the events of an attempt the coordinator refused as stale.
     pub fn drop_attempt(&mut self, job_id: &str, attempt: u32) {
         self.pending
@@ -87,6 +101,20 @@ mod tests {
             vec![12, 13]
         );
         o.drop_attempt("a", 1);
+        assert_eq!(
+            o.batch(10).iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![13]
+        );
+        o.push(ev("b", 2));
+        o.replace(
+            13,
+            pb::worker_event::Payload::Note(pb::Note { text: "n".into() }),
+        );
+        assert!(matches!(
+            o.batch(1)[0].payload,
+            Some(pb::worker_event::Payload::Note(_))
+        ));
+        o.remove(14);
         assert_eq!(
             o.batch(10).iter().map(|e| e.seq).collect::<Vec<_>>(),
             vec![13]

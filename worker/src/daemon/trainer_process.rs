@@ -1,7 +1,8 @@
 //! One trainer child process: `segtrain-worker train --json ...` for one rank of one attempt.
-//! Its stdout is a stream of JSON events (see `train::report::event_json`) that become
-//! `segtrain.v1.WorkerEvent`s; a crash or hang of the child never takes the daemon down.
+//! Its stdout is a stream of [`crate::wire::TrainerLine`]s that become `segtrain.v1.WorkerEvent`s;
+//! a crash or hang of the child never takes the daemon down.
 
+use crate::wire::{self, FailureClass, LineError, TrainerLine};
 use base64::Engine;
 use segtrain_proto::v1 as pb;
 use std::collections::HashMap;
@@ -69,114 +70,126 @@ pub enum Parsed {
         backend: String,
         detail: String,
     },
-    /// A line the daemon does not forward (e.g. "finished": the exit status decides the outcome).
+    /// A line the daemon does not forward ("stopped", "finished": the exit status decides the
+    /// outcome).
     Ignored,
 }
 
-fn num(v: &serde_json::Value) -> f64 {
-    v.as_f64().unwrap_or(f64::NAN)
+fn values(v: &wire::Values) -> HashMap<String, f64> {
+    v.iter().map(|(k, x)| (k.clone(), x.0)).collect()
 }
 
-fn values(v: &serde_json::Value) -> HashMap<String, f64> {
-    v.as_object()
-        .map(|m| m.iter().map(|(k, v)| (k.clone(), num(v))).collect())
-        .unwrap_or_default()
-}
-
-/// Parses one stdout line of `train --json`.
-pub fn parse_line(line: &str, job_id: &str, attempt: u32) -> Result<Parsed, String> {
+/// Parses one stdout line of `train --json` (see [`crate::wire`]).
+pub fn parse_line(line: &str, job_id: &str, attempt: u32) -> Result<Parsed, LineError> {
     use pb::worker_event::Payload;
-    let v: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| format!("not a JSON event ({e}): {line}"))?;
-    let it = v["iteration"].as_u64().unwrap_or(0);
-    Ok(match v["event"].as_str().unwrap_or("") {
-        "started" => Parsed::Event(Payload::Started(pb::AttemptStarted {})),
-        "metrics" => Parsed::Event(Payload::Metrics(pb::MetricsReport {
-            iteration: it,
-            values: values(&v["values"]),
+    Ok(match TrainerLine::parse(line)? {
+        TrainerLine::Started { .. } => Parsed::Event(Payload::Started(pb::AttemptStarted {})),
+        TrainerLine::Metrics {
+            iteration,
+            values: v,
+        } => Parsed::Event(Payload::Metrics(pb::MetricsReport {
+            iteration,
+            values: values(&v),
         })),
-        "rank_metrics" => Parsed::Local {
-            iteration: it,
-            values: values(&v["values"]),
+        TrainerLine::RankMetrics {
+            iteration,
+            values: v,
+        } => Parsed::Local {
+            iteration,
+            values: values(&v),
         },
-        "eval" => Parsed::Event(Payload::Eval(pb::EvalReport {
-            iteration: it,
-            miou: num(&v["miou"]),
-            aacc: num(&v["aacc"]),
-            loss: num(&v["loss"]),
-            class_iou: v["class_iou"]
-                .as_array()
-                .map(|a| a.iter().map(num).collect())
-                .unwrap_or_default(),
+        TrainerLine::Eval {
+            iteration,
+            miou,
+            aacc,
+            loss,
+            class_iou,
+            ..
+        } => Parsed::Event(Payload::Eval(pb::EvalReport {
+            iteration,
+            miou: miou.0,
+            aacc: aacc.0,
+            loss: loss.0,
+            class_iou: class_iou.iter().map(|x| x.0).collect(),
         })),
-        "checkpoint_pending" => Parsed::Event(Payload::CheckpointPending(pb::CheckpointPending {
-            iteration: it,
-            uri: v["uri"].as_str().unwrap_or_default().to_string(),
-        })),
-        "resumed" => Parsed::Event(Payload::Resumed(pb::Resumed {
-            iteration: it,
-            uri: v["uri"].as_str().unwrap_or_default().to_string(),
-            skipped: v["skipped"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|s| pb::SkippedCheckpoint {
-                            iteration: s["iteration"].as_u64().unwrap_or(0),
-                            uri: s["uri"].as_str().unwrap_or_default().to_string(),
-                            reason: s["reason"].as_str().unwrap_or_default().to_string(),
-                        })
-                        .collect()
+        TrainerLine::CheckpointPending { iteration, uri } => {
+            Parsed::Event(Payload::CheckpointPending(pb::CheckpointPending {
+                iteration,
+                uri,
+            }))
+        }
+        TrainerLine::Resumed {
+            iteration,
+            uri,
+            skipped,
+        } => Parsed::Event(Payload::Resumed(pb::Resumed {
+            iteration,
+            uri,
+            skipped: skipped
+                .into_iter()
+                .map(|s| pb::SkippedCheckpoint {
+                    iteration: s.iteration,
+                    uri: s.uri,
+                    reason: s.reason,
                 })
-                .unwrap_or_default(),
+                .collect(),
         })),
-        "failed" => Parsed::Failed {
-            deterministic: v["class"].as_str() == Some("deterministic"),
-            reason: v["reason"].as_str().unwrap_or_default().to_string(),
+        TrainerLine::Failed { class, reason } => Parsed::Failed {
+            deterministic: class == FailureClass::Deterministic,
+            reason,
         },
-        "checkpoint" => Parsed::Checkpoint {
-            deleted: v["deleted"].as_array().filter(|a| !a.is_empty()).map(|a| {
-                Payload::CheckpointsDeleted(pb::CheckpointsDeleted {
-                    uris: a
-                        .iter()
-                        .filter_map(|u| u.as_str().map(str::to_string))
-                        .collect(),
-                })
-            }),
+        TrainerLine::Checkpoint {
+            iteration,
+            uri,
+            bytes,
+            sha256,
+            metrics,
+            deleted,
+        } => Parsed::Checkpoint {
+            deleted: (!deleted.is_empty()).then_some(Payload::CheckpointsDeleted(
+                pb::CheckpointsDeleted { uris: deleted },
+            )),
             complete: Payload::Checkpoint(pb::CheckpointReport {
                 checkpoint: Some(pb::Checkpoint {
                     job_id: job_id.to_string(),
                     attempt,
-                    iteration: it,
-                    uri: v["uri"].as_str().unwrap_or_default().to_string(),
-                    bytes: v["bytes"].as_u64().unwrap_or(0),
-                    sha256: v["sha256"].as_str().unwrap_or_default().to_string(),
+                    iteration,
+                    uri,
+                    bytes,
+                    sha256,
                     state: pb::CheckpointState::Complete as i32,
-                    metrics: values(&v["metrics"]),
+                    metrics: values(&metrics),
                     created_at: None,
                 }),
             }),
         },
-        "rendezvous" => {
-            if let Some(addr) = v["tcp_address"].as_str() {
-                Parsed::Rendezvous(pb::publish_rendezvous_request::Endpoint::TcpAddress(
-                    addr.to_string(),
-                ))
-            } else if let Some(id) = v["nccl_unique_id"].as_str() {
+        TrainerLine::Rendezvous {
+            tcp_address,
+            nccl_unique_id,
+        } => match (tcp_address, nccl_unique_id) {
+            (Some(addr), _) => {
+                Parsed::Rendezvous(pb::publish_rendezvous_request::Endpoint::TcpAddress(addr))
+            }
+            (None, Some(id)) => {
                 let bytes = base64::engine::general_purpose::STANDARD
-                    .decode(id)
-                    .map_err(|e| format!("bad nccl_unique_id: {e}"))?;
+                    .decode(&id)
+                    .map_err(|e| LineError::Malformed {
+                        kind: "rendezvous".into(),
+                        error: format!("nccl_unique_id is not base64: {e}"),
+                    })?;
                 Parsed::Rendezvous(pb::publish_rendezvous_request::Endpoint::NcclUniqueId(
                     bytes,
                 ))
-            } else {
-                return Err(format!("rendezvous event without an endpoint: {line}"));
             }
-        }
-        "collective" => Parsed::Collective {
-            backend: v["backend"].as_str().unwrap_or_default().to_string(),
-            detail: v["detail"].as_str().unwrap_or_default().to_string(),
+            (None, None) => {
+                return Err(LineError::Malformed {
+                    kind: "rendezvous".into(),
+                    error: "no tcp_address nor nccl_unique_id".into(),
+                })
+            }
         },
-        _ => Parsed::Ignored,
+        TrainerLine::Collective { backend, detail } => Parsed::Collective { backend, detail },
+        TrainerLine::Stopped { .. } | TrainerLine::Finished { .. } => Parsed::Ignored,
     })
 }
 
@@ -375,7 +388,9 @@ mod tests {
     fn parses_every_event_kind() {
         let p = |l: &str| parse_line(l, "job", 2).expect("parses");
         assert!(matches!(
-            p(r#"{"event":"started","start_iteration":0}"#),
+            p(
+                r#"{"event":"started","start_iteration":0,"max_iters":9,"train_images":1,"val_images":1,"device":"cpu","parameters":5}"#
+            ),
             Parsed::Event(pb::worker_event::Payload::Started(_))
         ));
         match p(r#"{"event":"metrics","iteration":50,"values":{"loss":0.5,"lr":null}}"#) {
@@ -448,7 +463,22 @@ mod tests {
             p(r#"{"event":"finished","iteration":5}"#),
             Parsed::Ignored
         ));
-        assert!(parse_line("not json", "job", 1).is_err());
+        assert!(matches!(
+            p(r#"{"event":"stopped","iteration":5}"#),
+            Parsed::Ignored
+        ));
+        assert!(matches!(
+            parse_line("not json", "job", 1),
+            Err(LineError::NotJson(_))
+        ));
+        assert!(matches!(
+            parse_line(r#"{"event":"rendezvous"}"#, "job", 1),
+            Err(LineError::Malformed { .. })
+        ));
+        assert!(matches!(
+            parse_line(r#"{"event":"rendezvous","nccl_unique_id":"%%"}"#, "job", 1),
+            Err(LineError::Malformed { .. })
+        ));
     }
 
     #[test]

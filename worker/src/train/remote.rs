@@ -204,6 +204,36 @@ impl RemoteDir {
     }
 }
 
+/// Downloads one object (pretrained weights: `pretrained = "gs://bucket/mit_b2.safetensors"`)
+/// into the local file `dest`, as checkpoints are fetched. An object that does not exist, or
+/// that this host may not read, is a deterministic failure (a restart would not find it
+/// either); anything else (the network, the service) is worth a restart.
+pub fn fetch(store: &RemoteStore, path: &ObjPath, dest: &Path) -> anyhow::Result<()> {
+    let uri = store.uri(path);
+    let got = block_on(async {
+        let r = store.store.get(path).await;
+        match r {
+            Ok(r) => Ok(Ok(r.bytes().await)),
+            Err(e) => Ok(Err(e)),
+        }
+    })?;
+    let bytes = match got {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => return Err(e).with_context(|| format!("cannot download {uri}")),
+        Err(
+            e @ (object_store::Error::NotFound { .. }
+            | object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. }),
+        ) => {
+            return Err(super::stop::deterministic(
+                anyhow::Error::new(e).context(format!("{uri} cannot be read")),
+            ))
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot download {uri}")),
+    };
+    std::fs::write(dest, &bytes).with_context(|| format!("cannot write {}", dest.display()))
+}
+
 /// Downloads the checkpoint at `path` of `store` into the local directory `local` (replacing
 /// it), manifest first; the caller verifies it ([`checkpoint::load`]).
 pub fn download(store: &RemoteStore, path: &ObjPath, local: &Path) -> anyhow::Result<()> {
@@ -249,6 +279,26 @@ mod tests {
         assert!(is_remote("gs://bucket/prefix"));
         assert!(!is_remote("/var/lib/segtrain/checkpoints"));
         assert!(!is_remote("file:///var/lib/segtrain"));
+    }
+
+    #[test]
+    fn an_object_is_fetched_and_a_missing_one_fails_deterministically() {
+        let mem: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let store = RemoteStore::new(mem.clone(), "memory://w");
+        let path = ObjPath::from("mit/b0.safetensors");
+        block_on(async {
+            mem.put(&path, PutPayload::from(vec![1u8, 2, 3]))
+                .await
+                .map_err(anyhow::Error::from)
+        })
+        .expect("put");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let dest = dir.path().join("w.safetensors");
+        fetch(&store, &path, &dest).expect("fetched");
+        assert_eq!(std::fs::read(&dest).expect("read"), [1, 2, 3]);
+        let e = fetch(&store, &ObjPath::from("mit/none"), &dest).expect_err("missing");
+        assert!(super::super::stop::is_deterministic(&e), "{e:#}");
+        assert!(format!("{e:#}").contains("memory://w/mit/none"), "{e:#}");
     }
 
     #[test]

@@ -1,9 +1,9 @@
-//! How `segtrain-worker train` shows progress: one JSON object per event (`--json`, what the
+//! How `segtrain-worker train` shows progress: one [`TrainerLine`] per event (`--json`, what the
 //! worker daemon reads), or log lines, with a progress bar when stderr is a terminal.
 
 use super::trainer::{EventSink, TrainEvent};
+use crate::wire::{self, Real, TrainerLine};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::json;
 use std::io::{IsTerminal, Write};
 
 pub struct Reporter {
@@ -24,32 +24,29 @@ impl Reporter {
     }
 }
 
-/// Finite numbers as JSON numbers, others as null (JSON has no NaN).
-fn num(v: f64) -> serde_json::Value {
-    serde_json::Number::from_f64(v)
-        .map(serde_json::Value::Number)
-        .unwrap_or(serde_json::Value::Null)
+fn reals(values: &std::collections::BTreeMap<String, f64>) -> wire::Values {
+    values.iter().map(|(k, v)| (k.clone(), Real(*v))).collect()
 }
 
-pub fn event_json(ev: &TrainEvent) -> serde_json::Value {
+/// The wire form of an event (what `--json` prints, one line each).
+pub fn event_line(ev: &TrainEvent) -> TrainerLine {
     match ev {
         TrainEvent::Rendezvous {
             tcp_address,
             nccl_unique_id,
         } => {
             use base64::Engine;
-            let mut v = json!({"event": "rendezvous"});
-            if let Some(a) = tcp_address {
-                v["tcp_address"] = json!(a);
+            TrainerLine::Rendezvous {
+                tcp_address: tcp_address.clone(),
+                nccl_unique_id: nccl_unique_id
+                    .as_ref()
+                    .map(|id| base64::engine::general_purpose::STANDARD.encode(id)),
             }
-            if let Some(id) = nccl_unique_id {
-                v["nccl_unique_id"] = json!(base64::engine::general_purpose::STANDARD.encode(id));
-            }
-            v
         }
-        TrainEvent::Collective { backend, detail } => {
-            json!({"event": "collective", "backend": backend, "detail": detail})
-        }
+        TrainEvent::Collective { backend, detail } => TrainerLine::Collective {
+            backend: backend.clone(),
+            detail: detail.clone(),
+        },
         TrainEvent::Started {
             start_iteration,
             max_iters,
@@ -58,43 +55,77 @@ pub fn event_json(ev: &TrainEvent) -> serde_json::Value {
             device,
             resumed_from,
             parameters,
-        } => json!({"event": "started", "start_iteration": start_iteration, "max_iters": max_iters,
-            "train_images": train_images, "val_images": val_images, "device": device,
-            "resumed_from": resumed_from, "parameters": parameters}),
-        TrainEvent::Metrics { iteration, values } => {
-            json!({"event": "metrics", "iteration": iteration,
-            "values": values.iter().map(|(k, v)| (k.clone(), num(*v))).collect::<serde_json::Map<_, _>>()})
-        }
-        TrainEvent::RankMetrics { iteration, values } => {
-            json!({"event": "rank_metrics", "iteration": iteration,
-            "values": values.iter().map(|(k, v)| (k.clone(), num(*v))).collect::<serde_json::Map<_, _>>()})
-        }
-        TrainEvent::Eval { iteration, result } => json!({"event": "eval", "iteration": iteration,
-            "miou": num(result.metrics.miou), "aacc": num(result.metrics.aacc), "loss": num(result.loss),
-            "class_iou": result.metrics.class_iou, "images": result.images}),
+        } => TrainerLine::Started {
+            start_iteration: *start_iteration,
+            max_iters: *max_iters,
+            train_images: *train_images as u64,
+            val_images: *val_images as u64,
+            device: device.clone(),
+            resumed_from: resumed_from.as_ref().map(|p| p.display().to_string()),
+            parameters: *parameters,
+        },
+        TrainEvent::Metrics { iteration, values } => TrainerLine::Metrics {
+            iteration: *iteration,
+            values: reals(values),
+        },
+        TrainEvent::RankMetrics { iteration, values } => TrainerLine::RankMetrics {
+            iteration: *iteration,
+            values: reals(values),
+        },
+        TrainEvent::Eval { iteration, result } => TrainerLine::Eval {
+            iteration: *iteration,
+            miou: Real(result.metrics.miou),
+            aacc: Real(result.metrics.aacc),
+            loss: Real(result.loss),
+            class_iou: result
+                .metrics
+                .class_iou
+                .iter()
+                .map(|v| Real(v.unwrap_or(f64::NAN)))
+                .collect(),
+            images: result.images as u64,
+        },
         TrainEvent::Checkpoint {
             saved,
             uri,
             metrics,
             deleted,
-        } => json!({"event": "checkpoint",
-            "iteration": saved.iteration, "uri": uri, "bytes": saved.bytes, "sha256": saved.sha256,
-            "metrics": metrics.iter().map(|(k, v)| (k.clone(), num(*v))).collect::<serde_json::Map<_, _>>(),
-            "deleted": deleted}),
+        } => TrainerLine::Checkpoint {
+            iteration: saved.iteration,
+            uri: uri.clone(),
+            bytes: saved.bytes,
+            sha256: saved.sha256.clone(),
+            metrics: reals(metrics),
+            deleted: deleted.clone(),
+        },
         TrainEvent::Resumed {
             iteration,
             uri,
             skipped,
-        } => json!({"event": "resumed", "iteration": iteration, "uri": uri,
-            "skipped": skipped.iter().map(|(it, uri, why)| json!({"iteration": it, "uri": uri, "reason": why})).collect::<Vec<_>>()}),
-        TrainEvent::CheckpointPending { iteration, uri } => {
-            json!({"event": "checkpoint_pending", "iteration": iteration, "uri": uri})
-        }
-        TrainEvent::Stopped { iteration } => json!({"event": "stopped", "iteration": iteration}),
-        TrainEvent::Finished { iteration, best } => {
-            json!({"event": "finished", "iteration": iteration,
-            "best_miou": best.map(|b| num(b.0)), "best_iteration": best.map(|b| b.1)})
-        }
+        } => TrainerLine::Resumed {
+            iteration: *iteration,
+            uri: uri.clone(),
+            skipped: skipped
+                .iter()
+                .map(|(it, uri, why)| wire::Skipped {
+                    iteration: *it,
+                    uri: uri.clone(),
+                    reason: why.clone(),
+                })
+                .collect(),
+        },
+        TrainEvent::CheckpointPending { iteration, uri } => TrainerLine::CheckpointPending {
+            iteration: *iteration,
+            uri: uri.clone(),
+        },
+        TrainEvent::Stopped { iteration } => TrainerLine::Stopped {
+            iteration: *iteration,
+        },
+        TrainEvent::Finished { iteration, best } => TrainerLine::Finished {
+            iteration: *iteration,
+            best_miou: best.map(|b| Real(b.0)),
+            best_iteration: best.map(|b| b.1),
+        },
     }
 }
 
@@ -102,7 +133,7 @@ impl EventSink for Reporter {
     fn event(&mut self, ev: &TrainEvent) {
         if self.json {
             let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{}", event_json(ev));
+            let _ = writeln!(out, "{}", event_line(ev).to_line());
             let _ = out.flush();
             return;
         }

@@ -11,7 +11,10 @@
 //! **Failure classes.** The daemon reports a trainer that failed as FAILED_INFRA (worth a
 //! restart: a lost peer, a collective timeout, a killed process) or FAILED_DETERMINISTIC (a
 //! restart would fail the same way: a bad dataset, an unusable checkpoint or pretrained file,
-//! CUDA out of memory, a NaN loss). [`is_deterministic`] decides from the error chain.
+//! CUDA out of memory, a NaN loss). [`is_deterministic`] decides from the error chain. A file
+//! that cannot be read (EIO, a file vanishing for a moment on a gcsfuse mount, a timeout) is
+//! infrastructure: the restart reads it again, and finds the dataset missing (deterministic,
+//! from the scan at start) if it really is gone.
 
 use crate::collective::CollectiveError;
 use crate::data::error::DataError;
@@ -74,10 +77,13 @@ pub fn is_deterministic(e: &anyhow::Error) -> bool {
         if cause.downcast_ref::<CollectiveError>().is_some() {
             return false;
         }
-        if cause.downcast_ref::<Deterministic>().is_some()
-            || cause.downcast_ref::<DataError>().is_some()
-        {
+        if cause.downcast_ref::<Deterministic>().is_some() {
             return true;
+        }
+        match cause.downcast_ref::<DataError>() {
+            Some(DataError::Io { .. }) => return false,
+            Some(_) => return true,
+            None => {}
         }
     }
     is_out_of_memory(&format!("{e:#}"))
@@ -108,6 +114,18 @@ mod tests {
         assert!(is_deterministic(
             &wrapped.context("resume").expect_err("an error")
         ));
+        let vanished: anyhow::Error = DataError::Io {
+            path: "/data/leftImg8bit/train/a.png".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        }
+        .into();
+        assert!(!is_deterministic(&vanished.context("loading a batch")));
+        let decode: anyhow::Error = DataError::Decode {
+            path: "/x.png".into(),
+            message: "bad".into(),
+        }
+        .into();
+        assert!(is_deterministic(&decode));
         let oom = anyhow::anyhow!("CUDA out of memory. Tried to allocate 2.00 GiB");
         assert!(is_deterministic(&oom));
         let peer: anyhow::Error = CollectiveError::Timeout {

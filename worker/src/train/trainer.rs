@@ -713,9 +713,24 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
         SegFormerConfig::variant(spec.variant, spec.num_classes as i64),
     );
     if let Some(p) = &spec.pretrained {
-        let path = local_path("pretrained", p)?;
+        let fetched;
+        let path = if remote::is_remote(p) {
+            // Fetched like checkpoints are; loaded from a temporary copy.
+            let (store, object) = remote::RemoteStore::open(p)
+                .with_context(|| format!("pretrained: {p}"))
+                .map_err(deterministic)?;
+            fetched = tempfile::Builder::new()
+                .prefix("segtrain-pretrained-")
+                .suffix(".safetensors")
+                .tempfile()
+                .context("pretrained: cannot make a temporary file")?;
+            remote::fetch(&store, &object, fetched.path()).context("pretrained")?;
+            fetched.path().to_path_buf()
+        } else {
+            local_path("pretrained", p)?
+        };
         weights::load_file(&vs, &path)
-            .with_context(|| format!("pretrained: {}", path.display()))
+            .with_context(|| format!("pretrained: {p}"))
             .map_err(deterministic)?;
     }
     if opts.no_dropout {

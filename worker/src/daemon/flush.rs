@@ -1,0 +1,234 @@
+//! The outbox on its way to the coordinator, and what each refusal means. Events go in order,
+//! one (job, attempt) run per ReportEvents call. A refusal is one of:
+//!
+//! - transient (UNAVAILABLE, a timeout, ...): keep everything, retry with backoff;
+//! - a stale attempt (FAILED_PRECONDITION with the STALE_ATTEMPT reason): drop that attempt's
+//!   events, nobody else's;
+//! - this daemon replaced (WORKER_SUPERSEDED): stop;
+//! - an event the coordinator can never store (INVALID_ARGUMENT, OUT_OF_RANGE, a
+//!   FAILED_PRECONDITION without a reason): the batch is narrowed to one event at a time until
+//!   the refused one is found; that one is skipped, counted, logged and replaced by a note on the
+//!   job (in its place, so it arrives before the job ends), and the rest flow. A refused
+//!   `finished` is sent again without its reason, so a job never waits for a rank that has
+//!   ended.
+
+use super::Shared;
+use segtrain_proto::refusal;
+use segtrain_proto::v1 as pb;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::{Code, Status};
+
+/// What the daemon does about a refused ReportEvents call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Keep the events and send them again later.
+    Retry,
+    /// The coordinator does not know this worker: register, then send again.
+    Register,
+    /// The attempt is over: drop its events.
+    StaleAttempt,
+    /// Another daemon instance holds this worker: stop.
+    Superseded,
+    /// Something in the batch can never be stored.
+    Permanent,
+}
+
+pub fn refusal_of(e: &Status) -> Refusal {
+    match (e.code(), refusal::reason(e).as_deref()) {
+        (_, Some(refusal::WORKER_SUPERSEDED | refusal::WORKER_HELD)) => Refusal::Superseded,
+        (Code::FailedPrecondition, Some(refusal::STALE_ATTEMPT)) => Refusal::StaleAttempt,
+        (Code::NotFound, _) => Refusal::Register,
+        (Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange, _) => {
+            Refusal::Permanent
+        }
+        _ => Refusal::Retry,
+    }
+}
+
+/// Which kind of event, for logs and notes.
+fn kind(e: &pb::WorkerEvent) -> String {
+    use pb::worker_event::Payload;
+    match &e.payload {
+        Some(Payload::Started(_)) => "started".into(),
+        Some(Payload::Metrics(m)) => format!("metrics event of iteration {}", m.iteration),
+        Some(Payload::Eval(v)) => format!("eval event of iteration {}", v.iteration),
+        Some(Payload::Checkpoint(c)) => format!(
+            "checkpoint event of iteration {}",
+            c.checkpoint.as_ref().map_or(0, |c| c.iteration)
+        ),
+        Some(Payload::CheckpointPending(c)) => {
+            format!("checkpoint_pending event of iteration {}", c.iteration)
+        }
+        Some(Payload::CheckpointsDeleted(_)) => "checkpoints_deleted event".into(),
+        Some(Payload::Resumed(r)) => format!("resumed event of iteration {}", r.iteration),
+        Some(Payload::Note(_)) => "note".into(),
+        Some(Payload::Finished(_)) => "finished event".into(),
+        None => "empty event".into(),
+    }
+}
+
+/// Skips one event the coordinator can never store; says so on the job, in its place.
+fn skip(shared: &Shared, ev: &pb::WorkerEvent, e: &Status) {
+    use pb::worker_event::Payload;
+    shared.metrics.events_refused.inc();
+    let what = kind(ev);
+    tracing::warn!(job = %ev.job_id, attempt = ev.attempt, rank = ev.rank, seq = ev.seq, event = %what, error = %e.message(), "the coordinator refused an event; dropped it, keeping the others");
+    let note = |text: String| {
+        Payload::Note(pb::Note {
+            text: super::wire_text(&text),
+        })
+    };
+    let instead = match &ev.payload {
+        // A note about a refused note could be refused the same way: only logged.
+        Some(Payload::Note(_)) => None,
+        // The rank's end must arrive, or the job waits for it for ever: again, without the
+        // reason (the likeliest culprit). An empty reason refused is not sent a third time.
+        Some(Payload::Finished(f)) if !f.reason.is_empty() => {
+            Some(Payload::Finished(pb::AttemptFinished {
+                outcome: f.outcome,
+                reason: String::new(),
+            }))
+        }
+        _ => Some(note(format!(
+            "the coordinator refused the {what} of rank {} and it was dropped ({}); the events after it were kept",
+            ev.rank,
+            e.message()
+        ))),
+    };
+    if let Ok(mut o) = shared.outbox.lock() {
+        match instead {
+            Some(p) => o.replace(ev.seq, p),
+            None => o.remove(ev.seq),
+        }
+    }
+}
+
+/// Sends the outbox in order, one (job, attempt) run at a time, so that a stale attempt's events
+/// can be dropped without losing anyone else's.
+pub(crate) async fn flush_loop(shared: Arc<Shared>) {
+    let mut backoff = Duration::from_millis(200);
+    // While set: send one event at a time up to this sequence number (a batch was refused for
+    // one of its events; find it).
+    let mut narrow_until: Option<u64> = None;
+    loop {
+        let batch: Vec<pb::WorkerEvent> = shared
+            .outbox
+            .lock()
+            .map(|o| o.batch(256))
+            .unwrap_or_default();
+        let Some(first) = batch.first() else {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), shared.wake_flush.notified()).await;
+            continue;
+        };
+        let (job, attempt, first_seq) = (first.job_id.clone(), first.attempt, first.seq);
+        let mut events: Vec<pb::WorkerEvent> = batch
+            .into_iter()
+            .take_while(|e| e.job_id == job && e.attempt == attempt)
+            .collect();
+        match narrow_until {
+            Some(until) if first_seq <= until => events.truncate(1),
+            _ => narrow_until = None,
+        }
+        let req = pb::ReportEventsRequest {
+            worker_id: shared.worker_id(),
+            events: events.clone(),
+            instance_id: shared.instance_id(),
+        };
+        let e = match shared.client().report_events(req).await {
+            Ok(r) => {
+                if let Ok(mut o) = shared.outbox.lock() {
+                    let before = o.len();
+                    o.ack(r.into_inner().acked_seq);
+                    shared
+                        .metrics
+                        .events_acked
+                        .inc_by(before.saturating_sub(o.len()) as u64);
+                }
+                backoff = Duration::from_millis(200);
+                continue;
+            }
+            Err(e) => e,
+        };
+        match refusal_of(&e) {
+            Refusal::StaleAttempt => {
+                tracing::warn!(job = %job, attempt, error = %e.message(), "events of a stale attempt dropped");
+                if let Ok(mut o) = shared.outbox.lock() {
+                    o.drop_attempt(&job, attempt);
+                }
+            }
+            Refusal::Superseded => {
+                shared.fail(e.message().to_string());
+                return;
+            }
+            Refusal::Register => {
+                if shared.register().await.is_err() {
+                    return;
+                }
+            }
+            Refusal::Permanent if events.len() > 1 => {
+                narrow_until = events.last().map(|l| l.seq);
+            }
+            Refusal::Permanent => {
+                if let Some(ev) = events.first() {
+                    skip(&shared, ev, &e);
+                }
+            }
+            Refusal::Retry => {
+                shared.metrics.report_failures.inc();
+                let pending = shared.outbox.lock().map(|o| o.len()).unwrap_or(0);
+                tracing::warn!(error = %e.message(), pending, "cannot report events yet; keeping them");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_stale_attempt_drops_the_attempt_and_other_refusals_skip_one_event() {
+        let stale = refusal::status(
+            Code::FailedPrecondition,
+            "stale attempt: job x is at attempt 2, got 1",
+            refusal::STALE_ATTEMPT,
+        );
+        assert_eq!(refusal_of(&stale), Refusal::StaleAttempt);
+        // The same code without the reason (a conflict, an illegal transition): one event.
+        assert_eq!(
+            refusal_of(&Status::failed_precondition("rank 1 is not assigned")),
+            Refusal::Permanent
+        );
+        assert_eq!(
+            refusal_of(&Status::invalid_argument("events[3].metrics.values: name")),
+            Refusal::Permanent
+        );
+        assert_eq!(
+            refusal_of(&Status::out_of_range("message too large")),
+            Refusal::Permanent
+        );
+        let superseded = refusal::status(
+            Code::FailedPrecondition,
+            "replaced",
+            refusal::WORKER_SUPERSEDED,
+        );
+        assert_eq!(refusal_of(&superseded), Refusal::Superseded);
+        assert_eq!(
+            refusal_of(&Status::not_found("worker x not found")),
+            Refusal::Register
+        );
+        for transient in [
+            Status::unavailable("database unreachable"),
+            Status::internal("boom"),
+            Status::deadline_exceeded("slow"),
+            Status::resource_exhausted("busy"),
+            Status::unauthenticated("token"),
+        ] {
+            assert_eq!(refusal_of(&transient), Refusal::Retry, "{transient:?}");
+        }
+    }
+}
