@@ -1147,6 +1147,15 @@ async fn invalid_fields_are_rejected_naming_the_field() {
             ),
             "events[0].note.text",
         ),
+        (
+            ev(
+                1,
+                Some(Payload::Note(pb::Note {
+                    text: "a\0b".into(),
+                })),
+            ),
+            "events[0].note.text",
+        ),
     ];
     for (e, field) in bad_events {
         let r = c

@@ -253,6 +253,13 @@ fn text(field: &str, s: &str, allow_empty: bool) -> Result<String, Status> {
             format!("must be {min}-{MAX_TEXT} bytes, got {}", s.len()),
         ));
     }
+    // PostgreSQL text cannot hold NUL: storing one would fail as INTERNAL, which a daemon retries.
+    if let Some(at) = s.find('\0') {
+        return Err(invalid(
+            field,
+            format!("must not contain a NUL character (found at byte {at})"),
+        ));
+    }
     Ok(s.to_string())
 }
 
