@@ -10,6 +10,7 @@
 
 use segtrain_proto::client::{self as conn, AuthChannel, BearerToken, ClientTls};
 use segtrain_proto::v1 as pb;
+use segtrain_proto::v1::job_service_client::JobServiceClient;
 use segtrain_proto::v1::token_service_client::TokenServiceClient;
 use segtrain_proto::v1::worker_service_client::WorkerServiceClient;
 use std::net::TcpListener;
@@ -290,6 +291,60 @@ impl CoordinatorProcess {
             .connect()
             .await
             .expect("connect to the coordinator")
+    }
+
+    /// A JobService client on a fresh channel (the coordinator may have been restarted).
+    pub async fn jobs(&self) -> JobServiceClient<Channel> {
+        JobServiceClient::new(self.channel().await)
+    }
+
+    /// Submits `spec` (no idempotency key); the new job's id.
+    pub async fn submit_spec(&self, spec: pb::JobSpec) -> String {
+        self.jobs()
+            .await
+            .submit_job(pb::SubmitJobRequest {
+                spec: Some(spec),
+                idempotency_key: String::new(),
+            })
+            .await
+            .expect("submit")
+            .into_inner()
+            .job
+            .expect("job")
+            .id
+    }
+
+    pub async fn get_job(&self, id: &str) -> pb::Job {
+        self.jobs()
+            .await
+            .get_job(pb::GetJobRequest {
+                job_id: id.to_string(),
+            })
+            .await
+            .expect("get job")
+            .into_inner()
+    }
+
+    /// Every event of a job, oldest first: WatchJob from the start, until the stream ends (a
+    /// terminal job) or is quiet for 10 s.
+    pub async fn job_events(&self, id: &str) -> Vec<pb::JobEvent> {
+        let mut stream = self
+            .jobs()
+            .await
+            .watch_job(pb::WatchJobRequest {
+                job_id: id.to_string(),
+                after_event_id: 0,
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        let mut out = Vec::new();
+        while let Ok(Ok(Some(ev))) =
+            tokio::time::timeout(Duration::from_secs(10), stream.message()).await
+        {
+            out.push(ev);
+        }
+        out
     }
 
     /// SIGKILL: no shutdown code runs, as in a crash.

@@ -144,34 +144,15 @@ impl Cluster {
     }
 
     async fn jobs(&self) -> JobServiceClient<Channel> {
-        JobServiceClient::new(self.coord.channel().await)
+        self.coord.jobs().await
     }
 
     async fn submit(&self, spec: pb::JobSpec) -> String {
-        self.jobs()
-            .await
-            .submit_job(pb::SubmitJobRequest {
-                spec: Some(spec),
-                idempotency_key: String::new(),
-            })
-            .await
-            .expect("submit")
-            .into_inner()
-            .job
-            .expect("job")
-            .id
+        self.coord.submit_spec(spec).await
     }
 
     async fn job(&self, id: &str) -> pb::Job {
-        // Through a fresh channel each time: the coordinator may have been restarted.
-        self.jobs()
-            .await
-            .get_job(pb::GetJobRequest {
-                job_id: id.to_string(),
-            })
-            .await
-            .expect("get job")
-            .into_inner()
+        self.coord.get_job(id).await
     }
 
     fn logs(&self) -> String {
@@ -256,23 +237,7 @@ impl Cluster {
 
     /// Every event of the job, oldest first.
     async fn events(&self, id: &str) -> Vec<pb::JobEvent> {
-        let mut stream = self
-            .jobs()
-            .await
-            .watch_job(pb::WatchJobRequest {
-                job_id: id.to_string(),
-                after_event_id: 0,
-            })
-            .await
-            .expect("watch")
-            .into_inner();
-        let mut out = Vec::new();
-        while let Ok(Ok(Some(ev))) =
-            tokio::time::timeout(Duration::from_secs(10), stream.message()).await
-        {
-            out.push(ev);
-        }
-        out
+        self.coord.job_events(id).await
     }
 
     /// One loss per iteration 1..=max through GetMetrics, one stored row per (attempt,

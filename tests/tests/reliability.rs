@@ -72,33 +72,15 @@ impl Env {
     }
 
     async fn jobs(&self) -> JobServiceClient<Channel> {
-        JobServiceClient::new(self.coord.channel().await)
+        self.coord.jobs().await
     }
 
     async fn submit(&self, spec: pb::JobSpec) -> String {
-        self.jobs()
-            .await
-            .submit_job(pb::SubmitJobRequest {
-                spec: Some(spec),
-                idempotency_key: String::new(),
-            })
-            .await
-            .expect("submit")
-            .into_inner()
-            .job
-            .expect("job")
-            .id
+        self.coord.submit_spec(spec).await
     }
 
     async fn job(&self, id: &str) -> pb::Job {
-        self.jobs()
-            .await
-            .get_job(pb::GetJobRequest {
-                job_id: id.to_string(),
-            })
-            .await
-            .expect("get job")
-            .into_inner()
+        self.coord.get_job(id).await
     }
 
     /// Polls until `sql` (one boolean; `$1` is the job id as text) is true.
@@ -135,23 +117,7 @@ impl Env {
 
     /// Every event of the job, oldest first (the job is terminal: the stream ends).
     async fn events(&self, id: &str) -> Vec<pb::JobEvent> {
-        let mut stream = self
-            .jobs()
-            .await
-            .watch_job(pb::WatchJobRequest {
-                job_id: id.to_string(),
-                after_event_id: 0,
-            })
-            .await
-            .expect("watch")
-            .into_inner();
-        let mut out = Vec::new();
-        while let Ok(Ok(Some(ev))) =
-            tokio::time::timeout(Duration::from_secs(10), stream.message()).await
-        {
-            out.push(ev);
-        }
-        out
+        self.coord.job_events(id).await
     }
 
     async fn count(&self, sql: &str, job: &str) -> i64 {
