@@ -113,6 +113,11 @@ extra)
             # shellcheck disable=SC2086 # the A/B flags
             segtrain-worker bench --variant b3 --batch 8 --crop 1024 --precision bf16 --device cuda $args
         done
+        # SyncBN's computation per step, at the recipe's one image per GPU and at 8.
+        for batch in 1 8; do
+            echo "## bench b3 bf16 $batch --sync-bn"
+            segtrain-worker bench --variant b3 --batch "$batch" --crop 1024 --precision bf16 --device cuda --sync-bn
+        done
     } 2>&1 | tee "$out/ab.txt"
     gzip -f "$out/trace-b3-bf16.json" # Chrome trace: chrome://tracing or ui.perfetto.dev
     python3 bench/peer_profile.py b3 bf16 8 2>&1 | tee "$out/peer-profile.txt"

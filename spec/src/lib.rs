@@ -44,6 +44,7 @@ pub const FIELDS: &[&str] = &[
     "max_iters",
     "precision",
     "seed",
+    "sync_bn",
     "base_lr",
     "warmup_iters",
     "warmup_ratio",
@@ -159,6 +160,10 @@ pub struct JobSpec {
     pub max_iters: u64,
     pub precision: Precision,
     pub seed: u64,
+    /// SyncBN in the decode head (BatchNorm statistics over all ranks). Absent from specs stored
+    /// before the field existed: those read as `false`, the behaviour they were trained with.
+    #[serde(default)]
+    pub sync_bn: bool,
 
     pub base_lr: f64,
     pub warmup_iters: u64,
@@ -202,6 +207,8 @@ impl JobSpec {
             max_iters: 160_000,
             precision: Precision::Fp32,
             seed: 0,
+            // The conditional default `world_size > 1` (see `resolve`), for the default world of 8.
+            sync_bn: true,
             base_lr: 6e-5,
             warmup_iters: 1500,
             warmup_ratio: 1e-6,
@@ -209,7 +216,8 @@ impl JobSpec {
             weight_decay: 0.01,
             head_lr_mult: 10.0,
             log_interval: 50,
-            eval_interval: 4000,
+            // mmseg 1.x's 160k schedule: `val_interval=16000`.
+            eval_interval: 16_000,
             checkpoint_interval: 4000,
             eval_mode: EvalMode::Slide,
             eval_crop: 1024,
@@ -234,12 +242,34 @@ impl JobSpec {
             * u64::from(self.accumulate_steps)
     }
 
+    /// Things about a valid spec that are allowed but probably not meant, one sentence each. The
+    /// coordinator returns them from `SubmitJob` and records each as a note on the new job.
+    ///
+    /// - No `pretrained` weights for a run of at least [`FULL_RUN_ITERS`] iterations: the paper
+    ///   fine-tunes ImageNet-1k MiT weights; from random initialisation the recipe falls far short.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.pretrained.is_none() && self.max_iters >= FULL_RUN_ITERS {
+            out.push(
+                "no pretrained weights: training from random initialisation; the SegFormer \
+                 recipe fine-tunes ImageNet-1k MiT weights (set spec.pretrained)"
+                    .to_string(),
+            );
+        }
+        out
+    }
+
     /// A job file (flat TOML, grouped by comment headings) that parses and resolves back to this
     /// spec. Holds for any spec that passes [`JobSpec::validate`].
     pub fn to_toml(&self) -> String {
         template::render(self, false)
     }
 }
+
+/// From this many iterations on, a job counts as a real training run rather than a smoke test, and
+/// [`JobSpec::warnings`] warns about one without pretrained weights. 16000 is one evaluation
+/// interval of the 160k recipe (a tenth of it): far more than any test or quick check runs.
+pub const FULL_RUN_ITERS: u64 = 16_000;
 
 /// The same fields as [`JobSpec`], every one optional: what a job file, CLI flags or a `SubmitJob`
 /// request give. Unset fields take their defaults in [`JobSpecInput::resolve`]. The enum-valued
@@ -299,6 +329,9 @@ pub struct JobSpecInput {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[arg(long, help = template::help("seed"))]
     pub seed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long, value_name = "true|false", help = template::help("sync_bn"))]
+    pub sync_bn: Option<bool>,
 
     #[serde(skip_serializing_if = "Option::is_none")]
     #[arg(long, help = template::help("base_lr"))]
@@ -375,6 +408,7 @@ impl JobSpecInput {
             max_iters: over.max_iters.or(self.max_iters),
             precision: over.precision.or(self.precision),
             seed: over.seed.or(self.seed),
+            sync_bn: over.sync_bn.or(self.sync_bn),
             base_lr: over.base_lr.or(self.base_lr),
             warmup_iters: over.warmup_iters.or(self.warmup_iters),
             warmup_ratio: over.warmup_ratio.or(self.warmup_ratio),
@@ -395,7 +429,9 @@ impl JobSpecInput {
         }
     }
 
-    /// Fills unset fields with their defaults ([`JobSpec::with_defaults`]) and validates. An empty
+    /// Fills unset fields with their defaults ([`JobSpec::with_defaults`]) and validates. The one
+    /// conditional default: an unset `sync_bn` is `world_size > 1` (SyncBN for more than one rank,
+    /// plain BN for one), whatever `world_size` resolves to. An empty
     /// `pretrained` or `resume_from` means unset (so a flag `--pretrained ""` can clear a file's
     /// value). The error is the first problem in field order, whether it is a bad enum name, the
     /// missing `dataset_root`, or a rule of [`JobSpec::validate`].
@@ -420,6 +456,7 @@ impl JobSpecInput {
         let precision = parse_or(self.precision, d.precision, &mut first);
         let eval_mode = parse_or(self.eval_mode, d.eval_mode, &mut first);
 
+        let world_size = self.world_size.unwrap_or(d.world_size);
         let spec = JobSpec {
             name: self.name.unwrap_or(d.name),
             priority: self.priority.unwrap_or(d.priority),
@@ -430,12 +467,13 @@ impl JobSpecInput {
             crop_height: self.crop_height.unwrap_or(d.crop_height),
             crop_width: self.crop_width.unwrap_or(d.crop_width),
             loader_threads: self.loader_threads.unwrap_or(d.loader_threads),
-            world_size: self.world_size.unwrap_or(d.world_size),
+            world_size,
             batch_per_gpu: self.batch_per_gpu.unwrap_or(d.batch_per_gpu),
             accumulate_steps: self.accumulate_steps.unwrap_or(d.accumulate_steps),
             max_iters: self.max_iters.unwrap_or(d.max_iters),
             precision,
             seed: self.seed.unwrap_or(d.seed),
+            sync_bn: self.sync_bn.unwrap_or(world_size > 1),
             base_lr: self.base_lr.unwrap_or(d.base_lr),
             warmup_iters: self.warmup_iters.unwrap_or(d.warmup_iters),
             warmup_ratio: self.warmup_ratio.unwrap_or(d.warmup_ratio),
@@ -486,6 +524,7 @@ impl From<JobSpec> for JobSpecInput {
             max_iters: Some(s.max_iters),
             precision: Some(s.precision.to_string()),
             seed: Some(s.seed),
+            sync_bn: Some(s.sync_bn),
             base_lr: Some(s.base_lr),
             warmup_iters: Some(s.warmup_iters),
             warmup_ratio: Some(s.warmup_ratio),

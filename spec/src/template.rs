@@ -92,6 +92,13 @@ const SECTIONS: &[(&str, &[FieldDoc])] = &[
                 "seed",
                 "Seed for initialisation, sampling and augmentation, 0..=9223372036854775807.",
             ),
+            field(
+                "sync_bn",
+                "SyncBN in the decode head (BatchNorm statistics over all ranks): true or false. \
+                 Default: true when world_size > 1, else false; the paper's recipe trains \
+                 8 GPUs x 1 image with SyncBN in the head, and plain BN would normalise over one \
+                 image per rank. True with world_size 1 changes nothing.",
+            ),
         ],
     ),
     (
@@ -230,6 +237,10 @@ pub(crate) fn help(name: &str) -> String {
     if name == "dataset_root" {
         return doc.to_string();
     }
+    if name == "sync_bn" {
+        // The one conditional default (see `JobSpecInput::resolve`), not the value for 8 ranks.
+        return format!("{doc} [default: world_size > 1]");
+    }
     let defaults = JobSpec::with_defaults(String::new());
     match toml_values(&defaults).into_iter().find(|(n, _)| *n == name) {
         Some((_, Some(default))) => format!("{doc} [default: {}]", default.trim_matches('"')),
@@ -258,6 +269,7 @@ fn toml_values(s: &JobSpec) -> Vec<(&'static str, Option<String>)> {
         ("max_iters", int(s.max_iters)),
         ("precision", string(s.precision.as_str())),
         ("seed", int(s.seed)),
+        ("sync_bn", Some(s.sync_bn.to_string())),
         ("base_lr", float(s.base_lr)),
         ("warmup_iters", int(s.warmup_iters)),
         ("warmup_ratio", float(s.warmup_ratio)),

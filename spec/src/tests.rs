@@ -23,6 +23,7 @@ fn unusual_spec() -> JobSpec {
         max_iters: 80_000,
         precision: Precision::Bf16,
         seed: i64::MAX as u64,
+        sync_bn: false,
         base_lr: 1.2345678901234567e-4,
         warmup_iters: 0,
         warmup_ratio: 0.1,
@@ -70,6 +71,7 @@ fn defaults_are_the_cityscapes_recipe() {
         max_iters: 160_000,
         precision: Precision::Fp32,
         seed: 0,
+        sync_bn: true,
         base_lr: 6e-5,
         warmup_iters: 1500,
         warmup_ratio: 1e-6,
@@ -77,7 +79,7 @@ fn defaults_are_the_cityscapes_recipe() {
         weight_decay: 0.01,
         head_lr_mult: 10.0,
         log_interval: 50,
-        eval_interval: 4000,
+        eval_interval: 16_000,
         checkpoint_interval: 4000,
         eval_mode: EvalMode::Slide,
         eval_crop: 1024,
@@ -302,6 +304,7 @@ fn invalid_specs_name_their_field() {
         ("[model]\nvariant = \"b1\"\n".into(), "model"),
         ("crop_height = \"big\"\n".into(), "crop_height"),
         ("keep_best = \"yes\"\n".into(), "keep_best"),
+        ("sync_bn = \"yes\"\n".into(), "sync_bn"),
         ("seed = -1\n".into(), "seed"),
         ("crop_width = 5000000000\n".into(), "crop_width"),
         ("base_lr = \"fast\"\n".into(), "base_lr"),
@@ -639,6 +642,8 @@ fn cli_flags() {
         "512",
         "--keep-best",
         "false",
+        "--sync-bn",
+        "false",
         "--variant",
         "b9",
         "--priority",
@@ -650,6 +655,7 @@ fn cli_flags() {
     assert_eq!(cli.spec.dataset_root.as_deref(), Some("/data/x"));
     assert_eq!(cli.spec.crop_height, Some(512));
     assert_eq!(cli.spec.keep_best, Some(false));
+    assert_eq!(cli.spec.sync_bn, Some(false));
     assert_eq!(cli.spec.priority, Some(-5));
     assert_eq!(cli.spec.base_lr, Some(1e-4));
     assert_eq!(cli.spec.name, None);
@@ -657,6 +663,7 @@ fn cli_flags() {
     assert_eq!(cli.spec.resolve().unwrap_err().field, "variant");
 
     assert!(Cli::try_parse_from(["segtrain", "--keep-best", "maybe"]).is_err());
+    assert!(Cli::try_parse_from(["segtrain", "--sync-bn", "yes"]).is_err());
     assert!(Cli::try_parse_from(["segtrain", "--crop_height", "512"]).is_err());
 }
 
@@ -698,6 +705,17 @@ fn every_field_has_a_documented_flag() {
         "{}",
         help("base-lr")
     );
+    // The conditional default is stated as such, not as its value for the default 8 ranks.
+    assert!(
+        help("sync-bn").ends_with("[default: world_size > 1]"),
+        "{}",
+        help("sync-bn")
+    );
+    assert!(
+        help("eval-interval").ends_with("[default: 16000]"),
+        "{}",
+        help("eval-interval")
+    );
 }
 
 #[test]
@@ -721,4 +739,92 @@ fn from_file_reads_and_names_the_path() {
     let bad = bad.unwrap_err();
     assert_eq!(bad.field, "max_iterz");
     assert!(bad.message.contains(&path.display().to_string()), "{bad}");
+}
+
+#[test]
+fn sync_bn_defaults_to_on_for_more_than_one_rank() {
+    let resolve = |body: &str| resolve_toml(&format!("{ROOT}{body}")).expect("valid");
+    // Unset: world_size > 1, whichever way world_size is given (or left at its default of 8).
+    assert!(!resolve("world_size = 1\n").sync_bn);
+    assert!(resolve("world_size = 2\n").sync_bn);
+    assert!(resolve("").sync_bn);
+    // Given: kept, also where it changes nothing (one rank).
+    assert!(!resolve("world_size = 8\nsync_bn = false\n").sync_bn);
+    assert!(resolve("world_size = 1\nsync_bn = true\n").sync_bn);
+    // The same through the proto and flags: unset stays unset until resolve.
+    let p = segtrain_proto::v1::JobSpec {
+        dataset_root: Some("/d".to_string()),
+        world_size: Some(1),
+        ..Default::default()
+    };
+    assert!(!JobSpec::from_proto(&p).expect("valid").sync_bn);
+    let p = segtrain_proto::v1::JobSpec {
+        world_size: Some(4),
+        ..p
+    };
+    assert!(JobSpec::from_proto(&p).expect("valid").sync_bn);
+    let input = JobSpecInput::from_toml_str(&format!("{ROOT}world_size = 1\n")).expect("parses");
+    let flags = JobSpecInput {
+        world_size: Some(2),
+        ..Default::default()
+    };
+    assert!(input.overlay(flags).resolve().expect("valid").sync_bn);
+    // The resolved value is explicit in a job file written from the spec.
+    let one = resolve("world_size = 1\n");
+    assert!(one.to_toml().contains("\nsync_bn = false\n"));
+
+    // A value that is not a boolean is an error naming the field.
+    let err = resolve_toml(&format!("{ROOT}sync_bn = \"yes\"\n")).unwrap_err();
+    assert_eq!(err.field, "sync_bn", "{err}");
+    let err = resolve_toml(&format!("{ROOT}sync_bn = 1\n")).unwrap_err();
+    assert_eq!(err.field, "sync_bn", "{err}");
+}
+
+#[test]
+fn specs_stored_before_sync_bn_read_as_plain_bn() {
+    let mut json = serde_json::to_value(JobSpec::with_defaults("/d")).expect("serialises");
+    json.as_object_mut()
+        .expect("an object")
+        .remove("sync_bn")
+        .expect("the field is written");
+    let old: JobSpec = serde_json::from_value(json).expect("an old spec still reads");
+    assert!(!old.sync_bn, "the behaviour it was submitted with");
+    assert_eq!(
+        old,
+        JobSpec {
+            sync_bn: false,
+            ..JobSpec::with_defaults("/d")
+        }
+    );
+}
+
+#[test]
+fn warnings_flag_random_init_for_full_runs_only() {
+    let full = JobSpec::with_defaults("/d");
+    assert_eq!(full.pretrained, None);
+    let w = full.warnings();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].starts_with("no pretrained weights: training from random initialisation")
+            && w[0].contains("ImageNet-1k MiT")
+            && w[0].contains("spec.pretrained"),
+        "{}",
+        w[0]
+    );
+    // At the threshold it warns; below it (a smoke test) or with weights it does not.
+    let at = JobSpec {
+        max_iters: FULL_RUN_ITERS,
+        ..full.clone()
+    };
+    assert_eq!(at.warnings(), w);
+    let short = JobSpec {
+        max_iters: FULL_RUN_ITERS - 1,
+        ..full.clone()
+    };
+    assert!(short.warnings().is_empty());
+    let pretrained = JobSpec {
+        pretrained: Some("/w/mit_b0.safetensors".to_string()),
+        ..full
+    };
+    assert!(pretrained.warnings().is_empty());
 }

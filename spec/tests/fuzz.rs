@@ -52,6 +52,8 @@ fn config(default: u32) -> ProptestConfig {
 
 /// The defaults, as documented (the SegFormer paper's Cityscapes recipe).
 const DEFAULT_MAX_ITERS: u64 = 160_000;
+const DEFAULT_WORLD_SIZE: u32 = 8;
+const DEFAULT_EVAL_INTERVAL: u64 = 16_000;
 const DEFAULT_EVAL_CROP: u32 = 1024;
 const MAX_ITERS: u64 = 100_000_000;
 const LOCATION_FORMS: &str =
@@ -190,7 +192,12 @@ fn expected(i: &JobSpecInput, empty_is_unset: bool) -> Result<(), Violation> {
     crop_rule("crop_height", i.crop_height.unwrap_or(1024))?;
     crop_rule("crop_width", i.crop_width.unwrap_or(1024))?;
     int_rule("loader_threads", i.loader_threads.unwrap_or(4), 1, 256)?;
-    int_rule("world_size", i.world_size.unwrap_or(8), 1, 1024)?;
+    int_rule(
+        "world_size",
+        i.world_size.unwrap_or(DEFAULT_WORLD_SIZE),
+        1,
+        1024,
+    )?;
     int_rule("batch_per_gpu", i.batch_per_gpu.unwrap_or(1), 1, 1024)?;
     int_rule("accumulate_steps", i.accumulate_steps.unwrap_or(1), 1, 1024)?;
     let max_iters = i.max_iters.unwrap_or(DEFAULT_MAX_ITERS);
@@ -229,7 +236,7 @@ fn expected(i: &JobSpecInput, empty_is_unset: bool) -> Result<(), Violation> {
     int_rule("log_interval", i.log_interval.unwrap_or(50), 1, MAX_ITERS)?;
     int_rule(
         "eval_interval",
-        i.eval_interval.unwrap_or(4000),
+        i.eval_interval.unwrap_or(DEFAULT_EVAL_INTERVAL),
         0,
         MAX_ITERS,
     )?;
@@ -272,6 +279,7 @@ fn with_defaults_filled(i: &JobSpecInput) -> JobSpec {
             .expect("a valid name")
     }
     let i = i.clone();
+    let world_size = i.world_size.unwrap_or(DEFAULT_WORLD_SIZE);
     JobSpec {
         name: i.name.unwrap_or_else(|| "segformer".to_string()),
         priority: i.priority.unwrap_or(0),
@@ -282,12 +290,14 @@ fn with_defaults_filled(i: &JobSpecInput) -> JobSpec {
         crop_height: i.crop_height.unwrap_or(1024),
         crop_width: i.crop_width.unwrap_or(1024),
         loader_threads: i.loader_threads.unwrap_or(4),
-        world_size: i.world_size.unwrap_or(8),
+        world_size,
         batch_per_gpu: i.batch_per_gpu.unwrap_or(1),
         accumulate_steps: i.accumulate_steps.unwrap_or(1),
         max_iters: i.max_iters.unwrap_or(DEFAULT_MAX_ITERS),
         precision: pick(Precision::ALL, i.precision.as_deref(), Precision::as_str),
         seed: i.seed.unwrap_or(0),
+        // The one conditional default: SyncBN when there is more than one rank.
+        sync_bn: i.sync_bn.unwrap_or(world_size > 1),
         base_lr: i.base_lr.unwrap_or(6e-5),
         warmup_iters: i.warmup_iters.unwrap_or(1500),
         warmup_ratio: i.warmup_ratio.unwrap_or(1e-6),
@@ -295,7 +305,7 @@ fn with_defaults_filled(i: &JobSpecInput) -> JobSpec {
         weight_decay: i.weight_decay.unwrap_or(0.01),
         head_lr_mult: i.head_lr_mult.unwrap_or(10.0),
         log_interval: i.log_interval.unwrap_or(50),
-        eval_interval: i.eval_interval.unwrap_or(4000),
+        eval_interval: i.eval_interval.unwrap_or(DEFAULT_EVAL_INTERVAL),
         checkpoint_interval: i.checkpoint_interval.unwrap_or(4000),
         eval_mode: pick(EvalMode::ALL, i.eval_mode.as_deref(), EvalMode::as_str),
         eval_crop: i.eval_crop.unwrap_or(DEFAULT_EVAL_CROP),
@@ -464,6 +474,7 @@ fn values(i: &JobSpecInput) -> Vec<(&'static str, Option<Val>)> {
         ("max_iters", n(i.max_iters)),
         ("precision", s(&i.precision)),
         ("seed", n(i.seed)),
+        ("sync_bn", i.sync_bn.map(Val::Bool)),
         ("base_lr", f(i.base_lr)),
         ("warmup_iters", n(i.warmup_iters)),
         ("warmup_ratio", f(i.warmup_ratio)),
@@ -507,7 +518,7 @@ fn kind(field: &str) -> Kind {
         | "eval_interval"
         | "checkpoint_interval" => Kind::U64,
         "base_lr" | "warmup_ratio" | "poly_power" | "weight_decay" | "head_lr_mult" => Kind::F64,
-        "keep_best" => Kind::Bool,
+        "keep_best" | "sync_bn" => Kind::Bool,
         _ => Kind::U32,
     }
 }
@@ -665,6 +676,7 @@ fn wild_input() -> impl Strategy<Value = JobSpecInput> {
         opt(wild_u64(1, MAX_ITERS)),
         opt(enum_string(&["fp32", "bf16"])),
         opt(wild_u64(0, i64::MAX as u64)),
+        opt(any::<bool>().boxed()),
         opt(wild_f64(0.0, 1.0)),
     );
     let c = (
@@ -703,7 +715,8 @@ fn wild_input() -> impl Strategy<Value = JobSpecInput> {
         max_iters: b.4,
         precision: b.5,
         seed: b.6,
-        base_lr: b.7,
+        sync_bn: b.7,
+        base_lr: b.8,
         warmup_iters: c.0,
         warmup_ratio: c.1,
         poly_power: c.2,
@@ -760,6 +773,7 @@ fn mix(base: JobSpecInput, wild: JobSpecInput, mask: &[Mix]) -> JobSpecInput {
         max_iters,
         precision,
         seed,
+        sync_bn,
         base_lr,
         warmup_iters,
         warmup_ratio,
@@ -828,6 +842,7 @@ fn wild_spec() -> impl Strategy<Value = JobSpec> {
                 max_iters: i.max_iters.unwrap_or(d.max_iters),
                 precision,
                 seed: i.seed.unwrap_or(d.seed),
+                sync_bn: i.sync_bn.unwrap_or(d.sync_bn),
                 base_lr: i.base_lr.unwrap_or(d.base_lr),
                 warmup_iters: i.warmup_iters.unwrap_or(d.warmup_iters),
                 warmup_ratio: i.warmup_ratio.unwrap_or(d.warmup_ratio),
@@ -933,6 +948,7 @@ fn valid_spec() -> impl Strategy<Value = JobSpec> {
         edge_u64(1, MAX_ITERS),
         prop::sample::select(Precision::ALL),
         edge_u64(0, i64::MAX as u64),
+        any::<bool>(),
         float_in(true, 0.0, 1.0),
     );
     let c = (
@@ -971,7 +987,8 @@ fn valid_spec() -> impl Strategy<Value = JobSpec> {
         max_iters: b.4,
         precision: b.5,
         seed: b.6,
-        base_lr: b.7,
+        sync_bn: b.7,
+        base_lr: b.8,
         warmup_iters: match c.0 % 4 {
             0 => 0,
             1 => b.4 - 1,
@@ -1567,6 +1584,16 @@ fn the_model_agrees_with_the_crate_on_the_defaults() {
         with_defaults_filled(&input),
         JobSpec::with_defaults("/data/cityscapes")
     );
+    // And on the conditional default of sync_bn, both ways.
+    for world_size in [1, 2, DEFAULT_WORLD_SIZE] {
+        let input = JobSpecInput {
+            world_size: Some(world_size),
+            ..input.clone()
+        };
+        let got = input.clone().resolve().expect("valid");
+        assert_eq!(got.sync_bn, world_size > 1);
+        assert_eq!(with_defaults_filled(&input), got);
+    }
 }
 
 #[test]

@@ -68,7 +68,7 @@ async fn cli_submits_lists_watches_and_cancels() {
     let file = dir.path().join("job.toml");
     std::fs::write(&file, &template.stdout).expect("write job file");
     let file = file.to_str().expect("utf-8 path");
-    let sub = json(&segtrain(
+    let submitted = segtrain(
         &url,
         &[
             "--json",
@@ -82,8 +82,26 @@ async fn cli_submits_lists_watches_and_cancels() {
             "--variant",
             "b2",
         ],
-    ));
+    );
+    let sub = json(&submitted);
     assert_eq!(sub["existing"], false);
+    // The template is the full recipe without pretrained weights: accepted, with a warning on
+    // stderr (stdout stays one JSON document, which carries it too).
+    let warning = stderr(&submitted);
+    assert!(
+        warning.starts_with("warning: no pretrained weights: training from random initialisation")
+            && warning.contains("spec.pretrained")
+            && warning.trim_end().lines().count() == 1,
+        "{warning}"
+    );
+    assert_eq!(
+        sub["warnings"][0]
+            .as_str()
+            .map(|w| format!("warning: {w}\n")),
+        Some(warning.clone())
+    );
+    assert_eq!(sub["job"]["spec"]["sync_bn"], true, "world_size 2: SyncBN");
+    assert_eq!(sub["job"]["spec"]["eval_interval"], 16000);
     let id = sub["job"]["id"].as_str().expect("id").to_string();
     assert_eq!(sub["job"]["state"], "QUEUED");
     assert_eq!(sub["job"]["spec"]["world_size"], 2);
@@ -130,6 +148,34 @@ async fn cli_submits_lists_watches_and_cancels() {
     ));
     assert_eq!(a["job"]["id"], b["job"]["id"]);
     assert_eq!(b["existing"], true);
+
+    // With weights, human output: no warning; one rank without SyncBN unless asked.
+    let quiet = segtrain(
+        &url,
+        &[
+            "submit",
+            "-f",
+            file,
+            "--pretrained",
+            "/weights/mit_b0.safetensors",
+            "--world-size",
+            "1",
+        ],
+    );
+    assert!(quiet.status.success(), "{}", stderr(&quiet));
+    assert_eq!(stderr(&quiet), "", "no warning with pretrained weights");
+    assert!(
+        stdout(&quiet).starts_with("submitted job "),
+        "{}",
+        stdout(&quiet)
+    );
+    let loud = segtrain(&url, &["submit", "-f", file]);
+    assert!(loud.status.success(), "{}", stderr(&loud));
+    assert!(
+        stderr(&loud).starts_with("warning: no pretrained weights"),
+        "{}",
+        stderr(&loud)
+    );
 
     // Bad input: one line naming the field; nothing created.
     let before = json(&segtrain(&url, &["--json", "list"]))["jobs"]
@@ -181,6 +227,10 @@ async fn cli_submits_lists_watches_and_cancels() {
         out.contains("state - -> QUEUED") && out.contains("state QUEUED -> CANCELED"),
         "{out}"
     );
+    assert!(
+        out.contains("note: no pretrained weights: training from random initialisation"),
+        "the submit warning is on the job: {out}"
+    );
 
     // watch --json: one JSON object per event line.
     let wj = segtrain(&url, &["--json", "watch", &id]);
@@ -193,7 +243,7 @@ async fn cli_submits_lists_watches_and_cancels() {
                 .to_string()
         })
         .collect();
-    assert_eq!(kinds, ["state_change", "state_change"]);
+    assert_eq!(kinds, ["state_change", "note", "state_change"]);
 
     // A live watch of a job that then runs and succeeds exits 0; one that fails exits 1.
     for (end, code) in [(JobState::Succeeded, 0), (JobState::Failed, 1)] {

@@ -286,6 +286,111 @@ async fn idempotent_resubmit_returns_the_same_job() {
 }
 
 #[tokio::test]
+async fn a_full_run_without_pretrained_weights_is_accepted_with_a_warning_and_a_note() {
+    let env = Env::start().await;
+    let mut c = env.client().await;
+    let full = pb::JobSpec {
+        max_iters: Some(160_000),
+        warmup_iters: None,
+        ..spec("from-scratch")
+    };
+    let resp = submit(&mut c, full.clone(), "scratch-1").await;
+    assert!(!resp.existing);
+    assert_eq!(resp.warnings.len(), 1, "{:?}", resp.warnings);
+    let warning = resp.warnings[0].clone();
+    for needle in [
+        "no pretrained weights",
+        "random initialisation",
+        "ImageNet-1k MiT",
+        "spec.pretrained",
+    ] {
+        assert!(warning.contains(needle), "{needle:?} not in {warning:?}");
+    }
+    let job = resp.job.expect("job");
+    assert_eq!(job.state(), pb::JobState::Queued, "accepted as usual");
+    let id = id_of(&job);
+    let payloads = |events: Vec<segtrain_coordinator::store::EventRecord>| -> Vec<EventPayload> {
+        events.into_iter().map(|e| e.payload).collect()
+    };
+    let events = payloads(env.store.events_after(id, 0, 100).await.expect("events"));
+    assert_eq!(
+        events,
+        vec![
+            EventPayload::state_change(None, JobState::Queued, "submitted"),
+            EventPayload::Note {
+                text: warning.clone()
+            },
+        ]
+    );
+
+    // An idempotent resubmit warns again (same spec) but adds no second note.
+    let again = submit(&mut c, full, "scratch-1").await;
+    assert!(again.existing);
+    assert_eq!(again.warnings, vec![warning.clone()]);
+    assert_eq!(
+        env.store
+            .events_after(id, 0, 100)
+            .await
+            .expect("events")
+            .len(),
+        2
+    );
+
+    // WatchJob shows the note (after the job ends, the stream ends too).
+    c.cancel_job(pb::CancelJobRequest {
+        job_id: job.id.clone(),
+        reason: "enough".into(),
+    })
+    .await
+    .expect("cancel");
+    let mut stream = c
+        .watch_job(pb::WatchJobRequest {
+            job_id: job.id.clone(),
+            after_event_id: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let seen: Vec<String> = collect(&mut stream).await.iter().map(describe).collect();
+    assert_eq!(
+        seen,
+        vec![
+            "state JOB_STATE_QUEUED".to_string(),
+            format!("note {warning}"),
+            "state JOB_STATE_CANCELED".to_string(),
+        ]
+    );
+
+    // With weights, or for a short run, there is nothing to warn about.
+    for (name, s) in [
+        (
+            "pretrained",
+            pb::JobSpec {
+                max_iters: Some(160_000),
+                warmup_iters: None,
+                pretrained: Some("/weights/mit_b0.safetensors".into()),
+                ..spec("pretrained")
+            },
+        ),
+        ("short", spec("short")),
+    ] {
+        let resp = submit(&mut c, s, "").await;
+        assert!(resp.warnings.is_empty(), "{name}: {:?}", resp.warnings);
+        let id = id_of(&resp.job.expect("job"));
+        let events = payloads(env.store.events_after(id, 0, 100).await.expect("events"));
+        assert_eq!(
+            events,
+            vec![EventPayload::state_change(
+                None,
+                JobState::Queued,
+                "submitted"
+            )],
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn invalid_specs_are_rejected_naming_the_field_and_write_nothing() {
     let env = Env::start().await;
     let mut c = env.client().await;

@@ -8,6 +8,7 @@
 //! the nominal 760 forward GFLOP per image), so the figure is the model-FLOP rate, comparable
 //! across implementations, not the rate of arithmetic actually done.
 
+use crate::collective::{Collective, Single};
 use crate::model::{HeadMode, SegFormer, SegFormerConfig};
 use crate::optim::adamw::AdamWConfig;
 use crate::optim::FlatAdamW;
@@ -34,6 +35,9 @@ pub struct BenchOptions {
     pub contiguous_maps: bool,
     /// Also time forward, backward and the optimizer separately (synchronising between them).
     pub breakdown: bool,
+    /// Also time the same step with SyncBN in the head, over a world of 1 (its all-reduces are
+    /// no-ops): the computation SyncBN adds, without the network.
+    pub sync_bn: bool,
     /// Profile [`PROFILED_STEPS`] more steps with libtorch's Kineto profiler: the kernels that
     /// take the time, and a Chrome trace written here.
     pub profile: Option<std::path::PathBuf>,
@@ -64,6 +68,16 @@ pub struct Breakdown {
     pub optimizer_ms: f64,
 }
 
+/// The step with SyncBN against the same step with the head's plain BatchNorm.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SyncBnCost {
+    pub ms_per_iter_median: f64,
+    /// Median SyncBN step minus the median plain step.
+    pub extra_ms_per_iter: f64,
+    /// SyncBN step time / plain step time.
+    pub ratio: f64,
+}
+
 /// One benchmark row.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchResult {
@@ -84,6 +98,7 @@ pub struct BenchResult {
     pub head: String,
     pub contiguous_maps: bool,
     pub breakdown: Option<Breakdown>,
+    pub sync_bn: Option<SyncBnCost>,
     /// The top kernels by time, when profiled.
     pub profile: Option<Vec<ProfileRow>>,
 }
@@ -126,27 +141,51 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchResult> {
     let ignore = Tensor::rand([o.batch, o.crop, o.crop], (Kind::Float, o.device)).lt(0.05);
     let labels = labels.masked_fill(&ignore, 255);
 
-    // One full step: forward, loss, backward, (all-reduce: none on a world of 1), AdamW.
-    let step = |opt: &mut FlatAdamW| -> anyhow::Result<()> {
-        let _loss = forward_backward(&model, &images, &labels, o.precision, o.device, 1);
+    // One full step: forward, loss, backward, (all-reduce: none on a world of 1), AdamW; with
+    // SyncBN when given a collective.
+    let step = |opt: &mut FlatAdamW, sync_bn: Option<&mut dyn Collective>| -> anyhow::Result<()> {
+        let _loss = forward_backward(&model, &images, &labels, o.precision, o.device, 1, sync_bn)?;
         let grad = opt.flat_grad();
         opt.step(&grad, 6e-5)?;
         opt.zero_grad();
         Ok(())
     };
-    for _ in 0..o.warmup {
-        step(&mut opt)?;
-    }
-    sync(o.device);
-    let mut times = Vec::with_capacity(o.iters);
-    for _ in 0..o.iters {
-        let t = Instant::now();
-        step(&mut opt)?;
+    // Sorted step times (ms) of `o.iters` steps after `o.warmup` more.
+    let time_steps = |opt: &mut FlatAdamW, with_sync_bn: bool| -> anyhow::Result<Vec<f64>> {
+        let mut single = Single;
+        let mut run = |opt: &mut FlatAdamW| {
+            step(
+                opt,
+                with_sync_bn.then_some(&mut single as &mut dyn Collective),
+            )
+        };
+        for _ in 0..o.warmup {
+            run(opt)?;
+        }
         sync(o.device);
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    times.sort_by(f64::total_cmp);
+        let mut times = Vec::with_capacity(o.iters);
+        for _ in 0..o.iters {
+            let t = Instant::now();
+            run(opt)?;
+            sync(o.device);
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times)
+    };
+    let times = time_steps(&mut opt, false)?;
     let median = times[times.len() / 2];
+    let sync_bn = if o.sync_bn {
+        let t = time_steps(&mut opt, true)?;
+        let m = t[t.len() / 2];
+        Some(SyncBnCost {
+            ms_per_iter_median: m,
+            extra_ms_per_iter: m - median,
+            ratio: m / median,
+        })
+    } else {
+        None
+    };
     let breakdown = if o.breakdown {
         let mut phases: [Vec<f64>; 3] = Default::default();
         for _ in 0..o.iters {
@@ -190,7 +229,7 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchResult> {
             crate::torch_ext::profile_start(cuda).map_err(anyhow::Error::msg)?;
             let t = Instant::now();
             for _ in 0..PROFILED_STEPS {
-                step(&mut opt)?;
+                step(&mut opt, None)?;
             }
             sync(o.device);
             let wall_ms = t.elapsed().as_secs_f64() * 1e3 / PROFILED_STEPS as f64;
@@ -215,6 +254,7 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchResult> {
         head: format!("{:?}", o.head).to_lowercase(),
         contiguous_maps: o.contiguous_maps,
         breakdown,
+        sync_bn,
         profile,
     })
 }

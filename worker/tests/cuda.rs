@@ -86,7 +86,8 @@ fn a_cuda_step_fills_the_flat_gradients_and_fused_adamw_matches_the_cpu() {
 
     let images = Tensor::randint(256, [2, 128, 128, 3], (Kind::Uint8, Device::Cpu));
     let labels = Tensor::randint(19, [2, 128, 128], (Kind::Uint8, Device::Cpu));
-    let loss = forward_backward(&gpu_model, &images, &labels, Precision::Bf16, dev, 1);
+    let loss = forward_backward(&gpu_model, &images, &labels, Precision::Bf16, dev, 1, None)
+        .expect("step");
     let loss = f64::try_from(loss).expect("scalar");
     assert!(loss.is_finite() && loss > 0.0, "loss {loss}");
     let grad = opt_gpu.flat_grad();

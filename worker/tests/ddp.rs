@@ -1,25 +1,32 @@
 //! Data-parallel training end to end on the CPU through the real TCP collective: two
-//! `segtrain-worker train` processes (world 2, batch 1 each) must train the same model as one
-//! process that accumulates two micro-batches of 1 (world 1, accumulate_steps 2).
+//! `segtrain-worker train` processes (world 2, batch 1 each) must train, evaluate and save the
+//! same model as one process given the same global batch of 2 (docs/data-parallel.md):
+//!
+//! * without SyncBN, as one process accumulating two micro-batches of 1;
+//! * with SyncBN, as one process with a real batch of 2 (its BatchNorm normalises over both).
 //!
 //! Why they must agree: the sampler gives rank r the positions r, r + 2, ... of the same
 //! permutation, and the loader seeds each sample's augmentation by its global position, so the
-//! two ranks see exactly the two micro-batches the single process sees; with dropout and drop
-//! path off (--no-dropout), the averaged gradient is the accumulated one.
-//!
-//! Only trainable parameters are compared: BatchNorm running statistics are per rank (DDP without
-//! SyncBN: each rank updates them from its own micro-batch, the single process from both), and
-//! only rank 0's are saved.
+//! two ranks see exactly the images the single process sees; with dropout and drop path off
+//! (--no-dropout), the averaged gradient is the single process's. The BatchNorm running
+//! statistics agree too: they move once per step by the mean over micro-batches and ranks.
+//! And the mIoU a 2-rank job reports is that of the checkpoint it saves, evaluated by one rank.
 
+use segtrain_spec::{EvalMode, Precision};
+use segtrain_worker::data::cityscapes;
+use segtrain_worker::data::loader::eval_samples;
+use segtrain_worker::model::{weights, SegFormer, SegFormerConfig};
 use segtrain_worker::train::checkpoint;
+use segtrain_worker::train::eval::{evaluate, EvalConfig};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use tch::Tensor;
+use tch::{nn, Device, Tensor};
 
 const EXE: &str = env!("CARGO_BIN_EXE_segtrain-worker");
+const MAX_ITERS: u64 = 4;
 
 /// Kills the child if the test fails half-way.
 struct Guard(Child);
@@ -35,16 +42,25 @@ fn s(p: &Path) -> String {
     p.to_str().expect("utf-8").to_string()
 }
 
-fn config(dir: &Path, data: &Path, world: u32, accumulate: u32) -> String {
-    let path = dir.join(format!("job-w{world}.toml"));
+/// A job file: 64x64 crops, 4 steps, evaluation at 2 and 4, one checkpoint at 4.
+fn config(
+    dir: &Path,
+    data: &Path,
+    name: &str,
+    world: u32,
+    batch: u32,
+    accumulate: u32,
+    sync_bn: bool,
+) -> String {
+    let path = dir.join(format!("{name}.toml"));
     std::fs::write(
         &path,
         format!(
             "name = \"ddp\"\ndataset_root = \"{}\"\nworld_size = {world}\ncrop_height = 64\n\
-             crop_width = 64\nbatch_per_gpu = 1\naccumulate_steps = {accumulate}\nmax_iters = 4\n\
-             warmup_iters = 2\nbase_lr = 0.001\nlog_interval = 1\neval_interval = 2\n\
-             checkpoint_interval = 0\nkeep_best = false\neval_mode = \"whole\"\nloader_threads = 1\n\
-             seed = 17\n",
+             crop_width = 64\nbatch_per_gpu = {batch}\naccumulate_steps = {accumulate}\n\
+             max_iters = {MAX_ITERS}\nwarmup_iters = 2\nbase_lr = 0.001\nlog_interval = 1\n\
+             eval_interval = 2\ncheckpoint_interval = 0\nkeep_best = false\neval_mode = \"whole\"\n\
+             loader_threads = 1\nseed = 17\nsync_bn = {sync_bn}\n",
             data.display()
         ),
     )
@@ -102,17 +118,13 @@ fn checkpoint_dirs(root: &Path) -> Vec<PathBuf> {
     }
 }
 
-fn is_trainable(name: &str) -> bool {
-    !(name.contains("running_mean")
-        || name.contains("running_var")
-        || name.contains("num_batches_tracked"))
+fn is_buffer(name: &str) -> bool {
+    name.contains("running_mean") || name.contains("running_var")
 }
 
-#[test]
-fn two_cpu_ranks_train_the_same_model_as_one_rank_accumulating_two_micro_batches() {
-    let started = Instant::now();
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let data = tmp.path().join("data");
+/// A synthetic dataset: 8 train and 4 val images of 64x64.
+fn synth_data(dir: &Path) -> PathBuf {
+    let data = dir.join("data");
     let out = Command::new(EXE)
         .args([
             "synth-data",
@@ -121,7 +133,7 @@ fn two_cpu_ranks_train_the_same_model_as_one_rank_accumulating_two_micro_batches
             "--train",
             "8",
             "--val",
-            "2",
+            "4",
             "--size",
             "64x64",
         ])
@@ -132,14 +144,23 @@ fn two_cpu_ranks_train_the_same_model_as_one_rank_accumulating_two_micro_batches
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    data
+}
 
-    // Two ranks through the TCP collective.
-    let c2 = config(tmp.path(), &data, 2, 1);
-    let (ck0, ck1) = (tmp.path().join("ck-rank0"), tmp.path().join("ck-rank1"));
+/// What a run left: rank 0's events (and rank 1's, for two ranks), rank 0's checkpoint root.
+struct Run {
+    events0: Vec<serde_json::Value>,
+    events1: Vec<serde_json::Value>,
+    checkpoints: PathBuf,
+}
+
+/// Two ranks of `config` through the TCP collective.
+fn two_ranks(dir: &Path, config: &str) -> Run {
+    let (ck0, ck1) = (dir.join("ck-rank0"), dir.join("ck-rank1"));
     let common = |rank: usize, ck: &Path, rv: String| -> Vec<String> {
         [
             "--config",
-            &c2,
+            config,
             "--device",
             "cpu",
             "--no-dropout",
@@ -160,7 +181,7 @@ fn two_cpu_ranks_train_the_same_model_as_one_rank_accumulating_two_micro_batches
         .map(|a| a.to_string())
         .collect()
     };
-    let (log0, log1) = (tmp.path().join("rank0.log"), tmp.path().join("rank1.log"));
+    let (log0, log1) = (dir.join("rank0.log"), dir.join("rank1.log"));
     let (g0, rx0) = start(&common(0, &ck0, "tcp-listen:127.0.0.1:0".into()), &log0);
     // Rank 0 reports where it listens before it waits for anyone.
     let mut events0 = Vec::new();
@@ -190,30 +211,10 @@ fn two_cpu_ranks_train_the_same_model_as_one_rank_accumulating_two_micro_batches
     let events0 = finish(g0, rx0, &log0, events0);
     let events1 = finish(g1, rx1, &log1, Vec::new());
 
-    // One rank, two micro-batches per step.
-    let c1 = config(tmp.path(), &data, 1, 2);
-    let ck_single = tmp.path().join("ck-single");
-    let log_single = tmp.path().join("single.log");
-    let (g, rx) = start(
-        &[
-            "--config",
-            &c1,
-            "--device",
-            "cpu",
-            "--no-dropout",
-            "--checkpoint-dir",
-            &s(&ck_single),
-        ]
-        .map(String::from),
-        &log_single,
-    );
-    let events_single = finish(g, rx, &log_single, Vec::new());
-
     // Only rank 0 reports and writes checkpoints.
-    let dirs0 = checkpoint_dirs(&ck0);
     assert_eq!(
-        dirs0,
-        vec![ck0.join(checkpoint::dir_name(4))],
+        checkpoint_dirs(&ck0),
+        vec![ck0.join(checkpoint::dir_name(MAX_ITERS))],
         "rank 0 wrote exactly the final checkpoint"
     );
     assert!(
@@ -221,90 +222,225 @@ fn two_cpu_ranks_train_the_same_model_as_one_rank_accumulating_two_micro_batches
         "rank 1 wrote nothing: {:?}",
         checkpoint_dirs(&ck1)
     );
-    assert_eq!(of(&events0, "rendezvous").len(), 1);
-    assert_eq!(of(&events0, "checkpoint").len(), 1);
-    assert_eq!(of(&events0, "metrics").len(), 4);
-    for kind in ["rendezvous", "metrics", "eval", "checkpoint"] {
-        assert!(
-            of(&events1, kind).is_empty(),
-            "rank 1 reports no {kind}: {events1:?}"
-        );
+    Run {
+        events0,
+        events1,
+        checkpoints: ck0,
     }
-    assert_eq!(of(&events1, "finished").len(), 1, "{events1:?}");
-    // Rank 1 prints its own speed (for its daemon's gauges, never stored with the job).
-    let own = of(&events1, "rank_metrics");
-    assert_eq!(own.len(), 4, "{events1:?}");
-    assert!(own
-        .iter()
-        .all(|e| e["values"]["step_ms"].as_f64() > Some(0.0)));
-    assert!(of(&events0, "rank_metrics").is_empty());
-    // The evaluation covered both ranks' shards (one val image each).
-    let evals = of(&events0, "eval");
-    assert_eq!(evals.len(), 2, "at iterations 2 and 4");
-    for e in &evals {
-        assert_eq!(e["images"], 2, "both shards counted: {e}");
-    }
+}
 
-    // The parameters, after 4 optimizer steps in both runs.
-    for ck in [&ck0, &ck_single] {
-        let m = checkpoint::read_manifest(&ck.join(checkpoint::dir_name(4))).expect("manifest");
-        assert_eq!(m.optimizer_steps, 4);
+/// One rank of `config`.
+fn one_rank(dir: &Path, config: &str) -> Run {
+    let ck = dir.join("ck-single");
+    let log = dir.join("single.log");
+    let (g, rx) = start(
+        &[
+            "--config",
+            config,
+            "--device",
+            "cpu",
+            "--no-dropout",
+            "--checkpoint-dir",
+            &s(&ck),
+        ]
+        .map(String::from),
+        &log,
+    );
+    let events0 = finish(g, rx, &log, Vec::new());
+    Run {
+        events0,
+        events1: Vec::new(),
+        checkpoints: ck,
     }
-    let read = |dir: &Path| {
-        Tensor::read_safetensors(
-            dir.join(checkpoint::dir_name(4))
-                .join(checkpoint::MODEL_FILE),
-        )
+}
+
+fn final_tensors(run: &Run) -> std::collections::BTreeMap<String, Tensor> {
+    let dir = run.checkpoints.join(checkpoint::dir_name(MAX_ITERS));
+    let m = checkpoint::read_manifest(&dir).expect("manifest");
+    assert_eq!(m.optimizer_steps, MAX_ITERS);
+    Tensor::read_safetensors(dir.join(checkpoint::MODEL_FILE))
         .expect("model.safetensors")
-    };
-    let (m2, m1) = (read(&ck0), read(&ck_single));
-    let m1: std::collections::BTreeMap<String, Tensor> = m1.into_iter().collect();
-    assert_eq!(m2.len(), m1.len(), "same tensors");
-    let (mut max_diff, mut max_name, mut compared, mut skipped) = (0f64, String::new(), 0, 0);
-    for (name, a) in &m2 {
-        let b = m1.get(name).unwrap_or_else(|| panic!("{name} missing"));
-        assert_eq!(a.size(), b.size(), "{name}");
-        if !is_trainable(name) {
-            skipped += 1;
-            continue;
+        .into_iter()
+        .collect()
+}
+
+/// Every tensor of both final checkpoints, parameters and BatchNorm statistics alike, within
+/// 1e-5; returns the largest difference of each kind.
+fn assert_same_model(two: &Run, one: &Run, what: &str) {
+    let (a, b) = (final_tensors(two), final_tensors(one));
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "same tensors"
+    );
+    let (mut params, mut buffers) = ((0f64, String::new(), 0i64), (0f64, String::new(), 0i64));
+    for (name, x) in &a {
+        let y = &b[name];
+        assert_eq!(x.size(), y.size(), "{name}");
+        let d = f64::try_from((x - y).abs().max()).expect("scalar");
+        if std::env::var_os("DDP_DEBUG").is_some() && d > 1e-6 {
+            eprintln!("{name}: {d:e}");
         }
-        compared += a.numel();
-        let d = f64::try_from((a - b).abs().max()).expect("scalar");
-        if d > max_diff {
-            (max_diff, max_name) = (d, name.clone());
+        let acc = if is_buffer(name) {
+            &mut buffers
+        } else {
+            &mut params
+        };
+        acc.2 += x.numel() as i64;
+        if d >= acc.0 {
+            (acc.0, acc.1) = (d, name.clone());
         }
     }
     assert!(
-        compared > 3_000_000,
-        "all B0 parameters compared: {compared}"
+        params.2 > 3_000_000,
+        "all B0 parameters compared: {}",
+        params.2
     );
-    assert!(skipped > 0, "BatchNorm statistics exist and were left out");
+    assert!(buffers.2 > 0, "the BatchNorm statistics were compared");
     eprintln!(
-        "DDP equivalence: max abs diff {max_diff:e} ({max_name}) over {compared} parameters; \
-         {skipped} BatchNorm statistics tensors skipped; {:?}",
-        started.elapsed()
+        "{what}: max abs diff {:e} over {} parameters ({}), {:e} over {} BatchNorm statistics ({})",
+        params.0, params.2, params.1, buffers.0, buffers.2, buffers.1
     );
     assert!(
-        max_diff <= 1e-5,
-        "2 ranks x batch 1 vs 1 rank x 2 micro-batches: max abs diff {max_diff:e} at {max_name}"
+        params.0 <= 1e-5,
+        "{what}: parameters differ by {:e} at {}",
+        params.0,
+        params.1
     );
+    assert!(
+        buffers.0 <= 1e-5,
+        "{what}: BatchNorm statistics differ by {:e} at {}",
+        buffers.0,
+        buffers.1
+    );
+    // The statistics really moved away from their initial 0 and 1.
+    let moved = a
+        .iter()
+        .filter(|(n, _)| n.contains("running_mean"))
+        .all(|(_, t)| f64::try_from(t.abs().max()).expect("scalar") > 1e-3);
+    assert!(moved, "the running means moved");
 
-    // The logged loss is averaged over the ranks, as the single process averages its
-    // micro-batches.
+    // The logged loss is averaged over the ranks, as the single process averages its images.
     let losses = |evs: &[serde_json::Value]| -> Vec<f64> {
         of(evs, "metrics")
             .iter()
             .map(|e| e["values"]["loss"].as_f64().expect("loss"))
             .collect()
     };
-    let (l2, l1) = (losses(&events0), losses(&events_single));
+    let (l2, l1) = (losses(&two.events0), losses(&one.events0));
     assert_eq!(l2.len(), l1.len());
-    for (a, b) in l2.iter().zip(&l1) {
+    for (x, y) in l2.iter().zip(&l1) {
         assert!(
-            (a - b).abs() <= 1e-5 * b.abs().max(1.0),
-            "loss per step: 2 ranks {l2:?}, 1 rank {l1:?}"
+            (x - y).abs() <= 1e-5 * y.abs().max(1.0),
+            "{what}: loss per step: 2 ranks {l2:?}, 1 rank {l1:?}"
         );
     }
+}
+
+/// The mIoU the run reported at its last evaluation is that of its final checkpoint evaluated
+/// by one process over the whole val set.
+fn assert_reported_miou_is_the_checkpoints(run: &Run, data: &Path) {
+    let evals = of(&run.events0, "eval");
+    assert_eq!(evals.len(), 2, "at iterations 2 and 4");
+    for e in &evals {
+        assert_eq!(e["images"], 4, "both shards counted: {e}");
+    }
+    let last = evals.last().expect("eval");
+    assert_eq!(last["iteration"], MAX_ITERS);
+    let reported = last["miou"].as_f64().expect("miou");
+
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = SegFormer::new(
+        &vs.root(),
+        SegFormerConfig::variant(segtrain_spec::Variant::B0, 19),
+    );
+    weights::load_file(
+        &vs,
+        &run.checkpoints
+            .join(checkpoint::dir_name(MAX_ITERS))
+            .join(checkpoint::MODEL_FILE),
+    )
+    .expect("load the checkpoint");
+    let val = cityscapes::scan(data, "val").expect("val split");
+    let cfg = EvalConfig {
+        mode: EvalMode::Whole,
+        crop: 64,
+        stride: 48,
+        precision: Precision::Fp32,
+    };
+    let r = evaluate(
+        &model,
+        eval_samples(&val).map(|r| r.map_err(anyhow::Error::from)),
+        Device::Cpu,
+        &cfg,
+    )
+    .expect("evaluate");
+    assert_eq!(r.images, 4);
+    eprintln!(
+        "reported mIoU {reported}, the checkpoint's {}",
+        r.metrics.miou
+    );
+    assert!(
+        (r.metrics.miou - reported).abs() <= 1e-6,
+        "the job reported mIoU {reported}; its checkpoint scores {}",
+        r.metrics.miou
+    );
+}
+
+#[test]
+fn two_cpu_ranks_train_evaluate_and_save_the_model_of_one_rank_accumulating_two_micro_batches() {
+    let started = Instant::now();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let data = synth_data(tmp.path());
+    let dir2 = tmp.path().join("two");
+    let dir1 = tmp.path().join("one");
+    std::fs::create_dir_all(&dir2).expect("dir");
+    std::fs::create_dir_all(&dir1).expect("dir");
+    let two = two_ranks(&dir2, &config(tmp.path(), &data, "w2", 2, 1, 1, false));
+    let one = one_rank(&dir1, &config(tmp.path(), &data, "w1-acc2", 1, 1, 2, false));
+
+    assert_eq!(of(&two.events0, "rendezvous").len(), 1);
+    assert_eq!(of(&two.events0, "checkpoint").len(), 1);
+    assert_eq!(of(&two.events0, "metrics").len(), MAX_ITERS as usize);
+    for kind in ["rendezvous", "metrics", "eval", "checkpoint"] {
+        assert!(
+            of(&two.events1, kind).is_empty(),
+            "rank 1 reports no {kind}: {:?}",
+            two.events1
+        );
+    }
+    assert_eq!(of(&two.events1, "finished").len(), 1, "{:?}", two.events1);
+    // Rank 1 prints its own speed (for its daemon's gauges, never stored with the job).
+    let own = of(&two.events1, "rank_metrics");
+    assert_eq!(own.len(), MAX_ITERS as usize, "{:?}", two.events1);
+    assert!(own
+        .iter()
+        .all(|e| e["values"]["step_ms"].as_f64() > Some(0.0)));
+    assert!(of(&two.events0, "rank_metrics").is_empty());
+
+    assert_same_model(&two, &one, "2 ranks x 1 vs 1 rank x 2 micro-batches");
+    assert_reported_miou_is_the_checkpoints(&two, &data);
+    eprintln!("{:?}", started.elapsed());
+}
+
+#[test]
+fn two_cpu_ranks_with_sync_bn_train_the_model_of_one_rank_with_a_batch_of_two() {
+    let started = Instant::now();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let data = synth_data(tmp.path());
+    let dir2 = tmp.path().join("two");
+    let dir1 = tmp.path().join("one");
+    std::fs::create_dir_all(&dir2).expect("dir");
+    std::fs::create_dir_all(&dir1).expect("dir");
+    let two = two_ranks(&dir2, &config(tmp.path(), &data, "w2-sync", 2, 1, 1, true));
+    let one = one_rank(&dir1, &config(tmp.path(), &data, "w1-b2", 1, 2, 1, false));
+    assert_same_model(
+        &two,
+        &one,
+        "2 ranks x 1 with SyncBN vs 1 rank x a batch of 2",
+    );
+    assert_reported_miou_is_the_checkpoints(&two, &data);
+    eprintln!("{:?}", started.elapsed());
 }
 
 #[test]

@@ -92,9 +92,15 @@ impl pb::job_service_server::JobService for JobApi {
         if !existing {
             tracing::info!(job = %job.id, attempt = job.attempt, name = %spec.name, world_size = spec.world_size, "job submitted");
         }
+        // Also for an existing job: the warnings are about the spec, which is the same.
+        let warnings = spec.warnings();
+        if !existing && !warnings.is_empty() {
+            tracing::info!(job = %job.id, ?warnings, "job submitted with warnings");
+        }
         Ok(Response::new(pb::SubmitJobResponse {
             job: Some(convert::job(&job)),
             existing,
+            warnings,
         }))
     }
 

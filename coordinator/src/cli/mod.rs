@@ -215,7 +215,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map_err(rpc)?
                 .into_inner();
             let job = resp.job.context("the coordinator returned no job")?;
-            out.submitted(&JobView::from(&job), resp.existing);
+            for w in &resp.warnings {
+                eprintln!("warning: {w}");
+            }
+            out.submitted(&JobView::from(&job), resp.existing, &resp.warnings);
         }
         Command::List(args) => {
             let states = args

@@ -102,9 +102,10 @@ fn table(header: &[&str], rows: &[Vec<String>]) {
 }
 
 impl Printer {
-    pub fn submitted(&self, j: &JobView, existing: bool) {
+    /// The `warnings` go to stderr (as `warning: ...`) from the caller; `--json` also carries them.
+    pub fn submitted(&self, j: &JobView, existing: bool, warnings: &[String]) {
         if self.json {
-            print_json(&json!({ "job": j, "existing": existing }));
+            print_json(&json!({ "job": j, "existing": existing, "warnings": warnings }));
         } else if existing {
             println!(
                 "job {} already exists for this idempotency key ({})",

@@ -77,7 +77,9 @@ impl TryFrom<JobRow> for JobRecord {
 
 impl Store {
     /// Creates a QUEUED job, or, when `idempotency_key` names an existing job with an equal spec,
-    /// returns that job and `true`. The same key with a different spec is a conflict.
+    /// returns that job and `true`. The same key with a different spec is a conflict. A new job's
+    /// first events are its creation and then one note per [`JobSpec::warnings`] (in the same
+    /// transaction; a resubmit that finds the job adds none).
     pub async fn submit_job(
         &self,
         spec: &JobSpec,
@@ -131,6 +133,9 @@ impl Store {
             &EventPayload::state_change(None, JobState::INITIAL, "submitted"),
         )
         .await?;
+        for text in spec.warnings() {
+            insert_event(&mut tx, id, 0, &EventPayload::Note { text }).await?;
+        }
         tx.commit().await?;
         Ok((JobRecord::try_from(row)?, false))
     }

@@ -100,6 +100,10 @@ enum Command {
         /// Also time forward, backward and optimizer separately (a per-phase profile).
         #[arg(long)]
         breakdown: bool,
+        /// Also time the step with SyncBN in the head (over a world of 1: the computation it
+        /// adds, without the network) and print its cost.
+        #[arg(long)]
+        sync_bn: bool,
         /// Profile two more steps with libtorch's profiler: print the kernels that take the
         /// time and write a Chrome trace (chrome://tracing, Perfetto) to this file.
         #[arg(long, value_name = "TRACE.json")]
@@ -573,6 +577,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             head,
             contiguous_maps,
             breakdown,
+            sync_bn,
             profile,
         } => {
             let device = parse_device(&device)?;
@@ -583,6 +588,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 contiguous_maps,
                 breakdown,
+                sync_bn,
                 profile: profile.clone(),
                 variant,
                 batch,
@@ -625,6 +631,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     println!(
                         "phases (median ms, synchronised): forward+loss {:.1}, backward {:.1}, optimizer {:.1}",
                         b.forward_ms, b.backward_ms, b.optimizer_ms
+                    );
+                }
+                if let Some(s) = &r.sync_bn {
+                    println!(
+                        "SyncBN (world 1, no network): {:.1} ms/iter, +{:.2} ms ({:.3}x the plain BatchNorm step)",
+                        s.ms_per_iter_median, s.extra_ms_per_iter, s.ratio
                     );
                 }
                 if let (Some(rows), Some(trace)) = (&r.profile, &profile) {

@@ -4,8 +4,13 @@
 //! same function at a fraction of the cost.
 
 use super::config::SegFormerConfig;
+use super::sync_bn::{self, GlobalSum, SyncBnTape};
 use tch::nn::{self, Module, ModuleT};
 use tch::Tensor;
+
+/// The BatchNorm's epsilon and running-statistics momentum (PyTorch's and mmseg's defaults).
+const BN_EPS: f64 = 1e-5;
+const BN_MOMENTUM: f64 = 0.1;
 
 #[derive(Debug)]
 pub struct DecodeHead {
@@ -63,8 +68,8 @@ impl DecodeHead {
             nn::BatchNormConfig {
                 ws_init: nn::Init::Const(1.0), // tch's default is Uniform(0, 1)
                 bs_init: nn::Init::Const(0.0),
-                eps: 1e-5,
-                momentum: 0.1,
+                eps: BN_EPS,
+                momentum: BN_MOMENTUM,
                 ..Default::default()
             },
         );
@@ -82,14 +87,34 @@ impl DecodeHead {
 
     /// Stage maps F1..F4 -> logits at the size of F1 (1/4 of the input).
     pub fn forward_t(&self, maps: &[Tensor], train: bool) -> Tensor {
-        let x = match self.mode {
+        let x = self.batch_norm.forward_t(&self.fused(maps), train);
+        self.classify(x, train)
+    }
+
+    /// Training-mode forward with SyncBN: the BatchNorm's statistics are those of every rank's
+    /// batch ([`sync_bn`]); the tape completes the backward pass.
+    pub fn forward_sync(
+        &self,
+        maps: &[Tensor],
+        global_sum: &mut GlobalSum,
+    ) -> anyhow::Result<(Tensor, SyncBnTape)> {
+        let fused = self.fused(maps);
+        let (x, tape) =
+            sync_bn::forward(&self.batch_norm, &fused, BN_EPS, BN_MOMENTUM, global_sum)?;
+        Ok((self.classify(x, true), tape))
+    }
+
+    fn fused(&self, maps: &[Tensor]) -> Tensor {
+        match self.mode {
             HeadMode::Merged => self.fused_merged(maps),
             HeadMode::Concat => self.fused_concat(maps),
-        };
-        let x = self.batch_norm.forward_t(&x, train).relu();
-        // Channel dropout (Dropout2d), as the original head.
-        let x = x.feature_dropout(self.dropout, train);
-        // Contiguous NCHW logits: the loss's softmax runs over the channel dimension.
+        }
+    }
+
+    /// Normalised map -> logits: ReLU, channel dropout (Dropout2d, as the original head), the
+    /// classifier; contiguous NCHW, since the loss's softmax runs over the channel dimension.
+    fn classify(&self, normed: Tensor, train: bool) -> Tensor {
+        let x = normed.relu().feature_dropout(self.dropout, train);
         self.classifier.forward(&x).contiguous()
     }
 

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod head;
 pub mod mit;
+pub mod sync_bn;
 pub mod weights;
 
 pub use config::SegFormerConfig;
@@ -73,6 +74,17 @@ impl SegFormer {
         self.head.forward_t(&maps, train)
     }
 
+    /// Training-mode logits with SyncBN in the head: batch statistics over every rank's batch
+    /// through `global_sum`; pass the tape to [`sync_bn::SyncBnTape::backward`].
+    pub fn forward_sync(
+        &self,
+        x: &Tensor,
+        global_sum: &mut sync_bn::GlobalSum,
+    ) -> anyhow::Result<(Tensor, sync_bn::SyncBnTape)> {
+        let maps = self.encoder.forward_t(x, true);
+        self.head.forward_sync(&maps, global_sum)
+    }
+
     /// How the head computes its fused map (the default is the fast one; both are the same
     /// function).
     pub fn set_head_mode(&mut self, mode: HeadMode) {
@@ -90,6 +102,22 @@ impl SegFormer {
         self.encoder.disable_drop_path();
         self.head.disable_dropout();
     }
+}
+
+/// Whether the training loss does not depend on the parameter `name` at all: its gradient is zero
+/// in exact arithmetic, so what autograd computes for it is rounding noise, which AdamW's
+/// normalisation would turn into full-size random steps (different on every batch layout, so
+/// that no two runs could agree). The trainer zeroes these gradients; weight decay still
+/// applies. They are:
+/// * the attention key biases: `q . (k + b)` shifts every logit of a query by the same `q . b`,
+///   which the softmax ignores;
+/// * the head's per-stage projection biases and the last stage's LayerNorm bias (stage 4 feeds
+///   only the head): each shifts the fused map by a per-channel constant, which the head's
+///   training-mode BatchNorm subtracts again.
+pub fn is_loss_invariant(name: &str) -> bool {
+    (name.starts_with(ENCODER_PREFIX) && name.ends_with(".attention.self.key.bias"))
+        || name == "segformer.encoder.layer_norm.3.bias"
+        || (name.starts_with("decode_head.linear_c.") && name.ends_with(".proj.bias"))
 }
 
 /// Parameter counts of a model's VarStore: (encoder, head), trainable parameters only (BatchNorm
@@ -187,5 +215,48 @@ fn group(n: i64) -> String {
         format!("-{out}")
     } else {
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    /// The parameters named loss-invariant get a gradient that is rounding noise (zero to 1e-6
+    /// of the others'), and they are exactly the ones the rule names.
+    #[test]
+    fn loss_invariant_parameters_have_no_gradient_to_speak_of() {
+        tch::manual_seed(1);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut model = SegFormer::new(
+            &vs.root(),
+            SegFormerConfig::variant(segtrain_spec::Variant::B0, 5),
+        );
+        model.disable_stochastic();
+        let x = Tensor::randn([2, 3, 64, 64], (Kind::Float, Device::Cpu));
+        let labels = Tensor::randint(5, [2, 16, 16], (Kind::Int64, Device::Cpu));
+        let loss = crate::train::loss::segmentation_loss(&model.forward_t(&x, true), &labels);
+        loss.backward();
+        let (mut invariant, mut largest_other) = (Vec::new(), 0f64);
+        for (name, t) in vs.variables() {
+            if !t.requires_grad() {
+                continue;
+            }
+            let g = f64::try_from(t.grad().abs().max()).expect("scalar");
+            if is_loss_invariant(&name) {
+                invariant.push((name, g));
+            } else {
+                largest_other = largest_other.max(g);
+            }
+        }
+        // 8 key biases (B0: 2 blocks x 4 stages), 4 projection biases, 1 LayerNorm bias.
+        assert_eq!(invariant.len(), 13, "{invariant:?}");
+        for (name, g) in &invariant {
+            assert!(
+                *g <= 1e-6 * largest_other,
+                "{name}: gradient {g:e} (largest other {largest_other:e})"
+            );
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! dataset-level confusion matrix, and the validation loss.
 
 use super::loss::segmentation_loss;
-use super::metrics::{ConfusionMatrix, SegMetrics};
+use super::metrics::{ConfusionMatrix, DeviceConfusion, SegMetrics};
 use crate::data::EvalSample;
 use crate::model::SegFormer;
 use segtrain_spec::{EvalMode, Precision};
@@ -122,7 +122,22 @@ impl EvalTotals {
     }
 }
 
-/// Runs `model` in eval mode over `samples` and adds up their totals.
+/// A host buffer on `device`: on CUDA through pinned memory and an asynchronous copy (a copy from
+/// pageable memory waits for the GPU to finish everything queued before it).
+fn upload(host: &Tensor, device: Device) -> Tensor {
+    match device {
+        Device::Cpu => host.shallow_clone(),
+        Device::Cuda(_) => host
+            .pin_memory(device)
+            .to_device_(device, host.kind(), true, false),
+        _ => host.to_device(device),
+    }
+}
+
+/// Runs `model` in eval mode over `samples` and adds up their totals. Nothing is read back to the
+/// host per image: the confusion matrix and the loss sum stay on the device (a [`DeviceConfusion`]
+/// and a scalar tensor) and are read back once, after the last image; the images are uploaded
+/// asynchronously from pinned memory.
 pub fn accumulate<I>(
     model: &SegFormer,
     samples: I,
@@ -133,18 +148,22 @@ where
     I: IntoIterator<Item = anyhow::Result<EvalSample>>,
 {
     let k = model.config.num_classes;
-    let mut cm = ConfusionMatrix::new(k as usize);
+    let mut cm = DeviceConfusion::new(k as usize, device);
     let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
     let mut images = 0usize;
     tch::no_grad(|| -> anyhow::Result<()> {
         for sample in samples {
             let s = sample?;
             let (h, w) = (s.height as i64, s.width as i64);
-            let img =
-                Tensor::from_data_size(&s.image, &[1, h, w, 3], Kind::Uint8).to_device(device);
-            let label = Tensor::from_data_size(&s.label, &[1, h, w], Kind::Uint8)
-                .to_device(device)
-                .to_kind(Kind::Int64);
+            let img = upload(
+                &Tensor::from_data_size(&s.image, &[1, h, w, 3], Kind::Uint8),
+                device,
+            );
+            let label = upload(
+                &Tensor::from_data_size(&s.label, &[1, h, w], Kind::Uint8),
+                device,
+            )
+            .to_kind(Kind::Int64);
             let x = normalise(&img);
             let logits = match cfg.mode {
                 EvalMode::Whole => window_logits(model, &x, cfg.precision),
@@ -157,9 +176,11 @@ where
         }
         Ok(())
     })?;
+    // The two read-backs of the evaluation (a device error of the queued work surfaces here).
+    let loss_sum = f64::try_from(&loss_sum)?;
     Ok(EvalTotals {
-        cm,
-        loss_sum: f64::try_from(&loss_sum)?,
+        cm: cm.try_to_host()?,
+        loss_sum,
         images,
     })
 }
@@ -219,6 +240,89 @@ mod tests {
                 covered.iter().all(|&c| c > 0),
                 "{h}x{w} crop {crop} stride {stride}"
             );
+        }
+    }
+
+    /// `accumulate` (device confusion matrix and loss sum, read back once) equals the per-image
+    /// host path: the same logits, `ConfusionMatrix::update` and a read-back per image.
+    #[test]
+    fn accumulate_equals_the_per_image_host_path() {
+        use crate::model::SegFormerConfig;
+        use segtrain_spec::Variant;
+        tch::manual_seed(11);
+        let cpu = Device::Cpu;
+        let vs = tch::nn::VarStore::new(cpu);
+        let model = SegFormer::new(&vs.root(), SegFormerConfig::variant(Variant::B0, 19));
+        let samples: Vec<EvalSample> = [(32i64, 48i64), (40, 40), (36, 52), (32, 64)]
+            .into_iter()
+            .enumerate()
+            .map(|(i, (h, w))| {
+                let image = Tensor::randint(256, [h, w, 3], (Kind::Uint8, cpu));
+                let mut label = Tensor::randint(19, [h, w], (Kind::Uint8, cpu));
+                let ignore = Tensor::rand([h, w], (Kind::Float, cpu)).lt(0.2);
+                let _ = label.masked_fill_(&ignore, 255);
+                if i == 3 {
+                    let _ = label.fill_(255); // an image without a labelled pixel
+                }
+                EvalSample {
+                    image: Vec::<u8>::try_from(image.flatten(0, -1)).expect("u8"),
+                    label: Vec::<u8>::try_from(label.flatten(0, -1)).expect("u8"),
+                    height: h as usize,
+                    width: w as usize,
+                    path: format!("img{i}.png").into(),
+                }
+            })
+            .collect();
+        for mode in [EvalMode::Whole, EvalMode::Slide] {
+            let cfg = EvalConfig {
+                mode,
+                crop: 32,
+                stride: 24,
+                precision: Precision::Fp32,
+            };
+            let got =
+                accumulate(&model, samples.iter().cloned().map(Ok), cpu, &cfg).expect("accumulate");
+            let mut cm = ConfusionMatrix::new(19);
+            let mut loss_sum = 0.0;
+            tch::no_grad(|| {
+                for s in &samples {
+                    let (h, w) = (s.height as i64, s.width as i64);
+                    let img = Tensor::from_data_size(&s.image, &[1, h, w, 3], Kind::Uint8);
+                    let label = Tensor::from_data_size(&s.label, &[1, h, w], Kind::Uint8)
+                        .to_kind(Kind::Int64);
+                    let x = normalise(&img);
+                    let logits = match mode {
+                        EvalMode::Whole => window_logits(&model, &x, cfg.precision),
+                        EvalMode::Slide => {
+                            slide_logits(&model, &x, 19, cfg.crop, cfg.stride, cfg.precision)
+                        }
+                    };
+                    loss_sum += f64::try_from(segmentation_loss(&logits, &label)).expect("loss");
+                    cm.update(&logits.argmax(1, false), &label);
+                }
+            });
+            assert_eq!(got.images, samples.len());
+            assert_eq!(got.cm, cm, "{mode:?}");
+            let labelled: u64 = cm.counts.iter().sum();
+            let want_labelled = samples
+                .iter()
+                .flat_map(|s| &s.label)
+                .filter(|&&l| l != 255)
+                .count() as u64;
+            assert_eq!(labelled, want_labelled, "every labelled pixel counted once");
+            let predicted = (0..19)
+                .filter(|&c| (0..19).any(|r| cm.counts[r * 19 + c] > 0))
+                .count();
+            assert!(
+                predicted >= 2,
+                "{mode:?}: the predictions vary ({predicted} classes)"
+            );
+            assert!(
+                (got.loss_sum - loss_sum).abs() <= 1e-5 * loss_sum.abs().max(1.0),
+                "{mode:?}: loss sum {} vs {loss_sum}",
+                got.loss_sum
+            );
+            assert_eq!(got.result().metrics, cm.metrics());
         }
     }
 }

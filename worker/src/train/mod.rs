@@ -1,6 +1,7 @@
 //! The single-process training loop and its parts: loss, metrics, evaluation, checkpoints.
 //! The distributed service runs this same loop on every rank.
 
+pub mod buffers;
 pub mod checkpoint;
 pub mod eval;
 pub mod loss;

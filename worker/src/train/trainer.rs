@@ -12,9 +12,11 @@
 //! broadcast; every step all-reduces (averages) the one flat gradient before the update;
 //! the logged loss and the evaluation's confusion matrix and loss are all-reduced, so every rank
 //! computes the same metrics and the same best; only rank 0 reports and writes checkpoints.
-//! BatchNorm running statistics stay per rank (DDP without SyncBN). World 1 uses
-//! [`Single`] and skips every collective.
+//! The head's BatchNorm uses SyncBN when the spec says so (`sync_bn`, the default for more than
+//! one rank); its running statistics are the same on every rank before every evaluation and
+//! checkpoint ([`super::buffers`]). World 1 uses [`Single`] and skips every collective.
 
+use super::buffers::{Buffers, StepBuffers};
 use super::checkpoint::{self, Saved};
 use super::eval::{accumulate, evaluate, normalise, EvalConfig, EvalResult};
 use super::loss::segmentation_loss;
@@ -403,31 +405,7 @@ fn sync_start(
     for (_, mut t) in opt.state_tensors() {
         comm.broadcast(&mut t, 0)?;
     }
-    // Buffers (BatchNorm running statistics), in name order, as one flat tensor.
-    let mut buffers: Vec<(String, Tensor)> = vs
-        .variables()
-        .into_iter()
-        .filter(|(_, t)| !t.requires_grad())
-        .collect();
-    buffers.sort_by(|a, b| a.0.cmp(&b.0));
-    if !buffers.is_empty() {
-        let parts: Vec<Tensor> = buffers
-            .iter()
-            .map(|(_, t)| t.to_kind(Kind::Float).reshape([-1]))
-            .collect();
-        let mut flat = Tensor::cat(&parts, 0);
-        comm.broadcast(&mut flat, 0)?;
-        tch::no_grad(|| {
-            let mut off = 0i64;
-            for (_, t) in buffers.iter_mut() {
-                let n = t.numel() as i64;
-                let part = flat.narrow(0, off, n).view(t.size().as_slice());
-                t.copy_(&part);
-                off += n;
-            }
-        });
-    }
-    Ok(())
+    Buffers::of(vs).broadcast(comm, 0)
 }
 
 /// Evaluation with `world` ranks: this rank takes val samples rank, rank + world, ...; the
@@ -467,8 +445,10 @@ fn evaluate_shard(
 
 /// One micro-batch of a training step: u8 NHWC images and u8 labels (on the CPU: copied to
 /// `device` through pinned memory, asynchronously), normalised, the forward pass (bf16 autocast
-/// on CUDA when asked), the loss scaled by 1/`accumulate`, backward. Returns the detached loss;
-/// nothing is read back to the host. The trainer and `segtrain-worker bench` share it.
+/// on CUDA when asked), the loss scaled by 1/`accumulate`, backward. With `sync_bn`, the head's
+/// BatchNorm uses the statistics of every rank's micro-batch, summed through that collective
+/// (every rank must call this the same number of times). Returns the detached loss; nothing is
+/// read back to the host. The trainer and `segtrain-worker bench` share it.
 pub fn forward_backward(
     model: &SegFormer,
     images: &Tensor,
@@ -476,13 +456,30 @@ pub fn forward_backward(
     precision: Precision,
     device: Device,
     accumulate: u32,
-) -> Tensor {
-    let loss = forward_loss(model, images, labels, precision, device) / f64::from(accumulate);
-    loss.backward();
-    loss.detach()
+    sync_bn: Option<&mut dyn Collective>,
+) -> anyhow::Result<Tensor> {
+    let scale = 1.0 / f64::from(accumulate);
+    let Some(comm) = sync_bn else {
+        let loss = forward_loss(model, images, labels, precision, device) * scale;
+        loss.f_backward()?;
+        return Ok(loss.detach());
+    };
+    let (x, y) = on_device(images, labels, device);
+    let mut global_sum =
+        |t: &mut Tensor| -> anyhow::Result<()> { comm.all_reduce_sum(t).context("SyncBN") };
+    let (logits, tape) = match precision {
+        Precision::Bf16 if device != Device::Cpu => {
+            crate::torch_ext::with_bf16_autocast(|| model.forward_sync(&x, &mut global_sum))
+        }
+        _ => model.forward_sync(&x, &mut global_sum),
+    }?;
+    let loss = segmentation_loss(&logits, &y) * scale;
+    tape.backward(&loss, &mut global_sum)?;
+    Ok(loss.detach())
 }
 
-/// The forward half of [`forward_backward`]: the (attached) loss of one micro-batch.
+/// The forward half of [`forward_backward`] without SyncBN: the (attached) loss of one
+/// micro-batch.
 pub fn forward_loss(
     model: &SegFormer,
     images: &Tensor,
@@ -490,6 +487,18 @@ pub fn forward_loss(
     precision: Precision,
     device: Device,
 ) -> Tensor {
+    let (x, y) = on_device(images, labels, device);
+    let logits = match precision {
+        Precision::Bf16 if device != Device::Cpu => {
+            crate::torch_ext::with_bf16_autocast(|| model.forward_t(&x, true))
+        }
+        _ => model.forward_t(&x, true),
+    };
+    segmentation_loss(&logits, &y)
+}
+
+/// A micro-batch on `device`: normalised f32 NCHW images and i64 labels.
+fn on_device(images: &Tensor, labels: &Tensor, device: Device) -> (Tensor, Tensor) {
     let (images, labels) = if images.device() == device {
         (images.shallow_clone(), labels.shallow_clone())
     } else {
@@ -502,15 +511,7 @@ pub fn forward_loss(
                 .to_device_(device, Kind::Uint8, true, false),
         )
     };
-    let x = normalise(&images);
-    let y = labels.to_kind(Kind::Int64);
-    let logits = match precision {
-        Precision::Bf16 if device != Device::Cpu => {
-            crate::torch_ext::with_bf16_autocast(|| model.forward_t(&x, true))
-        }
-        _ => model.forward_t(&x, true),
-    };
-    segmentation_loss(&logits, &y)
+    (normalise(&images), labels.to_kind(Kind::Int64))
 }
 
 /// A checkpoint that was loaded and verified, with the newer candidates skipped on the way.
@@ -829,13 +830,26 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
     let mut last_checkpoint = None;
     let mut last_eval = None;
     let mut last_metrics: BTreeMap<String, f64> = BTreeMap::new();
+    let sync_bn = world > 1 && spec.sync_bn;
+    let mut buffers = Buffers::of(&vs);
+    // (offset, length) in the flat gradient of the parameters the loss does not depend on.
+    let invariant: Vec<(i64, i64)> = opt
+        .slots()
+        .iter()
+        .filter(|s| crate::model::is_loss_invariant(&s.name))
+        .map(|s| (s.offset, s.shape.iter().product()))
+        .collect();
 
     super::stop::entering_loop();
     for it in start..end {
         let iteration = it + 1;
         let lr = schedule.lr(it);
         tch::manual_seed(mix(spec.seed ^ mix(it) ^ mix(opts.rank as u64 + 1)) as i64);
+        let mut step_buffers = (spec.accumulate_steps > 1).then(|| StepBuffers::begin(&buffers));
         for _ in 0..spec.accumulate_steps {
+            if let Some(s) = step_buffers.as_mut() {
+                s.before(&mut buffers);
+            }
             let wait = Instant::now();
             let batch = loader.next_batch()?;
             window_wait += wait.elapsed();
@@ -850,11 +864,25 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
                 spec.precision,
                 device,
                 spec.accumulate_steps,
-            );
+                if sync_bn {
+                    Some(&mut *comm as &mut dyn Collective)
+                } else {
+                    None
+                },
+            )?;
+            if let Some(s) = step_buffers.as_mut() {
+                s.after(&buffers);
+            }
+        }
+        if let Some(s) = step_buffers {
+            s.end(&mut buffers);
         }
         let mut grad = opt.flat_grad();
         if world > 1 {
             comm.all_reduce_mean(&mut grad)?;
+        }
+        for &(offset, len) in &invariant {
+            let _ = grad.narrow(0, offset, len).zero_();
         }
         opt.step(&grad, lr)?;
         opt.zero_grad();
@@ -912,9 +940,15 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
             window_start = Instant::now();
         }
 
+        let eval_due = (due(iteration, spec.eval_interval) || last) && !val_samples.is_empty();
+        let checkpoint_due = due(iteration, spec.checkpoint_interval) || last || iteration == end;
+        if world > 1 && !sync_bn && (eval_due || checkpoint_due) {
+            // One model on every rank: the one evaluated is the one saved.
+            buffers.mean_over_ranks(&mut *comm)?;
+        }
         let mut new_best = false;
         let mut eval_metrics = BTreeMap::new();
-        if (due(iteration, spec.eval_interval) || last) && !val_samples.is_empty() {
+        if eval_due {
             let result = if world == 1 {
                 evaluate(
                     &model,
@@ -946,12 +980,7 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
 
         let keep_best_here = new_best && spec.keep_best;
         // Only rank 0 writes checkpoints (the others hold the same parameters).
-        if rank == 0
-            && (due(iteration, spec.checkpoint_interval)
-                || last
-                || iteration == end
-                || keep_best_here)
-        {
+        if rank == 0 && (checkpoint_due || keep_best_here) {
             let mut metrics = last_metrics.clone();
             metrics.extend(eval_metrics);
             let saved = write_checkpoint(
@@ -969,6 +998,9 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
         }
 
         if iteration < end && stop_agreed(&opts, &mut *comm, iteration)? {
+            if world > 1 && !sync_bn {
+                buffers.mean_over_ranks(&mut *comm)?;
+            }
             if rank == 0
                 && last_checkpoint
                     .as_ref()
