@@ -147,6 +147,12 @@ fn synth_data(dir: &Path) -> PathBuf {
     data
 }
 
+fn run_dir(tmp: &Path, name: &str) -> PathBuf {
+    let dir = tmp.join(name);
+    std::fs::create_dir_all(&dir).expect("run dir");
+    dir
+}
+
 /// What a run left: rank 0's events (and rank 1's, for two ranks), rank 0's checkpoint root.
 struct Run {
     events0: Vec<serde_json::Value>,
@@ -392,10 +398,7 @@ fn two_cpu_ranks_train_evaluate_and_save_the_model_of_one_rank_accumulating_two_
     let started = Instant::now();
     let tmp = tempfile::tempdir().expect("temp dir");
     let data = synth_data(tmp.path());
-    let dir2 = tmp.path().join("two");
-    let dir1 = tmp.path().join("one");
-    std::fs::create_dir_all(&dir2).expect("dir");
-    std::fs::create_dir_all(&dir1).expect("dir");
+    let (dir2, dir1) = (run_dir(tmp.path(), "two"), run_dir(tmp.path(), "one"));
     let two = two_ranks(&dir2, &config(tmp.path(), &data, "w2", 2, 1, 1, false));
     let one = one_rank(&dir1, &config(tmp.path(), &data, "w1-acc2", 1, 1, 2, false));
 
@@ -428,10 +431,7 @@ fn two_cpu_ranks_with_sync_bn_train_the_model_of_one_rank_with_a_batch_of_two() 
     let started = Instant::now();
     let tmp = tempfile::tempdir().expect("temp dir");
     let data = synth_data(tmp.path());
-    let dir2 = tmp.path().join("two");
-    let dir1 = tmp.path().join("one");
-    std::fs::create_dir_all(&dir2).expect("dir");
-    std::fs::create_dir_all(&dir1).expect("dir");
+    let (dir2, dir1) = (run_dir(tmp.path(), "two"), run_dir(tmp.path(), "one"));
     let two = two_ranks(&dir2, &config(tmp.path(), &data, "w2-sync", 2, 1, 1, true));
     let one = one_rank(&dir1, &config(tmp.path(), &data, "w1-b2", 1, 2, 1, false));
     assert_same_model(
