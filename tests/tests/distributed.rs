@@ -60,16 +60,7 @@ async fn a_world_size_two_job_trains_to_success_with_every_metric_once() {
         ..Default::default()
     };
     let mut jobs = JobServiceClient::new(coord.channel().await);
-    let job = jobs
-        .submit_job(pb::SubmitJobRequest {
-            spec: Some(spec),
-            idempotency_key: String::new(),
-        })
-        .await
-        .expect("submit")
-        .into_inner()
-        .job
-        .expect("job");
+    let job = coord.get_job(&coord.submit_spec(spec).await).await;
 
     // Watch from the first event until the stream ends (the job is terminal).
     let mut stream = jobs
@@ -94,13 +85,7 @@ async fn a_world_size_two_job_trains_to_success_with_every_metric_once() {
             ),
         }
     }
-    let done = jobs
-        .get_job(pb::GetJobRequest {
-            job_id: job.id.clone(),
-        })
-        .await
-        .expect("get")
-        .into_inner();
+    let done = coord.get_job(&job.id).await;
     assert_eq!(
         done.state(),
         pb::JobState::Succeeded,

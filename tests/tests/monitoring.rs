@@ -6,7 +6,6 @@
 //! lines about a job must carry its job, attempt and rank.
 
 use segtrain_proto::v1 as pb;
-use segtrain_proto::v1::job_service_client::JobServiceClient;
 use segtrain_tests::binaries;
 use segtrain_tests::coordinator::{free_port, CoordinatorProcess};
 use segtrain_tests::daemon::DaemonProcess;
@@ -156,17 +155,7 @@ async fn metrics_follow_a_job_from_queued_to_succeeded_on_coordinator_and_daemon
         loader_threads: Some(1),
         ..Default::default()
     };
-    let mut client = JobServiceClient::new(coord.channel().await);
-    let job = client
-        .submit_job(pb::SubmitJobRequest {
-            spec: Some(spec),
-            idempotency_key: String::new(),
-        })
-        .await
-        .expect("submit")
-        .into_inner()
-        .job
-        .expect("job");
+    let job = coord.get_job(&coord.submit_spec(spec).await).await;
     let queued_at = Instant::now();
     wait_for(cport, Duration::from_secs(30), "job QUEUED", ctx, |e| {
         jobs(e, "QUEUED") == 1.0 && e.get("segtrain_queue_length", &[]) == Some(1.0)

@@ -467,12 +467,9 @@ pub fn forward_backward(
     let (x, y) = on_device(images, labels, device);
     let mut global_sum =
         |t: &mut Tensor| -> anyhow::Result<()> { comm.all_reduce_sum(t).context("SyncBN") };
-    let (logits, tape) = match precision {
-        Precision::Bf16 if device != Device::Cpu => {
-            crate::torch_ext::with_bf16_autocast(|| model.forward_sync(&x, &mut global_sum))
-        }
-        _ => model.forward_sync(&x, &mut global_sum),
-    }?;
+    let (logits, tape) = autocast(precision, device, || {
+        model.forward_sync(&x, &mut global_sum)
+    })?;
     let loss = segmentation_loss(&logits, &y) * scale;
     tape.backward(&loss, &mut global_sum)?;
     Ok(loss.detach())
@@ -488,13 +485,16 @@ pub fn forward_loss(
     device: Device,
 ) -> Tensor {
     let (x, y) = on_device(images, labels, device);
-    let logits = match precision {
-        Precision::Bf16 if device != Device::Cpu => {
-            crate::torch_ext::with_bf16_autocast(|| model.forward_t(&x, true))
-        }
-        _ => model.forward_t(&x, true),
-    };
+    let logits = autocast(precision, device, || model.forward_t(&x, true));
     segmentation_loss(&logits, &y)
+}
+
+/// Runs a forward pass under bf16 autocast when `precision` asks for it on CUDA.
+fn autocast<T>(precision: Precision, device: Device, forward: impl FnOnce() -> T) -> T {
+    match precision {
+        Precision::Bf16 if device != Device::Cpu => crate::torch_ext::with_bf16_autocast(forward),
+        _ => forward(),
+    }
 }
 
 /// A micro-batch on `device`: normalised f32 NCHW images and i64 labels.
