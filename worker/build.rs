@@ -1,4 +1,4 @@
-//! Link arguments every tch binary of ours needs (reference/rust-stack.md §1.1).
+//! Link arguments every tch binary of ours needs.
 //!
 //! rustc links with `--as-needed`, and nothing in libtch calls into libtorch_cuda, so without
 //! `--no-as-needed -ltorch` the CUDA half of libtorch is silently dropped and

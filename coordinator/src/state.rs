@@ -1,4 +1,4 @@
-//! The state machines of jobs, attempts and workers (DESIGN.md §5).
+//! The state machines of jobs, attempts and workers (ARCHITECTURE.md, "Scheduling and the worker API").
 //!
 //! Every state change in the system is checked here, against one table per machine, before the
 //! store writes it. The store writes each job transition together with its `job_events` row in
@@ -44,7 +44,7 @@ macro_rules! state_enum {
 }
 
 state_enum!(
-    /// Lifecycle of a job (DESIGN.md §5).
+    /// Lifecycle of a job (ARCHITECTURE.md, "Scheduling and the worker API").
     JobState, "job" {
         Queued = "QUEUED",
         Scheduled = "SCHEDULED",

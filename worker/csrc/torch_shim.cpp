@@ -1,4 +1,4 @@
-// What tch 0.24 does not expose, as a small C ABI over libtorch (reference/rust-stack.md §1.3):
+// What tch 0.24 does not expose, as a small C ABI over libtorch:
 // bf16 autocast (tch's autocast is fp16 only), TF32 switches, cuDNN deterministic/benchmark flags,
 // version queries, the CUDA caching allocator's memory statistics, setting a parameter's .grad
 // and the fused AdamW kernel. Tensors arrive as tch's handles, which are at::Tensor pointers. Built by worker/build.rs against the wheel's headers, C++17, CXX11 ABI.

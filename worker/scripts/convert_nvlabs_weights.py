@@ -10,7 +10,7 @@ Output: a safetensors file with HuggingFace `SegformerForSemanticSegmentation` k
 `segtrain-worker predict --weights` or the job spec's `pretrained`. An encoder-only file loads into
 the encoder and leaves the decode head freshly initialised.
 
-Key mapping (reference/segformer.md §2.3, from HF's convert_segformer_original_to_pytorch.py):
+Key mapping (docs/recipe.md §2.3, from HF's convert_segformer_original_to_pytorch.py):
   backbone. / (none)                 -> segformer.encoder.
   patch_embed{n}.proj / .norm        -> patch_embeddings.{n-1}.proj / .layer_norm
   block{n}.{j}.norm1 / norm2         -> block.{n-1}.{j}.layer_norm_1 / layer_norm_2

@@ -20,7 +20,7 @@ fn venv_python() -> PathBuf {
     venv.join("bin/python")
 }
 
-/// HF key -> NVlabs key, written from the NVlabs key list (reference/segformer.md §2.2).
+/// HF key -> NVlabs key, written from the NVlabs key list (docs/recipe.md §2.2).
 fn nvlabs_name(hf: &str) -> Option<String> {
     if let Some(rest) = hf.strip_prefix("segformer.encoder.") {
         let parts: Vec<&str> = rest.splitn(3, '.').collect();

@@ -15,7 +15,7 @@ fn model(v: Variant, classes: i64) -> (nn::VarStore, SegFormer) {
 
 #[test]
 fn parameter_counts_equal_the_reference_for_every_variant() {
-    // reference/segformer.md §1.6 (19 classes): encoder, head, total.
+    // docs/recipe.md §1.6 (19 classes): encoder, head, total.
     let expected = [
         (Variant::B0, 3_319_392, 399_635, 3_719_027),
         (Variant::B1, 13_151_424, 530_707, 13_682_131),
@@ -90,7 +90,7 @@ fn one_backward_gives_every_parameter_a_gradient() {
         );
         checked += 1;
     }
-    // reference/segformer.md §1.6: B0 has 192 encoder and 13 head parameter tensors.
+    // docs/recipe.md §1.6: B0 has 192 encoder and 13 head parameter tensors.
     assert_eq!(checked, 192 + 13, "every parameter tensor was checked");
 }
 

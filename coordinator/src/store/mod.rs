@@ -1,4 +1,4 @@
-//! PostgreSQL: the coordinator's only state (DESIGN.md §6).
+//! PostgreSQL: the coordinator's only state (ARCHITECTURE.md).
 //!
 //! Plain runtime-checked sqlx queries (no build-time database). Every job state change goes
 //! through [`Store::transition_job`], which checks the edge against [`crate::state`] and writes the

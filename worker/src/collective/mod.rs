@@ -1,4 +1,4 @@
-//! Collectives for data-parallel training (DESIGN.md §7): one trait, three backends.
+//! Collectives for data-parallel training: one trait, three backends.
 //!
 //! * [`Single`]: world 1, every operation a no-op (the single-rank path pays nothing).
 //! * [`tcp::TcpCollective`]: pure Rust over `std::net::TcpStream`, a star through rank 0, for

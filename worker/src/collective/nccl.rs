@@ -1,5 +1,5 @@
 //! The GPU collective backend: NCCL, loaded at run time with libloading from the torch wheel's
-//! own `libnccl.so.2` (reference/rust-stack.md §2: cudarc's loader looks for `libnccl.so`, which
+//! own `libnccl.so.2` (cudarc's loader looks for `libnccl.so`, which
 //! the wheel does not ship, and could pick up a different system copy).
 //!
 //! The library is `$SEGTRAIN_NCCL_LIBRARY` if set, else [`crate::doctor::nccl_library_path`].

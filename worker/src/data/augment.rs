@@ -1,4 +1,4 @@
-//! The training augmentation of the SegFormer Cityscapes recipe (reference/segformer.md §4.4),
+//! The training augmentation of the SegFormer Cityscapes recipe (docs/recipe.md §4.4),
 //! on u8 RGB images and trainId label maps, in the recipe's order:
 //!
 //! 1. random rescale by r ~ U[0.5, 2.0) of the image's own size, keeping the aspect ratio

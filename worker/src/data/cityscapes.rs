@@ -1,12 +1,12 @@
 //! Cityscapes: the 19 training classes, their official colours, the labelId → trainId table,
 //! and the reader for the on-disk layout (cityscapesScripts `labels.py` and README;
-//! reference/segformer.md §3).
+//! docs/recipe.md §3).
 //!
 //! The reader is two steps: [`scan`] lists a split's image/label pairs in a deterministic order
 //! (cities sorted, files sorted) without decoding anything, and [`load`] decodes one pair into an
 //! RGB [`Image`] and a trainId [`LabelMap`]. Label maps may be `_gtFine_labelTrainIds.png`
 //! (what mmseg reads; preferred when present) or the raw `_gtFine_labelIds.png`, which is mapped
-//! through [`LABEL_TO_TRAIN`] (the same result, see §3.1).
+//! through [`LABEL_TO_TRAIN`] (the same result, docs/recipe.md §3).
 
 use std::ffi::OsString;
 use std::fs;

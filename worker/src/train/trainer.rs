@@ -6,7 +6,7 @@
 //! position) in the loader, so a resumed run needs no RNG state beyond the iteration and the
 //! sampler position, and reproduces an uninterrupted run bit for bit (on the same device kind).
 //!
-//! Data parallelism (DESIGN.md §7): every rank runs this loop on its shard of the data. Rank 0
+//! Data parallelism: every rank runs this loop on its shard of the data. Rank 0
 //! opens the rendezvous endpoint and reports it ([`TrainEvent::Rendezvous`]) before it waits
 //! for the others; then rank 0's parameters, BatchNorm buffers and optimizer moments are
 //! broadcast; every step all-reduces (averages) the one flat gradient before the update;
