@@ -1,5 +1,4 @@
-//! The segtrain coordinator: the job API, the PostgreSQL store and the state machines; and the
-//! `segtrain` command-line client.
+//! The segtrain coordinator: the job API, the PostgreSQL store and the state machines.
 //!
 //! Data flow: a gRPC request enters [`api`], which validates it and calls [`store`]; the store
 //! checks every state change against [`state`] and writes it with its event in one transaction.
@@ -7,14 +6,11 @@
 //! [`auth`] checks every request's bearer token and role before it reaches [`api`]; [`certs`]
 //! makes a private CA and certificates for TLS.
 //! [`metrics`] exports Prometheus metrics on `/metrics` (`--metrics-listen`).
-//! [`cli`] is a pure gRPC client of the same API (it never touches the database).
 
 pub mod api;
 pub mod auth;
 pub mod certs;
-pub mod cli;
 pub mod events;
-pub mod logging;
 pub mod metrics;
 pub mod scheduler;
 pub mod server;

@@ -18,7 +18,7 @@ use prometheus::{
     Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
-use std::net::SocketAddr;
+
 use std::sync::LazyLock;
 use std::time::{Duration, SystemTime};
 
@@ -287,35 +287,10 @@ pub async fn refresh_loop(store: Store, every: Duration) {
     }
 }
 
-/// Binds `addr` for `/metrics` (so that a bad address fails the start, not later).
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("--metrics-listen: cannot listen on {addr}: {e}"))
-}
-
 /// Serves `GET /metrics` (plain HTTP/1.1) on `listener` until the task is aborted.
 pub async fn serve(listener: tokio::net::TcpListener) {
-    use axum::routing::get;
-    let app = axum::Router::new()
-        .route("/metrics", get(metrics_handler))
-        .route(
-            "/",
-            get(|| async { "segtrain coordinator: metrics at /metrics\n" }),
-        );
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %e, "the metrics endpoint stopped");
-    }
-}
-
-async fn metrics_handler() -> impl axum::response::IntoResponse {
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        global().render(),
-    )
+    let render = std::sync::Arc::new(|| global().render());
+    segtrain_telemetry::metrics_http::serve(listener, "segtrain coordinator", render).await
 }
 
 #[cfg(test)]

@@ -151,7 +151,7 @@ pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> any
     // (`segtrain_database_up 0`).
     let metrics_server = match cfg.metrics_listen {
         Some(addr) => {
-            let listener = metrics::bind(addr).await?;
+            let listener = segtrain_telemetry::metrics_http::bind(addr).await?;
             tracing::info!(addr = %listener.local_addr()?, "serving Prometheus metrics on /metrics (plain HTTP)");
             Some(tokio::spawn(metrics::serve(listener)))
         }

@@ -1,6 +1,7 @@
 //! The `segtrain.v1` API. Generated from `proto/segtrain/v1/*.proto`; see those files for the
 //! meaning of every message and field. [`client`] is how clients connect (TLS, bearer token,
-//! message limits); [`refusal`] the machine-readable reasons some refusals carry.
+//! message limits); [`refusal`] the machine-readable reasons some refusals carry; [`job_spec`]
+//! converts the `segtrain-spec` types to and from `segtrain.v1.JobSpec`.
 
 pub mod v1 {
     #![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
@@ -14,4 +15,5 @@ pub mod v1 {
 pub use prost_types::Timestamp;
 
 pub mod client;
+pub mod job_spec;
 pub mod refusal;

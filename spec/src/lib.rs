@@ -18,7 +18,6 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 mod parse;
-mod proto;
 mod template;
 mod validate;
 

@@ -167,51 +167,8 @@ fn fields_constant_matches_the_types() {
 }
 
 #[test]
-fn proto_round_trip() {
-    for spec in [JobSpec::with_defaults("/data/cityscapes"), unusual_spec()] {
-        let p = spec.to_proto();
-        assert_eq!(JobSpec::from_proto(&p), Ok(spec.clone()));
-        assert_eq!(JobSpecInput::from_proto(&p).to_proto(), p);
-        // The resolved form has every field set.
-        let set = toml::Table::try_from(JobSpecInput::from_proto(&p)).expect("serialises");
-        assert_eq!(set.len(), FIELDS.len(), "every field is set: {set:?}");
-    }
-    let p = JobSpec::with_defaults("/d").to_proto();
-    assert_eq!(p.pretrained.as_deref(), Some(""));
-    assert_eq!(p.resume_from.as_deref(), Some(""));
-    assert_eq!(p.variant.as_deref(), Some("b0"));
-    assert_eq!(p.keep_best, Some(true));
-}
-
-#[test]
-fn proto_input_keeps_unset_fields_unset() {
-    let input = JobSpecInput {
-        max_iters: Some(1000),
-        variant: Some("b3".to_string()),
-        ..Default::default()
-    };
-    let p = input.to_proto();
-    assert_eq!(p.max_iters, Some(1000));
-    assert_eq!(p.name, None);
-    assert_eq!(p.dataset_root, None);
-    assert_eq!(JobSpecInput::from_proto(&p), input);
-    // An unset proto spec is missing its dataset root.
-    let err = JobSpec::from_proto(&segtrain_proto::v1::JobSpec::default()).unwrap_err();
-    assert_eq!(err.field, "dataset_root");
-    assert_eq!(err.message, "required: the dataset root, an absolute path");
-}
-
-#[test]
 fn empty_paths_mean_none() {
-    let p = segtrain_proto::v1::JobSpec {
-        dataset_root: Some("/d".to_string()),
-        pretrained: Some(String::new()),
-        resume_from: Some(String::new()),
-        ..Default::default()
-    };
-    let spec = JobSpec::from_proto(&p).expect("valid");
-    assert_eq!(spec.pretrained, None);
-    assert_eq!(spec.resume_from, None);
+    // In a job file; the same in a request: proto/tests/job_spec.rs.
     let spec =
         resolve_toml(&format!("{ROOT}pretrained = \"\"\nresume_from = \"\"\n")).expect("valid");
     assert_eq!((spec.pretrained, spec.resume_from), (None, None));
@@ -751,18 +708,7 @@ fn sync_bn_defaults_to_on_for_more_than_one_rank() {
     // Given: kept, also where it changes nothing (one rank).
     assert!(!resolve("world_size = 8\nsync_bn = false\n").sync_bn);
     assert!(resolve("world_size = 1\nsync_bn = true\n").sync_bn);
-    // The same through the proto and flags: unset stays unset until resolve.
-    let p = segtrain_proto::v1::JobSpec {
-        dataset_root: Some("/d".to_string()),
-        world_size: Some(1),
-        ..Default::default()
-    };
-    assert!(!JobSpec::from_proto(&p).expect("valid").sync_bn);
-    let p = segtrain_proto::v1::JobSpec {
-        world_size: Some(4),
-        ..p
-    };
-    assert!(JobSpec::from_proto(&p).expect("valid").sync_bn);
+    // The same through flags: unset stays unset until resolve (the proto: proto/tests/job_spec.rs).
     let input = JobSpecInput::from_toml_str(&format!("{ROOT}world_size = 1\n")).expect("parses");
     let flags = JobSpecInput {
         world_size: Some(2),

@@ -18,6 +18,7 @@
 //! `make fuzz` runs it far longer. A failure is saved as a seed in
 //! `spec/proptest-regressions/fuzz.txt` (commit it) and replayed first on every later run.
 
+use segtrain_proto::job_spec::{ProtoSpec, ProtoSpecInput};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 

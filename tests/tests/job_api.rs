@@ -476,6 +476,7 @@ async fn invalid_specs_are_rejected_naming_the_field_and_write_nothing() {
 
 /// Drives a job into `state` along legal edges only.
 async fn job_in(store: &Store, state: JobState) -> Uuid {
+    use segtrain_proto::job_spec::ProtoSpec;
     use JobState::*;
     let spec = segtrain_spec::JobSpec::from_proto(&spec("walk")).expect("valid spec");
     let (job, _) = store.submit_job(&spec, None).await.expect("submit");

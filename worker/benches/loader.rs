@@ -11,11 +11,11 @@ use std::time::Instant;
 use anyhow::Context;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use segtrain_worker::data::augment::{AugmentConfig, Augmenter};
-use segtrain_worker::data::cityscapes::{load_image, load_label, scan};
-use segtrain_worker::data::loader::TrainLoader;
-use segtrain_worker::data::sampler::DistributedSampler;
-use segtrain_worker::data::synth::{generate, SynthOptions};
+use segtrain_trainer::data::augment::{AugmentConfig, Augmenter};
+use segtrain_trainer::data::cityscapes::{load_image, load_label, scan};
+use segtrain_trainer::data::loader::TrainLoader;
+use segtrain_trainer::data::sampler::DistributedSampler;
+use segtrain_trainer::data::synth::{generate, SynthOptions};
 
 fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")

@@ -2,7 +2,7 @@
 //! (the GPU rows come from `bench/compare.py` on a GPU machine).
 
 use segtrain_spec::Variant;
-use segtrain_worker::model::SegFormerConfig;
+use segtrain_trainer::model::SegFormerConfig;
 use std::process::Command;
 
 fn bench(args: &[&str]) -> std::process::Output {

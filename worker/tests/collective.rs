@@ -2,9 +2,9 @@
 //! results are correct and bit-identical on every rank, stale peers are refused, and a dead
 //! peer makes the others fail within the timeout instead of hanging.
 
-use segtrain_worker::collective::tcp::{TcpCollective, TcpRendezvous};
-use segtrain_worker::collective::{Collective, CollectiveError, Timeouts};
-use segtrain_worker::train::trainer::Rendezvous;
+use segtrain_trainer::collective::tcp::{TcpCollective, TcpRendezvous};
+use segtrain_trainer::collective::{Collective, CollectiveError, Timeouts};
+use segtrain_trainer::train::trainer::Rendezvous;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tch::{Kind, Tensor};
@@ -301,7 +301,7 @@ fn rendezvous_flags_parse() {
 
 #[test]
 fn nccl_fails_clearly_without_a_gpu() {
-    use segtrain_worker::collective::nccl::NcclCollective;
+    use segtrain_trainer::collective::nccl::NcclCollective;
     if tch::Cuda::is_available() {
         return; // covered by the GPU test below
     }
@@ -317,7 +317,7 @@ fn nccl_fails_clearly_without_a_gpu() {
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn nccl_world_one_reduces_and_broadcasts_a_cuda_tensor() {
-    use segtrain_worker::collective::nccl::NcclCollective;
+    use segtrain_trainer::collective::nccl::NcclCollective;
     let version = NcclCollective::version().expect("libnccl.so.2 loads");
     assert!(version.starts_with("2."), "{version}");
     let id = NcclCollective::unique_id().expect("unique id");
@@ -356,8 +356,8 @@ fn nccl_world_one_reduces_and_broadcasts_a_cuda_tensor() {
 #[test]
 fn rendezvous_events_are_the_json_the_daemon_reads() {
     use base64::Engine;
-    use segtrain_worker::train::report::event_line;
-    use segtrain_worker::train::TrainEvent;
+    use segtrain_trainer::train::report::event_line;
+    use segtrain_trainer::train::TrainEvent;
     let json = |ev: &TrainEvent| -> serde_json::Value {
         serde_json::from_str(&event_line(ev).to_line()).expect("one JSON object")
     };

@@ -3,8 +3,8 @@
 //! model loads strictly, with the kv rows split in the right order.
 
 use segtrain_spec::Variant;
-use segtrain_worker::model::weights::{self, CheckpointKind};
-use segtrain_worker::model::{SegFormer, SegFormerConfig};
+use segtrain_trainer::model::weights::{self, CheckpointKind};
+use segtrain_trainer::model::{SegFormer, SegFormerConfig};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -6,8 +6,8 @@ mod common;
 
 use common::{fixture, max_abs_diff, write_b0_weights};
 use segtrain_spec::Variant;
-use segtrain_worker::model::{weights, SegFormer, SegFormerConfig};
-use segtrain_worker::torch_ext;
+use segtrain_trainer::model::{weights, SegFormer, SegFormerConfig};
+use segtrain_trainer::torch_ext;
 use tch::{nn, Device, Kind, Tensor};
 
 fn cuda() -> Device {
@@ -66,9 +66,9 @@ fn bf16_autocast_logits_are_within_two_percent_of_fp32() {
 #[ignore = "needs an NVIDIA GPU"]
 fn a_cuda_step_fills_the_flat_gradients_and_fused_adamw_matches_the_cpu() {
     use segtrain_spec::Precision;
-    use segtrain_worker::optim::adamw::AdamWConfig;
-    use segtrain_worker::optim::FlatAdamW;
-    use segtrain_worker::train::trainer::forward_backward;
+    use segtrain_trainer::optim::adamw::AdamWConfig;
+    use segtrain_trainer::optim::FlatAdamW;
+    use segtrain_trainer::train::trainer::forward_backward;
     let dev = cuda();
     torch_ext::set_tf32(false);
     let cfg = SegFormerConfig::variant(Variant::B0, 19);

@@ -8,15 +8,15 @@ use std::time::{Duration, Instant};
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use segtrain_worker::data::augment::{augment, AugmentConfig, Augmenter, PAD_RGB};
-use segtrain_worker::data::cityscapes::{
+use segtrain_trainer::data::augment::{augment, AugmentConfig, Augmenter, PAD_RGB};
+use segtrain_trainer::data::cityscapes::{
     check_headers, load, load_label, scan, Image, LabelKind, LabelMap, LABEL_TO_TRAIN,
 };
-use segtrain_worker::data::error::DataError;
-use segtrain_worker::data::loader::{eval_samples, TrainLoader};
-use segtrain_worker::data::sampler::DistributedSampler;
-use segtrain_worker::data::synth::{generate, write_png, SynthOptions, SYNTH_CLASSES};
-use segtrain_worker::data::{Batch, SamplerState};
+use segtrain_trainer::data::error::DataError;
+use segtrain_trainer::data::loader::{eval_samples, TrainLoader};
+use segtrain_trainer::data::sampler::DistributedSampler;
+use segtrain_trainer::data::synth::{generate, write_png, SynthOptions, SYNTH_CLASSES};
+use segtrain_trainer::data::{Batch, SamplerState};
 
 fn rng(seed: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed)
@@ -177,7 +177,7 @@ fn padding_when_rescaled_image_is_smaller_than_crop() {
 
 #[test]
 fn padded_image_normalises_to_about_zero() {
-    use segtrain_worker::data::cityscapes::{MEAN, STD};
+    use segtrain_trainer::data::cityscapes::{MEAN, STD};
     for c in 0..3 {
         let z = (PAD_RGB[c] as f64 - MEAN[c]) / STD[c];
         assert!(z.abs() < 0.01, "channel {c}: {z}");
@@ -607,7 +607,7 @@ fn synth_labels_use_ignored_ids_and_the_table() {
 
 fn loader_dataset() -> (
     tempfile::TempDir,
-    Vec<segtrain_worker::data::cityscapes::Sample>,
+    Vec<segtrain_trainer::data::cityscapes::Sample>,
 ) {
     let dir = tempfile::tempdir().unwrap();
     synth(dir.path(), 10, 3, 64, 40, 5);
@@ -616,7 +616,7 @@ fn loader_dataset() -> (
 }
 
 fn start(
-    samples: &[segtrain_worker::data::cityscapes::Sample],
+    samples: &[segtrain_trainer::data::cityscapes::Sample],
     state: SamplerState,
     threads: usize,
 ) -> TrainLoader {
@@ -941,10 +941,10 @@ fn rgb_label_is_refused() {
 /// NCHW f32 out.
 #[test]
 fn normalise_is_mean_std_per_channel_in_nchw() {
-    use segtrain_worker::data::cityscapes::{MEAN, STD};
+    use segtrain_trainer::data::cityscapes::{MEAN, STD};
     use tch::{Device, Kind, Tensor};
     let images = Tensor::randint(256, [2, 5, 7, 3], (Kind::Uint8, Device::Cpu));
-    let x = segtrain_worker::train::eval::normalise(&images);
+    let x = segtrain_trainer::train::eval::normalise(&images);
     assert_eq!(x.size(), [2, 3, 5, 7]);
     assert_eq!(x.kind(), Kind::Float);
     for c in 0..3usize {

@@ -13,11 +13,11 @@
 //! And the mIoU a 2-rank job reports is that of the checkpoint it saves, evaluated by one rank.
 
 use segtrain_spec::{EvalMode, Precision};
-use segtrain_worker::data::cityscapes;
-use segtrain_worker::data::loader::eval_samples;
-use segtrain_worker::model::{weights, SegFormer, SegFormerConfig};
-use segtrain_worker::train::checkpoint;
-use segtrain_worker::train::eval::{evaluate, EvalConfig};
+use segtrain_trainer::data::cityscapes;
+use segtrain_trainer::data::loader::eval_samples;
+use segtrain_trainer::model::{weights, SegFormer, SegFormerConfig};
+use segtrain_trainer::train::checkpoint;
+use segtrain_trainer::train::eval::{evaluate, EvalConfig};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

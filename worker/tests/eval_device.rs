@@ -3,7 +3,7 @@
 //! Run on a GPU machine with `cargo test -p segtrain-worker --test eval_device -- --ignored`;
 //! they fail, not skip, without CUDA.
 
-use segtrain_worker::train::metrics::{ConfusionMatrix, DeviceConfusion};
+use segtrain_trainer::train::metrics::{ConfusionMatrix, DeviceConfusion};
 use tch::{Device, Kind, Tensor};
 
 fn cuda() -> Device {

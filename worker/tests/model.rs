@@ -2,8 +2,8 @@
 //! errors.
 
 use segtrain_spec::Variant;
-use segtrain_worker::model::weights::{self, CheckpointKind, WeightsError};
-use segtrain_worker::model::{parameter_counts, SegFormer, SegFormerConfig};
+use segtrain_trainer::model::weights::{self, CheckpointKind, WeightsError};
+use segtrain_trainer::model::{parameter_counts, SegFormer, SegFormerConfig};
 use tch::{nn, Device, Kind, Tensor};
 
 fn model(v: Variant, classes: i64) -> (nn::VarStore, SegFormer) {
@@ -242,7 +242,7 @@ fn bad_inputs_are_refused_before_the_forward_pass() {
 
 #[test]
 fn sliding_window_equals_whole_image_when_one_window_covers_it() {
-    use segtrain_worker::train::eval::{slide_logits, window_logits};
+    use segtrain_trainer::train::eval::{slide_logits, window_logits};
     let (_, m) = model(Variant::B0, 19);
     let x = Tensor::randn([1, 3, 64, 96], (Kind::Float, Device::Cpu));
     let (slide, whole) = tch::no_grad(|| {
@@ -266,7 +266,7 @@ fn sliding_window_equals_whole_image_when_one_window_covers_it() {
 /// maps.
 #[test]
 fn the_merged_head_equals_upsample_concat_fuse_in_value_and_gradient() {
-    use segtrain_worker::model::HeadMode;
+    use segtrain_trainer::model::HeadMode;
     let (vs, mut m) = model(Variant::B0, 19);
     m.disable_stochastic();
     // A non-square input, so the four stage sizes differ in both directions.

@@ -2,9 +2,9 @@
 //! implementation of torch.optim.AdamW, state save/restore that continues exactly.
 
 use segtrain_spec::Variant;
-use segtrain_worker::model::{SegFormer, SegFormerConfig};
-use segtrain_worker::optim::adamw::AdamWConfig;
-use segtrain_worker::optim::{FlatAdamW, ParamGroup};
+use segtrain_trainer::model::{SegFormer, SegFormerConfig};
+use segtrain_trainer::optim::adamw::AdamWConfig;
+use segtrain_trainer::optim::{FlatAdamW, ParamGroup};
 use std::collections::BTreeMap;
 use tch::{nn, Device, Kind, Tensor};
 

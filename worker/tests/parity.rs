@@ -5,8 +5,8 @@
 mod common;
 
 use common::{fixture, max_abs_diff, write_b0_weights};
-use segtrain_worker::model::weights::{self, CheckpointKind};
-use segtrain_worker::model::{SegFormer, SegFormerConfig};
+use segtrain_trainer::model::weights::{self, CheckpointKind};
+use segtrain_trainer::model::{SegFormer, SegFormerConfig};
 use std::collections::BTreeMap;
 use tch::{nn, Device, Tensor};
 

@@ -55,7 +55,7 @@ fn predict_on_a_tensor_reproduces_the_reference_logits_and_writes_a_mask() {
 
     let img = image::open(&mask).expect("mask is an image").into_rgb8();
     assert_eq!(img.dimensions(), (128, 64), "mask has the input's size");
-    let palette = segtrain_worker::data::cityscapes::PALETTE;
+    let palette = segtrain_trainer::data::cityscapes::PALETTE;
     assert!(
         img.pixels().all(|p| palette.contains(&p.0)),
         "only Cityscapes colours"

@@ -11,9 +11,9 @@ use object_store::memory::InMemory;
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt};
 use segtrain_spec::JobSpecInput;
-use segtrain_worker::data::synth::{generate, SynthOptions};
-use segtrain_worker::train::remote::{RemoteDir, RemoteStore};
-use segtrain_worker::train::{train, ResumeCandidate, TrainEvent, TrainOptions};
+use segtrain_trainer::data::synth::{generate, SynthOptions};
+use segtrain_trainer::train::remote::{RemoteDir, RemoteStore};
+use segtrain_trainer::train::{train, ResumeCandidate, TrainEvent, TrainOptions};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::sync::Arc;
@@ -218,7 +218,7 @@ fn exercise(store: Arc<dyn ObjectStore>, base: &str, data: &Path, tmp: &Path) {
     let err = train(opts, &mut |_: &TrainEvent| {}).expect_err("corrupt checkpoint refused");
     let msg = format!("{err:#}");
     assert!(msg.contains("is corrupt"), "{msg}");
-    assert!(segtrain_worker::train::stop::is_deterministic(&err));
+    assert!(segtrain_trainer::train::stop::is_deterministic(&err));
 }
 
 #[test]

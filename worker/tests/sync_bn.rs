@@ -2,9 +2,9 @@
 //! whole batch in one process: the same output, running statistics and gradients, with the
 //! gradient of the ranks' mean loss as data parallelism averages it.
 
-use segtrain_worker::collective::tcp::{TcpCollective, TcpRendezvous};
-use segtrain_worker::collective::{Collective, Timeouts};
-use segtrain_worker::model::sync_bn;
+use segtrain_trainer::collective::tcp::{TcpCollective, TcpRendezvous};
+use segtrain_trainer::collective::{Collective, Timeouts};
+use segtrain_trainer::model::sync_bn;
 use std::time::Duration;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};

@@ -1,7 +1,7 @@
 //! The C++ shim's switches take effect and are restored (observable without a GPU: the flags
 //! live in libtorch's global and thread-local state).
 
-use segtrain_worker::torch_ext;
+use segtrain_trainer::torch_ext;
 
 #[test]
 fn bf16_autocast_is_enabled_inside_and_restored_after_even_on_panic() {

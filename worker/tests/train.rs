@@ -1,11 +1,11 @@
 //! The trainer end to end through `segtrain-worker train`, on the synthetic Cityscapes-layout
 //! dataset: exact resume across processes, learning, checkpoint retention and integrity.
 
-use segtrain_worker::data::cityscapes;
-use segtrain_worker::data::loader::eval_samples;
-use segtrain_worker::model::{weights, SegFormer, SegFormerConfig};
-use segtrain_worker::train::checkpoint;
-use segtrain_worker::train::eval::{evaluate, EvalConfig};
+use segtrain_trainer::data::cityscapes;
+use segtrain_trainer::data::loader::eval_samples;
+use segtrain_trainer::model::{weights, SegFormer, SegFormerConfig};
+use segtrain_trainer::train::checkpoint;
+use segtrain_trainer::train::eval::{evaluate, EvalConfig};
 use std::path::Path;
 use std::process::Command;
 use tch::{nn, Device};

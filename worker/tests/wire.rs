@@ -3,9 +3,9 @@
 //! tests; `PROPTEST_CASES` raises the count).
 
 use proptest::prelude::*;
-use segtrain_worker::daemon::lines::{Line, LineReader};
-use segtrain_worker::daemon::trainer_process::parse_line;
-use segtrain_worker::wire::{TrainerLine, KINDS};
+use segtrain_daemon::lines::{Line, LineReader};
+use segtrain_daemon::trainer_process::parse_line;
+use segtrain_wire::{TrainerLine, KINDS};
 
 /// Lines that look like events: a known or unknown kind, with fields of any JSON type.
 fn event_like() -> impl Strategy<Value = String> {

@@ -5,6 +5,7 @@ use crate::store::{
     RendezvousEndpoint, WorkerRecord,
 };
 use chrono::{DateTime, Utc};
+use segtrain_proto::job_spec::ProtoSpec;
 use segtrain_proto::v1 as pb;
 use segtrain_proto::Timestamp;
 

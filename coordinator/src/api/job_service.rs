@@ -4,6 +4,7 @@ use super::watch::{watch_job, EventHub};
 use super::{convert, parse_job_id, status_of};
 use crate::state::JobState;
 use crate::store::Store;
+use segtrain_proto::job_spec::ProtoSpec;
 use segtrain_proto::v1 as pb;
 use segtrain_spec::JobSpec;
 use std::pin::Pin;

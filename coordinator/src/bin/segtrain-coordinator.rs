@@ -7,9 +7,9 @@
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use segtrain_coordinator::auth::{self, Role};
-use segtrain_coordinator::logging::{self, LogFormat};
 use segtrain_coordinator::server::{serve, Security, ServerConfig, TlsFiles};
 use segtrain_coordinator::store::{Store, TokenRecord};
+use segtrain_telemetry::logging::{self, LogFormat};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;

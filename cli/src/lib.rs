@@ -1,0 +1,505 @@
+//! `segtrain`: the command-line client of the coordinator's gRPC API.
+//!
+//! Every command is one or a few RPCs; output is a table or lines for people, or JSON with
+//! `--json`. A failure prints one line saying what failed and what to do, and exits non-zero.
+
+mod output;
+mod plot;
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Args, Parser, Subcommand};
+use output::{JobView, Printer};
+use segtrain_proto::client::{self as conn, AuthChannel, BearerToken, ClientTls};
+use segtrain_proto::job_spec::ProtoSpecInput;
+use segtrain_proto::v1 as pb;
+use segtrain_proto::v1::cluster_service_client::ClusterServiceClient;
+use segtrain_proto::v1::job_service_client::JobServiceClient;
+use segtrain_proto::v1::token_service_client::TokenServiceClient;
+use segtrain_spec::JobSpecInput;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tonic::{Code, Status};
+
+/// Exit code of `watch` when the job was canceled (failure and errors exit 1).
+const EXIT_CANCELED: u8 = 3;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "segtrain",
+    version,
+    about = "Submit, watch and manage SegFormer training jobs on a segtrain coordinator"
+)]
+struct Cli {
+    /// Coordinator address: https://host:port (TLS) or http://host:port (plaintext, for a
+    /// coordinator on this machine started with --plaintext).
+    #[arg(
+        long,
+        global = true,
+        env = "SEGTRAIN_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    coordinator: String,
+    /// The CA certificate (PEM) that signed the coordinator's certificate, e.g. ca.pem from
+    /// `segtrain-coordinator certs` (default: the system's trusted roots).
+    #[arg(long, global = true, env = "SEGTRAIN_CA")]
+    ca: Option<PathBuf>,
+    /// A file holding the bearer token (or set SEGTRAIN_TOKEN to the token itself).
+    #[arg(long, global = true, env = "SEGTRAIN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// This client's certificate (PEM), for a coordinator that requires one (--tls-client-ca).
+    #[arg(long, global = true, env = "SEGTRAIN_CLIENT_CERT")]
+    client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, env = "SEGTRAIN_CLIENT_KEY")]
+    client_key: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Submit a training job from a job file and/or flags (flags win over the file).
+    Submit(Box<SubmitArgs>),
+    /// List jobs, newest first.
+    List(ListArgs),
+    /// Show one job.
+    Status { job: String },
+    /// Follow a job's events until it finishes. Exit code: 0 succeeded, 1 failed, 3 canceled.
+    Watch {
+        job: String,
+        /// Start after this event id (0: from the beginning).
+        #[arg(long, default_value_t = 0)]
+        after_event: u64,
+    },
+    /// Cancel a job (a running job stops gracefully first).
+    Cancel {
+        job: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// List a job's checkpoints.
+    Checkpoints {
+        job: String,
+        /// Include deleted checkpoints.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Print a job's metric points.
+    Metrics {
+        job: String,
+        /// Only these metrics (repeatable), e.g. --name loss --name lr.
+        #[arg(long = "name")]
+        names: Vec<String>,
+        /// Only from this iteration on.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+    },
+    /// Draw a job's loss, learning rate and mIoU curves to a PNG or SVG file.
+    Plot {
+        job: String,
+        /// Output file (.png or .svg).
+        #[arg(short = 'o', long = "out", default_value = "loss.png")]
+        out: PathBuf,
+    },
+    /// List the worker daemons (one per GPU) and what they run.
+    Workers,
+    /// Print a commented job file with every field and its default.
+    JobTemplate,
+    /// Manage bearer tokens (needs an admin token).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Create a token; it is printed once (only its hash is kept).
+    Create {
+        /// client (jobs and cluster), worker (worker daemons) or admin (everything, and tokens).
+        #[arg(long)]
+        role: String,
+        /// A label for people, e.g. "ci" or "gpu-host-3".
+        #[arg(long)]
+        name: String,
+    },
+    /// List tokens (never the secrets).
+    List {
+        /// Include revoked tokens.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Revoke a token by id (coordinators stop accepting it within 5 seconds).
+    Revoke { id: String },
+}
+
+#[derive(Args, Debug)]
+struct SubmitArgs {
+    /// A TOML job file (see `segtrain job-template`).
+    #[arg(short = 'f', long = "file")]
+    file: Option<PathBuf>,
+    /// Makes a retried submit return the job created by the first one instead of a new job.
+    #[arg(long, default_value = "")]
+    idempotency_key: String,
+    #[command(flatten)]
+    spec: JobSpecInput,
+}
+
+#[derive(Args, Debug)]
+struct ListArgs {
+    /// Only jobs in this state (repeatable): queued, scheduled, running, succeeded, failed,
+    /// canceled, restarting, canceling.
+    #[arg(long = "state")]
+    states: Vec<String>,
+    /// Jobs per page (1..=1000).
+    #[arg(long, default_value_t = 50)]
+    limit: u32,
+    /// Continue from the token a previous `list` printed.
+    #[arg(long, default_value = "")]
+    page_token: String,
+}
+
+/// Entry point of the `segtrain` binary.
+pub fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`segtrain ... | head`) like other Unix tools, instead of
+    // panicking in println!.
+    // SAFETY: restores the default disposition of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let out = Printer { json: cli.json };
+    if let Command::JobTemplate = cli.command {
+        print!("{}", segtrain_spec::template());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let channel = connect(&cli)?;
+    let mut jobs = JobServiceClient::new(channel.clone())
+        .max_decoding_message_size(conn::MAX_RESPONSE_BYTES)
+        .max_encoding_message_size(conn::MAX_REQUEST_BYTES);
+    let rpc = |s: Status| describe(s, &cli.coordinator);
+    match cli.command {
+        Command::Submit(args) => {
+            let mut input = match &args.file {
+                Some(path) => JobSpecInput::from_file(path).map_err(|e| anyhow!("{e}"))?,
+                None => JobSpecInput::default(),
+            };
+            input = input.overlay(args.spec);
+            let resp = jobs
+                .submit_job(pb::SubmitJobRequest {
+                    spec: Some(input.to_proto()),
+                    idempotency_key: args.idempotency_key,
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            let job = resp.job.context("the coordinator returned no job")?;
+            for w in &resp.warnings {
+                eprintln!("warning: {w}");
+            }
+            out.submitted(&JobView::from(&job), resp.existing, &resp.warnings);
+        }
+        Command::List(args) => {
+            let states = args
+                .states
+                .iter()
+                .map(|s| parse_state(s))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let resp = jobs
+                .list_jobs(pb::ListJobsRequest {
+                    states,
+                    page_size: args.limit,
+                    page_token: args.page_token,
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            let views: Vec<JobView> = resp.jobs.iter().map(JobView::from).collect();
+            out.job_list(&views, &resp.next_page_token);
+        }
+        Command::Status { job } => {
+            let j = jobs
+                .get_job(pb::GetJobRequest { job_id: job })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            out.job(&JobView::from(&j));
+        }
+        Command::Watch { job, after_event } => {
+            return watch(&mut jobs, &out, &cli.coordinator, job, after_event).await;
+        }
+        Command::Cancel { job, reason } => {
+            let resp = jobs
+                .cancel_job(pb::CancelJobRequest {
+                    job_id: job,
+                    reason,
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            let job = resp.job.context("the coordinator returned no job")?;
+            out.canceled(&JobView::from(&job));
+        }
+        Command::Checkpoints { job, all } => {
+            let resp = jobs
+                .list_checkpoints(pb::ListCheckpointsRequest {
+                    job_id: job,
+                    include_deleted: all,
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            out.checkpoints(&resp.checkpoints);
+        }
+        Command::Metrics { job, names, since } => {
+            let resp = jobs
+                .get_metrics(pb::GetMetricsRequest {
+                    job_id: job,
+                    names,
+                    since_iteration: since,
+                    limit: 0,
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            out.metrics(&resp.points);
+        }
+        Command::Plot { job, out: file } => {
+            let points = jobs
+                .get_metrics(pb::GetMetricsRequest {
+                    job_id: job.clone(),
+                    names: vec!["loss".into(), "lr".into(), "miou".into()],
+                    since_iteration: 0,
+                    limit: 100_000,
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner()
+                .points;
+            plot::plot(&job, &points, &file)?;
+            if out.json {
+                println!("{}", serde_json::json!({ "plot": file }));
+            } else {
+                println!("wrote {}", file.display());
+            }
+        }
+        Command::Workers => {
+            let resp = ClusterServiceClient::new(channel)
+                .max_decoding_message_size(conn::MAX_RESPONSE_BYTES)
+                .list_workers(pb::ListWorkersRequest {})
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            out.workers(&resp.workers);
+        }
+        Command::Token(t) => {
+            let mut tokens = TokenServiceClient::new(channel)
+                .max_decoding_message_size(conn::MAX_RESPONSE_BYTES)
+                .max_encoding_message_size(conn::MAX_REQUEST_BYTES);
+            match t {
+                TokenCommand::Create { role, name } => {
+                    let role = parse_role(&role)?;
+                    let resp = tokens
+                        .create_token(pb::CreateTokenRequest {
+                            name,
+                            role: role as i32,
+                        })
+                        .await
+                        .map_err(rpc)?
+                        .into_inner();
+                    let info = resp
+                        .info
+                        .context("the coordinator returned no token info")?;
+                    out.token_created(&resp.token, &info);
+                }
+                TokenCommand::List { all } => {
+                    let resp = tokens
+                        .list_tokens(pb::ListTokensRequest {
+                            include_revoked: all,
+                        })
+                        .await
+                        .map_err(rpc)?
+                        .into_inner();
+                    out.tokens(&resp.tokens);
+                }
+                TokenCommand::Revoke { id } => {
+                    let resp = tokens
+                        .revoke_token(pb::RevokeTokenRequest { token_id: id })
+                        .await
+                        .map_err(rpc)?
+                        .into_inner();
+                    let t = resp.token.context("the coordinator returned no token")?;
+                    out.token_revoked(&t);
+                }
+            }
+        }
+        Command::JobTemplate => unreachable!("handled before connecting"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Follows the job's events; reconnects and resumes from the last event seen when the
+/// coordinator restarts or the connection drops.
+async fn watch(
+    jobs: &mut JobServiceClient<AuthChannel>,
+    out: &Printer,
+    coordinator: &str,
+    job_id: String,
+    after_event: u64,
+) -> anyhow::Result<ExitCode> {
+    let mut cursor = after_event;
+    let mut outage = Duration::ZERO;
+    const GIVE_UP: Duration = Duration::from_secs(120);
+    // The job's length, for the progress bar (the request also checks the job exists).
+    let job = jobs
+        .get_job(pb::GetJobRequest {
+            job_id: job_id.clone(),
+        })
+        .await
+        .map_err(|s| describe(s, coordinator))?
+        .into_inner();
+    let max_iters = job.spec.as_ref().and_then(|s| s.max_iters).unwrap_or(0);
+    let mut live = output::Live::new(out.json, max_iters, job.iteration);
+    loop {
+        let attempt = jobs
+            .watch_job(pb::WatchJobRequest {
+                job_id: job_id.clone(),
+                after_event_id: cursor,
+            })
+            .await;
+        let mut stream = match attempt {
+            Ok(s) => s.into_inner(),
+            Err(s) if s.code() == Code::Unavailable && outage < GIVE_UP => {
+                outage += pause(outage).await;
+                continue;
+            }
+            Err(s) => return Err(describe(s, coordinator)),
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(ev)) => {
+                    outage = Duration::ZERO;
+                    cursor = ev.id;
+                    live.event(out, &ev);
+                }
+                Ok(None) => {
+                    // The stream ends when the job is finished.
+                    let job = jobs
+                        .get_job(pb::GetJobRequest {
+                            job_id: job_id.clone(),
+                        })
+                        .await
+                        .map_err(|s| describe(s, coordinator))?
+                        .into_inner();
+                    let view = JobView::from(&job);
+                    live.finish();
+                    out.finished(&view);
+                    return Ok(match job.state() {
+                        pb::JobState::Succeeded => ExitCode::SUCCESS,
+                        pb::JobState::Canceled => ExitCode::from(EXIT_CANCELED),
+                        _ => ExitCode::FAILURE,
+                    });
+                }
+                Err(s)
+                    if matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Internal)
+                        && outage < GIVE_UP =>
+                {
+                    if !out.json {
+                        eprintln!(
+                            "connection to the coordinator lost ({}); reconnecting…",
+                            s.message()
+                        );
+                    }
+                    outage += pause(outage).await;
+                    break;
+                }
+                Err(s) => return Err(describe(s, coordinator)),
+            }
+        }
+    }
+}
+
+async fn pause(so_far: Duration) -> Duration {
+    let d = (so_far / 2).clamp(Duration::from_millis(500), Duration::from_secs(5));
+    tokio::time::sleep(d).await;
+    d
+}
+
+/// A lazy channel (the first RPC connects, so an unreachable coordinator is reported by the RPC
+/// with the address in the message) with TLS and the bearer token as the flags say.
+fn connect(cli: &Cli) -> anyhow::Result<AuthChannel> {
+    let tls = ClientTls {
+        ca: cli.ca.clone(),
+        cert: cli.client_cert.clone(),
+        key: cli.client_key.clone(),
+    };
+    let token = BearerToken::from_file_or_env(cli.token_file.as_deref())?;
+    Ok(conn::connect_lazy(&cli.coordinator, &tls, token)?)
+}
+
+fn parse_role(s: &str) -> anyhow::Result<pb::TokenRole> {
+    match pb::TokenRole::from_str_name(&format!("TOKEN_ROLE_{}", s.to_ascii_uppercase())) {
+        Some(r) if r != pb::TokenRole::Unspecified => Ok(r),
+        _ => bail!("--role: must be client, worker or admin, got {s:?}"),
+    }
+}
+
+fn parse_state(s: &str) -> anyhow::Result<i32> {
+    let upper = s.to_ascii_uppercase();
+    match pb::JobState::from_str_name(&format!("JOB_STATE_{upper}")) {
+        Some(st) if st != pb::JobState::Unspecified => Ok(st as i32),
+        _ => bail!(
+            "--state: unknown state {s:?}; allowed: queued, scheduled, running, succeeded, failed, canceled, restarting, canceling"
+        ),
+    }
+}
+
+/// One line for a failed RPC: what went wrong and, where it helps, what to do.
+fn describe(s: Status, coordinator: &str) -> anyhow::Error {
+    let detail = conn::status_detail(&s);
+    let msg = s.message();
+    if conn::is_tls_failure(&s) {
+        return anyhow!(
+            "cannot connect securely to the coordinator at {coordinator} ({detail}); check --ca \
+             (SEGTRAIN_CA), that the URL's host is one the server certificate was made for, and \
+             https:// vs http://"
+        );
+    }
+    match s.code() {
+        Code::Unavailable => anyhow!(
+            "cannot reach the coordinator at {coordinator} ({detail}); is segtrain-coordinator running? \
+             Set --coordinator or SEGTRAIN_COORDINATOR"
+        ),
+        Code::InvalidArgument => anyhow!("invalid request: {msg}"),
+        Code::NotFound => anyhow!("not found: {msg}"),
+        Code::FailedPrecondition | Code::AlreadyExists => anyhow!("refused: {msg}"),
+        Code::Unauthenticated => anyhow!(
+            "not allowed: {msg} (give a token with --token-file or SEGTRAIN_TOKEN)"
+        ),
+        Code::PermissionDenied => anyhow!("not allowed: {msg}"),
+        Code::DeadlineExceeded => anyhow!("the coordinator at {coordinator} did not answer in time"),
+        other => anyhow!("the coordinator failed ({}): {msg}", other.description()),
+    }
+}

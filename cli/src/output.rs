@@ -1,0 +1,572 @@
+//! What the CLI prints: aligned text for people, one JSON document per command with `--json`.
+
+use segtrain_proto::job_spec::ProtoSpec;
+use segtrain_proto::v1 as pb;
+use segtrain_proto::Timestamp;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+/// A job as the CLI shows it.
+#[derive(Debug, Serialize)]
+pub struct JobView {
+    pub id: String,
+    pub name: String,
+    pub state: String,
+    pub attempt: u32,
+    pub restarts: u32,
+    pub iteration: u64,
+    /// The checkpoint iteration the current attempt resumed from.
+    pub resumed_from_iteration: Option<u64>,
+    pub max_iters: u64,
+    pub world_size: u32,
+    pub variant: String,
+    pub reason: String,
+    pub idempotency_key: String,
+    pub created_at: String,
+    pub updated_at: String,
+    pub finished_at: Option<String>,
+    pub spec: Value,
+}
+
+pub fn state_name(s: i32) -> String {
+    pb::JobState::try_from(s)
+        .map(|s| s.as_str_name().trim_start_matches("JOB_STATE_").to_string())
+        .unwrap_or_else(|_| format!("UNKNOWN({s})"))
+}
+
+pub fn time(t: &Option<Timestamp>) -> String {
+    t.as_ref()
+        .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
+        .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_default()
+}
+
+impl From<&pb::Job> for JobView {
+    fn from(j: &pb::Job) -> JobView {
+        let spec = j.spec.clone().unwrap_or_default();
+        let spec_json = segtrain_spec::JobSpec::from_proto(&spec)
+            .ok()
+            .and_then(|s| serde_json::to_value(s).ok())
+            .unwrap_or(Value::Null);
+        JobView {
+            id: j.id.clone(),
+            name: spec.name.clone().unwrap_or_default(),
+            state: state_name(j.state),
+            attempt: j.attempt,
+            restarts: j.restarts,
+            iteration: j.iteration,
+            resumed_from_iteration: j.resumed_from_iteration,
+            max_iters: spec.max_iters.unwrap_or_default(),
+            world_size: spec.world_size.unwrap_or_default(),
+            variant: spec.variant.clone().unwrap_or_default(),
+            reason: j.reason.clone(),
+            idempotency_key: j.idempotency_key.clone(),
+            created_at: time(&j.created_at),
+            updated_at: time(&j.updated_at),
+            finished_at: j.finished_at.as_ref().map(|_| time(&j.finished_at)),
+            spec: spec_json,
+        }
+    }
+}
+
+pub struct Printer {
+    pub json: bool,
+}
+
+fn print_json(v: &impl Serialize) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("error: cannot encode JSON: {e}"),
+    }
+}
+
+/// Left-aligned columns, two spaces apart.
+fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(header.iter().map(|s| s.to_string()).collect());
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+impl Printer {
+    /// The `warnings` go to stderr (as `warning: ...`) from the caller; `--json` also carries them.
+    pub fn submitted(&self, j: &JobView, existing: bool, warnings: &[String]) {
+        if self.json {
+            print_json(&json!({ "job": j, "existing": existing, "warnings": warnings }));
+        } else if existing {
+            println!(
+                "job {} already exists for this idempotency key ({})",
+                j.id, j.state
+            );
+        } else {
+            println!(
+                "submitted job {} ({}, {} on {} rank(s), {} iterations)",
+                j.id, j.name, j.variant, j.world_size, j.max_iters
+            );
+        }
+    }
+
+    pub fn canceled(&self, j: &JobView) {
+        if self.json {
+            print_json(j);
+        } else {
+            println!("job {} is {}", j.id, j.state);
+        }
+    }
+
+    pub fn job(&self, j: &JobView) {
+        if self.json {
+            print_json(j);
+            return;
+        }
+        let rows = [
+            ("id", j.id.clone()),
+            ("name", j.name.clone()),
+            ("state", j.state.clone()),
+            ("variant", j.variant.clone()),
+            ("world size", j.world_size.to_string()),
+            ("iteration", format!("{} / {}", j.iteration, j.max_iters)),
+            ("attempt", j.attempt.to_string()),
+            ("restarts", j.restarts.to_string()),
+            (
+                "resumed at",
+                j.resumed_from_iteration
+                    .map(|i| format!("iteration {i}"))
+                    .unwrap_or_default(),
+            ),
+            ("reason", j.reason.clone()),
+            ("created", j.created_at.clone()),
+            ("updated", j.updated_at.clone()),
+            ("finished", j.finished_at.clone().unwrap_or_default()),
+        ];
+        for (k, v) in rows {
+            if !v.is_empty() {
+                println!("{k:<11} {v}");
+            }
+        }
+    }
+
+    pub fn job_list(&self, jobs: &[JobView], next: &str) {
+        if self.json {
+            print_json(&json!({ "jobs": jobs, "next_page_token": next }));
+            return;
+        }
+        if jobs.is_empty() {
+            println!("no jobs");
+            return;
+        }
+        let rows: Vec<Vec<String>> = jobs
+            .iter()
+            .map(|j| {
+                vec![
+                    j.id.clone(),
+                    j.name.clone(),
+                    j.state.clone(),
+                    j.variant.clone(),
+                    j.world_size.to_string(),
+                    format!("{}/{}", j.iteration, j.max_iters),
+                    j.created_at.clone(),
+                ]
+            })
+            .collect();
+        table(
+            &["ID", "NAME", "STATE", "VARIANT", "RANKS", "ITER", "CREATED"],
+            &rows,
+        );
+        if !next.is_empty() {
+            println!("more: segtrain list --page-token {next}");
+        }
+    }
+
+    pub fn finished(&self, j: &JobView) {
+        if !self.json {
+            let why = if j.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", j.reason)
+            };
+            println!("job {} finished {}{}", j.id, j.state, why);
+        }
+    }
+
+    pub fn event(&self, ev: &pb::JobEvent) {
+        use pb::job_event::Payload;
+        if self.json {
+            // One JSON object per line, so the stream can be piped.
+            match serde_json::to_string(&event_json(ev)) {
+                Ok(s) => println!("{s}"),
+                Err(e) => eprintln!("error: cannot encode JSON: {e}"),
+            }
+            return;
+        }
+        let head = format!("{} #{:<6}", time(&ev.time), ev.id);
+        match &ev.payload {
+            Some(Payload::StateChange(c)) => {
+                let from = if c.from == 0 {
+                    "-".to_string()
+                } else {
+                    state_name(c.from)
+                };
+                let why = if c.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!("  ({})", c.reason)
+                };
+                println!("{head} state {from} -> {}{why}", state_name(c.to));
+            }
+            Some(Payload::Metrics(m)) => {
+                let vals: Vec<String> = sorted(&m.values)
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", fmt_num(*v)))
+                    .collect();
+                println!("{head} iter {:>7}  {}", m.iteration, vals.join("  "));
+            }
+            Some(Payload::Eval(e)) => {
+                println!(
+                    "{head} eval at iter {}: mIoU {:.2}%  aAcc {:.2}%  loss {:.4}",
+                    e.iteration,
+                    100.0 * e.miou,
+                    100.0 * e.aacc,
+                    e.loss
+                );
+            }
+            Some(Payload::Checkpoint(c)) => {
+                if let Some(c) = &c.checkpoint {
+                    println!(
+                        "{head} checkpoint at iter {}: {} ({} bytes)",
+                        c.iteration, c.uri, c.bytes
+                    );
+                }
+            }
+            Some(Payload::Note(n)) => println!("{head} note: {}", n.text),
+            None => println!("{head} (empty event)"),
+        }
+    }
+
+    pub fn checkpoints(&self, cps: &[pb::Checkpoint]) {
+        if self.json {
+            let v: Vec<Value> = cps.iter().map(checkpoint_json).collect();
+            print_json(&v);
+            return;
+        }
+        if cps.is_empty() {
+            println!("no checkpoints");
+            return;
+        }
+        let rows: Vec<Vec<String>> = cps
+            .iter()
+            .map(|c| {
+                vec![
+                    c.iteration.to_string(),
+                    c.attempt.to_string(),
+                    checkpoint_state(c.state),
+                    c.bytes.to_string(),
+                    c.uri.clone(),
+                ]
+            })
+            .collect();
+        table(&["ITER", "ATTEMPT", "STATE", "BYTES", "URI"], &rows);
+    }
+
+    pub fn metrics(&self, points: &[pb::MetricPoint]) {
+        if self.json {
+            let v: Vec<Value> = points
+                .iter()
+                .map(|p| json!({"attempt": p.attempt, "iteration": p.iteration, "name": p.name, "value": p.value}))
+                .collect();
+            print_json(&v);
+            return;
+        }
+        if points.is_empty() {
+            println!("no metrics yet");
+            return;
+        }
+        let rows: Vec<Vec<String>> = points
+            .iter()
+            .map(|p| {
+                vec![
+                    p.iteration.to_string(),
+                    p.attempt.to_string(),
+                    p.name.clone(),
+                    fmt_num(p.value),
+                ]
+            })
+            .collect();
+        table(&["ITER", "ATTEMPT", "NAME", "VALUE"], &rows);
+    }
+
+    pub fn workers(&self, ws: &[pb::Worker]) {
+        let state = |s: i32| {
+            pb::WorkerState::try_from(s)
+                .map(|s| {
+                    s.as_str_name()
+                        .trim_start_matches("WORKER_STATE_")
+                        .to_string()
+                })
+                .unwrap_or_else(|_| format!("UNKNOWN({s})"))
+        };
+        if self.json {
+            let v: Vec<Value> = ws
+                .iter()
+                .map(|w| {
+                    json!({
+                        "id": w.id, "host": w.host, "gpu_index": w.gpu_index, "gpu_name": w.gpu_name,
+                        "gpu_memory_bytes": w.gpu_memory_bytes, "state": state(w.state),
+                        "job_id": w.job_id, "attempt": w.attempt, "rank": w.rank,
+                        "last_heartbeat": time(&w.last_heartbeat), "lease_until": time(&w.lease_until),
+                    })
+                })
+                .collect();
+            print_json(&v);
+            return;
+        }
+        if ws.is_empty() {
+            println!("no workers registered");
+            return;
+        }
+        let rows: Vec<Vec<String>> = ws
+            .iter()
+            .map(|w| {
+                let gpu = if w.gpu_index < 0 {
+                    "cpu".to_string()
+                } else {
+                    format!("{} {}", w.gpu_index, w.gpu_name)
+                };
+                let job = if w.job_id.is_empty() {
+                    String::new()
+                } else {
+                    format!("{} rank {}", w.job_id, w.rank)
+                };
+                vec![
+                    w.host.clone(),
+                    gpu,
+                    state(w.state),
+                    job,
+                    time(&w.last_heartbeat),
+                ]
+            })
+            .collect();
+        table(&["HOST", "GPU", "STATE", "JOB", "HEARTBEAT"], &rows);
+    }
+}
+
+fn sorted(m: &std::collections::HashMap<String, f64>) -> Vec<(String, f64)> {
+    let mut v: Vec<(String, f64)> = m.iter().map(|(k, v)| (k.clone(), *v)).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn fmt_num(v: f64) -> String {
+    if v != 0.0 && (v.abs() < 1e-3 || v.abs() >= 1e6) {
+        format!("{v:.4e}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
+fn checkpoint_state(s: i32) -> String {
+    pb::CheckpointState::try_from(s)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("CHECKPOINT_STATE_")
+                .to_string()
+        })
+        .unwrap_or_else(|_| format!("UNKNOWN({s})"))
+}
+
+fn checkpoint_json(c: &pb::Checkpoint) -> Value {
+    json!({
+        "job_id": c.job_id, "attempt": c.attempt, "iteration": c.iteration, "uri": c.uri,
+        "bytes": c.bytes, "sha256": c.sha256, "state": checkpoint_state(c.state),
+        "metrics": c.metrics, "created_at": time(&c.created_at),
+    })
+}
+
+/// JSON has no NaN: a NaN (an IoU of a class seen nowhere) becomes null.
+fn num(v: f64) -> Value {
+    serde_json::Number::from_f64(v)
+        .map(Value::Number)
+        .unwrap_or(Value::Null)
+}
+
+fn event_json(ev: &pb::JobEvent) -> Value {
+    use pb::job_event::Payload;
+    let (kind, body) = match &ev.payload {
+        Some(Payload::StateChange(c)) => (
+            "state_change",
+            json!({"from": if c.from == 0 { Value::Null } else { Value::String(state_name(c.from)) },
+                   "to": state_name(c.to), "reason": c.reason}),
+        ),
+        Some(Payload::Metrics(m)) => (
+            "metrics",
+            json!({"iteration": m.iteration,
+                   "values": sorted(&m.values).into_iter().map(|(k, v)| (k, num(v))).collect::<serde_json::Map<_, _>>()}),
+        ),
+        Some(Payload::Eval(e)) => (
+            "eval",
+            json!({"iteration": e.iteration, "miou": num(e.miou), "aacc": num(e.aacc), "loss": num(e.loss),
+                   "class_iou": e.class_iou.iter().map(|v| num(*v)).collect::<Vec<_>>()}),
+        ),
+        Some(Payload::Checkpoint(c)) => (
+            "checkpoint",
+            c.checkpoint
+                .as_ref()
+                .map(checkpoint_json)
+                .unwrap_or(Value::Null),
+        ),
+        Some(Payload::Note(n)) => ("note", json!({"text": n.text})),
+        None => ("empty", Value::Null),
+    };
+    json!({"id": ev.id, "job_id": ev.job_id, "attempt": ev.attempt, "time": time(&ev.time), "kind": kind, "data": body})
+}
+
+/// `segtrain watch` on a terminal: a progress bar (iteration, ETA, loss, lr, images/s) under the
+/// event lines. Elsewhere (or with --json) events are printed one per line as they come.
+pub struct Live {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Live {
+    pub fn new(json: bool, max_iters: u64, iteration: u64) -> Live {
+        use std::io::IsTerminal;
+        let bar = (!json && max_iters > 0 && std::io::stdout().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::with_draw_target(
+                Some(max_iters),
+                indicatif::ProgressDrawTarget::stdout(),
+            );
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} iters  eta {eta}  {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar.set_position(iteration);
+            bar
+        });
+        Live { bar }
+    }
+
+    pub fn event(&mut self, out: &Printer, ev: &pb::JobEvent) {
+        use pb::job_event::Payload;
+        let Some(bar) = &self.bar else {
+            out.event(ev);
+            return;
+        };
+        match &ev.payload {
+            // Metrics move the bar instead of printing a line each.
+            Some(Payload::Metrics(m)) => {
+                let v = |k: &str| m.values.get(k).copied().unwrap_or(f64::NAN);
+                bar.set_position(m.iteration);
+                bar.set_message(format!(
+                    "loss {:.4}  lr {:.2e}  {:.1} img/s",
+                    v("loss"),
+                    v("lr"),
+                    v("images_per_s")
+                ));
+            }
+            _ => bar.suspend(|| out.event(ev)),
+        }
+    }
+
+    pub fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// A token as the CLI shows it (never the secret, except once at creation).
+fn token_json(t: &pb::TokenInfo) -> Value {
+    json!({
+        "id": t.id, "name": t.name, "role": role_name(t.role),
+        "created_at": time(&t.created_at),
+        "revoked_at": t.revoked_at.as_ref().map(|_| time(&t.revoked_at)),
+        "last_used_at": t.last_used_at.as_ref().map(|_| time(&t.last_used_at)),
+    })
+}
+
+pub fn role_name(r: i32) -> String {
+    pb::TokenRole::try_from(r)
+        .map(|r| {
+            r.as_str_name()
+                .trim_start_matches("TOKEN_ROLE_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_else(|_| format!("unknown({r})"))
+}
+
+impl Printer {
+    /// The new token alone on stdout (so `segtrain token create ... > file` keeps just the
+    /// secret); what it is on stderr. With `--json`, one document with the token in it.
+    pub fn token_created(&self, token: &str, info: &pb::TokenInfo) {
+        if self.json {
+            let mut v = token_json(info);
+            v["token"] = Value::String(token.to_string());
+            print_json(&v);
+        } else {
+            eprintln!(
+                "created {} token {:?} ({}); it is shown only now, store it:",
+                role_name(info.role),
+                info.name,
+                info.id
+            );
+            println!("{token}");
+        }
+    }
+
+    pub fn tokens(&self, ts: &[pb::TokenInfo]) {
+        if self.json {
+            let v: Vec<Value> = ts.iter().map(token_json).collect();
+            print_json(&v);
+            return;
+        }
+        if ts.is_empty() {
+            println!("no tokens");
+            return;
+        }
+        let rows: Vec<Vec<String>> = ts
+            .iter()
+            .map(|t| {
+                vec![
+                    t.id.clone(),
+                    role_name(t.role),
+                    t.name.clone(),
+                    time(&t.created_at),
+                    time(&t.last_used_at),
+                    time(&t.revoked_at),
+                ]
+            })
+            .collect();
+        table(
+            &["ID", "ROLE", "NAME", "CREATED", "LAST USED", "REVOKED"],
+            &rows,
+        );
+    }
+
+    pub fn token_revoked(&self, t: &pb::TokenInfo) {
+        if self.json {
+            print_json(&token_json(t));
+        } else {
+            println!(
+                "revoked {} token {:?} ({})",
+                role_name(t.role),
+                t.name,
+                t.id
+            );
+        }
+    }
+}

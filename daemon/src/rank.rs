@@ -1,0 +1,294 @@
+//! One rank on this worker: its rendezvous, its child trainer, the trainer's output, how it is
+//! stopped and how it ended.
+
+use super::lines::{Line, LineReader};
+use super::metrics::Phase;
+use super::trainer_process::{self, Parsed, RankKey};
+use super::{stop_grace, Shared, StopRequest};
+use segtrain_proto::job_spec::ProtoSpec;
+use segtrain_proto::v1 as pb;
+use segtrain_wire::{preview, LineError, MAX_LINE_BYTES};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::BufReader;
+use tokio::sync::oneshot;
+use tonic::Code;
+
+/// Unreadable lines of one trainer that get a note each; later ones are only counted and
+/// logged (a trainer that prints garbage every step must not flood the job's events).
+const NOTED_LINES: u32 = 10;
+
+/// Runs one rank: rendezvous, the child trainer, its events, its end.
+pub(crate) async fn run_rank(
+    shared: Arc<Shared>,
+    a: pb::Assignment,
+    mut stop_rx: oneshot::Receiver<StopRequest>,
+) {
+    let key = RankKey::of(&a);
+    shared.metrics.set_phase(&key, Phase::Starting);
+    let finish = |outcome: pb::Outcome, reason: String| {
+        let name = outcome.as_str_name().trim_start_matches("OUTCOME_");
+        tracing::info!(job = %key.job_id, attempt = key.attempt, rank = key.rank, outcome = name, reason = %reason, "trainer finished");
+        shared.metrics.finished(&key, name);
+        shared.emit(
+            &key,
+            pb::worker_event::Payload::Finished(pb::AttemptFinished {
+                outcome: outcome as i32,
+                reason: super::wire_text(&reason),
+            }),
+        );
+        if let Ok(mut r) = shared.running.lock() {
+            r.remove(&key);
+        }
+    };
+    let stopped_reason =
+        |r: Result<StopRequest, _>| r.map_or_else(|_| "stopped".into(), |s| s.reason);
+    let spec = match segtrain_spec::JobSpec::from_proto(&a.spec.clone().unwrap_or_default()) {
+        Ok(s) => s,
+        Err(e) => {
+            return finish(
+                pb::Outcome::FailedDeterministic,
+                format!("invalid spec: {e}"),
+            )
+        }
+    };
+
+    // Ranks > 0 wait for rank 0's endpoint (or a stop).
+    let mut endpoint = None;
+    if a.rank > 0 && a.world_size > 1 {
+        loop {
+            let req = pb::AwaitRendezvousRequest {
+                worker_id: shared.worker_id(),
+                job_id: a.job_id.clone(),
+                attempt: a.attempt,
+                timeout_seconds: 30,
+                instance_id: shared.instance_id(),
+            };
+            let mut client = shared.client();
+            tokio::select! {
+                r = &mut stop_rx => return finish(pb::Outcome::Canceled, stopped_reason(r)),
+                r = client.await_rendezvous(req) => match r {
+                    Ok(r) => { endpoint = r.into_inner().endpoint; break; }
+                    Err(e) if shared.fatal_refusal(&e) => {
+                        return finish(pb::Outcome::Canceled, e.message().to_string())
+                    }
+                    Err(e) if matches!(e.code(), Code::DeadlineExceeded | Code::Unavailable | Code::Unknown) => continue,
+                    Err(e) => return finish(pb::Outcome::FailedInfra, format!("rendezvous: {}", e.message())),
+                }
+            }
+        }
+    }
+
+    let work_dir = shared
+        .cfg
+        .work_dir
+        .join(format!("{}-a{}-r{}", key.job_id, key.attempt, key.rank));
+    let launch = trainer_process::Launch {
+        exe: &shared.cfg.exe,
+        assignment: &a,
+        spec: &spec,
+        work_dir: &work_dir,
+        gpu: shared.cfg.gpu,
+        rendezvous: endpoint,
+        advertise_host: &shared.cfg.advertise_host,
+        torch_threads: shared.cfg.torch_threads,
+    };
+    let (mut child, log) = match trainer_process::spawn(&launch) {
+        Ok(c) => c,
+        Err(e) => return finish(pb::Outcome::FailedInfra, format!("{e:#}")),
+    };
+    tracing::info!(job = %key.job_id, attempt = key.attempt, rank = key.rank, pid = child.id(), "trainer started");
+    let Some(stdout) = child.stdout.take() else {
+        return finish(pb::Outcome::FailedInfra, "trainer has no stdout".into());
+    };
+    let mut lines = LineReader::new(BufReader::new(stdout), MAX_LINE_BYTES);
+    let mut stopped: Option<String> = None;
+    let mut failed: Option<(bool, String)> = None;
+    let mut stdout_open = true;
+    let mut noted = 0u32;
+    loop {
+        tokio::select! {
+            line = lines.next_line(), if stdout_open => match line {
+                Ok(Some(line)) => {
+                    let parsed = match line {
+                        Line::Text(l) => trainer_process::parse_line(&l, &key.job_id, key.attempt)
+                            .map_err(|e| (e, preview(&l, 200))),
+                        Line::TooLong(n) => Err((LineError::TooLong(n), String::new())),
+                        Line::NotUtf8 => Err((LineError::NotUtf8, String::new())),
+                    };
+                    match parsed {
+                        Ok(p) => handle(&shared, &key, p, &mut failed, stopped.is_some()).await,
+                        Err((e, text)) => {
+                            unreadable(&shared, &key, &e, &text, &mut noted);
+                        }
+                    }
+                }
+                _ => stdout_open = false,
+            },
+            r = &mut stop_rx, if stopped.is_none() => {
+                let (reason, grace) = match r {
+                    Ok(s) => (s.reason, s.grace.or_else(|| shared.coordinator_grace())),
+                    Err(_) => ("stopped".to_string(), shared.coordinator_grace()),
+                };
+                stopped = Some(reason);
+                shared.metrics.set_phase(&key, Phase::Stopping);
+                terminate(&mut child, stop_grace(shared.cfg.grace, grace)).await;
+            }
+            status = child.wait(), if !stdout_open => {
+                let (outcome, reason) = outcome_of(stopped.take(), failed.take(), status, &log);
+                return finish(outcome, reason);
+            }
+        }
+    }
+}
+
+/// One line the trainer printed, understood.
+async fn handle(
+    shared: &Shared,
+    key: &RankKey,
+    p: Parsed,
+    failed: &mut Option<(bool, String)>,
+    stopping: bool,
+) {
+    match p {
+        Parsed::Event(p) => {
+            match &p {
+                pb::worker_event::Payload::Started(_) if !stopping => {
+                    shared.metrics.set_phase(key, Phase::Running)
+                }
+                pb::worker_event::Payload::Metrics(m) => {
+                    shared.metrics.observe(m.iteration, &m.values);
+                    let v = |k: &str| m.values.get(k).copied().unwrap_or(f64::NAN);
+                    tracing::info!(job = %key.job_id, attempt = key.attempt, rank = key.rank, iteration = m.iteration, loss = v("loss"), lr = v("lr"), images_per_s = v("images_per_s"), step_ms = v("step_ms"), data_wait_ms = v("data_wait_ms"), "progress");
+                }
+                _ => {}
+            }
+            shared.emit(key, p)
+        }
+        Parsed::Local { iteration, values } => shared.metrics.observe(iteration, &values),
+        Parsed::Checkpoint { complete, deleted } => {
+            shared.emit(key, complete);
+            if let Some(d) = deleted {
+                shared.emit(key, d);
+            }
+        }
+        Parsed::Failed {
+            deterministic,
+            reason,
+        } => *failed = Some((deterministic, reason)),
+        Parsed::Rendezvous(ep) => publish(shared, key, ep).await,
+        Parsed::Collective { backend, detail } => {
+            tracing::info!(job = %key.job_id, attempt = key.attempt, rank = key.rank, backend, detail, "collective ready")
+        }
+        Parsed::Ignored => {}
+    }
+}
+
+/// A line that could not be read: counted, logged, and (the first few) noted on the job.
+fn unreadable(shared: &Shared, key: &RankKey, e: &LineError, text: &str, noted: &mut u32) {
+    shared
+        .metrics
+        .lines_dropped
+        .with_label_values(&[e.reason()])
+        .inc();
+    tracing::warn!(job = %key.job_id, attempt = key.attempt, rank = key.rank, error = %e, line = %text, "unreadable trainer output; dropped");
+    *noted += 1;
+    let line = if text.is_empty() {
+        String::new()
+    } else {
+        format!(": {text}")
+    };
+    if *noted <= NOTED_LINES {
+        shared.note(
+            key,
+            &format!(
+                "the trainer of rank {} printed {e}; the daemon dropped that line{line}",
+                key.rank
+            ),
+        );
+    }
+    if *noted == NOTED_LINES {
+        shared.note(
+            key,
+            &format!(
+                "further unreadable lines of rank {} are counted \
+                 (segtrain_worker_trainer_lines_dropped_total) and logged by its daemon, not noted",
+                key.rank
+            ),
+        );
+    }
+}
+
+/// How a trainer ended: stopped on request (whatever its exit status), finished, failed as the
+/// trainer classified it, or killed (an infrastructure failure: OOM killer, operator, crash).
+fn outcome_of(
+    stopped: Option<String>,
+    failed: Option<(bool, String)>,
+    status: std::io::Result<std::process::ExitStatus>,
+    log: &std::path::Path,
+) -> (pb::Outcome, String) {
+    use std::os::unix::process::ExitStatusExt;
+    match (stopped, failed, status) {
+        (Some(reason), _, _) => (pb::Outcome::Canceled, reason),
+        (None, _, Ok(s)) if s.success() => (pb::Outcome::Succeeded, String::new()),
+        (None, Some((true, reason)), Ok(_)) => (pb::Outcome::FailedDeterministic, reason),
+        (None, Some((false, reason)), Ok(_)) => (pb::Outcome::FailedInfra, reason),
+        (None, None, Ok(s)) => match s.signal() {
+            Some(sig) => (
+                pb::Outcome::FailedInfra,
+                format!("the trainer was killed by signal {sig}"),
+            ),
+            None => (
+                pb::Outcome::FailedInfra,
+                format!(
+                    "the trainer exited with {s}: {}",
+                    trainer_process::log_tail(log, 3)
+                ),
+            ),
+        },
+        (None, _, Err(e)) => (
+            pb::Outcome::FailedInfra,
+            format!("cannot wait for the trainer: {e}"),
+        ),
+    }
+}
+
+/// SIGTERM, then SIGKILL after the grace period.
+async fn terminate(child: &mut tokio::process::Child, grace: Duration) {
+    if let Some(pid) = child.id() {
+        // SAFETY: signalling our own child process by its pid.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGTERM);
+        }
+    }
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        let _ = child.kill().await;
+    }
+}
+
+/// Publishes rank 0's endpoint, retrying while the coordinator is unreachable.
+async fn publish(shared: &Shared, key: &RankKey, ep: pb::publish_rendezvous_request::Endpoint) {
+    for _ in 0..60 {
+        let req = pb::PublishRendezvousRequest {
+            worker_id: shared.worker_id(),
+            job_id: key.job_id.clone(),
+            attempt: key.attempt,
+            endpoint: Some(ep.clone()),
+            instance_id: shared.instance_id(),
+        };
+        match shared.client().publish_rendezvous(req).await {
+            Ok(_) => {
+                tracing::info!(job = %key.job_id, attempt = key.attempt, rank = key.rank, "rendezvous published");
+                return;
+            }
+            Err(e) if shared.fatal_refusal(&e) => return,
+            Err(e) if e.code() == Code::Unavailable => {
+                tokio::time::sleep(Duration::from_secs(1)).await
+            }
+            Err(e) => {
+                tracing::warn!(job = %key.job_id, attempt = key.attempt, rank = key.rank, error = %e.message(), "cannot publish the rendezvous");
+                return;
+            }
+        }
+    }
+}
