@@ -1,5 +1,5 @@
 //! `segtrain-worker bench`: times full training steps of the trainer's own code path — forward,
-//! loss, backward ([`crate::train::trainer::forward_backward`]), the gradient all-reduce (free
+//! loss, backward ([`crate::train::forward_backward`]), the gradient all-reduce (free
 //! on a world of 1), the flat AdamW step — on synthetic batches already on the device, after a
 //! warm-up, and reports the median step time, images/s, peak GPU memory and the achieved
 //! TFLOP/s, counting a step as 3 × the forward pass (2 FLOP per multiply-accumulate, from
@@ -12,7 +12,7 @@ use crate::collective::{Collective, Single};
 use crate::model::{HeadMode, SegFormer, SegFormerConfig};
 use crate::optim::adamw::AdamWConfig;
 use crate::optim::FlatAdamW;
-use crate::train::trainer::{forward_backward, forward_loss};
+use crate::train::{forward_backward, forward_loss};
 use anyhow::bail;
 use segtrain_spec::{Precision, Variant};
 use std::time::Instant;

@@ -15,5 +15,6 @@ pub mod doctor;
 pub mod model;
 pub mod optim;
 pub mod predict;
+pub mod seed;
 pub mod torch_ext;
 pub mod train;

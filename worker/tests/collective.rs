@@ -4,7 +4,7 @@
 
 use segtrain_trainer::collective::tcp::{TcpCollective, TcpRendezvous};
 use segtrain_trainer::collective::{Collective, CollectiveError, Timeouts};
-use segtrain_trainer::train::trainer::Rendezvous;
+use segtrain_trainer::train::Rendezvous;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tch::{Kind, Tensor};

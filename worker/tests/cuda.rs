@@ -68,7 +68,7 @@ fn a_cuda_step_fills_the_flat_gradients_and_fused_adamw_matches_the_cpu() {
     use segtrain_spec::Precision;
     use segtrain_trainer::optim::adamw::AdamWConfig;
     use segtrain_trainer::optim::FlatAdamW;
-    use segtrain_trainer::train::trainer::forward_backward;
+    use segtrain_trainer::train::forward_backward;
     let dev = cuda();
     torch_ext::set_tf32(false);
     let cfg = SegFormerConfig::variant(Variant::B0, 19);

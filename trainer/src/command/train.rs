@@ -41,7 +41,7 @@ pub struct TrainArgs {
     /// ranks), nccl:<base64 unique id> (the other GPU ranks). Rank 0 reports its endpoint as a
     /// `rendezvous` event.
     #[arg(long)]
-    rendezvous: Option<train::trainer::Rendezvous>,
+    rendezvous: Option<train::Rendezvous>,
     /// The job/attempt fingerprint all ranks of one attempt share; peers with another are refused.
     #[arg(long, default_value_t = 0)]
     rendezvous_token: u64,
@@ -99,7 +99,7 @@ pub fn options(args: TrainArgs) -> anyhow::Result<train::TrainOptions> {
     }
     let rendezvous = match args.rendezvous {
         Some(r) => r,
-        None if world == 1 => train::trainer::Rendezvous::Single,
+        None if world == 1 => train::Rendezvous::Single,
         None => bail!(
             "--rendezvous: required with --world {world}: tcp-listen:HOST:PORT or \
              nccl-create on rank 0, tcp:HOST:PORT or nccl:<id> on the others"

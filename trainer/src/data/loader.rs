@@ -28,18 +28,12 @@ use super::cityscapes::{load, Sample};
 use super::error::DataError;
 use super::sampler::DistributedSampler;
 use super::{Batch, EvalSample, SamplerState};
+use crate::seed::splitmix64;
 
 /// The augmentation seed of one sample: a mix of the run's seed, the epoch and the sample's
 /// position in the padded epoch (unique across ranks). Nothing else (no thread, no time).
 pub fn sample_seed(seed: u64, epoch: u64, global_position: u64) -> u64 {
     splitmix64(splitmix64(splitmix64(seed) ^ epoch) ^ global_position)
-}
-
-fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// The training loader: see the module docs. Dropping it stops its threads (each finishes at

@@ -14,6 +14,7 @@
 //! Output is deterministic: an image depends only on (seed, split, index), files are PNG-encoded
 //! with fixed settings, and generation is spread over threads without affecting the bytes.
 
+use crate::seed::splitmix64 as mix;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -277,13 +278,6 @@ fn uniform(rng: &mut ChaCha8Rng, lo: f64, hi: f64) -> f64 {
     } else {
         lo
     }
-}
-
-fn mix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 // Materials: what a pixel is made of. Each has a labelId and a colour rule.

@@ -1,7 +1,7 @@
 //! How `segtrain-worker train` shows progress: one [`TrainerLine`] per event (`--json`, what the
 //! worker daemon reads), or log lines, with a progress bar when stderr is a terminal.
 
-use super::trainer::{EventSink, TrainEvent};
+use super::events::{EventSink, TrainEvent};
 use indicatif::{ProgressBar, ProgressStyle};
 use segtrain_wire::{self as wire, Real, TrainerLine};
 use std::io::{IsTerminal, Write};
