@@ -235,7 +235,7 @@ mod tests {
         ids.iter()
             .map(|id| {
                 let w = ws.iter().find(|w| w.id == *id).expect("chosen from input");
-                format!("{}:{}", w.host, w.gpu_index)
+                crate::store::worker_name(&w.host, w.gpu_index)
             })
             .collect()
     }

@@ -619,3 +619,34 @@ async fn a_coordinator_restart_neither_loses_assignments_nor_reaps_silent_worker
     w1.started(&again).await;
     assert_eq!(env.state(&job).await, pb::JobState::Running);
 }
+
+/// What people read names a CPU worker `host:cpu`, not by its GPU index -1.
+#[tokio::test]
+async fn a_cpu_worker_is_named_cpu_in_the_placement_event() {
+    let env = Env::start().await;
+    let job = env.submit("on-cpu", 1, 0).await;
+    let mut w = env.worker("cpu-a", -1).await;
+    w.start().await;
+    let mut stream = env
+        .jobs()
+        .await
+        .watch_job(pb::WatchJobRequest {
+            job_id: job.id.clone(),
+            after_event_id: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let placed = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .expect("the placement event within 30 s")
+            .expect("watch stream")
+            .expect("the stream stays open");
+        let text = format!("{:?}", ev.payload);
+        if text.contains("placed on") {
+            break text;
+        }
+    };
+    assert!(placed.contains("placed on 1 worker: cpu-a:cpu"), "{placed}");
+}

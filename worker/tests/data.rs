@@ -536,6 +536,19 @@ fn synth_layout_is_recognised_by_scan() {
     .unwrap();
     assert_eq!(summary.files, 22);
     assert!(summary.train_cities.len() >= 3);
+    // What `synth-data` prints reads as sentences, not a Rust struct.
+    let text = summary.to_string();
+    assert!(
+        text.starts_with(&format!(
+            "wrote 7 train and 4 val images of 48x32 to {} (22 files,",
+            dir.path().display()
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("2 building") && !text.contains("SynthSummary"),
+        "{text}"
+    );
     let train = scan(dir.path(), "train").unwrap();
     let val = scan(dir.path(), "val").unwrap();
     assert_eq!((train.len(), val.len()), (7, 4));

@@ -359,7 +359,7 @@ impl Store {
         let names: Vec<String> = chosen
             .iter()
             .filter_map(|id| candidates.iter().find(|c| c.id == *id))
-            .map(|c| format!("{}:{}", c.host, c.gpu_index))
+            .map(|c| super::worker_name(&c.host, c.gpu_index))
             .collect();
         let reason = format!(
             "attempt {attempt} placed on {} worker{}: {}",
@@ -804,10 +804,9 @@ async fn settle_attempt(
     if !state.is_terminal() {
         if let (Some((r, Some(o))), false) = (failed, canceling) {
             let reason = format!(
-                "rank {} ({}:{}) {o}{}",
+                "rank {} ({}) {o}{}",
                 r.rank,
-                r.host,
-                r.gpu_index,
+                super::worker_name(&r.host, r.gpu_index),
                 if r.reason.is_empty() {
                     String::new()
                 } else {
@@ -849,8 +848,9 @@ async fn settle_attempt(
                 .map(|(r, _)| r)
                 .ok_or_else(|| StoreError::Corrupt("no rank failed a failed attempt".into()))?;
             let reason = format!(
-                "rank {} ({}:{}) stopped without a cancel request",
-                r.rank, r.host, r.gpu_index
+                "rank {} ({}) stopped without a cancel request",
+                r.rank,
+                super::worker_name(&r.host, r.gpu_index)
             );
             set_attempt_state(tx, job_id, attempt, state, AttemptState::Failed, &reason).await?;
             if matches!(job.state, JobState::Scheduled | JobState::Running) {

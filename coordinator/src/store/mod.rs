@@ -105,6 +105,11 @@ pub fn gpu_label(gpu_index: i32) -> String {
     }
 }
 
+/// A worker as people name it: `host:GPU`, `host:cpu` for a CPU worker.
+pub fn worker_name(host: &str, gpu_index: i32) -> String {
+    format!("{host}:{}", gpu_label(gpu_index))
+}
+
 /// The coordinator's connection pool (`--database-max-connections`,
 /// `--database-acquire-timeout-ms`): RPCs and the scheduler share it. The LISTEN connections and
 /// the health probe have their own (see [`Store::side_pool`]), so they never wait behind RPCs.

@@ -282,8 +282,8 @@ impl Store {
                 (
                     RankOutcome::FailedInfra,
                     format!(
-                        "worker {}:{} re-registered without the trainer of this rank (daemon restart?)",
-                        reg.host, reg.gpu_index
+                        "worker {} re-registered without the trainer of this rank (daemon restart?)",
+                        super::worker_name(&reg.host, reg.gpu_index)
                     ),
                 )
             } else {

@@ -291,10 +291,7 @@ impl Tool {
                     height: h as usize,
                     seed,
                 })?;
-                eprintln!(
-                    "wrote {train} train and {val} val images to {} ({summary:?})",
-                    out.display()
-                );
+                eprint!("{summary}");
             }
             Tool::Doctor { json } => {
                 let report = doctor::report();

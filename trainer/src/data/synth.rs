@@ -81,6 +81,37 @@ pub struct SynthSummary {
     pub bytes: u64,
 }
 
+impl std::fmt::Display for SynthSummary {
+    /// What `synth-data` prints: what was written where, for people.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "wrote {} train and {} val images of {}x{} to {} ({} files, {:.1} MB)",
+            self.train,
+            self.val,
+            self.width,
+            self.height,
+            self.root.display(),
+            self.files,
+            self.bytes as f64 / 1e6
+        )?;
+        writeln!(f, "  train cities: {}", self.train_cities.join(", "))?;
+        writeln!(f, "  val cities:   {}", self.val_cities.join(", "))?;
+        let classes: Vec<String> = self
+            .classes
+            .iter()
+            .map(|c| format!("{} {}", c.train_id, c.name))
+            .collect();
+        writeln!(f, "  classes (trainId name): {}", classes.join(", "))?;
+        let ignored: Vec<String> = self.ignored_label_ids.iter().map(u8::to_string).collect();
+        writeln!(
+            f,
+            "  labelIds read as 255 (ignored): {}",
+            ignored.join(", ")
+        )
+    }
+}
+
 /// The classes the synthetic scenes use.
 pub const SYNTH_CLASSES: [SynthClass; 7] = [
     SynthClass {
