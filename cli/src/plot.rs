@@ -31,18 +31,13 @@ fn register_font() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The series of one metric, by iteration (the newest attempt wins where attempts overlap).
+/// The finite points of one metric in iteration order. GetMetrics already returns one point per
+/// (iteration, name), the newest attempt's where a resumed attempt re-ran iterations.
 pub fn series(points: &[pb::MetricPoint], name: &str) -> Vec<(f64, f64)> {
-    let mut by_iter = std::collections::BTreeMap::new();
-    for p in points
+    points
         .iter()
         .filter(|p| p.name == name && p.value.is_finite())
-    {
-        by_iter.insert(p.iteration, (p.attempt, p.value));
-    }
-    by_iter
-        .into_iter()
-        .map(|(i, (_, v))| (i as f64, v))
+        .map(|p| (p.iteration as f64, p.value))
         .collect()
 }
 

@@ -13,7 +13,7 @@
 //! worker API record into it without being handed a handle.
 
 use crate::state::{JobState, WorkerState};
-use crate::store::Store;
+use crate::store::{ClusterCounts, Store};
 use prometheus::{
     Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -197,33 +197,8 @@ impl Metrics {
     }
 }
 
-/// What [`read`] gets from PostgreSQL.
-struct Snapshot {
-    jobs: Vec<(String, i64)>,
-    workers: Vec<(String, i64)>,
-    restarts: i64,
-}
-
-async fn read(store: &Store) -> Result<Snapshot, sqlx::Error> {
-    let pool = store.pool();
-    let jobs = sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state")
-        .fetch_all(pool)
-        .await?;
-    let workers = sqlx::query_as("SELECT state, count(*) FROM workers GROUP BY state")
-        .fetch_all(pool)
-        .await?;
-    let restarts = sqlx::query_scalar("SELECT coalesce(sum(restarts), 0)::bigint FROM jobs")
-        .fetch_one(pool)
-        .await?;
-    Ok(Snapshot {
-        jobs,
-        workers,
-        restarts,
-    })
-}
-
 impl Metrics {
-    fn apply(&self, s: &Snapshot) {
+    fn apply(&self, s: &ClusterCounts) {
         // Every state is set, so one that emptied since the last read goes back to 0.
         for state in JobState::ALL {
             let n = s
@@ -266,7 +241,7 @@ pub async fn refresh_loop(store: Store, every: Duration) {
     let limit = every.clamp(Duration::from_secs(1), Duration::from_secs(5));
     let mut up = true;
     loop {
-        match tokio::time::timeout(limit, read(&store)).await {
+        match tokio::time::timeout(limit, store.cluster_counts()).await {
             Ok(Ok(s)) => {
                 m.apply(&s);
                 up = true;
@@ -327,7 +302,7 @@ mod tests {
     #[test]
     fn a_snapshot_sets_every_state_and_restarts_only_grow() {
         let m = Metrics::new();
-        let snap = |jobs: &[(&str, i64)], restarts| Snapshot {
+        let snap = |jobs: &[(&str, i64)], restarts| ClusterCounts {
             jobs: jobs.iter().map(|(s, n)| (s.to_string(), *n)).collect(),
             workers: vec![("IDLE".into(), 2)],
             restarts,

@@ -19,74 +19,11 @@
 //! changed (submit, cancel, register, a rank finishing); hints are only hints, the timer covers
 //! lost ones.
 
-use crate::store::{
-    Candidate, ScheduleOutcome, Store, ATTEMPTS_CHANNEL, EVENTS_CHANNEL, WORKERS_CHANNEL,
-};
+use crate::store::bus::{self, Bus, Hint};
+use crate::store::{Candidate, ScheduleOutcome, Store};
 use std::collections::BTreeMap;
 use std::time::Duration;
-use tokio::sync::broadcast;
 use uuid::Uuid;
-
-/// A NOTIFY from PostgreSQL, by channel: something about this job / worker changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Hint {
-    /// A job got a new event (`segtrain_job_events`).
-    Job(Uuid),
-    /// A worker registered, got an assignment or became free (`segtrain_workers`).
-    Worker(Uuid),
-    /// An attempt of this job changed state or got its rendezvous (`segtrain_attempts`).
-    Attempt(Uuid),
-}
-
-/// Fans the NOTIFYs of every channel out to the tasks of this process that wait on them (the
-/// scheduler, assignment streams, rendezvous waiters). Only a hint: waiters always re-read.
-#[derive(Clone)]
-pub struct Hints {
-    tx: broadcast::Sender<Hint>,
-}
-
-impl Hints {
-    /// Starts the listener task; it reconnects by itself (waiters poll meanwhile).
-    pub fn start(store: &Store) -> Hints {
-        let (tx, _) = broadcast::channel(4096);
-        let hints = Hints { tx: tx.clone() };
-        // A side connection: LISTEN holds it for good, and must not take one of the RPCs'.
-        let pool = store.side_pool().clone();
-        tokio::spawn(async move {
-            loop {
-                if let Err(e) = listen(&pool, &tx).await {
-                    tracing::warn!(error = %e, "hint listener lost its connection; retrying");
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        });
-        hints
-    }
-
-    pub fn subscribe(&self) -> broadcast::Receiver<Hint> {
-        self.tx.subscribe()
-    }
-}
-
-async fn listen(pool: &sqlx::PgPool, tx: &broadcast::Sender<Hint>) -> Result<(), sqlx::Error> {
-    let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
-    listener
-        .listen_all([EVENTS_CHANNEL, WORKERS_CHANNEL, ATTEMPTS_CHANNEL])
-        .await?;
-    loop {
-        let n = listener.recv().await?;
-        let Ok(id) = Uuid::parse_str(n.payload()) else {
-            continue;
-        };
-        let hint = match n.channel() {
-            EVENTS_CHANNEL => Hint::Job(id),
-            WORKERS_CHANNEL => Hint::Worker(id),
-            ATTEMPTS_CHANNEL => Hint::Attempt(id),
-            _ => continue,
-        };
-        let _ = tx.send(hint); // no receivers: nobody waits
-    }
-}
 
 /// How the scheduler runs.
 #[derive(Debug, Clone)]
@@ -108,11 +45,11 @@ impl Default for SchedulerConfig {
 /// is first extended by it, so daemons get a chance to renew before anyone is declared lost.
 pub fn start(
     store: Store,
-    hints: &Hints,
+    bus: &Bus,
     cfg: SchedulerConfig,
     lease: Duration,
 ) -> tokio::task::JoinHandle<()> {
-    let mut wake = hints.subscribe();
+    let mut wake = bus.subscribe();
     tokio::spawn(async move {
         let mut last_ok: Option<tokio::time::Instant> = None;
         loop {
@@ -132,22 +69,11 @@ pub fn start(
                 Ok(_) => last_ok = Some(tokio::time::Instant::now()),
                 Err(e) => tracing::warn!(error = %e, "scheduling pass failed; retrying"),
             }
-            let timer = tokio::time::sleep(cfg.interval);
-            tokio::pin!(timer);
-            loop {
-                tokio::select! {
-                    _ = &mut timer => break,
-                    msg = wake.recv() => match msg {
-                        Ok(Hint::Job(_) | Hint::Worker(_)) => break,
-                        Ok(Hint::Attempt(_)) => {}
-                        Err(broadcast::error::RecvError::Lagged(_)) => break,
-                        Err(broadcast::error::RecvError::Closed) => {
-                            (&mut timer).await;
-                            break;
-                        }
-                    },
-                }
-            }
+            let until = tokio::time::Instant::now() + cfg.interval;
+            bus::wait(&mut wake, until, |h| {
+                matches!(h, Hint::Job(_) | Hint::Worker(_))
+            })
+            .await;
             // Fold a burst of hints (a batch of events, a gang of workers) into one pass.
             tokio::time::sleep(Duration::from_millis(20)).await;
             while wake.try_recv().is_ok() {}

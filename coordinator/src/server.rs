@@ -3,10 +3,11 @@
 //! [`AuthLayer`], with explicit message size limits; and, with `--metrics-listen`, Prometheus
 //! metrics over plain HTTP ([`crate::metrics`]).
 
-use crate::api::{ClusterApi, EventHub, JobApi, TokenApi, WorkerApi, WorkerApiConfig};
+use crate::api::{ClusterApi, JobApi, TokenApi, Watchers, WorkerApi, WorkerApiConfig};
 use crate::auth::{AuthLayer, Verifier};
 use crate::metrics;
-use crate::scheduler::{self, Hints, SchedulerConfig};
+use crate::scheduler::{self, SchedulerConfig};
+use crate::store::bus::Bus;
 use crate::store::{PoolSettings, RestartPolicy, Store, StoreError};
 use segtrain_proto::client::{read_pem, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES};
 use segtrain_proto::v1 as pb;
@@ -164,11 +165,10 @@ pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> any
         .is_some()
         .then(|| tokio::spawn(metrics::refresh_loop(store.clone(), cfg.metrics_refresh)));
 
-    let hub = EventHub::start(&store, cfg.workers.poll);
-    let hints = Hints::start(&store);
+    let bus = Bus::start(&store);
     let scheduler = scheduler::start(
         store.clone(),
-        &hints,
+        &bus,
         cfg.scheduler.clone(),
         cfg.workers.lease,
     );
@@ -242,7 +242,13 @@ pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> any
         .add_service(limited!(reflection_v1))
         .add_service(limited!(reflection_v1alpha))
         .add_service(limited!(pb::job_service_server::JobServiceServer::new(
-            JobApi::new(store.clone(), hub)
+            JobApi::new(
+                store.clone(),
+                Watchers {
+                    bus: bus.clone(),
+                    poll: cfg.workers.poll,
+                }
+            )
         )))
         .add_service(limited!(
             pb::cluster_service_server::ClusterServiceServer::new(ClusterApi::new(store.clone()))
@@ -250,7 +256,7 @@ pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> any
         .add_service(limited!(
             pb::worker_service_server::WorkerServiceServer::new(WorkerApi::new(
                 store.clone(),
-                hints,
+                bus,
                 cfg.workers.clone()
             ))
         ))
@@ -279,8 +285,7 @@ pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> any
     for task in [metrics_server, metrics_refresh].into_iter().flatten() {
         task.abort();
     }
-    store.pool().close().await;
-    store.side_pool().close().await;
+    store.close().await;
     tracing::info!("coordinator stopped");
     Ok(())
 }
@@ -307,12 +312,7 @@ async fn watch_database(store: Store, health: tonic_health::server::HealthReport
     let mut up = true;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let probe = tokio::time::timeout(
-            Duration::from_secs(3),
-            sqlx::query("SELECT 1").execute(store.side_pool()),
-        )
-        .await;
-        let ok = matches!(probe, Ok(Ok(_)));
+        let ok = store.answers(Duration::from_secs(3)).await;
         if ok == up {
             continue;
         }

@@ -1,6 +1,6 @@
 //! `segtrain.v1.JobService`: submit, read, page, cancel and watch jobs.
 
-use super::watch::{watch_job, EventHub};
+use super::watch::{watch_job, Watchers};
 use super::{convert, parse_job_id, status_of};
 use crate::state::JobState;
 use crate::store::Store;
@@ -22,12 +22,12 @@ const MAX_STATES: usize = 16;
 
 pub struct JobApi {
     store: Store,
-    hub: EventHub,
+    watchers: Watchers,
 }
 
 impl JobApi {
-    pub fn new(store: Store, hub: EventHub) -> JobApi {
-        JobApi { store, hub }
+    pub fn new(store: Store, watchers: Watchers) -> JobApi {
+        JobApi { store, watchers }
     }
 }
 
@@ -185,7 +185,7 @@ impl pb::job_service_server::JobService for JobApi {
         })?;
         // Fail now, not inside the stream, when the job does not exist.
         self.store.get_job(id).await.map_err(status_of)?;
-        let stream = watch_job(self.store.clone(), self.hub.clone(), id, after);
+        let stream = watch_job(self.store.clone(), self.watchers.clone(), id, after);
         Ok(Response::new(Box::pin(stream)))
     }
 

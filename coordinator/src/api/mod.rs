@@ -9,12 +9,13 @@ mod convert;
 mod job_service;
 mod token_service;
 mod watch;
+mod worker_requests;
 mod worker_service;
 
 pub use cluster_service::ClusterApi;
 pub use job_service::JobApi;
 pub use token_service::TokenApi;
-pub use watch::EventHub;
+pub use watch::Watchers;
 pub use worker_service::{WorkerApi, WorkerApiConfig};
 
 use crate::store::StoreError;

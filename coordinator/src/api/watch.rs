@@ -6,7 +6,8 @@
 //! final event has been sent.
 
 use super::{convert, status_of};
-use crate::store::{Store, EVENTS_CHANNEL};
+use crate::store::bus::{self, Bus, Hint};
+use crate::store::Store;
 use segtrain_proto::v1 as pb;
 use std::time::Duration;
 use tokio::sync::broadcast;
@@ -16,66 +17,24 @@ use uuid::Uuid;
 
 const BATCH: i64 = 500;
 
-/// Fans the NOTIFYs of the events channel out to every watcher in this process.
+/// What a WatchJob stream needs: the NOTIFY bus, and how often it re-reads without a hint
+/// (`--poll-interval-ms`).
 #[derive(Clone)]
-pub struct EventHub {
-    tx: broadcast::Sender<Uuid>,
-    /// Watchers re-read at least this often (`--poll-interval-ms`).
-    poll: Duration,
-}
-
-impl EventHub {
-    /// Starts the listener task. It reconnects by itself; watchers poll every `poll` meanwhile
-    /// (and always: a NOTIFY is only a hint).
-    pub fn start(store: &Store, poll: Duration) -> EventHub {
-        let (tx, _) = broadcast::channel(1024);
-        let hub = EventHub {
-            tx: tx.clone(),
-            poll,
-        };
-        // A side connection: LISTEN holds it for good, and must not take one of the RPCs'.
-        let pool = store.side_pool().clone();
-        tokio::spawn(async move {
-            loop {
-                match listen(&pool, &tx).await {
-                    Ok(()) => return,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "event listener lost its connection; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                }
-            }
-        });
-        hub
-    }
-
-    fn subscribe(&self) -> broadcast::Receiver<Uuid> {
-        self.tx.subscribe()
-    }
-}
-
-async fn listen(pool: &sqlx::PgPool, tx: &broadcast::Sender<Uuid>) -> Result<(), sqlx::Error> {
-    let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
-    listener.listen(EVENTS_CHANNEL).await?;
-    loop {
-        let n = listener.recv().await?;
-        if let Ok(id) = Uuid::parse_str(n.payload()) {
-            // No receivers is fine: nobody is watching.
-            let _ = tx.send(id);
-        }
-    }
+pub struct Watchers {
+    pub bus: Bus,
+    pub poll: Duration,
 }
 
 /// The stream of one job's events after `after`.
 pub(crate) fn watch_job(
     store: Store,
-    hub: EventHub,
+    watchers: Watchers,
     job: Uuid,
     after: i64,
 ) -> ReceiverStream<Result<pb::JobEvent, Status>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let mut wake = hub.subscribe();
-    let poll = hub.poll;
+    let mut wake = watchers.bus.subscribe();
+    let poll = watchers.poll;
     tokio::spawn(async move {
         let mut cursor = after;
         loop {
@@ -125,27 +84,14 @@ pub(crate) fn watch_job(
 
 /// Sleeps until this job is notified, the poll interval passes, or the client leaves.
 async fn wait_for<T>(
-    wake: &mut broadcast::Receiver<Uuid>,
+    wake: &mut broadcast::Receiver<Hint>,
     job: Uuid,
     client: &tokio::sync::mpsc::Sender<T>,
     poll: Duration,
 ) {
-    let deadline = tokio::time::sleep(poll);
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            _ = &mut deadline => return,
-            _ = client.closed() => return,
-            msg = wake.recv() => match msg {
-                Ok(id) if id == job => return,
-                Ok(_) => {}
-                // Missed some notifications: re-read to be safe.
-                Err(broadcast::error::RecvError::Lagged(_)) => return,
-                Err(broadcast::error::RecvError::Closed) => {
-                    tokio::time::sleep(poll).await;
-                    return;
-                }
-            },
-        }
+    let until = tokio::time::Instant::now() + poll;
+    tokio::select! {
+        _ = client.closed() => {}
+        _ = bus::wait(wake, until, |h| h == Hint::Job(job)) => {}
     }
 }

@@ -16,15 +16,15 @@
 //! another instance has replaced is refused with FAILED_PRECONDITION (WORKER_SUPERSEDED), and one
 //! (host, GPU) has one assignment stream at a time, so no rank ever runs in two trainers.
 
+use super::worker_requests::{
+    events, instance, publish_endpoint, registration, rendezvous_wait, running, worker_id,
+};
 use super::{convert, parse_job_id, status_of};
 use crate::metrics;
-use crate::scheduler::{Hint, Hints};
-use crate::store::{
-    IngestBody, IngestEvent, Ingested, RankOutcome, RankRef, RendezvousEndpoint, Store,
-    WorkerRegistration,
-};
+use crate::store::bus::{wait, Bus, Hint};
+use crate::store::{Ingested, Store};
 use segtrain_proto::v1 as pb;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -33,19 +33,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
-
-const MAX_HOST: usize = 255;
-const MAX_GPU_INDEX: i32 = 1023;
-const MAX_GPU_NAME: usize = 255;
-const MAX_RUNNING: usize = 1024;
-const MAX_RANK: u32 = 1023;
-const MAX_EVENTS: usize = 10_000;
-const MAX_VALUES: usize = 256;
-const MAX_NAME: usize = 64;
-const MAX_TEXT: usize = 4096;
-const MAX_CLASSES: usize = 1024;
-const NCCL_ID_BYTES: usize = 128;
-const MAX_RENDEZVOUS_WAIT: u32 = 600;
 
 /// How the worker API behaves.
 #[derive(Debug, Clone)]
@@ -70,7 +57,7 @@ impl Default for WorkerApiConfig {
 
 pub struct WorkerApi {
     store: Store,
-    hints: Hints,
+    bus: Bus,
     cfg: WorkerApiConfig,
     streams: Arc<StreamSlots>,
 }
@@ -109,10 +96,10 @@ impl StreamSlots {
 }
 
 impl WorkerApi {
-    pub fn new(store: Store, hints: Hints, cfg: WorkerApiConfig) -> WorkerApi {
+    pub fn new(store: Store, bus: Bus, cfg: WorkerApiConfig) -> WorkerApi {
         WorkerApi {
             store,
-            hints,
+            bus,
             cfg,
             streams: Arc::new(StreamSlots::default()),
         }
@@ -134,350 +121,6 @@ fn instance_status(e: crate::store::StoreError) -> Status {
             Status::not_found(format!("worker {id} not found; register again"))
         }
         e => status_of(e),
-    }
-}
-
-fn invalid(field: impl AsRef<str>, msg: impl AsRef<str>) -> Status {
-    Status::invalid_argument(format!("{}: {}", field.as_ref(), msg.as_ref()))
-}
-
-fn worker_id(s: &str) -> Result<Uuid, Status> {
-    Uuid::parse_str(s.trim()).map_err(|_| {
-        invalid(
-            "worker_id",
-            format!("not a worker id (the UUID Register returned), got {s:?}"),
-        )
-    })
-}
-
-/// The daemon instance a request comes from (required).
-fn instance(field: &str, s: &str) -> Result<Uuid, Status> {
-    Uuid::parse_str(s.trim()).map_err(|_| {
-        invalid(
-            field,
-            format!("not a daemon instance id (the UUID a daemon makes at its start), got {s:?}"),
-        )
-    })
-}
-
-fn has_control(s: &str) -> bool {
-    s.chars().any(char::is_control)
-}
-
-fn host(s: &str) -> Result<String, Status> {
-    let n = s.chars().count();
-    if n == 0 || n > MAX_HOST {
-        return Err(invalid(
-            "host",
-            format!("must be 1-{MAX_HOST} characters, got {n}"),
-        ));
-    }
-    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(invalid(
-            "host",
-            format!("must not contain spaces or control characters, got {s:?}"),
-        ));
-    }
-    Ok(s.to_string())
-}
-
-fn running(list: &[pb::RunningTrainer]) -> Result<Vec<RankRef>, Status> {
-    if list.len() > MAX_RUNNING {
-        return Err(invalid(
-            "running",
-            format!("at most {MAX_RUNNING} entries, got {}", list.len()),
-        ));
-    }
-    list.iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let job_id = parse_job_id(&format!("running[{i}].job_id"), &r.job_id)?;
-            if r.attempt == 0 {
-                return Err(invalid(
-                    format!("running[{i}].attempt"),
-                    "must be at least 1 (attempts are numbered from 1)",
-                ));
-            }
-            if r.rank > MAX_RANK {
-                return Err(invalid(
-                    format!("running[{i}].rank"),
-                    format!("must be 0..={MAX_RANK}, got {}", r.rank),
-                ));
-            }
-            Ok(RankRef {
-                job_id,
-                attempt: r.attempt,
-                rank: r.rank,
-            })
-        })
-        .collect()
-}
-
-fn values(
-    field: &str,
-    v: &std::collections::HashMap<String, f64>,
-) -> Result<BTreeMap<String, f64>, Status> {
-    if v.len() > MAX_VALUES {
-        return Err(invalid(
-            field,
-            format!("at most {MAX_VALUES} values, got {}", v.len()),
-        ));
-    }
-    if let Some(bad) = v
-        .keys()
-        .find(|k| k.is_empty() || k.len() > MAX_NAME || has_control(k))
-    {
-        return Err(invalid(
-            field,
-            format!("each name must be 1-{MAX_NAME} bytes without control characters, got {bad:?}"),
-        ));
-    }
-    Ok(v.iter().map(|(k, x)| (k.clone(), *x)).collect())
-}
-
-fn iteration(field: &str, it: u64) -> Result<u64, Status> {
-    if it > i64::MAX as u64 {
-        return Err(invalid(
-            field,
-            format!("must be at most {}, got {it}", i64::MAX),
-        ));
-    }
-    Ok(it)
-}
-
-fn text(field: &str, s: &str, allow_empty: bool) -> Result<String, Status> {
-    if (!allow_empty && s.is_empty()) || s.len() > MAX_TEXT {
-        let min = if allow_empty { 0 } else { 1 };
-        return Err(invalid(
-            field,
-            format!("must be {min}-{MAX_TEXT} bytes, got {}", s.len()),
-        ));
-    }
-    // PostgreSQL text cannot hold NUL: storing one would fail as INTERNAL, which a daemon retries.
-    if let Some(at) = s.find('\0') {
-        return Err(invalid(
-            field,
-            format!("must not contain a NUL character (found at byte {at})"),
-        ));
-    }
-    Ok(s.to_string())
-}
-
-fn checkpoint_uri(field: &str, uri: &str) -> Result<String, Status> {
-    if uri.is_empty() || uri.len() > MAX_TEXT || has_control(uri) {
-        return Err(invalid(
-            field,
-            format!(
-                "must be 1-{MAX_TEXT} bytes without control characters, got {} bytes",
-                uri.len()
-            ),
-        ));
-    }
-    Ok(uri.to_string())
-}
-
-fn event(i: usize, e: &pb::WorkerEvent) -> Result<IngestEvent, Status> {
-    use pb::worker_event::Payload;
-    let f = |name: &str| format!("events[{i}].{name}");
-    if e.seq == 0 || e.seq > i64::MAX as u64 {
-        return Err(invalid(
-            f("seq"),
-            format!(
-                "must be 1..={} (numbered from 1 per worker), got {}",
-                i64::MAX,
-                e.seq
-            ),
-        ));
-    }
-    let job_id = parse_job_id(&f("job_id"), &e.job_id)?;
-    if e.rank > MAX_RANK {
-        return Err(invalid(
-            f("rank"),
-            format!("must be 0..={MAX_RANK}, got {}", e.rank),
-        ));
-    }
-    // `attempt` is the fencing token: any value other than the job's current attempt (0
-    // included) refuses the batch with FAILED_PRECONDITION in the store, which is what tells a
-    // daemon to drop those events (INVALID_ARGUMENT would make it resend them forever).
-    if let Some(t) = &e.time {
-        // Years 1970 to 9999, nanoseconds within the second.
-        if !(0..=253_402_300_799).contains(&t.seconds) || !(0..1_000_000_000).contains(&t.nanos) {
-            return Err(invalid(
-                f("time"),
-                format!(
-                    "must be a time between 1970 and 9999 with 0..1e9 nanoseconds, got {}s {}ns",
-                    t.seconds, t.nanos
-                ),
-            ));
-        }
-    }
-    let body = match &e.payload {
-        None => {
-            return Err(invalid(
-                f("payload"),
-                "missing: set one of started, metrics, eval, checkpoint, finished, note, \
-                 checkpoint_pending, checkpoints_deleted, resumed",
-            ))
-        }
-        Some(Payload::Started(_)) => IngestBody::Started,
-        Some(Payload::Metrics(m)) => IngestBody::Metrics {
-            iteration: iteration(&f("metrics.iteration"), m.iteration)?,
-            values: values(&f("metrics.values"), &m.values)?,
-        },
-        Some(Payload::Eval(ev)) => {
-            if ev.class_iou.len() > MAX_CLASSES {
-                return Err(invalid(
-                    f("eval.class_iou"),
-                    format!("at most {MAX_CLASSES} classes, got {}", ev.class_iou.len()),
-                ));
-            }
-            // Scores may be NaN or infinite (a diverged validation loss, classes absent from
-            // the val set): stored as they are, never a reason to refuse the batch.
-            IngestBody::Eval {
-                iteration: iteration(&f("eval.iteration"), ev.iteration)?,
-                miou: ev.miou,
-                aacc: ev.aacc,
-                loss: ev.loss,
-                class_iou: ev.class_iou.clone(),
-            }
-        }
-        Some(Payload::Checkpoint(c)) => {
-            let Some(c) = &c.checkpoint else {
-                return Err(invalid(f("checkpoint.checkpoint"), "missing"));
-            };
-            let uri = checkpoint_uri(&f("checkpoint.uri"), &c.uri)?;
-            if !(c.sha256.is_empty()
-                || (c.sha256.len() == 64 && c.sha256.bytes().all(|b| b.is_ascii_hexdigit())))
-            {
-                return Err(invalid(
-                    f("checkpoint.sha256"),
-                    format!("must be empty or 64 hex digits, got {:?}", c.sha256),
-                ));
-            }
-            if c.bytes > i64::MAX as u64 {
-                return Err(invalid(
-                    f("checkpoint.bytes"),
-                    format!("must be at most {}, got {}", i64::MAX, c.bytes),
-                ));
-            }
-            IngestBody::Checkpoint {
-                iteration: iteration(&f("checkpoint.iteration"), c.iteration)?,
-                uri,
-                bytes: c.bytes,
-                sha256: c.sha256.to_ascii_lowercase(),
-                metrics: values(&f("checkpoint.metrics"), &c.metrics)?,
-            }
-        }
-        Some(Payload::Finished(fin)) => {
-            let outcome = match pb::Outcome::try_from(fin.outcome) {
-                Ok(pb::Outcome::Succeeded) => RankOutcome::Succeeded,
-                Ok(pb::Outcome::FailedInfra) => RankOutcome::FailedInfra,
-                Ok(pb::Outcome::FailedDeterministic) => RankOutcome::FailedDeterministic,
-                Ok(pb::Outcome::Canceled) => RankOutcome::Canceled,
-                Ok(pb::Outcome::Unspecified) | Err(_) => {
-                    return Err(invalid(
-                        f("finished.outcome"),
-                        format!(
-                        "must be SUCCEEDED, FAILED_INFRA, FAILED_DETERMINISTIC or CANCELED, got {}",
-                        fin.outcome
-                    ),
-                    ))
-                }
-            };
-            IngestBody::Finished {
-                outcome,
-                reason: text(&f("finished.reason"), &fin.reason, true)?,
-            }
-        }
-        Some(Payload::Note(n)) => IngestBody::Note {
-            text: text(&f("note.text"), &n.text, false)?,
-        },
-        Some(Payload::CheckpointPending(p)) => IngestBody::CheckpointPending {
-            iteration: iteration(&f("checkpoint_pending.iteration"), p.iteration)?,
-            uri: checkpoint_uri(&f("checkpoint_pending.uri"), &p.uri)?,
-        },
-        Some(Payload::CheckpointsDeleted(d)) => {
-            if d.uris.len() > MAX_VALUES {
-                return Err(invalid(
-                    f("checkpoints_deleted.uris"),
-                    format!("at most {MAX_VALUES} per event, got {}", d.uris.len()),
-                ));
-            }
-            IngestBody::CheckpointsDeleted {
-                uris: d
-                    .uris
-                    .iter()
-                    .enumerate()
-                    .map(|(k, u)| checkpoint_uri(&f(&format!("checkpoints_deleted.uris[{k}]")), u))
-                    .collect::<Result<_, _>>()?,
-            }
-        }
-        Some(Payload::Resumed(r)) => {
-            if r.skipped.len() > MAX_VALUES {
-                return Err(invalid(
-                    f("resumed.skipped"),
-                    format!("at most {MAX_VALUES} entries, got {}", r.skipped.len()),
-                ));
-            }
-            IngestBody::Resumed {
-                iteration: iteration(&f("resumed.iteration"), r.iteration)?,
-                uri: checkpoint_uri(&f("resumed.uri"), &r.uri)?,
-                skipped: r
-                    .skipped
-                    .iter()
-                    .enumerate()
-                    .map(|(k, sk)| {
-                        let g = |n: &str| f(&format!("resumed.skipped[{k}].{n}"));
-                        Ok((
-                            iteration(&g("iteration"), sk.iteration)?,
-                            checkpoint_uri(&g("uri"), &sk.uri)?,
-                            text(&g("reason"), &sk.reason, true)?,
-                        ))
-                    })
-                    .collect::<Result<_, Status>>()?,
-            }
-        }
-    };
-    Ok(IngestEvent {
-        seq: e.seq,
-        job_id,
-        attempt: e.attempt,
-        rank: e.rank,
-        body,
-    })
-}
-
-fn publish_endpoint(
-    e: &Option<pb::publish_rendezvous_request::Endpoint>,
-) -> Result<RendezvousEndpoint, Status> {
-    use pb::publish_rendezvous_request::Endpoint;
-    match e {
-        None => Err(invalid(
-            "endpoint",
-            "missing: set nccl_unique_id or tcp_address",
-        )),
-        Some(Endpoint::NcclUniqueId(b)) => {
-            if b.len() != NCCL_ID_BYTES {
-                return Err(invalid(
-                    "nccl_unique_id",
-                    format!("must be {NCCL_ID_BYTES} bytes, got {}", b.len()),
-                ));
-            }
-            Ok(RendezvousEndpoint::Nccl(b.clone()))
-        }
-        Some(Endpoint::TcpAddress(a)) => {
-            let ok = a.len() <= MAX_HOST
-                && !a.chars().any(|c| c.is_whitespace() || c.is_control())
-                && a.rsplit_once(':')
-                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
-            if !ok {
-                return Err(invalid(
-                    "tcp_address",
-                    format!("must be host:port (at most {MAX_HOST} characters, port 1-65535), got {a:?}"),
-                ));
-            }
-            Ok(RendezvousEndpoint::Tcp(a.clone()))
-        }
     }
 }
 
@@ -533,46 +176,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         &self,
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        let req = req.into_inner();
-        let host = host(&req.host)?;
-        if !(-1..=MAX_GPU_INDEX).contains(&req.gpu_index) {
-            return Err(invalid(
-                "gpu_index",
-                format!(
-                    "must be -1 (CPU) or 0..={MAX_GPU_INDEX}, got {}",
-                    req.gpu_index
-                ),
-            ));
-        }
-        let n = req.gpu_name.chars().count();
-        if n > MAX_GPU_NAME || has_control(&req.gpu_name) {
-            return Err(invalid(
-                "gpu_name",
-                format!(
-                    "must be at most {MAX_GPU_NAME} characters without control characters, got {n}"
-                ),
-            ));
-        }
-        if req.gpu_memory_bytes > i64::MAX as u64 {
-            return Err(invalid(
-                "gpu_memory_bytes",
-                format!("must be at most {}, got {}", i64::MAX, req.gpu_memory_bytes),
-            ));
-        }
-        let instance_id = instance("instance_id", &req.instance_id)?;
-        let previous_instance_id = match req.previous_instance_id.trim() {
-            "" => None,
-            p => Some(instance("previous_instance_id", p)?),
-        };
-        let reg = WorkerRegistration {
-            host,
-            gpu_index: req.gpu_index,
-            gpu_name: req.gpu_name,
-            gpu_memory_bytes: req.gpu_memory_bytes,
-            running: running(&req.running)?,
-            instance_id,
-            previous_instance_id,
-        };
+        let reg = registration(req.into_inner())?;
         let r = self
             .store
             .register_worker(&reg, self.cfg.lease)
@@ -618,7 +222,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         self.known_instance(id, instance).await?;
         let stream = assignment_stream(
             self.store.clone(),
-            self.hints.subscribe(),
+            self.bus.subscribe(),
             Owner {
                 worker: id,
                 instance,
@@ -636,18 +240,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         let req = req.into_inner();
         let id = worker_id(&req.worker_id)?;
         let instance = instance("instance_id", &req.instance_id)?;
-        if req.events.len() > MAX_EVENTS {
-            return Err(invalid(
-                "events",
-                format!("at most {MAX_EVENTS} per request, got {}", req.events.len()),
-            ));
-        }
-        let events = req
-            .events
-            .iter()
-            .enumerate()
-            .map(|(i, e)| event(i, e))
-            .collect::<Result<Vec<_>, _>>()?;
+        let events = events(&req.events)?;
         let done = self
             .store
             .ingest_events(id, instance, &events)
@@ -684,20 +277,11 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         let req = req.into_inner();
         let id = worker_id(&req.worker_id)?;
         let job = parse_job_id("job_id", &req.job_id)?;
-        if !(1..=MAX_RENDEZVOUS_WAIT).contains(&req.timeout_seconds) {
-            return Err(invalid(
-                "timeout_seconds",
-                format!(
-                    "must be 1..={MAX_RENDEZVOUS_WAIT}, got {}",
-                    req.timeout_seconds
-                ),
-            ));
-        }
+        let patience = rendezvous_wait(req.timeout_seconds)?;
         let instance = instance("instance_id", &req.instance_id)?;
         self.known_instance(id, instance).await?;
-        let deadline =
-            tokio::time::Instant::now() + Duration::from_secs(u64::from(req.timeout_seconds));
-        let mut wake = self.hints.subscribe();
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut wake = self.bus.subscribe();
         loop {
             if let Some(ep) = self
                 .store
@@ -723,30 +307,6 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
                 |h| matches!(h, Hint::Attempt(j) | Hint::Job(j) if j == job),
             )
             .await;
-        }
-    }
-}
-
-/// Sleeps until `until` or a hint `wanted` accepts (or hints were lost).
-async fn wait(
-    wake: &mut broadcast::Receiver<Hint>,
-    until: tokio::time::Instant,
-    wanted: impl Fn(Hint) -> bool,
-) {
-    let deadline = tokio::time::sleep_until(until);
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            _ = &mut deadline => return,
-            msg = wake.recv() => match msg {
-                Ok(h) if wanted(h) => return,
-                Ok(_) => {}
-                Err(broadcast::error::RecvError::Lagged(_)) => return,
-                Err(broadcast::error::RecvError::Closed) => {
-                    (&mut deadline).await;
-                    return;
-                }
-            },
         }
     }
 }

@@ -1,5 +1,6 @@
-//! Attempts and their ranks: gang placement, what each worker must run or stop, rendezvous, and
-//! how an attempt (and its job) ends once its ranks finish.
+//! The rank lifecycle: what each worker must run or stop, a rank starting and finishing, and how
+//! an attempt (and its job) ends once its ranks finish. Placement is in `placement.rs`, rank 0's
+//! endpoint in `rendezvous.rs`.
 //!
 //! Every change to an `attempts` or `attempt_ranks` row is made while holding the job's row lock
 //! ([`lock_job`]), so decisions such as "every rank has finished" see a consistent picture and
@@ -15,40 +16,6 @@ use sqlx::types::Json;
 use sqlx::{Postgres, Transaction};
 use std::fmt;
 use uuid::Uuid;
-
-/// Serialises scheduling passes across every coordinator sharing the database (a transaction
-/// level advisory lock; released at commit or rollback).
-const SCHEDULER_LOCK: i64 = 0x5e67_7261_696e_0001;
-
-/// An idle worker with a live lease, as the placement function sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Candidate {
-    pub id: Uuid,
-    pub host: String,
-    pub gpu_index: i32,
-}
-
-/// What one scheduling pass did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ScheduleOutcome {
-    /// No job is queued.
-    Empty,
-    /// The head of the queue does not fit the idle workers; nothing was written.
-    Blocked {
-        job_id: Uuid,
-        world_size: u32,
-        idle: usize,
-    },
-    /// The head job got a new attempt on these workers (in rank order).
-    Placed {
-        job_id: Uuid,
-        attempt: u32,
-        workers: Vec<Uuid>,
-        /// How long the job had been QUEUED (since it was submitted, or queued again after a
-        /// restart's backoff).
-        queued_for: std::time::Duration,
-    },
-}
 
 /// How a rank ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,13 +67,18 @@ impl fmt::Display for RankOutcome {
     }
 }
 
-/// Rank 0's endpoint for the other ranks of its attempt.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RendezvousEndpoint {
-    /// The 128-byte NCCL unique id.
-    Nccl(Vec<u8>),
-    /// `host:port` of rank 0's TCP collective listener.
-    Tcp(String),
+/// Whether a rank of attempt `attempt` should be running: the attempt is the job's current one
+/// and not over, and the job still wants it (SCHEDULED or RUNNING). The one rule behind what an
+/// assignment stream sends, what a heartbeat stops and what a re-registration keeps.
+pub(super) fn rank_should_run(
+    job_attempt: u32,
+    job_state: JobState,
+    attempt: u32,
+    attempt_state: AttemptState,
+) -> bool {
+    job_attempt == attempt
+        && matches!(job_state, JobState::Scheduled | JobState::Running)
+        && !attempt_state.is_terminal()
 }
 
 /// One unfinished rank held by a worker, with everything needed to start or stop it.
@@ -135,6 +107,14 @@ pub struct RankAssignment {
 impl RankAssignment {
     /// Why the worker must stop this rank, or `None` when it should (keep) run(ning) it.
     pub fn stop_reason(&self) -> Option<String> {
+        if rank_should_run(
+            self.job_attempt,
+            self.job_state,
+            self.attempt,
+            self.attempt_state,
+        ) {
+            return None;
+        }
         if self.job_attempt != self.attempt {
             return Some(format!(
                 "stale attempt: job {} is at attempt {}, this is attempt {}",
@@ -150,13 +130,10 @@ impl RankAssignment {
                 &format!("attempt {}", self.attempt_state),
             ));
         }
-        if self.job_state.is_terminal() {
-            return Some(non_empty(
-                &self.job_reason,
-                &format!("job {}", self.job_state),
-            ));
-        }
-        None
+        Some(non_empty(
+            &self.job_reason,
+            &format!("job {}", self.job_state),
+        ))
     }
 }
 
@@ -221,7 +198,7 @@ impl TryFrom<AssignmentRow> for RankAssignment {
     }
 }
 
-fn parse_attempt_state(s: &str) -> Result<AttemptState, StoreError> {
+pub(super) fn parse_attempt_state(s: &str) -> Result<AttemptState, StoreError> {
     AttemptState::parse(s).ok_or_else(|| StoreError::Corrupt(format!("attempt state {s:?}")))
 }
 
@@ -242,182 +219,6 @@ pub(super) fn fence(job: &JobRecord, attempt: u32) -> Result<(), StoreError> {
 }
 
 impl Store {
-    /// One scheduling pass over the head of the queue (highest priority, then oldest).
-    ///
-    /// Gang placement: `place` gets the idle workers with a live lease and the job's world size
-    /// and returns exactly that many workers in rank order, or `None`. In one transaction the
-    /// job gets attempt+1 (PENDING) with one rank per worker, the workers become BUSY and the job
-    /// QUEUED→SCHEDULED (with its event). An advisory lock serialises passes across
-    /// coordinators, and the worker rows are locked (`FOR UPDATE SKIP LOCKED`) and re-checked, so
-    /// no worker is ever booked twice.
-    pub async fn schedule_head(
-        &self,
-        place: impl Fn(&[Candidate], usize) -> Option<Vec<Uuid>>,
-    ) -> Result<ScheduleOutcome, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(SCHEDULER_LOCK)
-            .execute(&mut *tx)
-            .await?;
-        let head: Option<(Uuid, i32)> = sqlx::query_as(
-            "SELECT id, world_size FROM jobs WHERE state = 'QUEUED'
-             ORDER BY priority DESC, created_at, id LIMIT 1 FOR UPDATE",
-        )
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some((job_id, world_size)) = head else {
-            tx.rollback().await?;
-            return Ok(ScheduleOutcome::Empty);
-        };
-        let world_size = u32_of(world_size, "world_size")?;
-        let candidates: Vec<(Uuid, String, i32)> = sqlx::query_as(
-            "SELECT id, host, gpu_index FROM workers
-             WHERE state = 'IDLE' AND lease_until > now()
-             ORDER BY host, gpu_index FOR UPDATE SKIP LOCKED",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        let candidates: Vec<Candidate> = candidates
-            .into_iter()
-            .map(|(id, host, gpu_index)| Candidate {
-                id,
-                host,
-                gpu_index,
-            })
-            .collect();
-        let chosen = match place(&candidates, world_size as usize) {
-            Some(c) if c.len() == world_size as usize => c,
-            _ => {
-                tx.rollback().await?;
-                return Ok(ScheduleOutcome::Blocked {
-                    job_id,
-                    world_size,
-                    idle: candidates.len(),
-                });
-            }
-        };
-
-        let job = lock_job(&mut tx, job_id).await?;
-        // `updated_at` is when the job entered QUEUED (only state changes set it).
-        let (attempt, queued_secs): (i32, f64) = sqlx::query_as(
-            "UPDATE jobs SET attempt = attempt + 1, resumed_from_iteration = NULL, restart_at = NULL
-             WHERE id = $1
-             RETURNING attempt, EXTRACT(EPOCH FROM clock_timestamp() - updated_at)::float8",
-        )
-        .bind(job_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        // Resume from the newest complete checkpoint of an earlier attempt, else the spec's.
-        let latest: Option<(String, i64)> = sqlx::query_as(
-            "SELECT uri, iteration FROM checkpoints WHERE job_id = $1 AND state = 'COMPLETE'
-             ORDER BY iteration DESC LIMIT 1",
-        )
-        .bind(job_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let (resume_uri, resume_iter) = match latest {
-            Some((uri, it)) => (Some(uri), Some(it)),
-            None => (job.spec.resume_from.clone(), None),
-        };
-        sqlx::query(
-            "INSERT INTO attempts (job_id, attempt, state, world_size, resume_uri, resume_iter)
-             VALUES ($1, $2, 'PENDING', $3, $4, $5)",
-        )
-        .bind(job_id)
-        .bind(attempt)
-        .bind(world_size as i32)
-        .bind(&resume_uri)
-        .bind(resume_iter)
-        .execute(&mut *tx)
-        .await?;
-        let ranks: Vec<i32> = (0..chosen.len() as i32).collect();
-        sqlx::query(
-            "INSERT INTO attempt_ranks (job_id, attempt, rank, worker_id)
-             SELECT $1, $2, * FROM UNNEST($3::int[], $4::uuid[])",
-        )
-        .bind(job_id)
-        .bind(attempt)
-        .bind(&ranks)
-        .bind(&chosen)
-        .execute(&mut *tx)
-        .await?;
-        WorkerState::Idle.check_transition(WorkerState::Busy)?;
-        let booked =
-            sqlx::query("UPDATE workers SET state = 'BUSY' WHERE id = ANY($1) AND state = 'IDLE'")
-                .bind(&chosen)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-        if booked != chosen.len() as u64 {
-            // Cannot happen while the rows are locked; refuse rather than double-book.
-            tx.rollback().await?;
-            return Err(StoreError::Conflict(format!(
-                "placement of job {job_id} raced: {booked} of {} workers were still idle",
-                chosen.len()
-            )));
-        }
-        let names: Vec<String> = chosen
-            .iter()
-            .filter_map(|id| candidates.iter().find(|c| c.id == *id))
-            .map(|c| super::worker_name(&c.host, c.gpu_index))
-            .collect();
-        let reason = format!(
-            "attempt {attempt} placed on {} worker{}: {}",
-            chosen.len(),
-            if chosen.len() == 1 { "" } else { "s" },
-            names.join(", ")
-        );
-        transition_in_tx(&mut tx, job_id, JobState::Scheduled, &reason).await?;
-        for w in &chosen {
-            notify(&mut tx, WORKERS_CHANNEL, *w).await?;
-        }
-        tx.commit().await?;
-        Ok(ScheduleOutcome::Placed {
-            job_id,
-            attempt: u32_of(attempt, "attempt")?,
-            workers: chosen,
-            queued_for: seconds(queued_secs),
-        })
-    }
-
-    /// RESTARTING jobs whose backoff is over go back to QUEUED (at their old place: priority,
-    /// then submission time), saying where the next attempt will resume. Returns how many.
-    pub async fn requeue_restarting(&self) -> Result<usize, StoreError> {
-        let due: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT id FROM jobs WHERE state = 'RESTARTING' AND restart_at <= now() ORDER BY id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        let mut n = 0;
-        for id in due {
-            let mut tx = self.pool.begin().await?;
-            let job = lock_job(&mut tx, id).await?;
-            if job.state != JobState::Restarting {
-                tx.rollback().await?; // canceled meanwhile
-                continue;
-            }
-            let latest: Option<i64> = sqlx::query_scalar(
-                "SELECT max(iteration) FROM checkpoints WHERE job_id = $1 AND state = 'COMPLETE'",
-            )
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await?;
-            let from = match (latest, &job.spec.resume_from) {
-                (Some(it), _) => format!("from the checkpoint of iteration {it}"),
-                (None, Some(uri)) => format!("from {uri} (resume_from)"),
-                (None, None) => "from the beginning (no complete checkpoint yet)".to_string(),
-            };
-            let reason = format!(
-                "backoff over; attempt {} will resume {from}",
-                job.attempt + 1
-            );
-            transition_in_tx(&mut tx, id, JobState::Queued, &reason).await?;
-            tx.commit().await?;
-            n += 1;
-        }
-        Ok(n)
-    }
-
     /// Every unfinished rank held by a worker (current, stale, or of a stopping job).
     pub async fn worker_assignments(
         &self,
@@ -445,133 +246,6 @@ impl Store {
         .await?;
         rows.into_iter().map(RankAssignment::try_from).collect()
     }
-
-    /// Rank 0 records its endpoint; the attempt goes PENDING→RENDEZVOUS. Publishing the same
-    /// endpoint again is a no-op; a different one, a stale attempt, a finished attempt, or a
-    /// worker that is not rank 0 is refused (`Conflict`).
-    pub async fn publish_rendezvous(
-        &self,
-        worker_id: Uuid,
-        job_id: Uuid,
-        attempt: u32,
-        endpoint: &RendezvousEndpoint,
-    ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let job = lock_job(&mut tx, job_id)
-            .await
-            .map_err(unknown_job_is_stale)?;
-        fence(&job, attempt)?;
-        let rank0: Option<Uuid> = sqlx::query_scalar(
-            "SELECT worker_id FROM attempt_ranks WHERE job_id = $1 AND attempt = $2 AND rank = 0",
-        )
-        .bind(job_id)
-        .bind(attempt as i32)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if rank0 != Some(worker_id) {
-            return Err(StoreError::Conflict(format!(
-                "worker {worker_id} is not rank 0 of attempt {attempt} of job {job_id}; only rank 0 publishes the rendezvous"
-            )));
-        }
-        let (state, nccl, tcp): (String, Option<Vec<u8>>, Option<String>) = sqlx::query_as(
-            "SELECT state, rendezvous, rendezvous_tcp FROM attempts
-             WHERE job_id = $1 AND attempt = $2 FOR UPDATE",
-        )
-        .bind(job_id)
-        .bind(attempt as i32)
-        .fetch_one(&mut *tx)
-        .await?;
-        let state = parse_attempt_state(&state)?;
-        if state.is_terminal() {
-            return Err(StoreError::Conflict(format!(
-                "attempt {attempt} of job {job_id} is already {state}"
-            )));
-        }
-        match endpoint_of(nccl, tcp) {
-            Some(existing) if existing == *endpoint => return Ok(()),
-            Some(_) => {
-                return Err(StoreError::Conflict(format!(
-                    "rank 0 already published a different rendezvous endpoint for attempt {attempt} of job {job_id}"
-                )))
-            }
-            None => {}
-        }
-        let (nccl, tcp) = match endpoint {
-            RendezvousEndpoint::Nccl(b) => (Some(b.as_slice()), None),
-            RendezvousEndpoint::Tcp(a) => (None, Some(a.as_str())),
-        };
-        sqlx::query(
-            "UPDATE attempts SET rendezvous = $3, rendezvous_tcp = $4, rendezvous_at = now()
-             WHERE job_id = $1 AND attempt = $2",
-        )
-        .bind(job_id)
-        .bind(attempt as i32)
-        .bind(nccl)
-        .bind(tcp)
-        .execute(&mut *tx)
-        .await?;
-        if state == AttemptState::Pending {
-            set_attempt_state(
-                &mut tx,
-                job_id,
-                attempt,
-                state,
-                AttemptState::Rendezvous,
-                "",
-            )
-            .await?;
-        }
-        notify(&mut tx, ATTEMPTS_CHANNEL, job_id).await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    /// Rank 0's endpoint once published (`None`: not yet). The worker must hold a rank of the
-    /// job's current, unfinished attempt.
-    pub async fn rendezvous(
-        &self,
-        worker_id: Uuid,
-        job_id: Uuid,
-        attempt: u32,
-    ) -> Result<Option<RendezvousEndpoint>, StoreError> {
-        let job = self.get_job(job_id).await.map_err(unknown_job_is_stale)?;
-        fence(&job, attempt)?;
-        let holds: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM attempt_ranks
-                            WHERE job_id = $1 AND attempt = $2 AND worker_id = $3)",
-        )
-        .bind(job_id)
-        .bind(attempt as i32)
-        .bind(worker_id)
-        .fetch_one(&self.pool)
-        .await?;
-        if !holds {
-            return Err(StoreError::Conflict(format!(
-                "worker {worker_id} holds no rank of attempt {attempt} of job {job_id}"
-            )));
-        }
-        let (state, reason, nccl, tcp): (String, String, Option<Vec<u8>>, Option<String>) =
-            sqlx::query_as(
-                "SELECT state, reason, rendezvous, rendezvous_tcp FROM attempts
-                 WHERE job_id = $1 AND attempt = $2",
-            )
-            .bind(job_id)
-            .bind(attempt as i32)
-            .fetch_one(&self.pool)
-            .await?;
-        let state = parse_attempt_state(&state)?;
-        if state.is_terminal() {
-            return Err(StoreError::Conflict(format!(
-                "attempt {attempt} of job {job_id} is already {state}{}",
-                if reason.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {reason}")
-                }
-            )));
-        }
-        Ok(endpoint_of(nccl, tcp))
-    }
 }
 
 /// A job id nobody knows cannot have been assigned to the worker: refused like a stale attempt
@@ -585,16 +259,8 @@ pub(super) fn unknown_job_is_stale(e: StoreError) -> StoreError {
     }
 }
 
-fn endpoint_of(nccl: Option<Vec<u8>>, tcp: Option<String>) -> Option<RendezvousEndpoint> {
-    match (nccl, tcp) {
-        (Some(b), _) => Some(RendezvousEndpoint::Nccl(b)),
-        (None, Some(a)) => Some(RendezvousEndpoint::Tcp(a)),
-        (None, None) => None,
-    }
-}
-
 /// Moves an attempt along the attempt table. The caller holds the job's row lock.
-async fn set_attempt_state(
+pub(super) async fn set_attempt_state(
     tx: &mut Transaction<'_, Postgres>,
     job_id: Uuid,
     attempt: u32,
@@ -662,7 +328,7 @@ async fn attempt_state(
 }
 
 /// A non-negative, finite number of seconds from PostgreSQL as a duration (0 otherwise).
-fn seconds(s: f64) -> std::time::Duration {
+pub(super) fn seconds(s: f64) -> std::time::Duration {
     std::time::Duration::try_from_secs_f64(s.max(0.0)).unwrap_or_default()
 }
 

@@ -8,6 +8,7 @@
 
 use super::attempts::{fence, finish_rank, start_rank, unknown_job_is_stale, RankOutcome};
 use super::jobs::{insert_event, lock_job, JobRecord};
+use super::metrics::{bump_iteration, record_points};
 use super::workers::{instance_verdict, Holder};
 use super::{u64_of, RestartPolicy, Store, StoreError};
 use crate::events::{json_number, json_values, EventPayload};
@@ -175,46 +176,6 @@ async fn open(tx: &mut Transaction<'_, Postgres>, job_id: Uuid) -> Result<bool, 
     Ok(!lock_job(tx, job_id).await?.state.is_terminal())
 }
 
-/// `jobs.iteration`: the newest iteration any event reported.
-async fn bump_iteration(
-    tx: &mut Transaction<'_, Postgres>,
-    job_id: Uuid,
-    iteration: u64,
-) -> Result<(), StoreError> {
-    sqlx::query("UPDATE jobs SET iteration = GREATEST(iteration, $2) WHERE id = $1")
-        .bind(job_id)
-        .bind(i64::try_from(iteration).unwrap_or(i64::MAX))
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
-}
-
-/// Stores metric points of one iteration in one statement; a point already stored (same job,
-/// attempt, iteration and name) is skipped. Returns how many were new.
-async fn insert_points(
-    tx: &mut Transaction<'_, Postgres>,
-    job_id: Uuid,
-    attempt: u32,
-    iteration: u64,
-    values: &BTreeMap<String, f64>,
-) -> Result<u64, StoreError> {
-    let names: Vec<&str> = values.keys().map(String::as_str).collect();
-    let vals: Vec<f64> = values.values().copied().collect();
-    Ok(sqlx::query(
-        "INSERT INTO metrics (job_id, attempt, iteration, name, value)
-         SELECT $1, $2, $3, * FROM UNNEST($4::text[], $5::float8[])
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(job_id)
-    .bind(attempt as i32)
-    .bind(iteration as i64)
-    .bind(&names)
-    .bind(&vals)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected())
-}
-
 /// Applies one event; returns the time since placement when it was the last rank's `started`.
 async fn apply(
     tx: &mut Transaction<'_, Postgres>,
@@ -228,8 +189,7 @@ async fn apply(
             finish_rank(tx, job_id, attempt, ev.rank, *outcome, reason, policy).await?;
         }
         IngestBody::Metrics { iteration, values } => {
-            let new = insert_points(tx, job_id, attempt, *iteration, values).await?;
-            bump_iteration(tx, job_id, *iteration).await?;
+            let new = record_points(tx, job_id, attempt, *iteration, values).await?;
             // A report whose every point is already stored is a replay: no second event.
             if (new > 0 || values.is_empty()) && open(tx, job_id).await? {
                 let payload = EventPayload::Metrics {
@@ -252,8 +212,7 @@ async fn apply(
                 ("aacc".to_string(), *aacc),
                 ("val_loss".to_string(), *loss),
             ]);
-            insert_points(tx, job_id, attempt, *iteration, &points).await?;
-            bump_iteration(tx, job_id, *iteration).await?;
+            record_points(tx, job_id, attempt, *iteration, &points).await?;
             if open(tx, job_id).await? {
                 let payload = EventPayload::Eval {
                     iteration: *iteration,

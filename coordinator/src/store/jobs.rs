@@ -293,11 +293,6 @@ pub(super) async fn insert_event(
     .bind(Json(json))
     .fetch_one(&mut **tx)
     .await?;
-    // Delivered at commit, so a watcher woken by it finds the row.
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(EVENTS_CHANNEL)
-        .bind(job_id.to_string())
-        .execute(&mut **tx)
-        .await?;
+    super::notify(tx, EVENTS_CHANNEL, job_id).await?;
     Ok(id)
 }

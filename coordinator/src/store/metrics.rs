@@ -3,6 +3,7 @@
 use super::{u32_of, u64_of, Store, StoreError};
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
+use sqlx::{Postgres, Transaction};
 use std::collections::BTreeMap;
 use uuid::Uuid;
 
@@ -44,38 +45,28 @@ struct CheckpointRow {
 }
 
 impl Store {
-    /// Stores metric points in one statement; a point already stored (same job, attempt,
-    /// iteration and name) is skipped, so a replayed report cannot duplicate it. Returns how many
-    /// were new.
+    /// Stores metric points (iteration, name, value) in one transaction, as [`record_points`]
+    /// does for a daemon's report. Returns how many were new.
     pub async fn insert_metrics(
         &self,
         job_id: Uuid,
         attempt: u32,
         points: &[(u64, String, f64)],
     ) -> Result<u64, StoreError> {
-        let iterations: Vec<i64> = points.iter().map(|p| p.0 as i64).collect();
-        let names: Vec<&str> = points.iter().map(|p| p.1.as_str()).collect();
-        let values: Vec<f64> = points.iter().map(|p| p.2).collect();
-        let done = sqlx::query(
-            "INSERT INTO metrics (job_id, attempt, iteration, name, value)
-             SELECT $1, $2, * FROM UNNEST($3::bigint[], $4::text[], $5::float8[])
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(job_id)
-        .bind(attempt as i32)
-        .bind(&iterations)
-        .bind(&names)
-        .bind(&values)
-        .execute(&self.pool)
-        .await?;
-        if let Some(max) = iterations.iter().max() {
-            sqlx::query("UPDATE jobs SET iteration = GREATEST(iteration, $2) WHERE id = $1")
-                .bind(job_id)
-                .bind(max)
-                .execute(&self.pool)
-                .await?;
+        let mut by_iteration: BTreeMap<u64, BTreeMap<String, f64>> = BTreeMap::new();
+        for (it, name, v) in points {
+            by_iteration
+                .entry(*it)
+                .or_default()
+                .insert(name.clone(), *v);
         }
-        Ok(done.rows_affected())
+        let mut tx = self.pool.begin().await?;
+        let mut new = 0;
+        for (it, values) in &by_iteration {
+            new += record_points(&mut tx, job_id, attempt, *it, values).await?;
+        }
+        tx.commit().await?;
+        Ok(new)
     }
 
     /// Metric points of a job ordered by iteration then name, optionally only some names, from
@@ -149,4 +140,47 @@ impl Store {
             })
             .collect()
     }
+}
+
+/// `jobs.iteration`: the newest iteration any event reported.
+pub(super) async fn bump_iteration(
+    tx: &mut Transaction<'_, Postgres>,
+    job_id: Uuid,
+    iteration: u64,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE jobs SET iteration = GREATEST(iteration, $2) WHERE id = $1")
+        .bind(job_id)
+        .bind(i64::try_from(iteration).unwrap_or(i64::MAX))
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Stores metric points of one iteration in one statement (a point already stored, same job,
+/// attempt, iteration and name, is skipped, so a replayed report cannot duplicate it) and
+/// raises the job's iteration. Returns how many were new.
+pub(super) async fn record_points(
+    tx: &mut Transaction<'_, Postgres>,
+    job_id: Uuid,
+    attempt: u32,
+    iteration: u64,
+    values: &BTreeMap<String, f64>,
+) -> Result<u64, StoreError> {
+    let names: Vec<&str> = values.keys().map(String::as_str).collect();
+    let vals: Vec<f64> = values.values().copied().collect();
+    let new = sqlx::query(
+        "INSERT INTO metrics (job_id, attempt, iteration, name, value)
+         SELECT $1, $2, $3, * FROM UNNEST($4::text[], $5::float8[])
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(job_id)
+    .bind(attempt as i32)
+    .bind(iteration as i64)
+    .bind(&names)
+    .bind(&vals)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    bump_iteration(tx, job_id, iteration).await?;
+    Ok(new)
 }

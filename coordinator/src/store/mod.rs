@@ -5,20 +5,27 @@
 //! jobs row and its `job_events` row in one transaction.
 
 mod attempts;
+pub mod bus;
 mod events;
+mod health;
 mod ingest;
 mod jobs;
 mod metrics;
+mod placement;
+mod rendezvous;
 mod tokens;
 mod workers;
 
-pub use attempts::{
-    Candidate, RankAssignment, RankOutcome, RendezvousEndpoint, ResumeCandidate, ScheduleOutcome,
-};
+pub use attempts::{RankAssignment, RankOutcome, ResumeCandidate};
+use bus::notify;
+pub use bus::{ATTEMPTS_CHANNEL, EVENTS_CHANNEL, WORKERS_CHANNEL};
 pub use events::EventRecord;
+pub use health::ClusterCounts;
 pub use ingest::{IngestBody, IngestEvent, Ingested};
 pub use jobs::JobRecord;
 pub use metrics::{CheckpointRecord, MetricPoint};
+pub use placement::{Candidate, ScheduleOutcome};
+pub use rendezvous::RendezvousEndpoint;
 pub use tokens::{TokenCheck, TokenRecord};
 pub use workers::{Heartbeat, RankRef, Registered, WorkerRecord, WorkerRegistration};
 
@@ -31,18 +38,6 @@ use std::time::Duration;
 
 /// The migrations in `migrations/`, embedded at compile time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
-
-/// The NOTIFY channel that carries a job id whenever that job gets a new event. A hint only:
-/// readers always re-read the table.
-pub const EVENTS_CHANNEL: &str = "segtrain_job_events";
-
-/// The NOTIFY channel that carries a worker id whenever that worker registers, gets an
-/// assignment or becomes free again (wakes its assignment stream and the scheduler).
-pub const WORKERS_CHANNEL: &str = "segtrain_workers";
-
-/// The NOTIFY channel that carries a job id whenever one of its attempts changes state or gets
-/// its rendezvous endpoint (wakes AwaitRendezvous and the assignment streams).
-pub const ATTEMPTS_CHANNEL: &str = "segtrain_attempts";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -129,9 +124,9 @@ impl Default for PoolSettings {
     }
 }
 
-/// Connections outside the pool: the two LISTEN connections (job events; scheduler hints) and
-/// the health probe.
-const SIDE_CONNECTIONS: u32 = 3;
+/// Connections outside the pool: the LISTEN connection of the NOTIFY bus ([`bus::Bus`]) and the
+/// health probe.
+const SIDE_CONNECTIONS: u32 = 2;
 
 /// When a failed attempt is retried: after `base`, doubling per restart, capped at `max`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,20 +212,6 @@ impl Store {
 
 fn u64_of(v: i64, what: &str) -> Result<u64, StoreError> {
     u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} is negative: {v}")))
-}
-
-/// `pg_notify` inside a transaction: delivered at commit, folded with identical ones.
-async fn notify(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    channel: &str,
-    id: uuid::Uuid,
-) -> Result<(), StoreError> {
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(channel)
-        .bind(id.to_string())
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
 }
 
 fn u32_of(v: i32, what: &str) -> Result<u32, StoreError> {

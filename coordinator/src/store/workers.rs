@@ -2,9 +2,9 @@
 //! id survives daemon restarts), which daemon instance holds each row, leases and heartbeats, the
 //! lease reaper, and the cluster view.
 
-use super::attempts::{finish_rank, RankOutcome};
+use super::attempts::{finish_rank, parse_attempt_state, rank_should_run, RankOutcome};
 use super::jobs::lock_job;
-use super::{notify, u64_of, Store, StoreError, WORKERS_CHANNEL};
+use super::{notify, u32_of, u64_of, Store, StoreError, WORKERS_CHANNEL};
 use crate::state::{JobState, WorkerState};
 use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Transaction};
@@ -329,19 +329,18 @@ impl Store {
         job_attempt: u32,
         job_state: JobState,
     ) -> Result<bool, StoreError> {
-        if job_attempt != r.attempt || !matches!(job_state, JobState::Scheduled | JobState::Running)
-        {
-            return Ok(false);
-        }
-        let live: bool = sqlx::query_scalar(
-            "SELECT state IN ('PENDING','RENDEZVOUS','RUNNING') FROM attempts
-             WHERE job_id = $1 AND attempt = $2",
-        )
-        .bind(r.job_id)
-        .bind(r.attempt as i32)
-        .fetch_one(&mut **tx)
-        .await?;
-        Ok(live)
+        let state: String =
+            sqlx::query_scalar("SELECT state FROM attempts WHERE job_id = $1 AND attempt = $2")
+                .bind(r.job_id)
+                .bind(r.attempt as i32)
+                .fetch_one(&mut **tx)
+                .await?;
+        Ok(rank_should_run(
+            job_attempt,
+            job_state,
+            r.attempt,
+            parse_attempt_state(&state)?,
+        ))
     }
 
     /// Extends the lease and says which of the `running` ranks the daemon must stop: those of a
@@ -419,16 +418,27 @@ impl Store {
             .bind(r.rank as i32)
             .fetch_optional(&mut *tx)
             .await?;
-            let keep = row.is_some_and(|l| {
-                l.job_attempt == r.attempt as i32
-                    && matches!(l.job_state.as_str(), "SCHEDULED" | "RUNNING")
-                    && matches!(
-                        l.attempt_state.as_deref(),
-                        Some("PENDING" | "RENDEZVOUS" | "RUNNING")
-                    )
-                    && l.worker_id == Some(id)
-                    && !l.finished
-            });
+            let keep = match row {
+                Some(ListedRank {
+                    job_attempt,
+                    job_state,
+                    attempt_state: Some(attempt_state),
+                    worker_id,
+                    finished,
+                }) => {
+                    worker_id == Some(id)
+                        && !finished
+                        && rank_should_run(
+                            u32_of(job_attempt, "jobs.attempt")?,
+                            JobState::parse(&job_state).ok_or_else(|| {
+                                StoreError::Corrupt(format!("job {} state {job_state:?}", r.job_id))
+                            })?,
+                            r.attempt,
+                            parse_attempt_state(&attempt_state)?,
+                        )
+                }
+                _ => false,
+            };
             if !keep {
                 stop.push(*r);
             }
