@@ -14,7 +14,10 @@ pub struct JobView {
     pub state: String,
     pub attempt: u32,
     pub restarts: u32,
+    /// The current attempt's progress.
     pub iteration: u64,
+    /// The newest iteration any attempt reached.
+    pub furthest_iteration: u64,
     /// The checkpoint iteration the current attempt resumed from.
     pub resumed_from_iteration: Option<u64>,
     pub max_iters: u64,
@@ -26,6 +29,19 @@ pub struct JobView {
     pub updated_at: String,
     pub finished_at: Option<String>,
     pub spec: Value,
+}
+
+/// `iteration / max_iters`, and how far an earlier attempt got when that is further (the
+/// iterations in between run again after a restart).
+fn progress(j: &JobView) -> String {
+    let mut s = format!("{} / {}", j.iteration, j.max_iters);
+    if j.furthest_iteration > j.iteration {
+        s.push_str(&format!(
+            " (an earlier attempt reached {})",
+            j.furthest_iteration
+        ));
+    }
+    s
 }
 
 pub fn state_name(s: i32) -> String {
@@ -55,6 +71,7 @@ impl From<&pb::Job> for JobView {
             attempt: j.attempt,
             restarts: j.restarts,
             iteration: j.iteration,
+            furthest_iteration: j.furthest_iteration,
             resumed_from_iteration: j.resumed_from_iteration,
             max_iters: spec.max_iters.unwrap_or_default(),
             world_size: spec.world_size.unwrap_or_default(),
@@ -139,7 +156,7 @@ impl Printer {
             ("state", j.state.clone()),
             ("variant", j.variant.clone()),
             ("world size", j.world_size.to_string()),
-            ("iteration", format!("{} / {}", j.iteration, j.max_iters)),
+            ("iteration", progress(j)),
             ("attempt", j.attempt.to_string()),
             ("restarts", j.restarts.to_string()),
             (

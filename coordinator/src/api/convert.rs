@@ -29,6 +29,7 @@ pub(crate) fn job(j: &JobRecord) -> pb::Job {
         updated_at: Some(timestamp(j.updated_at)),
         finished_at: j.finished_at.map(timestamp),
         iteration: j.iteration,
+        furthest_iteration: j.furthest_iteration,
         resumed_from_iteration: j.resumed_from_iteration,
     }
 }

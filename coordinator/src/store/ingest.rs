@@ -255,7 +255,7 @@ async fn apply(
             .bind(Json(&metrics))
             .fetch_optional(&mut **tx)
             .await?;
-            bump_iteration(tx, job_id, *iteration).await?;
+            bump_iteration(tx, job_id, attempt, *iteration).await?;
             if changed.is_some() && open(tx, job_id).await? {
                 let payload = EventPayload::Checkpoint {
                     iteration: *iteration,
@@ -302,7 +302,8 @@ async fn apply(
             skipped,
         } => {
             sqlx::query(
-                "UPDATE jobs SET resumed_from_iteration = $2 WHERE id = $1 AND attempt = $3",
+                "UPDATE jobs SET resumed_from_iteration = $2, iteration = GREATEST(iteration, $2)
+                 WHERE id = $1 AND attempt = $3",
             )
             .bind(job_id)
             .bind(*iteration as i64)

@@ -19,7 +19,11 @@ pub struct JobRecord {
     pub restarts: u32,
     pub idempotency_key: Option<String>,
     pub reason: String,
+    /// The current attempt's newest reported iteration (its progress).
     pub iteration: u64,
+    /// The newest iteration any attempt reached (ahead of `iteration` after a restart that
+    /// resumed from an earlier checkpoint).
+    pub furthest_iteration: u64,
     /// The checkpoint iteration the current attempt resumed from (`None`: started fresh).
     pub resumed_from_iteration: Option<u64>,
     pub created_at: DateTime<Utc>,
@@ -37,6 +41,7 @@ struct JobRow {
     idempotency_key: Option<String>,
     reason: String,
     iteration: i64,
+    furthest_iteration: i64,
     resumed_from_iteration: Option<i64>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
@@ -45,7 +50,8 @@ struct JobRow {
 
 const JOB_COLUMNS: &str =
     "id, spec, state, attempt, restarts, idempotency_key, reason, iteration, \
-                           resumed_from_iteration, created_at, updated_at, finished_at";
+                           furthest_iteration, resumed_from_iteration, created_at, updated_at, \
+                           finished_at";
 
 impl TryFrom<JobRow> for JobRecord {
     type Error = StoreError;
@@ -64,6 +70,7 @@ impl TryFrom<JobRow> for JobRecord {
             idempotency_key: r.idempotency_key,
             reason: r.reason,
             iteration: u64_of(r.iteration, "iteration")?,
+            furthest_iteration: u64_of(r.furthest_iteration, "furthest_iteration")?,
             resumed_from_iteration: r
                 .resumed_from_iteration
                 .map(|i| u64_of(i, "resumed_from_iteration"))

@@ -142,17 +142,25 @@ impl Store {
     }
 }
 
-/// `jobs.iteration`: the newest iteration any event reported.
+/// An event of `attempt` reported `iteration`: raises `jobs.furthest_iteration`, and
+/// `jobs.iteration` (the progress) when it is the job's current attempt.
 pub(super) async fn bump_iteration(
     tx: &mut Transaction<'_, Postgres>,
     job_id: Uuid,
+    attempt: u32,
     iteration: u64,
 ) -> Result<(), StoreError> {
-    sqlx::query("UPDATE jobs SET iteration = GREATEST(iteration, $2) WHERE id = $1")
-        .bind(job_id)
-        .bind(i64::try_from(iteration).unwrap_or(i64::MAX))
-        .execute(&mut **tx)
-        .await?;
+    sqlx::query(
+        "UPDATE jobs SET furthest_iteration = GREATEST(furthest_iteration, $2),
+                         iteration = CASE WHEN attempt = $3 THEN GREATEST(iteration, $2)
+                                          ELSE iteration END
+         WHERE id = $1",
+    )
+    .bind(job_id)
+    .bind(i64::try_from(iteration).unwrap_or(i64::MAX))
+    .bind(attempt as i32)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 
@@ -181,6 +189,6 @@ pub(super) async fn record_points(
     .execute(&mut **tx)
     .await?
     .rows_affected();
-    bump_iteration(tx, job_id, iteration).await?;
+    bump_iteration(tx, job_id, attempt, iteration).await?;
     Ok(new)
 }

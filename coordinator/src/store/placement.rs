@@ -100,7 +100,7 @@ impl Store {
         let job = lock_job(&mut tx, job_id).await?;
         // `updated_at` is when the job entered QUEUED (only state changes set it).
         let (attempt, queued_secs): (i32, f64) = sqlx::query_as(
-            "UPDATE jobs SET attempt = attempt + 1, resumed_from_iteration = NULL, restart_at = NULL
+            "UPDATE jobs SET attempt = attempt + 1, iteration = 0, resumed_from_iteration = NULL, restart_at = NULL
              WHERE id = $1
              RETURNING attempt, EXTRACT(EPOCH FROM clock_timestamp() - updated_at)::float8",
         )
