@@ -107,6 +107,17 @@ enum Command {
     },
     /// List the worker daemons (one per GPU) and what they run.
     Workers,
+    /// Take a worker out of scheduling: it finishes the rank it runs and is given no new one
+    /// until `undrain` (needs an admin token).
+    Drain {
+        /// HOST:GPU as `segtrain workers` shows it (HOST:cpu for a CPU worker), or its id.
+        worker: String,
+    },
+    /// Give a drained worker back to the scheduler (needs an admin token).
+    Undrain {
+        /// HOST:GPU (HOST:cpu for a CPU worker), or the worker's id.
+        worker: String,
+    },
     /// Print a commented job file with every field and its default.
     JobTemplate,
     /// Manage bearer tokens (needs an admin token).
@@ -314,6 +325,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .into_inner();
             out.workers(&resp.workers);
         }
+        Command::Drain { worker } => set_draining(channel, &out, &worker, true, &rpc).await?,
+        Command::Undrain { worker } => set_draining(channel, &out, &worker, false, &rpc).await?,
         Command::Token(t) => {
             let mut tokens = TokenServiceClient::new(channel)
                 .max_decoding_message_size(conn::MAX_RESPONSE_BYTES)
@@ -502,4 +515,63 @@ fn describe(s: Status, coordinator: &str) -> anyhow::Error {
         Code::DeadlineExceeded => anyhow!("the coordinator at {coordinator} did not answer in time"),
         other => anyhow!("the coordinator failed ({}): {msg}", other.description()),
     }
+}
+
+/// `segtrain drain` (`drain`) and `segtrain undrain`.
+async fn set_draining(
+    channel: AuthChannel,
+    out: &Printer,
+    worker: &str,
+    drain: bool,
+    rpc: &dyn Fn(Status) -> anyhow::Error,
+) -> anyhow::Result<()> {
+    let mut cluster =
+        ClusterServiceClient::new(channel).max_decoding_message_size(conn::MAX_RESPONSE_BYTES);
+    let workers = cluster
+        .list_workers(pb::ListWorkersRequest {})
+        .await
+        .map_err(rpc)?
+        .into_inner()
+        .workers;
+    let w = find_worker(&workers, worker)?;
+    let worker_id = w.id.clone();
+    let state = if drain {
+        let req = pb::DrainWorkerRequest { worker_id };
+        cluster
+            .drain_worker(req)
+            .await
+            .map_err(rpc)?
+            .into_inner()
+            .state
+    } else {
+        let req = pb::UndrainWorkerRequest { worker_id };
+        cluster
+            .undrain_worker(req)
+            .await
+            .map_err(rpc)?
+            .into_inner()
+            .state
+    };
+    out.worker_state(w, state);
+    Ok(())
+}
+
+/// The worker `name` means: its id, or HOST:GPU as `segtrain workers` shows it (HOST:cpu for a
+/// CPU worker).
+fn find_worker<'a>(workers: &'a [pb::Worker], name: &str) -> anyhow::Result<&'a pb::Worker> {
+    let found = workers
+        .iter()
+        .find(|w| w.id == name.trim() || { output::worker_name(w) == name.trim() });
+    found.with_context(|| {
+        let known: Vec<String> = workers.iter().map(output::worker_name).collect();
+        format!(
+            "worker: no worker {name:?} is registered; give HOST:GPU (HOST:cpu for a CPU worker) \
+             or an id, one of: {}",
+            if known.is_empty() {
+                "(none)".to_string()
+            } else {
+                known.join(", ")
+            }
+        )
+    })
 }

@@ -44,6 +44,25 @@ fn progress(j: &JobView) -> String {
     s
 }
 
+/// A worker as people name it: HOST:GPU, HOST:cpu for a CPU worker.
+pub fn worker_name(w: &pb::Worker) -> String {
+    if w.gpu_index < 0 {
+        format!("{}:cpu", w.host)
+    } else {
+        format!("{}:{}", w.host, w.gpu_index)
+    }
+}
+
+pub fn worker_state_name(s: i32) -> String {
+    pb::WorkerState::try_from(s)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("WORKER_STATE_")
+                .to_string()
+        })
+        .unwrap_or_else(|_| format!("UNKNOWN({s})"))
+}
+
 pub fn state_name(s: i32) -> String {
     pb::JobState::try_from(s)
         .map(|s| s.as_str_name().trim_start_matches("JOB_STATE_").to_string())
@@ -326,16 +345,29 @@ impl Printer {
         table(&["ITER", "ATTEMPT", "NAME", "VALUE"], &rows);
     }
 
-    pub fn workers(&self, ws: &[pb::Worker]) {
-        let state = |s: i32| {
-            pb::WorkerState::try_from(s)
-                .map(|s| {
-                    s.as_str_name()
-                        .trim_start_matches("WORKER_STATE_")
-                        .to_string()
-                })
-                .unwrap_or_else(|_| format!("UNKNOWN({s})"))
+    /// What `drain` / `undrain` left the worker in.
+    pub fn worker_state(&self, w: &pb::Worker, state: i32) {
+        if self.json {
+            print_json(
+                &json!({"worker_id": w.id, "worker": worker_name(w), "state": worker_state_name(state)}),
+            );
+            return;
+        }
+        let what = match pb::WorkerState::try_from(state) {
+            Ok(pb::WorkerState::Draining) => "it is given no new rank until `segtrain undrain`",
+            Ok(pb::WorkerState::Busy) => "it runs its rank and is given new ones after it",
+            Ok(pb::WorkerState::Idle) => "it is given new ranks",
+            _ => "",
         };
+        println!(
+            "worker {} is {}: {what}",
+            worker_name(w),
+            worker_state_name(state)
+        );
+    }
+
+    pub fn workers(&self, ws: &[pb::Worker]) {
+        let state = worker_state_name;
         if self.json {
             let v: Vec<Value> = ws
                 .iter()

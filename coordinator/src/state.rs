@@ -137,6 +137,7 @@ const WORKER_TRANSITIONS: &[(WorkerState, WorkerState)] = {
         (Busy, Draining),
         (Lost, Idle),
         (Draining, Idle),
+        (Draining, Busy),
         (Draining, Lost),
     ]
 };

@@ -1,9 +1,18 @@
-//! `segtrain.v1.ClusterService`: the cluster as users see it.
+//! `segtrain.v1.ClusterService`: the cluster as users see it, and draining workers.
 
 use super::{convert, status_of};
 use crate::store::Store;
 use segtrain_proto::v1 as pb;
 use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+fn worker_id(s: &str) -> Result<Uuid, Status> {
+    Uuid::parse_str(s.trim()).map_err(|_| {
+        Status::invalid_argument(format!(
+            "worker_id: not a worker id (the UUID ListWorkers shows), got {s:?}"
+        ))
+    })
+}
 
 pub struct ClusterApi {
     store: Store,
@@ -24,6 +33,30 @@ impl pb::cluster_service_server::ClusterService for ClusterApi {
         let workers = self.store.list_workers().await.map_err(status_of)?;
         Ok(Response::new(pb::ListWorkersResponse {
             workers: workers.iter().map(convert::worker).collect(),
+        }))
+    }
+
+    async fn drain_worker(
+        &self,
+        req: Request<pb::DrainWorkerRequest>,
+    ) -> Result<Response<pb::DrainWorkerResponse>, Status> {
+        let id = worker_id(&req.get_ref().worker_id)?;
+        let state = self.store.drain_worker(id).await.map_err(status_of)?;
+        tracing::info!(worker = %id, state = %state, "worker drained");
+        Ok(Response::new(pb::DrainWorkerResponse {
+            state: state.to_proto() as i32,
+        }))
+    }
+
+    async fn undrain_worker(
+        &self,
+        req: Request<pb::UndrainWorkerRequest>,
+    ) -> Result<Response<pb::UndrainWorkerResponse>, Status> {
+        let id = worker_id(&req.get_ref().worker_id)?;
+        let state = self.store.undrain_worker(id).await.map_err(status_of)?;
+        tracing::info!(worker = %id, state = %state, "worker undrained");
+        Ok(Response::new(pb::UndrainWorkerResponse {
+            state: state.to_proto() as i32,
         }))
     }
 }

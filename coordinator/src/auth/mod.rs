@@ -214,6 +214,14 @@ pub fn access(path: &str) -> (String, Access) {
         .next()
         .unwrap_or_default()
         .to_string();
+    // Operator levers inside a user-facing service.
+    const ADMIN_METHODS: &[&str] = &[
+        "/segtrain.v1.ClusterService/DrainWorker",
+        "/segtrain.v1.ClusterService/UndrainWorker",
+    ];
+    if ADMIN_METHODS.contains(&path) {
+        return (service, Access::Roles(&[Role::Admin]));
+    }
     let rule = match service.as_str() {
         HEALTH_SERVICE | REFLECTION_V1 | REFLECTION_V1ALPHA => Access::Open,
         "segtrain.v1.JobService" | "segtrain.v1.ClusterService" => {
@@ -324,6 +332,13 @@ mod tests {
             access("/segtrain.v1.ClusterService/ListWorkers").1,
             Access::Roles(&[Role::Client, Role::Admin])
         );
+        // Draining is an operator's lever: admin only, though ClusterService is open to clients.
+        for m in ["DrainWorker", "UndrainWorker"] {
+            assert_eq!(
+                access(&format!("/segtrain.v1.ClusterService/{m}")).1,
+                Access::Roles(&[Role::Admin])
+            );
+        }
         assert_eq!(
             access("/segtrain.v1.WorkerService/Register").1,
             Access::Roles(&[Role::Worker, Role::Admin])

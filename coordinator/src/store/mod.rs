@@ -6,6 +6,7 @@
 
 mod attempts;
 pub mod bus;
+mod drain;
 mod events;
 mod health;
 mod ingest;

@@ -117,7 +117,7 @@ struct ListedRank {
     finished: bool,
 }
 
-fn worker_state(id: Uuid, s: &str) -> Result<WorkerState, StoreError> {
+pub(super) fn worker_state(id: Uuid, s: &str) -> Result<WorkerState, StoreError> {
     WorkerState::parse(s).ok_or_else(|| StoreError::Corrupt(format!("worker {id} state {s:?}")))
 }
 
@@ -133,7 +133,7 @@ fn not_found(id: Uuid) -> StoreError {
 }
 
 /// Unfinished ranks of a worker: (job, attempt, rank, started).
-async fn open_ranks(
+pub(super) async fn open_ranks(
     tx: &mut Transaction<'_, Postgres>,
     worker: Uuid,
 ) -> Result<Vec<(RankRef, bool)>, StoreError> {
@@ -161,7 +161,7 @@ async fn open_ranks(
 
 /// Sets a worker's state along the worker table (no-op when unchanged). The caller holds the
 /// worker's row lock.
-async fn set_worker_state(
+pub(super) async fn set_worker_state(
     tx: &mut Transaction<'_, Postgres>,
     id: Uuid,
     from: WorkerState,
@@ -179,11 +179,12 @@ async fn set_worker_state(
     notify(tx, WORKERS_CHANNEL, id).await
 }
 
-/// The state a worker should be in given whether it holds an unfinished rank.
+/// The state a worker should be in given whether it holds an unfinished rank: a drained one
+/// stays DRAINING either way (see `drain.rs`).
 fn settled_state(current: WorkerState, busy: bool) -> WorkerState {
     match (current, busy) {
+        (WorkerState::Draining, _) => WorkerState::Draining,
         (_, true) => WorkerState::Busy,
-        (WorkerState::Draining, false) => WorkerState::Draining,
         (_, false) => WorkerState::Idle,
     }
 }
