@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::sync::{oneshot, Notify};
 use tonic::{Code, Status};
-use trainer_process::RankKey;
+use trainer_process::AttemptRank;
 
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -92,7 +92,7 @@ pub(crate) struct Shared {
     wake_flush: Notify,
     /// Running trainers and how to stop each (`None` once asked to stop: a stopping trainer
     /// stays listed, so its worker is not freed, until its process has exited).
-    running: Mutex<HashMap<RankKey, Option<oneshot::Sender<StopRequest>>>>,
+    running: Mutex<HashMap<AttemptRank, Option<oneshot::Sender<StopRequest>>>>,
     metrics: DaemonMetrics,
     /// Set once this daemon must not go on (another instance holds its worker).
     fatal: Mutex<Option<String>>,
@@ -145,11 +145,11 @@ impl Shared {
     fn running_list(&self) -> Vec<pb::RunningTrainer> {
         self.running
             .lock()
-            .map(|r| r.keys().map(RankKey::to_proto).collect())
+            .map(|r| r.keys().map(AttemptRank::to_proto).collect())
             .unwrap_or_default()
     }
 
-    fn emit(&self, key: &RankKey, payload: pb::worker_event::Payload) {
+    fn emit(&self, key: &AttemptRank, payload: pb::worker_event::Payload) {
         let ev = pb::WorkerEvent {
             seq: 0,
             job_id: key.job_id.clone(),
@@ -165,7 +165,7 @@ impl Shared {
     }
 
     /// A note on the job, about one of its ranks.
-    fn note(&self, key: &RankKey, text: &str) {
+    fn note(&self, key: &AttemptRank, text: &str) {
         self.emit(
             key,
             pb::worker_event::Payload::Note(pb::Note {
@@ -462,7 +462,7 @@ async fn assignment_loop(shared: Arc<Shared>) {
             match stream.message().await {
                 Ok(Some(msg)) => match msg.kind {
                     Some(pb::assignment_message::Kind::Start(a)) => {
-                        let key = RankKey::of(&a);
+                        let key = AttemptRank::of(&a);
                         let already = shared
                             .running
                             .lock()
@@ -501,7 +501,7 @@ async fn assignment_loop(shared: Arc<Shared>) {
 
 /// Asks every trainer of (job, attempt) on this worker to stop.
 fn stop(shared: &Shared, job_id: &str, attempt: u32, req: StopRequest) {
-    let keys: Vec<RankKey> = shared
+    let keys: Vec<AttemptRank> = shared
         .running
         .lock()
         .map(|r| {

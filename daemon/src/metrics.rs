@@ -5,7 +5,7 @@
 //! attempt and rank), its speed and memory from its `metrics` / `rank_metrics` JSON events, the
 //! outbox backlog and failed calls to the coordinator. A scrape never waits on the coordinator.
 
-use super::trainer_process::RankKey;
+use super::trainer_process::AttemptRank;
 use prometheus::{
     Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -62,7 +62,7 @@ pub struct DaemonMetrics {
     /// `segtrain_worker_trainer_lines_dropped_total{reason}`: trainer output lines not read.
     pub lines_dropped: IntCounterVec,
     trainer_exits: IntCounterVec,
-    trainers: Mutex<HashMap<RankKey, Phase>>,
+    trainers: Mutex<HashMap<AttemptRank, Phase>>,
 }
 
 fn gauge(name: &str, help: &str) -> Gauge {
@@ -211,7 +211,7 @@ impl DaemonMetrics {
         m
     }
 
-    fn info_labels(key: &RankKey) -> [String; 3] {
+    fn info_labels(key: &AttemptRank) -> [String; 3] {
         [
             key.job_id.clone(),
             key.attempt.to_string(),
@@ -220,7 +220,7 @@ impl DaemonMetrics {
     }
 
     /// A trainer of this daemon entered `phase` (its first call: it was assigned).
-    pub fn set_phase(&self, key: &RankKey, phase: Phase) {
+    pub fn set_phase(&self, key: &AttemptRank, phase: Phase) {
         if let Ok(mut t) = self.trainers.lock() {
             t.insert(key.clone(), phase);
         }
@@ -231,7 +231,7 @@ impl DaemonMetrics {
     }
 
     /// A trainer ended with `outcome` (e.g. "SUCCEEDED").
-    pub fn finished(&self, key: &RankKey, outcome: &str) {
+    pub fn finished(&self, key: &AttemptRank, outcome: &str) {
         let idle = self
             .trainers
             .lock()
@@ -305,8 +305,8 @@ impl DaemonMetrics {
 mod tests {
     use super::*;
 
-    fn key(rank: u32) -> RankKey {
-        RankKey {
+    fn key(rank: u32) -> AttemptRank {
+        AttemptRank {
             job_id: "0196aaaa-0000-7000-8000-000000000001".into(),
             attempt: 2,
             rank,

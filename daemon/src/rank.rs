@@ -3,7 +3,7 @@
 
 use super::lines::{Line, LineReader};
 use super::metrics::Phase;
-use super::trainer_process::{self, Parsed, RankKey};
+use super::trainer_process::{self, Parsed, AttemptRank};
 use super::{stop_grace, Shared, StopRequest};
 use segtrain_proto::job_spec::ProtoSpec;
 use segtrain_proto::v1 as pb;
@@ -24,7 +24,7 @@ pub(crate) async fn run_rank(
     a: pb::Assignment,
     mut stop_rx: oneshot::Receiver<StopRequest>,
 ) {
-    let key = RankKey::of(&a);
+    let key = AttemptRank::of(&a);
     shared.metrics.set_phase(&key, Phase::Starting);
     let finish = |outcome: pb::Outcome, reason: String| {
         let name = outcome.as_str_name().trim_start_matches("OUTCOME_");
@@ -145,7 +145,7 @@ pub(crate) async fn run_rank(
 /// One line the trainer printed, understood.
 async fn handle(
     shared: &Shared,
-    key: &RankKey,
+    key: &AttemptRank,
     p: Parsed,
     failed: &mut Option<(bool, String)>,
     stopping: bool,
@@ -185,7 +185,7 @@ async fn handle(
 }
 
 /// A line that could not be read: counted, logged, and (the first few) noted on the job.
-fn unreadable(shared: &Shared, key: &RankKey, e: &LineError, text: &str, noted: &mut u32) {
+fn unreadable(shared: &Shared, key: &AttemptRank, e: &LineError, text: &str, noted: &mut u32) {
     shared
         .metrics
         .lines_dropped
@@ -267,7 +267,7 @@ async fn terminate(child: &mut tokio::process::Child, grace: Duration) {
 }
 
 /// Publishes rank 0's endpoint, retrying while the coordinator is unreachable.
-async fn publish(shared: &Shared, key: &RankKey, ep: pb::publish_rendezvous_request::Endpoint) {
+async fn publish(shared: &Shared, key: &AttemptRank, ep: pb::publish_rendezvous_request::Endpoint) {
     for _ in 0..60 {
         let req = pb::PublishRendezvousRequest {
             worker_id: shared.worker_id(),

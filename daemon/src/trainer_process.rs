@@ -11,17 +11,17 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use tokio::process::{Child, Command};
 
-/// Identifies one rank of one attempt.
+/// One rank of one attempt of a job (`segtrain.v1.AttemptRank`; `attempt_ranks` in the store).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct RankKey {
+pub struct AttemptRank {
     pub job_id: String,
     pub attempt: u32,
     pub rank: u32,
 }
 
-impl RankKey {
-    pub fn of(a: &pb::Assignment) -> RankKey {
-        RankKey {
+impl AttemptRank {
+    pub fn of(a: &pb::Assignment) -> AttemptRank {
+        AttemptRank {
             job_id: a.job_id.clone(),
             attempt: a.attempt,
             rank: a.rank,
@@ -213,7 +213,7 @@ pub struct Launch<'a> {
 pub fn spawn(l: &Launch<'_>) -> anyhow::Result<(Child, PathBuf)> {
     use anyhow::Context;
     let a = l.assignment;
-    let key = RankKey::of(a);
+    let key = AttemptRank::of(a);
     std::fs::create_dir_all(l.work_dir)
         .with_context(|| format!("cannot create {}", l.work_dir.display()))?;
     let config = l.work_dir.join("job.toml");
@@ -477,7 +477,7 @@ mod tests {
 
     #[test]
     fn tokens_differ_per_attempt() {
-        let k = |a| RankKey {
+        let k = |a| AttemptRank {
             job_id: "j".into(),
             attempt: a,
             rank: 0,

@@ -1,7 +1,7 @@
 //! Store records to protobuf messages.
 
 use crate::store::{
-    CheckpointRecord, EventRecord, JobRecord, MetricPoint, RankAssignment, RankRef,
+    CheckpointRecord, EventRecord, JobRecord, MetricPoint, RankAssignment, AttemptRank,
     RendezvousEndpoint, WorkerRecord,
 };
 use chrono::{DateTime, Utc};
@@ -95,7 +95,7 @@ pub(crate) fn worker(w: &WorkerRecord) -> pb::Worker {
     }
 }
 
-pub(crate) fn running_trainer(r: &RankRef) -> pb::RunningTrainer {
+pub(crate) fn running_trainer(r: &AttemptRank) -> pb::RunningTrainer {
     pb::RunningTrainer {
         job_id: r.job_id.to_string(),
         attempt: r.attempt,

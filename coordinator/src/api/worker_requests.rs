@@ -4,7 +4,7 @@
 
 use super::parse_job_id;
 use crate::store::{
-    IngestBody, IngestEvent, RankOutcome, RankRef, RendezvousEndpoint, WorkerRegistration,
+    IngestBody, IngestEvent, RankOutcome, AttemptRank, RendezvousEndpoint, WorkerRegistration,
 };
 use segtrain_proto::v1 as pb;
 use std::collections::BTreeMap;
@@ -69,7 +69,7 @@ fn host(s: &str) -> Result<String, Status> {
     Ok(s.to_string())
 }
 
-pub(super) fn running(list: &[pb::RunningTrainer]) -> Result<Vec<RankRef>, Status> {
+pub(super) fn running(list: &[pb::RunningTrainer]) -> Result<Vec<AttemptRank>, Status> {
     if list.len() > MAX_RUNNING {
         return Err(invalid(
             "running",
@@ -92,7 +92,7 @@ pub(super) fn running(list: &[pb::RunningTrainer]) -> Result<Vec<RankRef>, Statu
                     format!("must be 0..={MAX_RANK}, got {}", r.rank),
                 ));
             }
-            Ok(RankRef {
+            Ok(AttemptRank {
                 job_id,
                 attempt: r.attempt,
                 rank: r.rank,

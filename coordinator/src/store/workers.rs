@@ -26,9 +26,9 @@ pub struct WorkerRecord {
     pub assignment: Option<(Uuid, u32, u32)>,
 }
 
-/// One rank of one attempt of a job, as a daemon names it.
+/// One rank of one attempt of a job (a row of `attempt_ranks`; `segtrain.v1.AttemptRank`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RankRef {
+pub struct AttemptRank {
     pub job_id: Uuid,
     pub attempt: u32,
     pub rank: u32,
@@ -42,7 +42,7 @@ pub struct WorkerRegistration {
     pub gpu_name: String,
     pub gpu_memory_bytes: u64,
     /// Trainers the daemon still runs.
-    pub running: Vec<RankRef>,
+    pub running: Vec<AttemptRank>,
     /// The daemon process (random per start).
     pub instance_id: Uuid,
     /// The instance it succeeds on this (host, GPU), gone by the daemon's own proof.
@@ -89,7 +89,7 @@ pub struct Registered {
 pub struct Heartbeat {
     pub lease_until: DateTime<Utc>,
     /// Ranks the daemon listed as running that it must stop.
-    pub stop: Vec<RankRef>,
+    pub stop: Vec<AttemptRank>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -136,7 +136,7 @@ fn not_found(id: Uuid) -> StoreError {
 pub(super) async fn open_ranks(
     tx: &mut Transaction<'_, Postgres>,
     worker: Uuid,
-) -> Result<Vec<(RankRef, bool)>, StoreError> {
+) -> Result<Vec<(AttemptRank, bool)>, StoreError> {
     let rows: Vec<(Uuid, i32, i32, bool)> = sqlx::query_as(
         "SELECT job_id, attempt, rank, started_at IS NOT NULL FROM attempt_ranks
          WHERE worker_id = $1 AND finished_at IS NULL ORDER BY job_id, attempt, rank",
@@ -148,7 +148,7 @@ pub(super) async fn open_ranks(
         .into_iter()
         .map(|(job_id, attempt, rank, started)| {
             (
-                RankRef {
+                AttemptRank {
                     job_id,
                     attempt: attempt.max(0) as u32,
                     rank: rank.max(0) as u32,
@@ -264,7 +264,7 @@ impl Store {
         .bind(reg.instance_id)
         .fetch_one(&mut *tx)
         .await?;
-        let running: BTreeSet<RankRef> = reg.running.iter().copied().collect();
+        let running: BTreeSet<AttemptRank> = reg.running.iter().copied().collect();
         let mut busy = false;
         for (r, started) in open_ranks(&mut tx, id).await? {
             if running.contains(&r) {
@@ -326,7 +326,7 @@ impl Store {
     async fn rank_is_live(
         &self,
         tx: &mut Transaction<'_, Postgres>,
-        r: &RankRef,
+        r: &AttemptRank,
         job_attempt: u32,
         job_state: JobState,
     ) -> Result<bool, StoreError> {
@@ -352,7 +352,7 @@ impl Store {
         &self,
         id: Uuid,
         instance: Uuid,
-        running: &[RankRef],
+        running: &[AttemptRank],
         lease: Duration,
     ) -> Result<Heartbeat, StoreError> {
         let mut tx = self.pool.begin().await?;
@@ -375,7 +375,7 @@ impl Store {
         let state = worker_state(id, &state)?;
         // A rank it was told to stop and no longer runs has stopped, whether or not its
         // `finished` event arrives (a stale attempt's events are refused).
-        let listed: BTreeSet<RankRef> = running.iter().copied().collect();
+        let listed: BTreeSet<AttemptRank> = running.iter().copied().collect();
         for (r, _) in open_ranks(&mut tx, id).await? {
             if listed.contains(&r) {
                 continue;
