@@ -3,7 +3,7 @@
 
 use super::lines::{Line, LineReader};
 use super::metrics::Phase;
-use super::trainer_process::{self, Parsed, AttemptRank};
+use super::trainer_process::{self, AttemptRank, Parsed};
 use super::{stop_grace, Shared, StopRequest};
 use segtrain_proto::job_spec::ProtoSpec;
 use segtrain_proto::v1 as pb;

@@ -21,3 +21,12 @@ pub fn path(name: &str) -> PathBuf {
     );
     p
 }
+
+/// Runs `cmd` to completion and returns its output, or panics with `what` and its stderr when it
+/// fails: the check every test that runs a command to the end makes.
+pub fn run_ok(cmd: &mut std::process::Command, what: &str) -> std::process::Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {what}: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{what} failed: {stderr}");
+    out
+}

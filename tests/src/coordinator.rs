@@ -10,13 +10,16 @@
 
 use segtrain_proto::client::{self as conn, AuthChannel, BearerToken, ClientTls};
 use segtrain_proto::v1 as pb;
+use segtrain_proto::v1::cluster_service_client::ClusterServiceClient;
 use segtrain_proto::v1::job_service_client::JobServiceClient;
 use segtrain_proto::v1::token_service_client::TokenServiceClient;
 use segtrain_proto::v1::worker_service_client::WorkerServiceClient;
+use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use tonic::codegen::{Body, Bytes, StdError};
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -47,15 +50,8 @@ pub struct Secure {
 
 /// Runs `segtrain-coordinator` with `args` to completion; its stdout, or a panic with stderr.
 pub fn coordinator_command(args: &[&str]) -> String {
-    let out = Command::new(crate::binaries::path("segtrain-coordinator"))
-        .args(args)
-        .output()
-        .expect("run segtrain-coordinator");
-    assert!(
-        out.status.success(),
-        "segtrain-coordinator {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut cmd = Command::new(crate::binaries::path("segtrain-coordinator"));
+    let out = crate::binaries::run_ok(cmd.args(args), &format!("segtrain-coordinator {args:?}"));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -300,51 +296,55 @@ impl CoordinatorProcess {
 
     /// Submits `spec` (no idempotency key); the new job's id.
     pub async fn submit_spec(&self, spec: pb::JobSpec) -> String {
+        self.submit(spec).await.id
+    }
+
+    /// Submits `spec` (no idempotency key); the new job as SubmitJob returns it.
+    pub async fn submit(&self, spec: pb::JobSpec) -> pb::Job {
+        submit_job(&mut self.jobs().await, spec).await
+    }
+
+    /// Every worker ListWorkers reports, by id (the cluster view the scheduling tests check).
+    pub async fn list_workers(&self) -> HashMap<String, pb::Worker> {
+        ClusterServiceClient::new(self.channel().await)
+            .list_workers(pb::ListWorkersRequest {})
+            .await
+            .expect("list workers")
+            .into_inner()
+            .workers
+            .into_iter()
+            .map(|w| (w.id.clone(), w))
+            .collect()
+    }
+
+    /// Cancels job `id` with `reason`; the job as CancelJob returns it.
+    pub async fn cancel(&self, id: &str, reason: &str) -> pb::Job {
         self.jobs()
             .await
-            .submit_job(pb::SubmitJobRequest {
-                spec: Some(spec),
-                idempotency_key: String::new(),
+            .cancel_job(pb::CancelJobRequest {
+                job_id: id.to_string(),
+                reason: reason.to_string(),
             })
             .await
-            .expect("submit")
+            .expect("cancel")
             .into_inner()
             .job
             .expect("job")
-            .id
+    }
+
+    /// WatchJob from the first event, on a fresh channel.
+    pub async fn watch(&self, id: &str) -> tonic::Streaming<pb::JobEvent> {
+        watch_job(&mut self.jobs().await, id, 0).await
     }
 
     pub async fn get_job(&self, id: &str) -> pb::Job {
-        self.jobs()
-            .await
-            .get_job(pb::GetJobRequest {
-                job_id: id.to_string(),
-            })
-            .await
-            .expect("get job")
-            .into_inner()
+        get_job(&mut self.jobs().await, id).await
     }
 
     /// Every event of a job, oldest first: WatchJob from the start, until the stream ends (a
     /// terminal job) or is quiet for 10 s.
     pub async fn job_events(&self, id: &str) -> Vec<pb::JobEvent> {
-        let mut stream = self
-            .jobs()
-            .await
-            .watch_job(pb::WatchJobRequest {
-                job_id: id.to_string(),
-                after_event_id: 0,
-            })
-            .await
-            .expect("watch")
-            .into_inner();
-        let mut out = Vec::new();
-        while let Ok(Ok(Some(ev))) =
-            tokio::time::timeout(Duration::from_secs(10), stream.message()).await
-        {
-            out.push(ev);
-        }
-        out
+        events_until_quiet(&mut self.watch(id).await, Duration::from_secs(10)).await
     }
 
     /// SIGKILL: no shutdown code runs, as in a crash.
@@ -369,6 +369,135 @@ impl CoordinatorProcess {
 impl Drop for CoordinatorProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// What a JobService client may run on: a plain [`Channel`] or an [`AuthChannel`] that sends a
+/// token (the bounds of tonic's generated client).
+pub trait JobTransport:
+    tonic::client::GrpcService<tonic::body::Body, Error: Into<StdError>, ResponseBody = Self::Body>
+{
+    type Body: Body<Data = Bytes, Error: Into<StdError> + Send> + Send + 'static;
+}
+
+impl<T, B> JobTransport for T
+where
+    T: tonic::client::GrpcService<tonic::body::Body, ResponseBody = B>,
+    T::Error: Into<StdError>,
+    B: Body<Data = Bytes, Error: Into<StdError> + Send> + Send + 'static,
+{
+    type Body = B;
+}
+
+/// Submits `spec` through `client` (no idempotency key); the new job. One request shape for the
+/// tests that submit through a client of their own (a token, a second coordinator).
+pub async fn submit_job<T: JobTransport>(
+    client: &mut JobServiceClient<T>,
+    spec: pb::JobSpec,
+) -> pb::Job {
+    client
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(spec),
+            idempotency_key: String::new(),
+        })
+        .await
+        .expect("submit")
+        .into_inner()
+        .job
+        .expect("job")
+}
+
+/// GetJob through `client` (one that sends a token, or a test's own).
+pub async fn get_job<T: JobTransport>(client: &mut JobServiceClient<T>, job_id: &str) -> pb::Job {
+    client
+        .get_job(pb::GetJobRequest {
+            job_id: job_id.to_string(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+}
+
+/// WatchJob through `client` for the events after `after_event_id` (0: from the first).
+pub async fn watch_job<T: JobTransport>(
+    client: &mut JobServiceClient<T>,
+    job_id: &str,
+    after_event_id: u64,
+) -> tonic::Streaming<pb::JobEvent> {
+    client
+        .watch_job(pb::WatchJobRequest {
+            job_id: job_id.to_string(),
+            after_event_id,
+        })
+        .await
+        .expect("watch")
+        .into_inner()
+}
+
+/// Reads a watch until it ends (the job is terminal). Panics when the watch fails or stays quiet
+/// for `quiet`, with the events so far and `logs()` (the processes' logs, to see why).
+pub async fn events_until_end(
+    stream: &mut tonic::Streaming<pb::JobEvent>,
+    quiet: Duration,
+    logs: impl Fn() -> String,
+) -> Vec<pb::JobEvent> {
+    let mut events = Vec::new();
+    loop {
+        match tokio::time::timeout(quiet, stream.message()).await {
+            Ok(Ok(Some(ev))) => events.push(ev),
+            Ok(Ok(None)) => return events,
+            Ok(Err(e)) => panic!("watch failed: {e}"),
+            Err(_) => panic!(
+                "no event for {quiet:?}; events so far: {events:#?}\n{}",
+                logs()
+            ),
+        }
+    }
+}
+
+/// What a watch delivers until it ends or stays quiet for `quiet` (a non-terminal job's watch
+/// stays open: this reads what is there).
+pub async fn events_until_quiet(
+    stream: &mut tonic::Streaming<pb::JobEvent>,
+    quiet: Duration,
+) -> Vec<pb::JobEvent> {
+    let mut out = Vec::new();
+    while let Ok(Ok(Some(ev))) = tokio::time::timeout(quiet, stream.message()).await {
+        out.push(ev);
+    }
+    out
+}
+
+/// The texts of a job's notes, oldest first (what the coordinator says it dropped or did).
+pub fn notes(events: &[pb::JobEvent]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match &e.payload {
+            Some(pb::job_event::Payload::Note(n)) => Some(n.text.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A job event in one line (`state JOB_STATE_QUEUED`, `metrics 50`, `note ...`), so that tests
+/// can compare event sequences as plain lists.
+pub fn describe_event(ev: &pb::JobEvent) -> String {
+    use pb::job_event::Payload as P;
+    match &ev.payload {
+        Some(P::StateChange(c)) => format!(
+            "state {}",
+            pb::JobState::try_from(c.to)
+                .map(|s| s.as_str_name())
+                .unwrap_or("?")
+        ),
+        Some(P::Metrics(m)) => format!("metrics {}", m.iteration),
+        Some(P::Eval(e)) => format!("eval {}", e.iteration),
+        Some(P::Checkpoint(c)) => format!(
+            "checkpoint {}",
+            c.checkpoint.as_ref().map(|c| c.iteration).unwrap_or(0)
+        ),
+        Some(P::Note(n)) => format!("note {}", n.text),
+        other => format!("{other:?}"),
     }
 }
 

@@ -10,6 +10,8 @@
 pub mod binaries;
 pub mod coordinator;
 pub mod daemon;
+pub mod dataset;
 pub mod gcs;
 pub mod metrics;
 pub mod pg;
+pub mod wait;

@@ -178,25 +178,19 @@ const HOST: &str = if cfg!(target_arch = "aarch64") {
 
 fn metadata() -> Value {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let out = std::process::Command::new(cargo)
-        .args([
-            "metadata",
-            "--format-version",
-            "1",
-            "--offline",
-            // This platform's graph only: the build fetched its crates, so no network is needed.
-            "--filter-platform",
-            HOST,
-            "--manifest-path",
-        ])
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml"))
-        .output()
-        .expect("run cargo metadata");
-    assert!(
-        out.status.success(),
-        "cargo metadata failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args([
+        "metadata",
+        "--format-version",
+        "1",
+        "--offline",
+        // This platform's graph only: the build fetched its crates, so no network is needed.
+        "--filter-platform",
+        HOST,
+        "--manifest-path",
+    ])
+    .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml"));
+    let out = segtrain_tests::binaries::run_ok(&mut cmd, "cargo metadata");
     serde_json::from_slice(&out.stdout).expect("cargo metadata prints JSON")
 }
 

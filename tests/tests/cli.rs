@@ -124,28 +124,16 @@ async fn cli_submits_lists_watches_and_cancels() {
     assert_eq!(status["id"], id.as_str());
 
     // Idempotent submit through the CLI.
-    let a = json(&segtrain(
-        &url,
-        &[
-            "--json",
-            "submit",
-            "-f",
-            file,
-            "--idempotency-key",
-            "nightly-1",
-        ],
-    ));
-    let b = json(&segtrain(
-        &url,
-        &[
-            "--json",
-            "submit",
-            "-f",
-            file,
-            "--idempotency-key",
-            "nightly-1",
-        ],
-    ));
+    let nightly = [
+        "--json",
+        "submit",
+        "-f",
+        file,
+        "--idempotency-key",
+        "nightly-1",
+    ];
+    let a = json(&segtrain(&url, &nightly));
+    let b = json(&segtrain(&url, &nightly));
     assert_eq!(a["job"]["id"], b["job"]["id"]);
     assert_eq!(b["existing"], true);
 

@@ -4,37 +4,18 @@
 
 use segtrain_proto::v1 as pb;
 use segtrain_proto::v1::job_service_client::JobServiceClient;
-use segtrain_tests::binaries;
-use segtrain_tests::coordinator::CoordinatorProcess;
+use segtrain_tests::coordinator::{events_until_end, watch_job, CoordinatorProcess};
 use segtrain_tests::daemon::DaemonProcess;
+use segtrain_tests::dataset::synth_data;
 use segtrain_tests::pg::TempPostgres;
 use sha2::{Digest, Sha256};
-use std::process::Command;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_world_size_two_job_trains_to_success_with_every_metric_once() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let data = tmp.path().join("data");
-    let out = Command::new(binaries::path("segtrain-worker"))
-        .args([
-            "synth-data",
-            "--train",
-            "8",
-            "--val",
-            "2",
-            "--size",
-            "64x64",
-            "--out",
-        ])
-        .arg(&data)
-        .output()
-        .expect("synth-data");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    synth_data(&data, 8, 2);
 
     let pg = TempPostgres::start().expect("PostgreSQL");
     let coord = CoordinatorProcess::start(&pg.url()).await;
@@ -63,28 +44,16 @@ async fn a_world_size_two_job_trains_to_success_with_every_metric_once() {
     let job = coord.get_job(&coord.submit_spec(spec).await).await;
 
     // Watch from the first event until the stream ends (the job is terminal).
-    let mut stream = jobs
-        .watch_job(pb::WatchJobRequest {
-            job_id: job.id.clone(),
-            after_event_id: 0,
-        })
-        .await
-        .expect("watch")
-        .into_inner();
-    let mut events = Vec::new();
-    loop {
-        match tokio::time::timeout(Duration::from_secs(300), stream.message()).await {
-            Ok(Ok(Some(ev))) => events.push(ev),
-            Ok(Ok(None)) => break,
-            Ok(Err(e)) => panic!("watch failed: {e}"),
-            Err(_) => panic!(
-                "no progress for 5 minutes; events so far: {events:#?}\ncoordinator log:\n{}\ndaemon a:\n{}\ndaemon b:\n{}",
-                coord.log_text(),
-                _a.log_text(),
-                _b.log_text()
-            ),
-        }
-    }
+    let mut stream = watch_job(&mut jobs, &job.id, 0).await;
+    let logs = || {
+        format!(
+            "coordinator log:\n{}\ndaemon a:\n{}\ndaemon b:\n{}",
+            coord.log_text(),
+            _a.log_text(),
+            _b.log_text()
+        )
+    };
+    let events = events_until_end(&mut stream, Duration::from_secs(300), logs).await;
     let done = coord.get_job(&job.id).await;
     assert_eq!(
         done.state(),

@@ -10,13 +10,13 @@
 
 use segtrain_proto::v1 as pb;
 use segtrain_proto::v1::job_service_client::JobServiceClient;
-use segtrain_tests::binaries;
-use segtrain_tests::coordinator::CoordinatorProcess;
+use segtrain_tests::coordinator::{notes, CoordinatorProcess};
 use segtrain_tests::daemon::{alive, DaemonProcess};
+use segtrain_tests::dataset::synth_data;
 use segtrain_tests::pg::TempPostgres;
+use segtrain_tests::wait::poll_until;
 use sqlx::PgPool;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
@@ -47,25 +47,7 @@ impl Cluster {
     async fn start(daemons: usize, backoff_ms: u64, d: DaemonOpts<'_>) -> Cluster {
         let tmp = tempfile::tempdir().expect("temp dir");
         let data = tmp.path().join("data");
-        let out = Command::new(binaries::path("segtrain-worker"))
-            .args([
-                "synth-data",
-                "--train",
-                "8",
-                "--val",
-                "2",
-                "--size",
-                "64x64",
-            ])
-            .arg("--out")
-            .arg(&data)
-            .output()
-            .expect("synth-data");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        synth_data(&data, 8, 2);
         let pg = TempPostgres::start().expect("PostgreSQL");
         let lease = LEASE_S.to_string();
         let backoff = backoff_ms.to_string();
@@ -165,23 +147,15 @@ impl Cluster {
 
     /// Polls the database until `sql` (one boolean, `$1` = the job id) is true.
     async fn wait_sql(&self, job: &str, sql: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
+        let holds = || async {
             let ok: Option<bool> = sqlx::query_scalar(sql)
                 .bind(job)
                 .fetch_one(&self.pool)
                 .await
                 .ok();
-            if ok == Some(true) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {timeout:?} waiting for: {sql}\n{}",
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            ok == Some(true)
+        };
+        poll_until(timeout, sql, || self.logs(), holds).await;
     }
 
     /// Waits for a terminal state and returns the job.
@@ -307,16 +281,6 @@ fn state_changes(events: &[pb::JobEvent]) -> Vec<(pb::JobState, String)> {
         .iter()
         .filter_map(|e| match &e.payload {
             Some(pb::job_event::Payload::StateChange(s)) => Some((s.to(), s.reason.clone())),
-            _ => None,
-        })
-        .collect()
-}
-
-fn notes(events: &[pb::JobEvent]) -> Vec<String> {
-    events
-        .iter()
-        .filter_map(|e| match &e.payload {
-            Some(pb::job_event::Payload::Note(n)) => Some(n.text.clone()),
             _ => None,
         })
         .collect()
@@ -678,14 +642,7 @@ async fn cancel_during_rendezvous_ends_canceled_with_no_trainer_left() {
     .await;
     let rank0 = c.daemons[0].trainer_pids();
     assert_eq!(rank0.len(), 1, "rank 0 waits in the rendezvous");
-    c.jobs()
-        .await
-        .cancel_job(pb::CancelJobRequest {
-            job_id: id.clone(),
-            reason: "test".into(),
-        })
-        .await
-        .expect("cancel");
+    c.coord.cancel(&id, "test").await;
     // Rank 0 stops at once; the frozen rank's lease runs out, which counts as stopped.
     let job = c.wait_terminal(&id, Duration::from_secs(60)).await;
     assert_eq!(job.state(), pb::JobState::Canceled, "{}", c.logs());
@@ -701,14 +658,7 @@ async fn cancel_during_training_checkpoints_gracefully_and_ends_canceled() {
     let c = Cluster::start(2, 300, DEFAULT_DAEMON).await;
     let id = c.submit(c.spec(2, 1000, 500)).await;
     c.wait_iteration(&id, 3).await;
-    c.jobs()
-        .await
-        .cancel_job(pb::CancelJobRequest {
-            job_id: id.clone(),
-            reason: "test".into(),
-        })
-        .await
-        .expect("cancel");
+    c.coord.cancel(&id, "test").await;
     let job = c.wait_terminal(&id, Duration::from_secs(60)).await;
     assert_eq!(job.state(), pb::JobState::Canceled, "{}", c.logs());
     c.no_trainer_left();
@@ -750,14 +700,7 @@ async fn cancel_during_checkpoint_write(grace_s: u32) -> (Cluster, String) {
         Duration::from_secs(120),
     )
     .await;
-    c.jobs()
-        .await
-        .cancel_job(pb::CancelJobRequest {
-            job_id: id.clone(),
-            reason: "test".into(),
-        })
-        .await
-        .expect("cancel");
+    c.coord.cancel(&id, "test").await;
     let job = c.wait_terminal(&id, Duration::from_secs(60)).await;
     assert_eq!(job.state(), pb::JobState::Canceled, "{}", c.logs());
     c.no_trainer_left();

@@ -6,7 +6,9 @@ use segtrain_coordinator::state::JobState;
 use segtrain_coordinator::store::{Store, StoreError};
 use segtrain_proto::v1 as pb;
 use segtrain_proto::v1::job_service_client::JobServiceClient;
-use segtrain_tests::coordinator::CoordinatorProcess;
+use segtrain_tests::coordinator::{
+    describe_event, events_until_end, events_until_quiet, get_job, watch_job, CoordinatorProcess,
+};
 use segtrain_tests::pg::TempPostgres;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -92,13 +94,7 @@ async fn submit_get_list_cancel_round_trip() {
     assert_eq!(echoed.base_lr, Some(6e-5));
     assert_eq!(echoed.world_size, Some(2));
 
-    let got = c
-        .get_job(pb::GetJobRequest {
-            job_id: job.id.clone(),
-        })
-        .await
-        .expect("get")
-        .into_inner();
+    let got = get_job(&mut c, &job.id).await;
     assert_eq!(got.id, job.id);
     assert_eq!(got.spec, job.spec);
 
@@ -343,15 +339,12 @@ async fn a_full_run_without_pretrained_weights_is_accepted_with_a_warning_and_a_
     })
     .await
     .expect("cancel");
-    let mut stream = c
-        .watch_job(pb::WatchJobRequest {
-            job_id: job.id.clone(),
-            after_event_id: 0,
-        })
+    let mut stream = watch_job(&mut c, &job.id, 0).await;
+    let seen: Vec<String> = collect(&mut stream)
         .await
-        .expect("watch")
-        .into_inner();
-    let seen: Vec<String> = collect(&mut stream).await.iter().map(describe).collect();
+        .iter()
+        .map(describe_event)
+        .collect();
     assert_eq!(
         seen,
         vec![
@@ -572,31 +565,9 @@ async fn every_illegal_transition_is_refused_and_changes_nothing() {
     );
 }
 
-fn describe(ev: &pb::JobEvent) -> String {
-    use pb::job_event::Payload;
-    match &ev.payload {
-        Some(Payload::StateChange(c)) => format!(
-            "state {}",
-            pb::JobState::try_from(c.to)
-                .map(|s| s.as_str_name())
-                .unwrap_or("?")
-        ),
-        Some(Payload::Metrics(m)) => format!("metrics {}", m.iteration),
-        Some(Payload::Note(n)) => format!("note {}", n.text),
-        other => format!("{other:?}"),
-    }
-}
-
+/// Every event until the stream ends (the job is terminal), each within 20 s.
 async fn collect(stream: &mut tonic::Streaming<pb::JobEvent>) -> Vec<pb::JobEvent> {
-    let mut out = Vec::new();
-    while let Some(ev) = tokio::time::timeout(Duration::from_secs(20), stream.message())
-        .await
-        .expect("the stream makes progress")
-        .expect("no stream error")
-    {
-        out.push(ev);
-    }
-    out
+    events_until_end(stream, Duration::from_secs(20), String::new).await
 }
 
 #[tokio::test]
@@ -607,20 +578,13 @@ async fn watch_delivers_events_in_order_live_and_resumes_after_an_id() {
     let id = id_of(&job);
 
     // Start watching before anything happens, so later events must arrive live.
-    let mut stream = c
-        .watch_job(pb::WatchJobRequest {
-            job_id: job.id.clone(),
-            after_event_id: 0,
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut stream = watch_job(&mut c, &job.id, 0).await;
     let first = stream
         .message()
         .await
         .expect("stream ok")
         .expect("first event");
-    assert_eq!(describe(&first), "state JOB_STATE_QUEUED");
+    assert_eq!(describe_event(&first), "state JOB_STATE_QUEUED");
 
     let store = env.store.clone();
     let writer = tokio::spawn(async move {
@@ -667,7 +631,7 @@ async fn watch_delivers_events_in_order_live_and_resumes_after_an_id() {
 
     let mut all = vec![first];
     all.extend(rest);
-    let got: Vec<String> = all.iter().map(describe).collect();
+    let got: Vec<String> = all.iter().map(describe_event).collect();
     assert_eq!(
         got,
         [
@@ -689,14 +653,7 @@ async fn watch_delivers_events_in_order_live_and_resumes_after_an_id() {
     assert!(all.iter().all(|e| e.job_id == job.id));
 
     // Resume after the third event: exactly the rest, then the stream ends (job is terminal).
-    let mut resumed = c
-        .watch_job(pb::WatchJobRequest {
-            job_id: job.id.clone(),
-            after_event_id: ids[2],
-        })
-        .await
-        .expect("watch again")
-        .into_inner();
+    let mut resumed = watch_job(&mut c, &job.id, ids[2]).await;
     let again = collect(&mut resumed).await;
     assert_eq!(
         again.iter().map(|e| e.id).collect::<Vec<_>>(),
@@ -704,14 +661,7 @@ async fn watch_delivers_events_in_order_live_and_resumes_after_an_id() {
     );
 
     // After the last id: nothing, and the stream ends.
-    let mut tail = c
-        .watch_job(pb::WatchJobRequest {
-            job_id: job.id.clone(),
-            after_event_id: *ids.last().expect("ids"),
-        })
-        .await
-        .expect("watch tail")
-        .into_inner();
+    let mut tail = watch_job(&mut c, &job.id, *ids.last().expect("ids")).await;
     assert!(collect(&mut tail).await.is_empty());
 
     let e = c
@@ -767,21 +717,8 @@ async fn a_coordinator_restart_keeps_every_job_and_event() {
         let mut events = Vec::new();
         for id in ids {
             // A non-terminal job's watch stays open; read what is there with a short deadline.
-            let mut s = c
-                .watch_job(pb::WatchJobRequest {
-                    job_id: id.clone(),
-                    after_event_id: 0,
-                })
-                .await
-                .expect("watch")
-                .into_inner();
-            let mut evs = Vec::new();
-            while let Ok(Ok(Some(ev))) =
-                tokio::time::timeout(Duration::from_millis(500), s.message()).await
-            {
-                evs.push(ev);
-            }
-            events.push(evs);
+            let mut s = watch_job(c, id, 0).await;
+            events.push(events_until_quiet(&mut s, Duration::from_millis(500)).await);
         }
         (jobs, events)
     }
@@ -861,16 +798,12 @@ async fn metrics_and_checkpoints_are_served_from_the_store() {
         vec![100, 150, 200]
     );
     assert!(loss.iter().all(|p| p.name == "loss"));
-    let got = c
-        .get_job(pb::GetJobRequest {
-            job_id: job.id.clone(),
-        })
-        .await
-        .expect("get")
-        .into_inner();
+    let got = get_job(&mut c, &job.id).await;
     assert_eq!(
-        got.iteration, 200,
-        "the job records the newest iteration reported"
+        (got.attempt, got.iteration, got.furthest_iteration),
+        (0, 0, 200),
+        "the job records the newest iteration any attempt reported; its progress is the current \
+         attempt's (this one was never placed)"
     );
 
     let cps = c

@@ -6,13 +6,12 @@
 //! lines about a job must carry its job, attempt and rank.
 
 use segtrain_proto::v1 as pb;
-use segtrain_tests::binaries;
 use segtrain_tests::coordinator::{free_port, CoordinatorProcess};
 use segtrain_tests::daemon::DaemonProcess;
+use segtrain_tests::dataset::synth_data;
 use segtrain_tests::metrics::{scrape_parsed, Exposition};
 use segtrain_tests::pg::TempPostgres;
 use std::ffi::OsStr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const JOB_STATES: &[&str] = &[
@@ -88,25 +87,7 @@ fn message(l: &serde_json::Value) -> &str {
 async fn metrics_follow_a_job_from_queued_to_succeeded_on_coordinator_and_daemons() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let data = tmp.path().join("data");
-    let out = Command::new(binaries::path("segtrain-worker"))
-        .args([
-            "synth-data",
-            "--train",
-            "8",
-            "--val",
-            "2",
-            "--size",
-            "64x64",
-            "--out",
-        ])
-        .arg(&data)
-        .output()
-        .expect("synth-data");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    synth_data(&data, 8, 2);
 
     let mut pg = TempPostgres::start().expect("PostgreSQL");
     let cport = free_port();

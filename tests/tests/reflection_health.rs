@@ -8,6 +8,25 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_reflection::pb::{v1, v1alpha};
+use v1::server_reflection_request::MessageRequest as Request;
+
+/// One v1 reflection request on its own stream and the server's one answer (what each `grpcurl`
+/// step sends).
+async fn reflect(
+    refl: &mut v1::server_reflection_client::ServerReflectionClient<tonic::transport::Channel>,
+    request: Request,
+) -> v1::ServerReflectionResponse {
+    let req = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(request),
+    };
+    let mut stream = refl
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .expect("reflection v1")
+        .into_inner();
+    stream.message().await.expect("ok").expect("a response")
+}
 
 #[tokio::test]
 async fn reflection_lists_and_describes_the_api_and_health_reports_serving() {
@@ -17,18 +36,7 @@ async fn reflection_lists_and_describes_the_api_and_health_reports_serving() {
 
     // v1: list services.
     let mut refl = v1::server_reflection_client::ServerReflectionClient::new(ch.clone());
-    let req = v1::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
-            String::new(),
-        )),
-    };
-    let mut stream = refl
-        .server_reflection_info(tokio_stream::iter(vec![req]))
-        .await
-        .expect("reflection v1")
-        .into_inner();
-    let resp = stream.message().await.expect("ok").expect("a response");
+    let resp = reflect(&mut refl, Request::ListServices(String::new())).await;
     let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
         resp.message_response
     else {
@@ -50,20 +58,11 @@ async fn reflection_lists_and_describes_the_api_and_health_reports_serving() {
     }
 
     // v1: describe JobService (file_containing_symbol), as `grpcurl describe` does.
-    let req = v1::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(
-            v1::server_reflection_request::MessageRequest::FileContainingSymbol(
-                "segtrain.v1.JobService".into(),
-            ),
-        ),
-    };
-    let mut stream = refl
-        .server_reflection_info(tokio_stream::iter(vec![req]))
-        .await
-        .expect("reflection v1")
-        .into_inner();
-    let resp = stream.message().await.expect("ok").expect("a response");
+    let resp = reflect(
+        &mut refl,
+        Request::FileContainingSymbol("segtrain.v1.JobService".into()),
+    )
+    .await;
     let Some(v1::server_reflection_response::MessageResponse::FileDescriptorResponse(fds)) =
         resp.message_response
     else {
@@ -103,18 +102,7 @@ async fn reflection_lists_and_describes_the_api_and_health_reports_serving() {
     assert!(watch.server_streaming(), "WatchJob is a server stream");
     // Clients then fetch each dependency by file name; every one must be served.
     for dep in &job_proto.dependency {
-        let req = v1::ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(
-                v1::server_reflection_request::MessageRequest::FileByFilename(dep.clone()),
-            ),
-        };
-        let mut stream = refl
-            .server_reflection_info(tokio_stream::iter(vec![req]))
-            .await
-            .expect("reflection v1")
-            .into_inner();
-        let resp = stream.message().await.expect("ok").expect("a response");
+        let resp = reflect(&mut refl, Request::FileByFilename(dep.clone())).await;
         assert!(
             matches!(
                 resp.message_response,

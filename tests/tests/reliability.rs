@@ -20,10 +20,12 @@
 use segtrain_proto::v1 as pb;
 use segtrain_proto::v1::job_service_client::JobServiceClient;
 use segtrain_tests::binaries;
-use segtrain_tests::coordinator::CoordinatorProcess;
+use segtrain_tests::coordinator::{notes, CoordinatorProcess};
 use segtrain_tests::daemon::{alive, stand_in_trainer, DaemonProcess};
+use segtrain_tests::dataset::synth_data;
 use segtrain_tests::metrics::scrape_parsed;
 use segtrain_tests::pg::TempPostgres;
+use segtrain_tests::wait::poll_until;
 use sqlx::PgPool;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -85,24 +87,16 @@ impl Env {
 
     /// Polls until `sql` (one boolean; `$1` is the job id as text) is true.
     async fn wait_sql(&self, job: &str, sql: &str, timeout: Duration, logs: &dyn Fn() -> String) {
-        let deadline = Instant::now() + timeout;
-        loop {
+        let holds = || async {
             let ok: Option<bool> = sqlx::query_scalar(sql)
                 .bind(job)
                 .fetch_one(&self.pool)
                 .await
                 .ok();
-            if ok == Some(true) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {timeout:?} waiting for: {sql}\ncoordinator:\n{}\n{}",
-                self.coord.log_text(),
-                logs()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            ok == Some(true)
+        };
+        let all_logs = || format!("coordinator:\n{}\n{}", self.coord.log_text(), logs());
+        poll_until(timeout, sql, all_logs, holds).await;
     }
 
     async fn wait_terminal(&self, id: &str, timeout: Duration, logs: &dyn Fn() -> String) {
@@ -129,16 +123,6 @@ impl Env {
     }
 }
 
-fn notes(events: &[pb::JobEvent]) -> Vec<String> {
-    events
-        .iter()
-        .filter_map(|e| match &e.payload {
-            Some(pb::job_event::Payload::Note(n)) => Some(n.text.clone()),
-            _ => None,
-        })
-        .collect()
-}
-
 /// A world-1 job for stand-in trainers (which ignore it; the coordinator validates it).
 fn stand_in_spec(name: &str) -> pb::JobSpec {
     pb::JobSpec {
@@ -156,25 +140,7 @@ fn stand_in_spec(name: &str) -> pb::JobSpec {
 fn real_spec(env: &Env, name: &str, max_iters: u64) -> pb::JobSpec {
     let data = env.path("data");
     if !data.exists() {
-        let out = Command::new(binaries::path("segtrain-worker"))
-            .args([
-                "synth-data",
-                "--train",
-                "4",
-                "--val",
-                "2",
-                "--size",
-                "64x64",
-            ])
-            .arg("--out")
-            .arg(&data)
-            .output()
-            .expect("synth-data");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        synth_data(&data, 4, 2);
     }
     pb::JobSpec {
         name: Some(name.into()),
@@ -570,14 +536,7 @@ async fn a_dataset_vanishing_for_a_moment_mid_run_is_an_infrastructure_failure()
     .await
     .expect("rank outcome");
     assert_eq!(outcome, "FAILED_INFRA");
-    env.jobs()
-        .await
-        .cancel_job(pb::CancelJobRequest {
-            job_id: id.clone(),
-            reason: "done".into(),
-        })
-        .await
-        .expect("cancel");
+    env.coord.cancel(&id, "done").await;
     env.wait_terminal(&id, Duration::from_secs(60), &logs).await;
 }
 
@@ -604,19 +563,14 @@ async fn pretrained_weights_on_gs_are_fetched_and_a_missing_object_fails_at_once
         ),
     )
     .expect("job file");
-    let out = Command::new(binaries::path("segtrain-worker"))
+    let mut train = Command::new(binaries::path("segtrain-worker"));
+    train
         .args(["train", "--device", "cpu", "--config"])
         .arg(&job_file)
         .arg("--checkpoint-dir")
         .arg(env.path("weights"))
-        .env("OMP_NUM_THREADS", "1")
-        .output()
-        .expect("segtrain-worker train");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .env("OMP_NUM_THREADS", "1");
+    binaries::run_ok(&mut train, "segtrain-worker train");
     let weights = std::fs::read(env.path("weights/ckpt-00000001/model.safetensors"))
         .expect("the checkpoint's model");
     let gcs = segtrain_tests::gcs::FakeGcs::start(
@@ -694,14 +648,7 @@ while :; do sleep 0.1 > /dev/null; done"#,
     .await;
     let pids = d.trainer_pids();
     assert_eq!(pids.len(), 1, "{pids:?}");
-    env.jobs()
-        .await
-        .cancel_job(pb::CancelJobRequest {
-            job_id: id.clone(),
-            reason: "stop it".into(),
-        })
-        .await
-        .expect("cancel");
+    env.coord.cancel(&id, "stop it").await;
     let canceled = Instant::now();
     std::thread::sleep(Duration::from_millis(1000));
     assert!(

@@ -5,9 +5,8 @@
 
 use segtrain_coordinator::store::Store;
 use segtrain_proto::v1 as pb;
-use segtrain_proto::v1::cluster_service_client::ClusterServiceClient;
 use segtrain_proto::v1::job_service_client::JobServiceClient;
-use segtrain_tests::coordinator::{CoordinatorProcess, FakeWorker};
+use segtrain_tests::coordinator::{submit_job, CoordinatorProcess, FakeWorker};
 use segtrain_tests::pg::TempPostgres;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -50,31 +49,15 @@ impl Env {
     }
 
     async fn submit(&self, name: &str, world_size: u32, priority: i32) -> pb::Job {
-        submit(&mut self.jobs().await, name, world_size, priority).await
+        self.coord.submit(spec(name, world_size, priority)).await
     }
 
     async fn state(&self, job: &pb::Job) -> pb::JobState {
-        self.jobs()
-            .await
-            .get_job(pb::GetJobRequest {
-                job_id: job.id.clone(),
-            })
-            .await
-            .expect("get job")
-            .into_inner()
-            .state()
+        self.coord.get_job(&job.id).await.state()
     }
 
     async fn list_workers(&self) -> HashMap<String, pb::Worker> {
-        ClusterServiceClient::new(self.coord.channel().await)
-            .list_workers(pb::ListWorkersRequest {})
-            .await
-            .expect("list workers")
-            .into_inner()
-            .workers
-            .into_iter()
-            .map(|w| (w.id.clone(), w))
-            .collect()
+        self.coord.list_workers().await
     }
 
     /// No worker holds two unfinished ranks, and no worker is BUSY without one (or IDLE with one).
@@ -100,29 +83,17 @@ impl Env {
     }
 }
 
-async fn submit(
-    c: &mut JobServiceClient<Channel>,
-    name: &str,
-    world_size: u32,
-    priority: i32,
-) -> pb::Job {
-    c.submit_job(pb::SubmitJobRequest {
-        spec: Some(pb::JobSpec {
-            name: Some(name.into()),
-            dataset_root: Some("/data/cityscapes".into()),
-            world_size: Some(world_size),
-            priority: Some(priority),
-            max_iters: Some(1000),
-            warmup_iters: Some(10),
-            ..Default::default()
-        }),
-        idempotency_key: String::new(),
-    })
-    .await
-    .expect("submit")
-    .into_inner()
-    .job
-    .expect("job")
+/// A small job of `world_size` ranks at `priority` (nothing runs it: the fakes only report).
+fn spec(name: &str, world_size: u32, priority: i32) -> pb::JobSpec {
+    pb::JobSpec {
+        name: Some(name.into()),
+        dataset_root: Some("/data/cityscapes".into()),
+        world_size: Some(world_size),
+        priority: Some(priority),
+        max_iters: Some(1000),
+        warmup_iters: Some(10),
+        ..Default::default()
+    }
 }
 
 /// Runs an assignment to success: started, then finished SUCCEEDED.
@@ -414,18 +385,7 @@ async fn an_expired_lease_fails_the_attempt_restarts_the_job_and_stops_the_other
     );
 
     // Cancel wins over the pending restart: CANCELED at once, never queued again.
-    let canceled = env
-        .jobs()
-        .await
-        .cancel_job(pb::CancelJobRequest {
-            job_id: job.id.clone(),
-            reason: "enough".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .job
-        .unwrap();
+    let canceled = env.coord.cancel(&job.id, "enough").await;
     assert_eq!(canceled.state(), pb::JobState::Canceled);
     assert!(alive
         .try_message(Duration::from_millis(500))
@@ -537,7 +497,7 @@ async fn two_coordinators_never_double_book_a_worker() {
     for i in 0..12 {
         let ws = [2, 1, 3][i % 3];
         let c = if i % 2 == 0 { &mut c1 } else { &mut c2 };
-        jobs.push(submit(c, &format!("job-{i}"), ws, 0).await);
+        jobs.push(submit_job(c, spec(&format!("job-{i}"), ws, 0)).await);
     }
     // Watch the invariant while everything runs to completion.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -627,16 +587,7 @@ async fn a_cpu_worker_is_named_cpu_in_the_placement_event() {
     let job = env.submit("on-cpu", 1, 0).await;
     let mut w = env.worker("cpu-a", -1).await;
     w.start().await;
-    let mut stream = env
-        .jobs()
-        .await
-        .watch_job(pb::WatchJobRequest {
-            job_id: job.id.clone(),
-            after_event_id: 0,
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut stream = env.coord.watch(&job.id).await;
     let placed = loop {
         let ev = tokio::time::timeout(Duration::from_secs(30), stream.message())
             .await

@@ -26,8 +26,11 @@ use segtrain_proto::v1::job_service_client::JobServiceClient;
 use segtrain_proto::v1::token_service_client::TokenServiceClient;
 use segtrain_proto::v1::worker_service_client::WorkerServiceClient;
 use segtrain_tests::binaries;
-use segtrain_tests::coordinator::CoordinatorProcess;
+use segtrain_tests::coordinator::{
+    events_until_end, get_job, submit_job, watch_job, CoordinatorProcess,
+};
 use segtrain_tests::daemon::DaemonProcess;
+use segtrain_tests::dataset::synth_data;
 use segtrain_tests::pg::TempPostgres;
 use sha2::{Digest, Sha256};
 use std::ffi::OsStr;
@@ -1108,25 +1111,7 @@ async fn cli_token_create_list_revoke_round_trip() {
 async fn a_daemon_with_a_worker_token_runs_a_job_over_tls() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let data = tmp.path().join("data");
-    let out = Command::new(binaries::path("segtrain-worker"))
-        .args([
-            "synth-data",
-            "--train",
-            "4",
-            "--val",
-            "2",
-            "--size",
-            "64x64",
-            "--out",
-        ])
-        .arg(&data)
-        .output()
-        .expect("synth-data");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    synth_data(&data, 4, 2);
 
     let pg = TempPostgres::start().expect("PostgreSQL");
     let coord = CoordinatorProcess::start_secure(&pg.url(), &[], false).await;
@@ -1158,59 +1143,37 @@ async fn a_daemon_with_a_worker_token_runs_a_job_over_tls() {
     );
 
     let mut j = jobs(&coord, Some(&client));
-    let job = j
-        .submit_job(pb::SubmitJobRequest {
-            spec: Some(pb::JobSpec {
-                name: Some("tls-e2e".into()),
-                dataset_root: Some(data.display().to_string()),
-                checkpoint_root: Some(tmp.path().join("ckpt").display().to_string()),
-                world_size: Some(1),
-                batch_per_gpu: Some(1),
-                crop_height: Some(64),
-                crop_width: Some(64),
-                max_iters: Some(2),
-                warmup_iters: Some(1),
-                log_interval: Some(1),
-                eval_interval: Some(2),
-                checkpoint_interval: Some(2),
-                eval_mode: Some("whole".into()),
-                loader_threads: Some(1),
-                ..Default::default()
-            }),
-            idempotency_key: String::new(),
-        })
-        .await
-        .expect("submit")
-        .into_inner()
-        .job
-        .expect("job");
-    let mut stream = j
-        .watch_job(pb::WatchJobRequest {
-            job_id: job.id.clone(),
-            after_event_id: 0,
-        })
-        .await
-        .expect("watch")
-        .into_inner();
-    loop {
-        match tokio::time::timeout(Duration::from_secs(300), stream.message()).await {
-            Ok(Ok(Some(_))) => {}
-            Ok(Ok(None)) => break,
-            Ok(Err(e)) => panic!("watch failed: {e}"),
-            Err(_) => panic!(
-                "no progress for 5 minutes\ncoordinator:\n{}\ndaemon:\n{}",
-                coord.log_text(),
-                daemon.log_text()
-            ),
-        }
-    }
-    let done = j
-        .get_job(pb::GetJobRequest {
-            job_id: job.id.clone(),
-        })
-        .await
-        .expect("get")
-        .into_inner();
+    let job = submit_job(
+        &mut j,
+        pb::JobSpec {
+            name: Some("tls-e2e".into()),
+            dataset_root: Some(data.display().to_string()),
+            checkpoint_root: Some(tmp.path().join("ckpt").display().to_string()),
+            world_size: Some(1),
+            batch_per_gpu: Some(1),
+            crop_height: Some(64),
+            crop_width: Some(64),
+            max_iters: Some(2),
+            warmup_iters: Some(1),
+            log_interval: Some(1),
+            eval_interval: Some(2),
+            checkpoint_interval: Some(2),
+            eval_mode: Some("whole".into()),
+            loader_threads: Some(1),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut stream = watch_job(&mut j, &job.id, 0).await;
+    let logs = || {
+        format!(
+            "coordinator:\n{}\ndaemon:\n{}",
+            coord.log_text(),
+            daemon.log_text()
+        )
+    };
+    events_until_end(&mut stream, Duration::from_secs(300), logs).await;
+    let done = get_job(&mut j, &job.id).await;
     assert_eq!(
         done.state(),
         pb::JobState::Succeeded,

@@ -6,11 +6,12 @@
 use segtrain_coordinator::state::JobState;
 use segtrain_coordinator::store::Store;
 use segtrain_proto::v1 as pb;
-use segtrain_proto::v1::cluster_service_client::ClusterServiceClient;
 use segtrain_proto::v1::job_service_client::JobServiceClient;
 use segtrain_proto::v1::worker_event::Payload;
 use segtrain_proto::v1::worker_service_client::WorkerServiceClient;
-use segtrain_tests::coordinator::{CoordinatorProcess, FakeWorker};
+use segtrain_tests::coordinator::{
+    describe_event, events_until_end, CoordinatorProcess, FakeWorker,
+};
 use segtrain_tests::pg::TempPostgres;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -66,38 +67,15 @@ impl Env {
     }
 
     async fn submit(&self, name: &str, world_size: u32) -> pb::Job {
-        self.jobs()
-            .await
-            .submit_job(pb::SubmitJobRequest {
-                spec: Some(spec(name, world_size)),
-                idempotency_key: String::new(),
-            })
-            .await
-            .expect("submit")
-            .into_inner()
-            .job
-            .expect("job")
+        self.coord.submit(spec(name, world_size)).await
     }
 
     async fn job(&self, id: &str) -> pb::Job {
-        self.jobs()
-            .await
-            .get_job(pb::GetJobRequest { job_id: id.into() })
-            .await
-            .expect("get job")
-            .into_inner()
+        self.coord.get_job(id).await
     }
 
     async fn list_workers(&self) -> HashMap<String, pb::Worker> {
-        ClusterServiceClient::new(self.coord.channel().await)
-            .list_workers(pb::ListWorkersRequest {})
-            .await
-            .expect("list workers")
-            .into_inner()
-            .workers
-            .into_iter()
-            .map(|w| (w.id.clone(), w))
-            .collect()
+        self.coord.list_workers().await
     }
 }
 
@@ -125,26 +103,6 @@ fn metrics(iteration: u64, loss: f64) -> Payload {
         iteration,
         values: HashMap::from([("loss".to_string(), loss), ("lr".to_string(), 1e-5)]),
     })
-}
-
-fn describe(ev: &pb::JobEvent) -> String {
-    use pb::job_event::Payload as P;
-    match &ev.payload {
-        Some(P::StateChange(c)) => format!(
-            "state {}",
-            pb::JobState::try_from(c.to)
-                .map(|s| s.as_str_name())
-                .unwrap_or("?")
-        ),
-        Some(P::Metrics(m)) => format!("metrics {}", m.iteration),
-        Some(P::Eval(e)) => format!("eval {}", e.iteration),
-        Some(P::Checkpoint(c)) => format!(
-            "checkpoint {}",
-            c.checkpoint.as_ref().map(|c| c.iteration).unwrap_or(0)
-        ),
-        Some(P::Note(n)) => format!("note {}", n.text),
-        None => "none".into(),
-    }
 }
 
 fn assert_code(r: Result<impl std::fmt::Debug, tonic::Status>, code: Code, needle: &str) {
@@ -178,16 +136,7 @@ async fn happy_path_through_the_worker_api() {
     let mut w0 = env.worker("host-a", 0).await;
     let mut w1 = env.worker("host-a", 1).await;
     let job = env.submit("happy", 2).await;
-    let mut watch = env
-        .jobs()
-        .await
-        .watch_job(pb::WatchJobRequest {
-            job_id: job.id.clone(),
-            after_event_id: 0,
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut watch = env.coord.watch(&job.id).await;
 
     // Both workers get their rank of attempt 1 with the resolved spec.
     let (s0, s1) = starts(&mut w0, &mut w1).await;
@@ -386,16 +335,9 @@ async fn happy_path_through_the_worker_api() {
     }
 
     // WatchJob saw all of it, in order, and ended.
-    let mut got = Vec::new();
-    while let Some(ev) = tokio::time::timeout(Duration::from_secs(20), watch.message())
-        .await
-        .expect("watch makes progress")
-        .expect("watch ok")
-    {
-        got.push(ev);
-    }
+    let got = events_until_end(&mut watch, Duration::from_secs(20), String::new).await;
     assert_eq!(
-        got.iter().map(describe).collect::<Vec<_>>(),
+        got.iter().map(describe_event).collect::<Vec<_>>(),
         [
             "state JOB_STATE_QUEUED",
             "state JOB_STATE_SCHEDULED",
@@ -438,18 +380,7 @@ async fn cancel_of_a_running_job_stops_every_rank() {
     w1.started(&a1).await;
     assert_eq!(env.job(&job.id).await.state(), pb::JobState::Running);
 
-    let canceled = env
-        .jobs()
-        .await
-        .cancel_job(pb::CancelJobRequest {
-            job_id: job.id.clone(),
-            reason: "user says stop".into(),
-        })
-        .await
-        .expect("cancel")
-        .into_inner()
-        .job
-        .expect("job");
+    let canceled = env.coord.cancel(&job.id, "user says stop").await;
     assert_eq!(canceled.state(), pb::JobState::Canceling);
 
     // Both get `stop` on their stream, and again in their heartbeat.

@@ -13,32 +13,23 @@ fn bench(args: &[&str]) -> std::process::Output {
         .expect("run segtrain-worker bench")
 }
 
+/// A short fp32 B0 run on the CPU (batch 2, 64x64, 2 timed iterations after 1 warm-up) with
+/// `extra` flags, as JSON; panics with its stderr unless it succeeds. Both tests time this run.
+fn small_cpu_bench(extra: &[&str]) -> serde_json::Value {
+    let small =
+        "--variant b0 --batch 2 --crop 64 --iters 2 --warmup 1 --device cpu --precision fp32";
+    let mut args: Vec<&str> = small.split(' ').collect();
+    args.extend_from_slice(extra);
+    args.push("--json");
+    let out = bench(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+}
+
 #[test]
 fn bench_times_training_steps_and_counts_flops_from_the_model() {
-    let out = bench(&[
-        "--variant",
-        "b0",
-        "--batch",
-        "2",
-        "--crop",
-        "64",
-        "--iters",
-        "2",
-        "--warmup",
-        "1",
-        "--device",
-        "cpu",
-        "--precision",
-        "fp32",
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    let r = small_cpu_bench(&[]);
     let ms = r["ms_per_iter_median"].as_f64().expect("ms");
     assert!(ms > 0.0);
     assert!(r["ms_per_iter_min"].as_f64().expect("min") <= ms);
@@ -66,36 +57,14 @@ fn bench_times_training_steps_and_counts_flops_from_the_model() {
 fn bench_reports_ab_switches_breakdown_and_a_profile() {
     let dir = tempfile::tempdir().expect("temp dir");
     let trace = dir.path().join("trace.json");
-    let out = bench(&[
-        "--variant",
-        "b0",
-        "--batch",
-        "2",
-        "--crop",
-        "64",
-        "--iters",
-        "2",
-        "--warmup",
-        "1",
-        "--device",
-        "cpu",
-        "--precision",
-        "fp32",
+    let r = small_cpu_bench(&[
         "--head",
         "concat",
         "--contiguous-maps",
         "--breakdown",
         "--profile",
         trace.to_str().expect("utf-8 path"),
-        "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
     assert_eq!(r["head"], "concat");
     assert_eq!(r["contiguous_maps"], true);
     for phase in ["forward_ms", "backward_ms", "optimizer_ms"] {

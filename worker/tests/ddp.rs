@@ -139,11 +139,8 @@ fn synth_data(dir: &Path) -> PathBuf {
         ])
         .output()
         .expect("synth-data");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "synth-data failed: {stderr}");
     data
 }
 

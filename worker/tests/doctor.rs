@@ -9,11 +9,8 @@ fn doctor_reports_the_linked_libtorch() {
         .args(["doctor", "--json"])
         .output()
         .expect("run segtrain-worker doctor");
-    assert!(
-        out.status.success(),
-        "doctor failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "doctor failed: {stderr}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("doctor --json is JSON");
     let lib = v["libtorch_lib"].as_str().expect("libtorch_lib is known");
     assert!(

@@ -62,6 +62,22 @@ fn predict_on_a_tensor_reproduces_the_reference_logits_and_writes_a_mask() {
     );
 }
 
+/// `predict --variant b0 --weights W --input I` and then `rest`: the command line every predict
+/// test starts from.
+fn predict_args<'a>(weights: &'a str, input: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "predict",
+        "--variant",
+        "b0",
+        "--weights",
+        weights,
+        "--input",
+        input,
+    ];
+    args.extend_from_slice(rest);
+    args
+}
+
 #[test]
 fn predict_on_an_image_writes_a_mask_of_its_size() {
     let fx = fixture("b0.safetensors");
@@ -73,22 +89,11 @@ fn predict_on_an_image_writes_a_mask_of_its_size() {
     });
     img.save(&photo).expect("write png");
     let mask = dir.path().join("mask.png");
-    let out = worker(&[
-        "predict",
-        "--variant",
-        "b0",
-        "--weights",
-        weights.to_str().expect("utf-8"),
-        "--input",
-        photo.to_str().expect("utf-8"),
-        "--out",
-        mask.to_str().expect("utf-8"),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let utf8 = |p: &std::path::Path| p.to_str().expect("utf-8").to_string();
+    let (weights, photo, mask_arg) = (utf8(&weights), utf8(&photo), utf8(&mask));
+    let out = worker(&predict_args(&weights, &photo, &["--out", &mask_arg]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
     assert_eq!(
         image::open(&mask).expect("mask").into_rgb8().dimensions(),
         (96, 64)
@@ -101,66 +106,30 @@ fn predict_errors_are_one_clear_line() {
     let photo = dir.path().join("p.png");
     image::RgbImage::new(64, 64).save(&photo).expect("png");
     let photo = photo.to_str().expect("utf-8");
-    let cases: [(&[&str], &str); 4] = [
+    // (weights, input, the flags after them, what the one error line names)
+    let cases: [(&str, &str, &[&str], &str); 4] = [
         (
-            &[
-                "predict",
-                "--variant",
-                "b0",
-                "--weights",
-                "/nope/w.safetensors",
-                "--input",
-                photo,
-                "--out",
-                "/tmp/x.png",
-            ],
+            "/nope/w.safetensors",
+            photo,
+            &["--out", "/tmp/x.png"],
             "/nope/w.safetensors",
         ),
         (
-            &[
-                "predict",
-                "--variant",
-                "b0",
-                "--weights",
-                "/nope/w.safetensors",
-                "--input",
-                "/nope/in.png",
-                "--out",
-                "/tmp/x.png",
-            ],
+            "/nope/w.safetensors",
+            "/nope/in.png",
+            &["--out", "/tmp/x.png"],
             "/nope/in.png",
         ),
         (
-            &[
-                "predict",
-                "--variant",
-                "b0",
-                "--weights",
-                "w",
-                "--input",
-                photo,
-                "--out",
-                "x.png",
-                "--device",
-                "tpu",
-            ],
+            "w",
+            photo,
+            &["--out", "x.png", "--device", "tpu"],
             "--device",
         ),
-        (
-            &[
-                "predict",
-                "--variant",
-                "b0",
-                "--weights",
-                "w",
-                "--input",
-                photo,
-            ],
-            "--out",
-        ),
+        ("w", photo, &[], "--out"),
     ];
-    for (args, needle) in cases {
-        let out = worker(args);
+    for (weights, input, rest, needle) in cases {
+        let out = worker(&predict_args(weights, input, rest));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success());
         assert_eq!(err.trim_end().lines().count(), 1, "{err}");

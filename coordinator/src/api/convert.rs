@@ -1,7 +1,7 @@
 //! Store records to protobuf messages.
 
 use crate::store::{
-    CheckpointRecord, EventRecord, JobRecord, MetricPoint, RankAssignment, AttemptRank,
+    AttemptRank, CheckpointRecord, EventRecord, JobRecord, MetricPoint, RankAssignment,
     RendezvousEndpoint, WorkerRecord,
 };
 use chrono::{DateTime, Utc};

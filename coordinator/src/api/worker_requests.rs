@@ -4,7 +4,7 @@
 
 use super::parse_job_id;
 use crate::store::{
-    IngestBody, IngestEvent, RankOutcome, AttemptRank, RendezvousEndpoint, WorkerRegistration,
+    AttemptRank, IngestBody, IngestEvent, RankOutcome, RendezvousEndpoint, WorkerRegistration,
 };
 use segtrain_proto::v1 as pb;
 use std::collections::BTreeMap;

@@ -68,7 +68,7 @@ impl fmt::Display for RankOutcome {
 }
 
 /// Whether a rank of attempt `attempt` should be running: the attempt is the job's current one
-/// and not over, and the job still wants it (SCHEDULED or RUNNING). The one rule behind what an
+/// and not over, and the job is neither canceling nor over. The one rule behind what an
 /// assignment stream sends, what a heartbeat stops and what a re-registration keeps.
 pub(super) fn rank_should_run(
     job_attempt: u32,
@@ -77,8 +77,9 @@ pub(super) fn rank_should_run(
     attempt_state: AttemptState,
 ) -> bool {
     job_attempt == attempt
-        && matches!(job_state, JobState::Scheduled | JobState::Running)
         && !attempt_state.is_terminal()
+        && job_state != JobState::Canceling
+        && !job_state.is_terminal()
 }
 
 /// One unfinished rank held by a worker, with everything needed to start or stop it.

@@ -28,7 +28,7 @@ pub use metrics::{CheckpointRecord, MetricPoint};
 pub use placement::{Candidate, ScheduleOutcome};
 pub use rendezvous::RendezvousEndpoint;
 pub use tokens::{TokenCheck, TokenRecord};
-pub use workers::{Heartbeat, AttemptRank, Registered, WorkerRecord, WorkerRegistration};
+pub use workers::{AttemptRank, Heartbeat, Registered, WorkerRecord, WorkerRegistration};
 
 use crate::state::IllegalTransition;
 use chrono::{DateTime, Utc};

@@ -1,0 +1,22 @@
+//! Waiting for a condition that the processes under test make true in their own time.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// Checks `check` every 100 ms until it is true. After `timeout`, panics naming `what` it waited
+/// for, with `logs()` (the processes' logs, to see why): the one polling loop the tests share.
+pub async fn poll_until<F, Fut>(timeout: Duration, what: &str, logs: impl Fn() -> String, check: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
