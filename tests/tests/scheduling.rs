@@ -96,6 +96,14 @@ fn spec(name: &str, world_size: u32, priority: i32) -> pb::JobSpec {
     }
 }
 
+/// A metrics report of `iteration` (one loss point).
+fn metrics(iteration: u64) -> pb::worker_event::Payload {
+    pb::worker_event::Payload::Metrics(pb::MetricsReport {
+        iteration,
+        values: [("loss".to_string(), 1.0)].into(),
+    })
+}
+
 /// Runs an assignment to success: started, then finished SUCCEEDED.
 async fn complete(w: &mut FakeWorker, a: &pb::Assignment) {
     w.started(a).await;
@@ -426,7 +434,8 @@ async fn a_restarting_job_is_queued_again_after_its_backoff_and_resumes() {
             }),
         }),
     );
-    w.report(vec![ckpt]).await.expect("checkpoint stored");
+    let past = w.event(&job.id, 1, 0, metrics(55));
+    w.report(vec![ckpt, past]).await.expect("checkpoint and metrics stored");
     w.finished(&job.id, 1, 0, pb::Outcome::FailedInfra).await;
     // RESTARTING, then QUEUED after the backoff, then attempt 2 resuming from iteration 40.
     let b = w.start().await;
@@ -445,8 +454,28 @@ async fn a_restarting_job_is_queued_again_after_its_backoff_and_resumes() {
         .into_inner();
     assert_eq!(got.restarts, 1);
     assert!(got.reason.contains("restart 1 of 3"), "{}", got.reason);
-    // A deterministic failure of the new attempt is not retried.
+    // Progress is attempt 2's: nothing before it reports, its resume point once it resumed;
+    // how far attempt 1 got stays as furthest_iteration.
+    assert_eq!((got.iteration, got.furthest_iteration), (0, 55));
     w.started(&b).await;
+    let resumed = w.event(
+        &job.id,
+        2,
+        0,
+        pb::worker_event::Payload::Resumed(pb::Resumed {
+            iteration: 40,
+            uri: "/ckpt/a1/ckpt-00000040".into(),
+            skipped: Vec::new(),
+        }),
+    );
+    w.report(vec![resumed]).await.expect("resumed stored");
+    let got = env.coord.get_job(&job.id).await;
+    assert_eq!((got.iteration, got.furthest_iteration), (40, 55));
+    let now = w.event(&job.id, 2, 0, metrics(45));
+    w.report(vec![now]).await.expect("metrics stored");
+    let got = env.coord.get_job(&job.id).await;
+    assert_eq!((got.iteration, got.furthest_iteration), (45, 55));
+    // A deterministic failure of the new attempt is not retried.
     w.finished(&job.id, 2, 0, pb::Outcome::FailedDeterministic)
         .await;
     assert_eq!(env.state(&job).await, pb::JobState::Failed);
