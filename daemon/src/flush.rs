@@ -85,7 +85,7 @@ fn skip(shared: &Shared, ev: &pb::WorkerEvent, e: &Status) {
         // The rank's end must arrive, or the job waits for it for ever: again, without the
         // reason (the likeliest culprit). An empty reason refused is not sent a third time.
         Some(Payload::Finished(f)) if !f.reason.is_empty() => {
-            Some(Payload::Finished(pb::AttemptFinished {
+            Some(Payload::Finished(pb::RankFinished {
                 outcome: f.outcome,
                 reason: String::new(),
             }))

@@ -142,7 +142,7 @@ impl Shared {
         self.coordinator_grace.lock().ok().and_then(|g| *g)
     }
 
-    fn running_list(&self) -> Vec<pb::RunningTrainer> {
+    fn running_list(&self) -> Vec<pb::AttemptRank> {
         self.running
             .lock()
             .map(|r| r.keys().map(AttemptRank::to_proto).collect())

@@ -26,13 +26,13 @@ pub(crate) async fn run_rank(
 ) {
     let key = AttemptRank::of(&a);
     shared.metrics.set_phase(&key, Phase::Starting);
-    let finish = |outcome: pb::Outcome, reason: String| {
-        let name = outcome.as_str_name().trim_start_matches("OUTCOME_");
+    let finish = |outcome: pb::RankOutcome, reason: String| {
+        let name = outcome.as_str_name().trim_start_matches("RANK_OUTCOME_");
         tracing::info!(job = %key.job_id, attempt = key.attempt, rank = key.rank, outcome = name, reason = %reason, "trainer finished");
         shared.metrics.finished(&key, name);
         shared.emit(
             &key,
-            pb::worker_event::Payload::Finished(pb::AttemptFinished {
+            pb::worker_event::Payload::Finished(pb::RankFinished {
                 outcome: outcome as i32,
                 reason: super::wire_text(&reason),
             }),
@@ -47,7 +47,7 @@ pub(crate) async fn run_rank(
         Ok(s) => s,
         Err(e) => {
             return finish(
-                pb::Outcome::FailedDeterministic,
+                pb::RankOutcome::FailedDeterministic,
                 format!("invalid spec: {e}"),
             )
         }
@@ -66,14 +66,14 @@ pub(crate) async fn run_rank(
             };
             let mut client = shared.client();
             tokio::select! {
-                r = &mut stop_rx => return finish(pb::Outcome::Canceled, stopped_reason(r)),
+                r = &mut stop_rx => return finish(pb::RankOutcome::Canceled, stopped_reason(r)),
                 r = client.await_rendezvous(req) => match r {
                     Ok(r) => { endpoint = r.into_inner().endpoint; break; }
                     Err(e) if shared.fatal_refusal(&e) => {
-                        return finish(pb::Outcome::Canceled, e.message().to_string())
+                        return finish(pb::RankOutcome::Canceled, e.message().to_string())
                     }
                     Err(e) if matches!(e.code(), Code::DeadlineExceeded | Code::Unavailable | Code::Unknown) => continue,
-                    Err(e) => return finish(pb::Outcome::FailedInfra, format!("rendezvous: {}", e.message())),
+                    Err(e) => return finish(pb::RankOutcome::FailedInfra, format!("rendezvous: {}", e.message())),
                 }
             }
         }
@@ -95,11 +95,11 @@ pub(crate) async fn run_rank(
     };
     let (mut child, log) = match trainer_process::spawn(&launch) {
         Ok(c) => c,
-        Err(e) => return finish(pb::Outcome::FailedInfra, format!("{e:#}")),
+        Err(e) => return finish(pb::RankOutcome::FailedInfra, format!("{e:#}")),
     };
     tracing::info!(job = %key.job_id, attempt = key.attempt, rank = key.rank, pid = child.id(), "trainer started");
     let Some(stdout) = child.stdout.take() else {
-        return finish(pb::Outcome::FailedInfra, "trainer has no stdout".into());
+        return finish(pb::RankOutcome::FailedInfra, "trainer has no stdout".into());
     };
     let mut lines = LineReader::new(BufReader::new(stdout), MAX_LINE_BYTES);
     let mut stopped: Option<String> = None;
@@ -226,20 +226,20 @@ fn outcome_of(
     failed: Option<(bool, String)>,
     status: std::io::Result<std::process::ExitStatus>,
     log: &std::path::Path,
-) -> (pb::Outcome, String) {
+) -> (pb::RankOutcome, String) {
     use std::os::unix::process::ExitStatusExt;
     match (stopped, failed, status) {
-        (Some(reason), _, _) => (pb::Outcome::Canceled, reason),
-        (None, _, Ok(s)) if s.success() => (pb::Outcome::Succeeded, String::new()),
-        (None, Some((true, reason)), Ok(_)) => (pb::Outcome::FailedDeterministic, reason),
-        (None, Some((false, reason)), Ok(_)) => (pb::Outcome::FailedInfra, reason),
+        (Some(reason), _, _) => (pb::RankOutcome::Canceled, reason),
+        (None, _, Ok(s)) if s.success() => (pb::RankOutcome::Succeeded, String::new()),
+        (None, Some((true, reason)), Ok(_)) => (pb::RankOutcome::FailedDeterministic, reason),
+        (None, Some((false, reason)), Ok(_)) => (pb::RankOutcome::FailedInfra, reason),
         (None, None, Ok(s)) => match s.signal() {
             Some(sig) => (
-                pb::Outcome::FailedInfra,
+                pb::RankOutcome::FailedInfra,
                 format!("the trainer was killed by signal {sig}"),
             ),
             None => (
-                pb::Outcome::FailedInfra,
+                pb::RankOutcome::FailedInfra,
                 format!(
                     "the trainer exited with {s}: {}",
                     trainer_process::log_tail(log, 3)
@@ -247,7 +247,7 @@ fn outcome_of(
             ),
         },
         (None, _, Err(e)) => (
-            pb::Outcome::FailedInfra,
+            pb::RankOutcome::FailedInfra,
             format!("cannot wait for the trainer: {e}"),
         ),
     }

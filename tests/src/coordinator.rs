@@ -666,18 +666,24 @@ impl FakeWorker {
             &a.job_id,
             a.attempt,
             a.rank,
-            pb::worker_event::Payload::Started(pb::AttemptStarted {}),
+            pb::worker_event::Payload::Started(pb::RankStarted {}),
         );
         self.report(vec![ev]).await.expect("report started");
     }
 
     /// Reports `finished` with `outcome` for (job, attempt, rank).
-    pub async fn finished(&mut self, job_id: &str, attempt: u32, rank: u32, outcome: pb::Outcome) {
+    pub async fn finished(
+        &mut self,
+        job_id: &str,
+        attempt: u32,
+        rank: u32,
+        outcome: pb::RankOutcome,
+    ) {
         let ev = self.event(
             job_id,
             attempt,
             rank,
-            pb::worker_event::Payload::Finished(pb::AttemptFinished {
+            pb::worker_event::Payload::Finished(pb::RankFinished {
                 outcome: outcome as i32,
                 reason: format!("test says {}", outcome.as_str_name()),
             }),
@@ -685,7 +691,7 @@ impl FakeWorker {
         self.report(vec![ev]).await.expect("report finished");
     }
 
-    pub async fn heartbeat(&mut self, running: Vec<pb::RunningTrainer>) -> pb::HeartbeatResponse {
+    pub async fn heartbeat(&mut self, running: Vec<pb::AttemptRank>) -> pb::HeartbeatResponse {
         self.client
             .heartbeat(pb::HeartbeatRequest {
                 worker_id: self.id.clone(),

@@ -72,7 +72,7 @@ async fn a_drained_worker_finishes_its_rank_and_takes_no_new_one_until_undrained
         "{stdout}"
     );
     assert_eq!(state_of(&coord, &w).await, pb::WorkerState::Draining);
-    let running = vec![pb::RunningTrainer {
+    let running = vec![pb::AttemptRank {
         job_id: a.job_id.clone(),
         attempt: a.attempt,
         rank: a.rank,
@@ -95,7 +95,7 @@ async fn a_drained_worker_finishes_its_rank_and_takes_no_new_one_until_undrained
 
     // The rank ends; the worker stays DRAINING and the next job waits, even when the daemon
     // registers again.
-    w.finished(&a.job_id, a.attempt, a.rank, pb::Outcome::Succeeded)
+    w.finished(&a.job_id, a.attempt, a.rank, pb::RankOutcome::Succeeded)
         .await;
     assert_eq!(
         coord.get_job(&first.id).await.state(),

@@ -107,7 +107,7 @@ fn metrics(iteration: u64) -> pb::worker_event::Payload {
 /// Runs an assignment to success: started, then finished SUCCEEDED.
 async fn complete(w: &mut FakeWorker, a: &pb::Assignment) {
     w.started(a).await;
-    w.finished(&a.job_id, a.attempt, a.rank, pb::Outcome::Succeeded)
+    w.finished(&a.job_id, a.attempt, a.rank, pb::RankOutcome::Succeeded)
         .await;
 }
 
@@ -338,7 +338,7 @@ async fn an_expired_lease_fails_the_attempt_restarts_the_job_and_stops_the_other
     });
     let job = env.submit("fragile", 2, 0).await;
     let (a, s) = (alive.start().await, silent.start().await);
-    running_here.lock().unwrap().push(pb::RunningTrainer {
+    running_here.lock().unwrap().push(pb::AttemptRank {
         job_id: a.job_id.clone(),
         attempt: a.attempt,
         rank: a.rank,
@@ -380,7 +380,7 @@ async fn an_expired_lease_fails_the_attempt_restarts_the_job_and_stops_the_other
     );
 
     // The lost worker comes back with a heartbeat; its stale trainer is told to stop.
-    let running = pb::RunningTrainer {
+    let running = pb::AttemptRank {
         job_id: job.id.clone(),
         attempt: 1,
         rank: s.rank,
@@ -435,8 +435,11 @@ async fn a_restarting_job_is_queued_again_after_its_backoff_and_resumes() {
         }),
     );
     let past = w.event(&job.id, 1, 0, metrics(55));
-    w.report(vec![ckpt, past]).await.expect("checkpoint and metrics stored");
-    w.finished(&job.id, 1, 0, pb::Outcome::FailedInfra).await;
+    w.report(vec![ckpt, past])
+        .await
+        .expect("checkpoint and metrics stored");
+    w.finished(&job.id, 1, 0, pb::RankOutcome::FailedInfra)
+        .await;
     // RESTARTING, then QUEUED after the backoff, then attempt 2 resuming from iteration 40.
     let b = w.start().await;
     assert_eq!((b.attempt, b.resume_iteration), (2, 40));
@@ -476,7 +479,7 @@ async fn a_restarting_job_is_queued_again_after_its_backoff_and_resumes() {
     let got = env.coord.get_job(&job.id).await;
     assert_eq!((got.iteration, got.furthest_iteration), (45, 55));
     // A deterministic failure of the new attempt is not retried.
-    w.finished(&job.id, 2, 0, pb::Outcome::FailedDeterministic)
+    w.finished(&job.id, 2, 0, pb::RankOutcome::FailedDeterministic)
         .await;
     assert_eq!(env.state(&job).await, pb::JobState::Failed);
     let got = env
@@ -511,7 +514,7 @@ async fn two_coordinators_never_double_book_a_worker() {
                 if let Some(pb::assignment_message::Kind::Start(a)) = m.kind {
                     w.started(&a).await;
                     tokio::time::sleep(Duration::from_millis(20)).await;
-                    w.finished(&a.job_id, a.attempt, a.rank, pb::Outcome::Succeeded)
+                    w.finished(&a.job_id, a.attempt, a.rank, pb::RankOutcome::Succeeded)
                         .await;
                     done += 1;
                 }

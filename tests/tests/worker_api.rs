@@ -320,9 +320,9 @@ async fn happy_path_through_the_worker_api() {
     assert_eq!(env.job(&job.id).await.iteration, 100);
 
     // Both finish: the job succeeds and the workers are free again.
-    r0.finished(&job.id, 1, 0, pb::Outcome::Succeeded).await;
+    r0.finished(&job.id, 1, 0, pb::RankOutcome::Succeeded).await;
     assert_eq!(env.job(&job.id).await.state(), pb::JobState::Running);
-    r1.finished(&job.id, 1, 1, pb::Outcome::Succeeded).await;
+    r1.finished(&job.id, 1, 1, pb::RankOutcome::Succeeded).await;
     let done = env.job(&job.id).await;
     assert_eq!(done.state(), pb::JobState::Succeeded);
     assert!(done.finished_at.is_some());
@@ -392,7 +392,7 @@ async fn cancel_of_a_running_job_stops_every_rank() {
         );
         assert_eq!(stop.reason, "user says stop");
         assert_eq!(stop.grace_seconds, 30);
-        let running = pb::RunningTrainer {
+        let running = pb::AttemptRank {
             job_id: a.job_id.clone(),
             attempt: a.attempt,
             rank: a.rank,
@@ -402,13 +402,13 @@ async fn cancel_of_a_running_job_stops_every_rank() {
     }
 
     // The job ends CANCELED once the last rank has stopped.
-    w0.finished(&job.id, 1, a0.rank, pb::Outcome::Canceled)
+    w0.finished(&job.id, 1, a0.rank, pb::RankOutcome::Canceled)
         .await;
     assert_eq!(env.job(&job.id).await.state(), pb::JobState::Canceling);
     let ws = env.list_workers().await;
     assert_eq!(ws[&w0.id].state(), pb::WorkerState::Idle);
     assert_eq!(ws[&w1.id].state(), pb::WorkerState::Busy);
-    w1.finished(&job.id, 1, a1.rank, pb::Outcome::Canceled)
+    w1.finished(&job.id, 1, a1.rank, pb::RankOutcome::Canceled)
         .await;
     let done = env.job(&job.id).await;
     assert_eq!(done.state(), pb::JobState::Canceled);
@@ -438,8 +438,8 @@ async fn a_failed_rank_fails_the_job_and_stops_the_others() {
         &job.id,
         1,
         a1.rank,
-        Payload::Finished(pb::AttemptFinished {
-            outcome: pb::Outcome::FailedDeterministic as i32,
+        Payload::Finished(pb::RankFinished {
+            outcome: pb::RankOutcome::FailedDeterministic as i32,
             reason: "CUDA out of memory".into(),
         }),
     );
@@ -462,7 +462,7 @@ async fn a_failed_rank_fails_the_job_and_stops_the_others() {
         env.list_workers().await[&w0.id].state(),
         pb::WorkerState::Busy
     );
-    w0.finished(&job.id, 1, a0.rank, pb::Outcome::Canceled)
+    w0.finished(&job.id, 1, a0.rank, pb::RankOutcome::Canceled)
         .await;
     assert_eq!(
         env.list_workers().await[&w0.id].state(),
@@ -606,7 +606,7 @@ async fn stale_attempts_are_refused_and_write_nothing() {
         .publish_rendezvous(publish(&rank0_new, 2))
         .await
         .expect("current attempt publishes");
-    let running = pb::RunningTrainer {
+    let running = pb::AttemptRank {
         job_id: job.id.clone(),
         attempt: 1,
         rank: a0.rank,
@@ -626,8 +626,8 @@ async fn stale_attempts_are_refused_and_write_nothing() {
         &job.id,
         1,
         a1.rank,
-        Payload::Finished(pb::AttemptFinished {
-            outcome: pb::Outcome::Canceled as i32,
+        Payload::Finished(pb::RankFinished {
+            outcome: pb::RankOutcome::Canceled as i32,
             reason: String::new(),
         }),
     );
@@ -740,7 +740,7 @@ async fn a_resent_batch_is_stored_once() {
     let a = w.start().await;
     let id = Uuid::parse_str(&job.id).unwrap();
     let batch = vec![
-        w.event(&job.id, 1, 0, Payload::Started(pb::AttemptStarted {})),
+        w.event(&job.id, 1, 0, Payload::Started(pb::RankStarted {})),
         w.event(&job.id, 1, 0, metrics(50, 2.0)),
         w.event(&job.id, 1, 0, metrics(100, 1.0)),
     ];
@@ -780,7 +780,7 @@ async fn a_resent_batch_is_stored_once() {
         .register(pb::RegisterRequest {
             host: "solo".into(),
             gpu_index: 0,
-            running: vec![pb::RunningTrainer {
+            running: vec![pb::AttemptRank {
                 job_id: a.job_id.clone(),
                 attempt: 1,
                 rank: 0,
@@ -887,7 +887,7 @@ async fn invalid_fields_are_rejected_naming_the_field() {
         ),
         (
             pb::RegisterRequest {
-                running: vec![pb::RunningTrainer {
+                running: vec![pb::AttemptRank {
                     job_id: "nope".into(),
                     attempt: 1,
                     rank: 0,
@@ -898,7 +898,7 @@ async fn invalid_fields_are_rejected_naming_the_field() {
         ),
         (
             pb::RegisterRequest {
-                running: vec![pb::RunningTrainer {
+                running: vec![pb::AttemptRank {
                     job_id: Uuid::now_v7().to_string(),
                     attempt: 0,
                     rank: 0,
@@ -976,7 +976,7 @@ async fn invalid_fields_are_rejected_naming_the_field() {
         time: None,
         payload,
     };
-    let started = Some(Payload::Started(pb::AttemptStarted {}));
+    let started = Some(Payload::Started(pb::RankStarted {}));
     let bad_events: Vec<(pb::WorkerEvent, &str)> = vec![
         (ev(0, started.clone()), "events[0].seq"),
         (
@@ -1052,7 +1052,7 @@ async fn invalid_fields_are_rejected_naming_the_field() {
         (
             ev(
                 1,
-                Some(Payload::Finished(pb::AttemptFinished {
+                Some(Payload::Finished(pb::RankFinished {
                     outcome: 0,
                     reason: String::new(),
                 })),
@@ -1062,12 +1062,23 @@ async fn invalid_fields_are_rejected_naming_the_field() {
         (
             ev(
                 1,
-                Some(Payload::Finished(pb::AttemptFinished {
+                Some(Payload::Finished(pb::RankFinished {
                     outcome: 99,
                     reason: String::new(),
                 })),
             ),
             "events[0].finished.outcome",
+        ),
+        (
+            // LOST is decided by the coordinator, never reported.
+            ev(
+                1,
+                Some(Payload::Finished(pb::RankFinished {
+                    outcome: pb::RankOutcome::Lost as i32,
+                    reason: String::new(),
+                })),
+            ),
+            "events[0].finished.outcome: LOST is the coordinator's to decide",
         ),
         (
             ev(
@@ -1268,7 +1279,7 @@ async fn cancel_before_any_rank_started_ends_once_the_daemons_drop_it() {
     assert_eq!((s0.rank, s1.rank), (a0.rank, a1.rank));
     assert_eq!(s0.reason, "canceled by user");
     // One daemon reports the rank finished, the other simply no longer lists it.
-    w0.finished(&job.id, 1, a0.rank, pb::Outcome::Canceled)
+    w0.finished(&job.id, 1, a0.rank, pb::RankOutcome::Canceled)
         .await;
     assert_eq!(env.job(&job.id).await.state(), pb::JobState::Canceling);
     assert!(w1.heartbeat(vec![]).await.stop.is_empty());

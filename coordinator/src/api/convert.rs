@@ -95,8 +95,8 @@ pub(crate) fn worker(w: &WorkerRecord) -> pb::Worker {
     }
 }
 
-pub(crate) fn running_trainer(r: &AttemptRank) -> pb::RunningTrainer {
-    pb::RunningTrainer {
+pub(crate) fn attempt_rank(r: &AttemptRank) -> pb::AttemptRank {
+    pb::AttemptRank {
         job_id: r.job_id.to_string(),
         attempt: r.attempt,
         rank: r.rank,

@@ -69,7 +69,7 @@ fn host(s: &str) -> Result<String, Status> {
     Ok(s.to_string())
 }
 
-pub(super) fn running(list: &[pb::RunningTrainer]) -> Result<Vec<AttemptRank>, Status> {
+pub(super) fn running(list: &[pb::AttemptRank]) -> Result<Vec<AttemptRank>, Status> {
     if list.len() > MAX_RUNNING {
         return Err(invalid(
             "running",
@@ -257,12 +257,19 @@ fn event(i: usize, e: &pb::WorkerEvent) -> Result<IngestEvent, Status> {
             }
         }
         Some(Payload::Finished(fin)) => {
-            let outcome = match pb::Outcome::try_from(fin.outcome) {
-                Ok(pb::Outcome::Succeeded) => RankOutcome::Succeeded,
-                Ok(pb::Outcome::FailedInfra) => RankOutcome::FailedInfra,
-                Ok(pb::Outcome::FailedDeterministic) => RankOutcome::FailedDeterministic,
-                Ok(pb::Outcome::Canceled) => RankOutcome::Canceled,
-                Ok(pb::Outcome::Unspecified) | Err(_) => {
+            let outcome = match pb::RankOutcome::try_from(fin.outcome) {
+                Ok(pb::RankOutcome::Succeeded) => RankOutcome::Succeeded,
+                Ok(pb::RankOutcome::FailedInfra) => RankOutcome::FailedInfra,
+                Ok(pb::RankOutcome::FailedDeterministic) => RankOutcome::FailedDeterministic,
+                Ok(pb::RankOutcome::Canceled) => RankOutcome::Canceled,
+                Ok(pb::RankOutcome::Lost) => {
+                    return Err(invalid(
+                        f("finished.outcome"),
+                        "LOST is the coordinator's to decide (the worker's lease expired); a \
+                         daemon reports FAILED_INFRA for a rank whose peer or trainer it lost",
+                    ))
+                }
+                Ok(pb::RankOutcome::Unspecified) | Err(_) => {
                     return Err(invalid(
                         f("finished.outcome"),
                         format!(

@@ -155,9 +155,13 @@ fn record_ingested(events: &[pb::WorkerEvent], done: &Ingested) {
                 tracing::info!(job = %e.job_id, attempt = e.attempt, rank = e.rank, "rank started")
             }
             Some(Payload::Finished(f)) => {
-                let outcome = pb::Outcome::try_from(f.outcome).map_or_else(
+                let outcome = pb::RankOutcome::try_from(f.outcome).map_or_else(
                     |_| f.outcome.to_string(),
-                    |o| o.as_str_name().trim_start_matches("OUTCOME_").to_string(),
+                    |o| {
+                        o.as_str_name()
+                            .trim_start_matches("RANK_OUTCOME_")
+                            .to_string()
+                    },
                 );
                 tracing::info!(job = %e.job_id, attempt = e.attempt, rank = e.rank, %outcome, reason = %f.reason, "rank finished")
             }
@@ -206,7 +210,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             .map_err(instance_status)?;
         Ok(Response::new(pb::HeartbeatResponse {
             lease_until: Some(convert::timestamp(hb.lease_until)),
-            stop: hb.stop.iter().map(convert::running_trainer).collect(),
+            stop: hb.stop.iter().map(convert::attempt_rank).collect(),
         }))
     }
 
