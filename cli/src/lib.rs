@@ -373,6 +373,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+async fn get_job(
+    jobs: &mut JobServiceClient<AuthChannel>,
+    job_id: &str,
+    coordinator: &str,
+) -> anyhow::Result<pb::Job> {
+    let req = pb::GetJobRequest {
+        job_id: job_id.to_string(),
+    };
+    Ok(jobs
+        .get_job(req)
+        .await
+        .map_err(|s| describe(s, coordinator))?
+        .into_inner())
+}
+
 /// Follows the job's events; reconnects and resumes from the last event seen when the
 /// coordinator restarts or the connection drops.
 async fn watch(
@@ -386,13 +401,7 @@ async fn watch(
     let mut outage = Duration::ZERO;
     const GIVE_UP: Duration = Duration::from_secs(120);
     // The job's length, for the progress bar (the request also checks the job exists).
-    let job = jobs
-        .get_job(pb::GetJobRequest {
-            job_id: job_id.clone(),
-        })
-        .await
-        .map_err(|s| describe(s, coordinator))?
-        .into_inner();
+    let job = get_job(jobs, &job_id, coordinator).await?;
     let max_iters = job.spec.as_ref().and_then(|s| s.max_iters).unwrap_or(0);
     let mut live = output::Live::new(out.json, max_iters, job.iteration);
     loop {
@@ -419,13 +428,7 @@ async fn watch(
                 }
                 Ok(None) => {
                     // The stream ends when the job is finished.
-                    let job = jobs
-                        .get_job(pb::GetJobRequest {
-                            job_id: job_id.clone(),
-                        })
-                        .await
-                        .map_err(|s| describe(s, coordinator))?
-                        .into_inner();
+                    let job = get_job(jobs, &job_id, coordinator).await?;
                     let view = JobView::from(&job);
                     live.finish();
                     out.finished(&view);

@@ -1,4 +1,4 @@
-//! The scheduler: gang placement of queued jobs onto idle workers (ARCHITECTURE.md, "A job's path through the service"), and the
+//! The scheduler: gang placement of queued jobs onto idle workers (ARCHITECTURE.md, "The path of a job"), and the
 //! lease reaper.
 //!
 //! One tokio task per coordinator. Each pass first declares workers whose lease expired LOST

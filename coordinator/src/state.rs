@@ -1,4 +1,4 @@
-//! The state machines of jobs, attempts and workers (ARCHITECTURE.md, "Scheduling and the worker API").
+//! The state machines of jobs, attempts and workers (docs/service.md).
 //!
 //! Every state change in the system is checked here, against one table per machine, before the
 //! store writes it. The store writes each job transition together with its `job_events` row in
@@ -44,7 +44,7 @@ macro_rules! state_enum {
 }
 
 state_enum!(
-    /// Lifecycle of a job (ARCHITECTURE.md, "Scheduling and the worker API").
+    /// Lifecycle of a job (docs/service.md).
     JobState, "job" {
         Queued = "QUEUED",
         Scheduled = "SCHEDULED",

@@ -84,7 +84,7 @@ fn values(v: &wire::Values) -> HashMap<String, f64> {
 pub fn parse_line(line: &str, job_id: &str, attempt: u32) -> Result<Parsed, LineError> {
     use pb::worker_event::Payload;
     Ok(match TrainerLine::parse(line)? {
-        TrainerLine::Started { .. } => Parsed::Event(Payload::Started(pb::RankStarted {})),
+        TrainerLine::Started(_) => Parsed::Event(Payload::Started(pb::RankStarted {})),
         TrainerLine::Metrics {
             iteration,
             values: v,

@@ -94,10 +94,14 @@ pub struct BenchResult {
     pub peak_memory_bytes: i64,
     /// 3 × forward FLOPs per step / step time.
     pub tflops: f64,
+    /// The nominal forward (the paper's order of operations), per image.
     pub forward_gflop_per_image: f64,
+    /// `--head` and `--contiguous-maps`: which A/B row this is.
     pub head: String,
     pub contiguous_maps: bool,
+    /// `--breakdown`: forward, backward and optimizer timed apart.
     pub breakdown: Option<Breakdown>,
+    /// `--sync-bn`: the same step with SyncBN in the head.
     pub sync_bn: Option<SyncBnCost>,
     /// The top kernels by time, when profiled.
     pub profile: Option<Vec<ProfileRow>>,

@@ -9,13 +9,18 @@ use std::path::{Path, PathBuf};
 use tch::{nn, Device, Kind, Tensor};
 
 pub struct PredictArgs {
+    /// The model: its variant and head size must match `weights`.
     pub variant: Variant,
     pub classes: i64,
+    /// A safetensors file with HuggingFace SegFormer key names.
     pub weights: PathBuf,
+    /// A PNG/JPEG image, or a safetensors file with an NCHW `pixel_values` tensor.
     pub input: PathBuf,
+    /// Where to write the Cityscapes-coloured mask (PNG) and the raw logits (safetensors).
     pub out: Option<PathBuf>,
     pub logits: Option<PathBuf>,
     pub device: Device,
+    /// bf16 runs the forward under autocast (CUDA only).
     pub precision: Precision,
 }
 

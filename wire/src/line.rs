@@ -13,6 +13,23 @@
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::BTreeMap;
 
+/// What a run starts with, once its data, model and resume point are ready: the trainer's
+/// `started` event and line alike.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunStart {
+    /// The first iteration it runs (0, or the checkpoint's it resumed from).
+    pub start_iteration: u64,
+    pub max_iters: u64,
+    pub train_images: u64,
+    pub val_images: u64,
+    /// The device, as libtorch names it (`Cpu`, `Cuda(0)`).
+    pub device: String,
+    /// The checkpoint directory it resumed from.
+    #[serde(default)]
+    pub resumed_from: Option<String>,
+    pub parameters: i64,
+}
+
 /// The longest line the daemon reads; a longer one is skipped to its end (and noted).
 pub const MAX_LINE_BYTES: usize = 1 << 20;
 
@@ -107,16 +124,7 @@ pub enum TrainerLine {
         backend: String,
         detail: String,
     },
-    Started {
-        start_iteration: u64,
-        max_iters: u64,
-        train_images: u64,
-        val_images: u64,
-        device: String,
-        #[serde(default)]
-        resumed_from: Option<String>,
-        parameters: i64,
-    },
+    Started(RunStart),
     /// Rank 0's metrics of a log interval: the job's.
     Metrics {
         iteration: u64,
@@ -278,7 +286,7 @@ mod tests {
                 backend: "tcp".into(),
                 detail: "x".into(),
             },
-            TrainerLine::Started {
+            TrainerLine::Started(RunStart {
                 start_iteration: 0,
                 max_iters: 10,
                 train_images: 8,
@@ -286,7 +294,7 @@ mod tests {
                 device: "cpu".into(),
                 resumed_from: None,
                 parameters: 7,
-            },
+            }),
             TrainerLine::Metrics {
                 iteration: 1,
                 values: values.clone(),

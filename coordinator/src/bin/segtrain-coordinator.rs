@@ -40,9 +40,9 @@ struct ServeArgs {
     /// Give up if PostgreSQL is unreachable at start for this many seconds (0: retry forever).
     #[arg(long, env = "SEGTRAIN_DB_CONNECT_TIMEOUT", default_value_t = 0)]
     db_connect_timeout: u64,
-    /// PostgreSQL connections RPCs and the scheduler share (3 more are held apart: two LISTEN
-    /// connections and the health probe). Keep the sum of all coordinators' pools + 3 each
-    /// below the server's max_connections.
+    /// PostgreSQL connections RPCs and the scheduler share (2 more are held apart: the LISTEN
+    /// connection of the NOTIFY bus and the health probe). Keep the sum of all coordinators'
+    /// pools + 2 each below the server's max_connections.
     #[arg(long, env = "SEGTRAIN_DATABASE_MAX_CONNECTIONS", default_value_t = 16,
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     database_max_connections: u32,

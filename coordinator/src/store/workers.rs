@@ -15,12 +15,15 @@ use uuid::Uuid;
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkerRecord {
     pub id: Uuid,
+    /// The daemon's `--host` and GPU index (-1: a CPU worker): one row per pair.
     pub host: String,
     pub gpu_index: i32,
+    /// What the daemon reported at registration (`cpu` for a CPU worker).
     pub gpu_name: String,
     pub gpu_memory_bytes: u64,
     pub state: WorkerState,
     pub last_heartbeat: DateTime<Utc>,
+    /// Declared LOST after this unless a heartbeat renews it.
     pub lease_until: DateTime<Utc>,
     /// The rank it holds and has not finished, if any: (job, attempt, rank).
     pub assignment: Option<(Uuid, u32, u32)>,

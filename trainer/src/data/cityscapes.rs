@@ -84,27 +84,20 @@ pub const STD: [f64; 3] = [58.395, 57.12, 57.375];
 /// never paints it, so it needs no entry.
 pub const LABEL_TO_TRAIN: [u8; 256] = {
     let mut t = [255u8; 256];
-    t[7] = 0; // road
-    t[8] = 1; // sidewalk
-    t[11] = 2; // building
-    t[12] = 3; // wall
-    t[13] = 4; // fence
-    t[17] = 5; // pole
-    t[19] = 6; // traffic light
-    t[20] = 7; // traffic sign
-    t[21] = 8; // vegetation
-    t[22] = 9; // terrain
-    t[23] = 10; // sky
-    t[24] = 11; // person
-    t[25] = 12; // rider
-    t[26] = 13; // car
-    t[27] = 14; // truck
-    t[28] = 15; // bus
-    t[31] = 16; // train
-    t[32] = 17; // motorcycle
-    t[33] = 18; // bicycle
+    let mut train_id = 0;
+    while train_id < TRAIN_LABEL_IDS.len() {
+        t[TRAIN_LABEL_IDS[train_id] as usize] = train_id as u8;
+        train_id += 1;
+    }
     t
 };
+
+/// The labelId of each trainId, in [`CLASS_NAMES`] order: road 7, sidewalk 8, building 11,
+/// wall 12, fence 13, pole 17, traffic light 19, traffic sign 20, vegetation 21, terrain 22,
+/// sky 23, person 24, rider 25, car 26, truck 27, bus 28, train 31, motorcycle 32, bicycle 33.
+pub const TRAIN_LABEL_IDS: [u8; 19] = [
+    7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33,
+];
 
 /// The label value that the loss and the metrics ignore.
 pub const IGNORE: u8 = 255;

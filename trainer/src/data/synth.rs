@@ -65,11 +65,15 @@ pub struct SynthClass {
 /// What [`generate`] wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SynthSummary {
+    /// The dataset root (`--out`), in the Cityscapes layout.
     pub root: PathBuf,
+    /// Images written per split.
     pub train: usize,
     pub val: usize,
+    /// Every image's size, pixels.
     pub width: usize,
     pub height: usize,
+    /// The city directories of each split.
     pub train_cities: Vec<String>,
     pub val_cities: Vec<String>,
     /// The training classes that appear (7 of the 19).

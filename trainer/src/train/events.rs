@@ -1,9 +1,9 @@
 //! What the training loop reports ([`TrainEvent`], in order) and to whom ([`EventSink`]).
 
 use crate::train::checkpoint::Saved;
+pub use segtrain_wire::RunStart;
 use crate::train::eval::EvalResult;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 /// What the loop reports, in order.
 #[derive(Debug, Clone)]
@@ -20,15 +20,7 @@ pub enum TrainEvent {
         backend: String,
         detail: String,
     },
-    Started {
-        start_iteration: u64,
-        max_iters: u64,
-        train_images: usize,
-        val_images: usize,
-        device: String,
-        resumed_from: Option<PathBuf>,
-        parameters: i64,
-    },
+    Started(RunStart),
     /// Averages since the previous report: loss, lr, images_per_s, data_wait_ms, step_ms; on
     /// CUDA also this rank's GPU memory now, at its peak and reserved (gpu_mem_bytes,
     /// gpu_mem_peak_bytes, gpu_mem_reserved_bytes). Rank 0's: the job's metrics.

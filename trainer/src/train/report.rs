@@ -1,7 +1,7 @@
 //! How `segtrain-worker train` shows progress: one [`TrainerLine`] per event (`--json`, what the
 //! worker daemon reads), or log lines, with a progress bar when stderr is a terminal.
 
-use super::events::{EventSink, TrainEvent};
+use super::events::{EventSink, RunStart, TrainEvent};
 use indicatif::{ProgressBar, ProgressStyle};
 use segtrain_wire::{self as wire, Real, TrainerLine};
 use std::io::{IsTerminal, Write};
@@ -47,23 +47,7 @@ pub fn event_line(ev: &TrainEvent) -> TrainerLine {
             backend: backend.clone(),
             detail: detail.clone(),
         },
-        TrainEvent::Started {
-            start_iteration,
-            max_iters,
-            train_images,
-            val_images,
-            device,
-            resumed_from,
-            parameters,
-        } => TrainerLine::Started {
-            start_iteration: *start_iteration,
-            max_iters: *max_iters,
-            train_images: *train_images as u64,
-            val_images: *val_images as u64,
-            device: device.clone(),
-            resumed_from: resumed_from.as_ref().map(|p| p.display().to_string()),
-            parameters: *parameters,
-        },
+        TrainEvent::Started(start) => TrainerLine::Started(start.clone()),
         TrainEvent::Metrics { iteration, values } => TrainerLine::Metrics {
             iteration: *iteration,
             values: reals(values),
@@ -145,7 +129,7 @@ impl EventSink for Reporter {
             TrainEvent::Collective { backend, detail } => {
                 self.line(&format!("collective ready: {backend}: {detail}"))
             }
-            TrainEvent::Started {
+            TrainEvent::Started(RunStart {
                 start_iteration,
                 max_iters,
                 train_images,
@@ -153,7 +137,7 @@ impl EventSink for Reporter {
                 device,
                 resumed_from,
                 parameters,
-            } => {
+            }) => {
                 if std::io::stderr().is_terminal() {
                     let bar = ProgressBar::new(*max_iters);
                     bar.set_style(
@@ -166,10 +150,7 @@ impl EventSink for Reporter {
                     self.bar = Some(bar);
                 }
                 let from = match resumed_from {
-                    Some(p) => format!(
-                        ", resumed from {} at iteration {start_iteration}",
-                        p.display()
-                    ),
+                    Some(p) => format!(", resumed from {p} at iteration {start_iteration}"),
                     None => String::new(),
                 };
                 self.line(&format!(

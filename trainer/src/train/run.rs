@@ -19,7 +19,7 @@
 use super::buffers::{Buffers, StepBuffers};
 use super::checkpoint::{self, Saved};
 use super::eval::{accumulate, evaluate, EvalConfig, EvalResult};
-use super::events::{EventSink, TrainEvent, TrainSummary};
+use super::events::{EventSink, RunStart, TrainEvent, TrainSummary};
 use super::options::TrainOptions;
 use super::remote::{self};
 use super::rendezvous::{connect, sync_start};
@@ -302,15 +302,15 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
     let end = opts
         .stop_at
         .map_or(spec.max_iters, |s| s.min(spec.max_iters));
-    sink.event(&TrainEvent::Started {
+    sink.event(&TrainEvent::Started(RunStart {
         start_iteration: start,
         max_iters: spec.max_iters,
-        train_images: train_samples.len(),
-        val_images: val_samples.len(),
+        train_images: train_samples.len() as u64,
+        val_images: val_samples.len() as u64,
         device: format!("{device:?}"),
-        resumed_from,
+        resumed_from: resumed_from.map(|p| p.display().to_string()),
         parameters: opt.num_params(),
-    });
+    }));
 
     let schedule = LrSchedule::from_spec(spec);
     // Images per optimizer step over all ranks.
