@@ -251,18 +251,16 @@ fn write_one(opts: &SynthOptions, split: &str, index: usize, city: &str) -> Resu
     let seed = mix(mix(mix(opts.seed) ^ split_id) ^ index as u64);
     let (rgb, ids) = render(opts.width, opts.height, seed);
     let stem = format!("{city}_{:06}_{:06}", index / 3, 19);
-    let image_path = opts
-        .out
-        .join("leftImg8bit")
-        .join(split)
-        .join(city)
-        .join(format!("{stem}{IMAGE_SUFFIX}"));
-    let label_path = opts
-        .out
-        .join("gtFine")
-        .join(split)
-        .join(city)
-        .join(format!("{stem}{LABEL_IDS_SUFFIX}"));
+    // <root>/<leftImg8bit|gtFine>/<split>/<city>/<stem><suffix>, as Cityscapes names them.
+    let path = |tree: &str, suffix: &str| {
+        opts.out
+            .join(tree)
+            .join(split)
+            .join(city)
+            .join(format!("{stem}{suffix}"))
+    };
+    let image_path = path("leftImg8bit", IMAGE_SUFFIX);
+    let label_path = path("gtFine", LABEL_IDS_SUFFIX);
     let a = write_png(
         &image_path,
         opts.width,

@@ -177,19 +177,22 @@ mod tests {
         assert!((m.miou - (3.0 / 4.0) / 2.0).abs() < 1e-12);
     }
 
+    /// A `k`-class matrix with one pixel in each (label, prediction) cell listed.
+    fn counts(k: usize, cells: &[(usize, usize)]) -> ConfusionMatrix {
+        let mut cm = ConfusionMatrix::new(k);
+        for &(gt, pred) in cells {
+            cm.add(gt, pred, 1);
+        }
+        cm
+    }
+
     #[test]
     fn update_counts_pairs_and_ignores_255() {
         let label = Tensor::from_slice(&[0i64, 0, 1, 255, 2, 1]).view([2, 3]);
         let pred = Tensor::from_slice(&[0i64, 1, 1, 2, 2, 0]).view([2, 3]);
         let mut cm = ConfusionMatrix::new(3);
         cm.update(&pred, &label);
-        let mut want = ConfusionMatrix::new(3);
-        want.add(0, 0, 1);
-        want.add(0, 1, 1);
-        want.add(1, 1, 1);
-        want.add(2, 2, 1);
-        want.add(1, 0, 1);
-        assert_eq!(cm, want);
+        assert_eq!(cm, counts(3, &[(0, 0), (0, 1), (1, 1), (2, 2), (1, 0)]));
     }
 
     /// The device accumulation (here on the CPU device; on CUDA in worker/tests/eval_device.rs)
@@ -241,14 +244,10 @@ mod tests {
             &Tensor::from_slice(&[3i64, -1, 0]),
             &Tensor::from_slice(&[0i64, 1, 2]),
         );
-        let mut want = ConfusionMatrix::new(3);
-        want.add(0, 0, 1);
-        want.add(0, 1, 1);
-        want.add(1, 1, 1);
-        want.add(2, 2, 1);
-        want.add(1, 0, 1);
-        want.add(2, 0, 1);
-        assert_eq!(cm.to_host(), want);
+        assert_eq!(
+            cm.to_host(),
+            counts(3, &[(0, 0), (0, 1), (1, 1), (2, 2), (1, 0), (2, 0)])
+        );
         // The extra bin holds the 5 uncounted pixels.
         let extra = Vec::<i64>::try_from(cm.bins.to_device(tch::Device::Cpu)).expect("bins");
         assert_eq!(extra[9], 5);
