@@ -242,19 +242,8 @@ impl CoordinatorProcess {
                     );
                 }
             }
-            if let Ok(ch) = conn::endpoint(&self.url(), &self.client_tls())
-                .expect("valid endpoint")
-                .connect()
-                .await
-            {
-                let resp = HealthClient::new(ch)
-                    .check(HealthCheckRequest {
-                        service: "segtrain.v1.JobService".into(),
-                    })
-                    .await;
-                if resp.is_ok_and(|r| r.get_ref().status == ServingStatus::Serving as i32) {
-                    return;
-                }
+            if job_service_serving(&self.url(), &self.client_tls()).await {
+                return;
             }
             assert!(
                 Instant::now() < deadline,
@@ -387,6 +376,75 @@ where
     B: Body<Data = Bytes, Error: Into<StdError> + Send> + Send + 'static,
 {
     type Body = B;
+}
+
+/// Asserts that a call failed with `code` and a message naming `needle`; the status, for more
+/// checks. The one way the API tests check a refusal.
+pub fn assert_code<T: std::fmt::Debug>(
+    r: Result<T, tonic::Status>,
+    code: tonic::Code,
+    needle: &str,
+) -> tonic::Status {
+    let e = r.expect_err("the call should fail");
+    assert_eq!(e.code(), code, "{}", e.message());
+    assert!(
+        e.message().contains(needle),
+        "{needle:?} not in {:?}",
+        e.message()
+    );
+    e
+}
+
+/// Whether a coordinator at `url` answers its health service with JobService SERVING (false
+/// while it cannot be reached): the readiness check of every coordinator a test starts.
+pub async fn job_service_serving(url: &str, tls: &ClientTls) -> bool {
+    let Ok(ch) = conn::endpoint(url, tls)
+        .expect("valid endpoint")
+        .connect()
+        .await
+    else {
+        return false;
+    };
+    let resp = HealthClient::new(ch)
+        .check(HealthCheckRequest {
+            service: "segtrain.v1.JobService".into(),
+        })
+        .await;
+    resp.is_ok_and(|r| r.get_ref().status == ServingStatus::Serving as i32)
+}
+
+/// A job spec that nothing runs (fake workers only report on it): a Cityscapes path, 1000
+/// iterations, `world_size` ranks. The one shape the scheduling and API tests submit.
+pub fn queued_spec(name: &str, world_size: u32) -> pb::JobSpec {
+    pb::JobSpec {
+        name: Some(name.into()),
+        dataset_root: Some("/data/cityscapes".into()),
+        world_size: Some(world_size),
+        max_iters: Some(1000),
+        warmup_iters: Some(10),
+        ..Default::default()
+    }
+}
+
+/// GetMetrics through `client`: the points named `names` (every name when empty) from
+/// `since_iteration` on, without a limit. One request shape for the tests that read metrics.
+pub async fn metric_points<T: JobTransport>(
+    client: &mut JobServiceClient<T>,
+    job_id: &str,
+    names: &[&str],
+    since_iteration: u64,
+) -> Vec<pb::MetricPoint> {
+    client
+        .get_metrics(pb::GetMetricsRequest {
+            job_id: job_id.to_string(),
+            names: names.iter().map(|n| n.to_string()).collect(),
+            since_iteration,
+            limit: 0,
+        })
+        .await
+        .expect("metrics")
+        .into_inner()
+        .points
 }
 
 /// Submits `spec` through `client` (no idempotency key); the new job. One request shape for the
@@ -691,13 +749,16 @@ impl FakeWorker {
         self.report(vec![ev]).await.expect("report finished");
     }
 
+    /// Heartbeats with the ranks it runs; the coordinator's answer (stops, lease).
     pub async fn heartbeat(&mut self, running: Vec<pb::AttemptRank>) -> pb::HeartbeatResponse {
+        let (worker_id, instance_id) = (self.id.clone(), self.instance.clone());
+        let req = pb::HeartbeatRequest {
+            worker_id,
+            running,
+            instance_id,
+        };
         self.client
-            .heartbeat(pb::HeartbeatRequest {
-                worker_id: self.id.clone(),
-                running,
-                instance_id: self.instance.clone(),
-            })
+            .heartbeat(req)
             .await
             .expect("heartbeat")
             .into_inner()

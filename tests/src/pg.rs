@@ -241,10 +241,7 @@ impl TempPostgres {
             ])
             .arg(name)
             .output()
-            .map_err(PgError::io(format!(
-                "running {}",
-                self.bin("createdb").display()
-            )))?;
+            .map_err(self.spawn_error("running", "createdb"))?;
         check_output(&format!("createdb {name}"), output)?;
         Ok(self.database_url(name))
     }
@@ -327,6 +324,11 @@ impl TempPostgres {
         self.bin_dir.join(program)
     }
 
+    /// The error of failing to `verb` (run, start) `program`, naming its path.
+    fn spawn_error(&self, verb: &str, program: &str) -> impl FnOnce(io::Error) -> PgError {
+        PgError::io(format!("{verb} {}", self.bin(program).display()))
+    }
+
     /// A command for a server program: runs as the server user, with HOME and
     /// the working directory in the cluster directory and no `PG*` variables.
     fn server_command(&self, program: &str) -> Command {
@@ -361,10 +363,7 @@ impl TempPostgres {
             .args(["-A", "trust", "-U", SUPERUSER, "--no-sync", "-E", "UTF8"])
             .arg("--locale=C")
             .output()
-            .map_err(PgError::io(format!(
-                "running {}",
-                self.bin("initdb").display()
-            )))?;
+            .map_err(self.spawn_error("running", "initdb"))?;
         let who = match &self.user {
             Some(user) => format!(" (as user {})", user.name),
             None => String::new(),
@@ -414,10 +413,7 @@ impl TempPostgres {
             .stdout(log)
             .stderr(log_err)
             .spawn()
-            .map_err(PgError::io(format!(
-                "starting {}",
-                self.bin("postgres").display()
-            )))?;
+            .map_err(self.spawn_error("starting", "postgres"))?;
         let pid = child.id();
         self.child = Some(child);
 
@@ -476,10 +472,7 @@ impl TempPostgres {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
-            .map_err(PgError::io(format!(
-                "running {}",
-                self.bin("pg_isready").display()
-            )))?;
+            .map_err(self.spawn_error("running", "pg_isready"))?;
         Ok(status.success())
     }
 

@@ -20,3 +20,20 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// [`poll_until`] for a check that can fail, such as a SQL query while PostgreSQL restarts: true
+/// once `check` answers `Ok(true)`; an error counts as "not yet".
+pub async fn poll_until_ok<F, Fut, E>(
+    timeout: Duration,
+    what: &str,
+    logs: impl Fn() -> String,
+    check: F,
+) where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<bool, E>>,
+{
+    poll_until(timeout, what, logs, || async {
+        check().await.ok() == Some(true)
+    })
+    .await;
+}

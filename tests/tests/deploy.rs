@@ -16,16 +16,15 @@ use segtrain_proto::client::{self as conn, BearerToken, ClientTls};
 use segtrain_proto::v1 as pb;
 use segtrain_proto::v1::job_service_client::JobServiceClient;
 use segtrain_tests::binaries;
+use segtrain_tests::coordinator::{job_service_serving, metric_points};
 use segtrain_tests::daemon::{alive, children_of};
 use segtrain_tests::pg::TempPostgres;
+use segtrain_tests::wait::poll_until;
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 /// The default install prefix, which the units name.
 const PREFIX: &str = "/opt/segtrain";
@@ -1104,15 +1103,8 @@ async fn wait_serving(url: &str, tls: &ClientTls, coordinator: &mut Running) {
                 coordinator.log_text()
             );
         }
-        if let Ok(ch) = conn::endpoint(url, tls).expect("endpoint").connect().await {
-            let resp = HealthClient::new(ch)
-                .check(HealthCheckRequest {
-                    service: "segtrain.v1.JobService".into(),
-                })
-                .await;
-            if resp.is_ok_and(|r| r.get_ref().status == ServingStatus::Serving as i32) {
-                return;
-            }
+        if job_service_serving(url, tls).await {
+            return;
         }
         assert!(
             Instant::now() < deadline,
@@ -1553,18 +1545,7 @@ async fn installed_units_run_a_job_through_a_coordinator_restart_and_a_worker_dr
     assert_eq!(done.state(), pb::JobState::Canceled, "{done:?}");
 
     // Every iteration's loss once, across both attempts.
-    let points = jobs
-        .clone()
-        .get_metrics(pb::GetMetricsRequest {
-            job_id: job_id.clone(),
-            names: vec!["loss".into()],
-            since_iteration: 0,
-            limit: 0,
-        })
-        .await
-        .expect("metrics")
-        .into_inner()
-        .points;
+    let points = metric_points(&mut jobs.clone(), &job_id, &["loss"], 0).await;
     let iterations: Vec<u64> = points.iter().map(|p| p.iteration).collect();
     let last = iterations.last().copied().unwrap_or_default();
     assert!(last > stopped_at);
@@ -1692,8 +1673,7 @@ async fn installed_units_run_a_job_through_a_coordinator_restart_and_a_worker_dr
         .fetch_one(&pool)
         .await
         .expect("now");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let reconnected = || async {
         let (n,): (i64,) = sqlx::query_as(
             "SELECT count(*) FROM workers WHERE host = 'deploy-test' AND last_heartbeat > $1::timestamptz",
         )
@@ -1701,16 +1681,16 @@ async fn installed_units_run_a_job_through_a_coordinator_restart_and_a_worker_dr
         .fetch_one(&pool)
         .await
         .expect("workers");
-        if n == 1 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the worker did not reconnect after the certificate switch:\n{}",
-            worker.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        n == 1
+    };
+    let what = "the worker to reconnect after the certificate switch";
+    poll_until(
+        Duration::from_secs(60),
+        what,
+        || worker.log_text(),
+        reconnected,
+    )
+    .await;
     let workers = cli(&new_client_token, &bundle, &["workers", "--json"]);
     assert!(workers.status.success(), "{}", text(&workers));
     assert!(String::from_utf8_lossy(&workers.stdout).contains("deploy-test"));

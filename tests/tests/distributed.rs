@@ -6,16 +6,14 @@ use segtrain_proto::v1 as pb;
 use segtrain_proto::v1::job_service_client::JobServiceClient;
 use segtrain_tests::coordinator::{events_until_end, watch_job, CoordinatorProcess};
 use segtrain_tests::daemon::DaemonProcess;
-use segtrain_tests::dataset::synth_data;
+use segtrain_tests::dataset::{synth_dir, tiny_job};
 use segtrain_tests::pg::TempPostgres;
 use sha2::{Digest, Sha256};
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_world_size_two_job_trains_to_success_with_every_metric_once() {
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let data = tmp.path().join("data");
-    synth_data(&data, 8, 2);
+    let (tmp, data) = synth_dir(8, 2);
 
     let pg = TempPostgres::start().expect("PostgreSQL");
     let coord = CoordinatorProcess::start(&pg.url()).await;
@@ -24,21 +22,9 @@ async fn a_world_size_two_job_trains_to_success_with_every_metric_once() {
 
     let ckpt_root = tmp.path().join("checkpoints");
     let spec = pb::JobSpec {
-        name: Some("ddp-e2e".into()),
-        dataset_root: Some(data.display().to_string()),
-        checkpoint_root: Some(ckpt_root.display().to_string()),
-        world_size: Some(2),
-        batch_per_gpu: Some(1),
-        crop_height: Some(64),
-        crop_width: Some(64),
-        max_iters: Some(6),
-        warmup_iters: Some(1),
-        log_interval: Some(1),
         eval_interval: Some(3),
         checkpoint_interval: Some(3),
-        eval_mode: Some("whole".into()),
-        loader_threads: Some(1),
-        ..Default::default()
+        ..tiny_job("ddp-e2e", &data, &ckpt_root, 2, 6)
     };
     let mut jobs = JobServiceClient::new(coord.channel().await);
     let job = coord.get_job(&coord.submit_spec(spec).await).await;

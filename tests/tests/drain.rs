@@ -6,30 +6,33 @@
 use segtrain_proto::v1 as pb;
 use segtrain_proto::v1::cluster_service_client::ClusterServiceClient;
 use segtrain_tests::binaries;
-use segtrain_tests::coordinator::{CoordinatorProcess, FakeWorker};
+use segtrain_tests::coordinator::{queued_spec, CoordinatorProcess, FakeWorker};
 use segtrain_tests::pg::TempPostgres;
 use std::process::{Command, Stdio};
 use std::time::Duration;
-use tonic::transport::Channel;
 use tonic::Code;
 
 /// Longer than a few scheduler passes (`--scheduler-interval-ms 100`): a job that could be
 /// placed has been placed by then.
 const SETTLE: Duration = Duration::from_millis(1200);
 
-fn spec(name: &str) -> pb::JobSpec {
-    pb::JobSpec {
-        name: Some(name.into()),
-        dataset_root: Some("/data/cityscapes".into()),
-        world_size: Some(1),
-        max_iters: Some(1000),
-        warmup_iters: Some(10),
-        ..Default::default()
-    }
-}
-
-async fn cluster(coord: &CoordinatorProcess) -> ClusterServiceClient<Channel> {
-    ClusterServiceClient::new(coord.channel().await)
+/// DrainWorker (`drain`) or UndrainWorker for `worker_id`: the worker's state after the call.
+/// One helper for the two calls, which take and answer the same fields.
+async fn set_draining(
+    coord: &CoordinatorProcess,
+    worker_id: &str,
+    drain: bool,
+) -> Result<pb::WorkerState, tonic::Status> {
+    let mut cluster = ClusterServiceClient::new(coord.channel().await);
+    let worker_id = worker_id.to_string();
+    let state = if drain {
+        let req = pb::DrainWorkerRequest { worker_id };
+        cluster.drain_worker(req).await?.into_inner().state()
+    } else {
+        let req = pb::UndrainWorkerRequest { worker_id };
+        cluster.undrain_worker(req).await?.into_inner().state()
+    };
+    Ok(state)
 }
 
 async fn state_of(coord: &CoordinatorProcess, w: &FakeWorker) -> pb::WorkerState {
@@ -62,7 +65,7 @@ async fn a_drained_worker_finishes_its_rank_and_takes_no_new_one_until_undrained
     let mut w = FakeWorker::register(&coord, "cpu-a", -1).await;
 
     // A running rank is not disturbed by the drain.
-    let first = coord.submit(spec("first")).await;
+    let first = coord.submit(queued_spec("first", 1)).await;
     let a = w.start().await;
     w.started(&a).await;
     let (ok, stdout, stderr) = segtrain(&coord, &["drain", "cpu-a:cpu"]);
@@ -83,15 +86,8 @@ async fn a_drained_worker_finishes_its_rank_and_takes_no_new_one_until_undrained
         "no stop for a drained worker's rank"
     );
     // Draining again changes nothing.
-    let again = cluster(&coord)
-        .await
-        .drain_worker(pb::DrainWorkerRequest {
-            worker_id: w.id.clone(),
-        })
-        .await
-        .expect("drain twice")
-        .into_inner();
-    assert_eq!(again.state(), pb::WorkerState::Draining);
+    let again = set_draining(&coord, &w.id, true).await;
+    assert_eq!(again.expect("drain twice"), pb::WorkerState::Draining);
 
     // The rank ends; the worker stays DRAINING and the next job waits, even when the daemon
     // registers again.
@@ -102,7 +98,7 @@ async fn a_drained_worker_finishes_its_rank_and_takes_no_new_one_until_undrained
         pb::JobState::Succeeded
     );
     assert_eq!(state_of(&coord, &w).await, pb::WorkerState::Draining);
-    let second = coord.submit(spec("second")).await;
+    let second = coord.submit(queued_spec("second", 1)).await;
     let mut w = w.restarted(&coord).await;
     assert!(
         w.try_message(SETTLE).await.is_none(),
@@ -123,15 +119,8 @@ async fn a_drained_worker_finishes_its_rank_and_takes_no_new_one_until_undrained
     assert_eq!(state_of(&coord, &w).await, pb::WorkerState::Busy);
 
     // Undraining a busy worker that is not draining changes nothing.
-    let same = cluster(&coord)
-        .await
-        .undrain_worker(pb::UndrainWorkerRequest {
-            worker_id: w.id.clone(),
-        })
-        .await
-        .expect("undrain a busy worker")
-        .into_inner();
-    assert_eq!(same.state(), pb::WorkerState::Busy);
+    let same = set_draining(&coord, &w.id, false).await;
+    assert_eq!(same.expect("undrain a busy worker"), pb::WorkerState::Busy);
 }
 
 #[tokio::test]
@@ -140,13 +129,7 @@ async fn bad_drain_requests_name_what_is_wrong_and_change_nothing() {
     let coord = CoordinatorProcess::start(&pg.url()).await;
     let w = FakeWorker::register(&coord, "host-a", 0).await;
 
-    let err = cluster(&coord)
-        .await
-        .drain_worker(pb::DrainWorkerRequest {
-            worker_id: "not-a-uuid".into(),
-        })
-        .await
-        .unwrap_err();
+    let err = set_draining(&coord, "not-a-uuid", true).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(
         err.message().starts_with("worker_id: not a worker id"),
@@ -155,13 +138,7 @@ async fn bad_drain_requests_name_what_is_wrong_and_change_nothing() {
     );
 
     let unknown = "0196aaaa-0000-7000-8000-00000000ffff";
-    let err = cluster(&coord)
-        .await
-        .undrain_worker(pb::UndrainWorkerRequest {
-            worker_id: unknown.into(),
-        })
-        .await
-        .unwrap_err();
+    let err = set_draining(&coord, unknown, false).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     assert!(err.message().contains(unknown), "{}", err.message());
 

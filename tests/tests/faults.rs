@@ -9,12 +9,11 @@
 //! The tests run one at a time (they share two cores and time leases).
 
 use segtrain_proto::v1 as pb;
-use segtrain_proto::v1::job_service_client::JobServiceClient;
-use segtrain_tests::coordinator::{notes, CoordinatorProcess};
+use segtrain_tests::coordinator::{metric_points, notes, CoordinatorProcess};
 use segtrain_tests::daemon::{alive, DaemonProcess};
-use segtrain_tests::dataset::synth_data;
+use segtrain_tests::dataset::{synth_dir, tiny_job};
 use segtrain_tests::pg::TempPostgres;
-use segtrain_tests::wait::poll_until;
+use segtrain_tests::wait::poll_until_ok;
 use sqlx::PgPool;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -45,9 +44,7 @@ const DEFAULT_DAEMON: DaemonOpts<'static> = DaemonOpts {
 
 impl Cluster {
     async fn start(daemons: usize, backoff_ms: u64, d: DaemonOpts<'_>) -> Cluster {
-        let tmp = tempfile::tempdir().expect("temp dir");
-        let data = tmp.path().join("data");
-        synth_data(&data, 8, 2);
+        let (tmp, _) = synth_dir(8, 2);
         let pg = TempPostgres::start().expect("PostgreSQL");
         let lease = LEASE_S.to_string();
         let backoff = backoff_ms.to_string();
@@ -106,35 +103,16 @@ impl Cluster {
 
     fn spec(&self, world: u32, max_iters: u64, checkpoint_interval: u64) -> pb::JobSpec {
         pb::JobSpec {
-            name: Some("faults".into()),
-            dataset_root: Some(self.data().display().to_string()),
-            checkpoint_root: Some(self.checkpoints().display().to_string()),
-            world_size: Some(world),
-            batch_per_gpu: Some(1),
-            crop_height: Some(64),
-            crop_width: Some(64),
-            max_iters: Some(max_iters),
-            warmup_iters: Some(1),
-            log_interval: Some(1),
-            eval_interval: Some(0),
             checkpoint_interval: Some(checkpoint_interval),
-            eval_mode: Some("whole".into()),
-            loader_threads: Some(1),
             keep_last: Some(3),
-            ..Default::default()
+            ..tiny_job(
+                "faults",
+                &self.data(),
+                &self.checkpoints(),
+                world,
+                max_iters,
+            )
         }
-    }
-
-    async fn jobs(&self) -> JobServiceClient<Channel> {
-        self.coord.jobs().await
-    }
-
-    async fn submit(&self, spec: pb::JobSpec) -> String {
-        self.coord.submit_spec(spec).await
-    }
-
-    async fn job(&self, id: &str) -> pb::Job {
-        self.coord.get_job(id).await
     }
 
     fn logs(&self) -> String {
@@ -147,26 +125,37 @@ impl Cluster {
 
     /// Polls the database until `sql` (one boolean, `$1` = the job id) is true.
     async fn wait_sql(&self, job: &str, sql: &str, timeout: Duration) {
-        let holds = || async {
-            let ok: Option<bool> = sqlx::query_scalar(sql)
-                .bind(job)
-                .fetch_one(&self.pool)
-                .await
-                .ok();
-            ok == Some(true)
-        };
-        poll_until(timeout, sql, || self.logs(), holds).await;
+        let query = || sqlx::query_scalar(sql).bind(job).fetch_one(&self.pool);
+        poll_until_ok(timeout, sql, || self.logs(), query).await;
+    }
+
+    /// Polls until `condition` holds on the job's row in `jobs`.
+    async fn wait_job(&self, id: &str, condition: &str, secs: u64) {
+        let sql = format!("SELECT {condition} FROM jobs WHERE id = $1::uuid");
+        self.wait_sql(id, &sql, Duration::from_secs(secs)).await;
+    }
+
+    /// Polls until `condition` holds on the job's first attempt in `attempts`.
+    async fn wait_first_attempt(&self, id: &str, condition: &str, secs: u64) {
+        let sql =
+            format!("SELECT {condition} FROM attempts WHERE job_id = $1::uuid AND attempt = 1");
+        self.wait_sql(id, &sql, Duration::from_secs(secs)).await;
+    }
+
+    /// Polls until the job's checkpoint of `iteration` is in `state` (COMPLETE, PENDING).
+    async fn wait_checkpoint(&self, id: &str, iteration: u64, state: &str, secs: u64) {
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM checkpoints WHERE job_id = $1::uuid
+                            AND iteration = {iteration} AND state = '{state}')"
+        );
+        self.wait_sql(id, &sql, Duration::from_secs(secs)).await;
     }
 
     /// Waits for a terminal state and returns the job.
     async fn wait_terminal(&self, id: &str, timeout: Duration) -> pb::Job {
-        self.wait_sql(
-            id,
-            "SELECT state IN ('SUCCEEDED','FAILED','CANCELED') FROM jobs WHERE id = $1::uuid",
-            timeout,
-        )
-        .await;
-        self.job(id).await
+        let terminal = "state IN ('SUCCEEDED','FAILED','CANCELED')";
+        self.wait_job(id, terminal, timeout.as_secs()).await;
+        self.coord.get_job(id).await
     }
 
     /// The newest loss iteration stored for the job.
@@ -209,28 +198,11 @@ impl Cluster {
         (host.as_bytes()[4] - b'a') as usize
     }
 
-    /// Every event of the job, oldest first.
-    async fn events(&self, id: &str) -> Vec<pb::JobEvent> {
-        self.coord.job_events(id).await
-    }
-
     /// One loss per iteration 1..=max through GetMetrics, one stored row per (attempt,
     /// iteration), and the loss events of the last attempt cover every iteration after its
     /// resume point exactly once.
     async fn assert_every_metric_once(&self, id: &str, max: u64, events: &[pb::JobEvent]) {
-        let points = self
-            .jobs()
-            .await
-            .get_metrics(pb::GetMetricsRequest {
-                job_id: id.to_string(),
-                names: vec!["loss".into()],
-                since_iteration: 0,
-                limit: 0,
-            })
-            .await
-            .expect("metrics")
-            .into_inner()
-            .points;
+        let points = metric_points(&mut self.coord.jobs().await, id, &["loss"], 0).await;
         let iters: Vec<u64> = points.iter().map(|p| p.iteration).collect();
         assert_eq!(iters, (1..=max).collect::<Vec<_>>(), "{}", self.logs());
         let dup: i64 = sqlx::query_scalar(
@@ -300,24 +272,13 @@ async fn one_restart_after(fault: impl FnOnce(&mut Cluster, usize)) {
     let _serial = SERIAL.lock().await;
     let mut c = Cluster::start(2, 300, DEFAULT_DAEMON).await;
     let max = 30;
-    let id = c.submit(c.spec(2, max, 10)).await;
-    c.wait_sql(
-        &id,
-        "SELECT EXISTS (SELECT 1 FROM checkpoints WHERE job_id = $1::uuid
-                        AND iteration = 10 AND state = 'COMPLETE')",
-        Duration::from_secs(180),
-    )
-    .await;
+    let id = c.coord.submit_spec(c.spec(2, max, 10)).await;
+    c.wait_checkpoint(&id, 10, "COMPLETE", 180).await;
     let rank1 = c.daemon_of(&id, 1).await;
     fault(&mut c, rank1);
     // Where the failed attempt stood: the restart must resume from its newest checkpoint.
-    c.wait_sql(
-        &id,
-        "SELECT restarts = 1 AND state IN ('RESTARTING','QUEUED','SCHEDULED','RUNNING')
-         FROM jobs WHERE id = $1::uuid",
-        Duration::from_secs(60),
-    )
-    .await;
+    let restarted = "restarts = 1 AND state IN ('RESTARTING','QUEUED','SCHEDULED','RUNNING')";
+    c.wait_job(&id, restarted, 60).await;
     let (ckpt_iter, _) = c.latest_checkpoint(&id).await.expect("a checkpoint");
     if c.daemons[rank1].pid().is_none() {
         // The killed daemon comes back, as systemd's Restart=always would bring it.
@@ -335,7 +296,7 @@ async fn one_restart_after(fault: impl FnOnce(&mut Cluster, usize)) {
     assert_eq!(job.restarts, 1);
     assert_eq!(job.attempt, 2);
     assert_eq!(job.resumed_from_iteration, Some(ckpt_iter as u64));
-    let events = c.events(&id).await;
+    let events = c.coord.job_events(&id).await;
     let changes = state_changes(&events);
     assert!(
         changes
@@ -393,25 +354,15 @@ async fn a_frozen_worker_is_failed_within_its_lease_and_the_job_restarts_without
     )
     .await;
     let max = 30;
-    let id = c.submit(c.spec(2, max, 10)).await;
-    c.wait_sql(
-        &id,
-        "SELECT EXISTS (SELECT 1 FROM checkpoints WHERE job_id = $1::uuid
-                        AND iteration = 10 AND state = 'COMPLETE')",
-        Duration::from_secs(180),
-    )
-    .await;
+    let id = c.coord.submit_spec(c.spec(2, max, 10)).await;
+    c.wait_checkpoint(&id, 10, "COMPLETE", 180).await;
     let cut = c.daemon_of(&id, 1).await;
     let peer = c.daemon_of(&id, 0).await;
     let peer_trainers = c.daemons[peer].trainer_pids();
     c.daemons[cut].freeze();
     let frozen_at = Instant::now();
-    c.wait_sql(
-        &id,
-        "SELECT state IN ('LOST','FAILED') FROM attempts WHERE job_id = $1::uuid AND attempt = 1",
-        Duration::from_secs(3 * LEASE_S),
-    )
-    .await;
+    c.wait_first_attempt(&id, "state IN ('LOST','FAILED')", 3 * LEASE_S)
+        .await;
     let detected = frozen_at.elapsed();
     // The other rank does not hang on its silent peer: its trainer is stopped (killed after
     // the grace period) well before any collective timeout.
@@ -461,7 +412,7 @@ async fn a_frozen_worker_is_failed_within_its_lease_and_the_job_restarts_without
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let events = c.events(&id).await;
+    let events = c.coord.job_events(&id).await;
     c.assert_every_metric_once(&id, max, &events).await;
     c.no_trainer_left();
 }
@@ -471,7 +422,7 @@ async fn kill_9_of_the_coordinator_mid_run_loses_and_duplicates_nothing() {
     let _serial = SERIAL.lock().await;
     let mut c = Cluster::start(2, 300, DEFAULT_DAEMON).await;
     let max = 30;
-    let id = c.submit(c.spec(2, max, 10)).await;
+    let id = c.coord.submit_spec(c.spec(2, max, 10)).await;
     c.wait_iteration(&id, 5).await;
     let trainers: Vec<u32> = c.daemons.iter().flat_map(|d| d.trainer_pids()).collect();
     c.coord.kill();
@@ -493,7 +444,7 @@ async fn kill_9_of_the_coordinator_mid_run_loses_and_duplicates_nothing() {
     .await
     .expect("rows");
     assert_eq!(rows, (1..=max as i64).map(|i| (i, 1)).collect::<Vec<_>>());
-    let events = c.events(&id).await;
+    let events = c.coord.job_events(&id).await;
     c.assert_every_metric_once(&id, max, &events).await;
     c.no_trainer_left();
 }
@@ -506,7 +457,7 @@ async fn postgres_stopped_mid_run_loses_no_event_and_health_says_so() {
     let _serial = SERIAL.lock().await;
     let mut c = Cluster::start(2, 300, DEFAULT_DAEMON).await;
     let max = 30;
-    let id = c.submit(c.spec(2, max, 10)).await;
+    let id = c.coord.submit_spec(c.spec(2, max, 10)).await;
     c.wait_iteration(&id, 5).await;
     let mut health = HealthClient::new(c.coord.channel().await);
     let status = |h: &mut HealthClient<Channel>| {
@@ -547,7 +498,7 @@ async fn postgres_stopped_mid_run_loses_no_event_and_health_says_so() {
         job.restarts, 0,
         "an outage of the database is not a failure of the job"
     );
-    let events = c.events(&id).await;
+    let events = c.coord.job_events(&id).await;
     // Every logged iteration has its metrics event, once, and so does every checkpoint.
     let its: Vec<u64> = events
         .iter()
@@ -576,7 +527,7 @@ async fn a_corrupt_latest_checkpoint_is_skipped_and_the_previous_one_resumed() {
     // A long backoff leaves time to corrupt the checkpoint before the restart.
     let c = Cluster::start(1, 3000, DEFAULT_DAEMON).await;
     let max = 40;
-    let id = c.submit(c.spec(1, max, 10)).await;
+    let id = c.coord.submit_spec(c.spec(1, max, 10)).await;
     c.wait_sql(
         &id,
         "SELECT count(*) >= 2 FROM checkpoints WHERE job_id = $1::uuid AND state = 'COMPLETE'",
@@ -586,12 +537,7 @@ async fn a_corrupt_latest_checkpoint_is_skipped_and_the_previous_one_resumed() {
     let trainer = c.daemons[0].trainer_pids();
     assert_eq!(trainer.len(), 1);
     kill9(trainer[0]);
-    c.wait_sql(
-        &id,
-        "SELECT state = 'RESTARTING' FROM jobs WHERE id = $1::uuid",
-        Duration::from_secs(30),
-    )
-    .await;
+    c.wait_job(&id, "state = 'RESTARTING'", 30).await;
     let complete: Vec<(i64, String)> = sqlx::query_as(
         "SELECT iteration, uri FROM checkpoints WHERE job_id = $1::uuid AND state = 'COMPLETE'
          ORDER BY iteration DESC",
@@ -615,7 +561,7 @@ async fn a_corrupt_latest_checkpoint_is_skipped_and_the_previous_one_resumed() {
     assert_eq!(job.state(), pb::JobState::Succeeded, "{}", c.logs());
     assert_eq!(job.restarts, 1);
     assert_eq!(job.resumed_from_iteration, Some(good_iter as u64));
-    let events = c.events(&id).await;
+    let events = c.coord.job_events(&id).await;
     let notes = notes(&events);
     assert!(
         notes.iter().any(|n| n.contains(&format!(
@@ -633,13 +579,8 @@ async fn cancel_during_rendezvous_ends_canceled_with_no_trainer_left() {
     let c = Cluster::start(2, 300, DEFAULT_DAEMON).await;
     // Rank 1's host is frozen before the job is placed: rank 0 waits in the rendezvous.
     c.daemons[1].freeze();
-    let id = c.submit(c.spec(2, 30, 10)).await;
-    c.wait_sql(
-        &id,
-        "SELECT state = 'RENDEZVOUS' FROM attempts WHERE job_id = $1::uuid AND attempt = 1",
-        Duration::from_secs(60),
-    )
-    .await;
+    let id = c.coord.submit_spec(c.spec(2, 30, 10)).await;
+    c.wait_first_attempt(&id, "state = 'RENDEZVOUS'", 60).await;
     let rank0 = c.daemons[0].trainer_pids();
     assert_eq!(rank0.len(), 1, "rank 0 waits in the rendezvous");
     c.coord.cancel(&id, "test").await;
@@ -656,7 +597,7 @@ async fn cancel_during_rendezvous_ends_canceled_with_no_trainer_left() {
 async fn cancel_during_training_checkpoints_gracefully_and_ends_canceled() {
     let _serial = SERIAL.lock().await;
     let c = Cluster::start(2, 300, DEFAULT_DAEMON).await;
-    let id = c.submit(c.spec(2, 1000, 500)).await;
+    let id = c.coord.submit_spec(c.spec(2, 1000, 500)).await;
     c.wait_iteration(&id, 3).await;
     c.coord.cancel(&id, "test").await;
     let job = c.wait_terminal(&id, Duration::from_secs(60)).await;
@@ -692,14 +633,8 @@ async fn cancel_during_checkpoint_write(grace_s: u32) -> (Cluster, String) {
         },
     )
     .await;
-    let id = c.submit(c.spec(1, 1000, 5)).await;
-    c.wait_sql(
-        &id,
-        "SELECT EXISTS (SELECT 1 FROM checkpoints WHERE job_id = $1::uuid AND iteration = 5
-                        AND state = 'PENDING')",
-        Duration::from_secs(120),
-    )
-    .await;
+    let id = c.coord.submit_spec(c.spec(1, 1000, 5)).await;
+    c.wait_checkpoint(&id, 5, "PENDING", 120).await;
     c.coord.cancel(&id, "test").await;
     let job = c.wait_terminal(&id, Duration::from_secs(60)).await;
     assert_eq!(job.state(), pb::JobState::Canceled, "{}", c.logs());
@@ -749,7 +684,7 @@ async fn a_deterministic_failure_fails_the_job_at_once_and_infra_failures_stop_a
     // The dataset is not there: a restart would fail the same way.
     let mut spec = c.spec(1, 10, 5);
     spec.dataset_root = Some(c.tmp.path().join("no-such-data").display().to_string());
-    let id = c.submit(spec).await;
+    let id = c.coord.submit_spec(spec).await;
     let job = c.wait_terminal(&id, Duration::from_secs(60)).await;
     assert_eq!(job.state(), pb::JobState::Failed);
     assert_eq!(job.restarts, 0);
@@ -763,7 +698,7 @@ async fn a_deterministic_failure_fails_the_job_at_once_and_infra_failures_stop_a
     // No restarts allowed: a killed trainer fails the job, saying why.
     let mut spec = c.spec(1, 1000, 500);
     spec.max_restarts = Some(0);
-    let id = c.submit(spec).await;
+    let id = c.coord.submit_spec(spec).await;
     c.wait_iteration(&id, 2).await;
     let trainer = c.daemons[0].trainer_pids();
     assert_eq!(trainer.len(), 1);

@@ -7,7 +7,8 @@ use segtrain_coordinator::store::{Store, StoreError};
 use segtrain_proto::v1 as pb;
 use segtrain_proto::v1::job_service_client::JobServiceClient;
 use segtrain_tests::coordinator::{
-    describe_event, events_until_end, events_until_quiet, get_job, watch_job, CoordinatorProcess,
+    describe_event, events_until_end, events_until_quiet, get_job, metric_points, queued_spec,
+    watch_job, CoordinatorProcess,
 };
 use segtrain_tests::pg::TempPostgres;
 use std::collections::BTreeMap;
@@ -49,15 +50,9 @@ impl Env {
     }
 }
 
+/// Every job here has two ranks (nothing runs them).
 fn spec(name: &str) -> pb::JobSpec {
-    pb::JobSpec {
-        name: Some(name.into()),
-        dataset_root: Some("/data/cityscapes".into()),
-        world_size: Some(2),
-        max_iters: Some(1000),
-        warmup_iters: Some(10),
-        ..Default::default()
-    }
+    queued_spec(name, 2)
 }
 
 async fn submit(
@@ -112,16 +107,7 @@ async fn submit_get_list_cancel_round_trip() {
     );
     assert!(list.next_page_token.is_empty());
 
-    let canceled = c
-        .cancel_job(pb::CancelJobRequest {
-            job_id: job.id.clone(),
-            reason: "no longer needed".into(),
-        })
-        .await
-        .expect("cancel")
-        .into_inner()
-        .job
-        .expect("job");
+    let canceled = env.coord.cancel(&job.id, "no longer needed").await;
     assert_eq!(
         canceled.state(),
         pb::JobState::Canceled,
@@ -131,16 +117,7 @@ async fn submit_get_list_cancel_round_trip() {
     assert!(canceled.finished_at.is_some());
 
     // Cancel is idempotent on a canceled job.
-    let again = c
-        .cancel_job(pb::CancelJobRequest {
-            job_id: job.id.clone(),
-            reason: String::new(),
-        })
-        .await
-        .expect("second cancel")
-        .into_inner()
-        .job
-        .expect("job");
+    let again = env.coord.cancel(&job.id, "").await;
     assert_eq!(again.state(), pb::JobState::Canceled);
     assert_eq!(
         again.reason, "no longer needed",
@@ -333,12 +310,7 @@ async fn a_full_run_without_pretrained_weights_is_accepted_with_a_warning_and_a_
     );
 
     // WatchJob shows the note (after the job ends, the stream ends too).
-    c.cancel_job(pb::CancelJobRequest {
-        job_id: job.id.clone(),
-        reason: "enough".into(),
-    })
-    .await
-    .expect("cancel");
+    env.coord.cancel(&job.id, "enough").await;
     let mut stream = watch_job(&mut c, &job.id, 0).await;
     let seen: Vec<String> = collect(&mut stream)
         .await
@@ -688,12 +660,7 @@ async fn a_coordinator_restart_keeps_every_job_and_event() {
                 .id,
         );
     }
-    c.cancel_job(pb::CancelJobRequest {
-        job_id: ids[1].clone(),
-        reason: "test".into(),
-    })
-    .await
-    .expect("cancel");
+    env.coord.cancel(&ids[1], "test").await;
     let running = Uuid::parse_str(&ids[2]).expect("uuid");
     env.store
         .transition_job(running, JobState::Scheduled, "")
@@ -772,27 +739,8 @@ async fn metrics_and_checkpoints_are_served_from_the_store() {
         0
     );
 
-    let all = c
-        .get_metrics(pb::GetMetricsRequest {
-            job_id: job.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .expect("metrics")
-        .into_inner()
-        .points;
-    assert_eq!(all.len(), 8);
-    let loss = c
-        .get_metrics(pb::GetMetricsRequest {
-            job_id: job.id.clone(),
-            names: vec!["loss".into()],
-            since_iteration: 100,
-            limit: 0,
-        })
-        .await
-        .expect("loss since 100")
-        .into_inner()
-        .points;
+    assert_eq!(metric_points(&mut c, &job.id, &[], 0).await.len(), 8);
+    let loss = metric_points(&mut c, &job.id, &["loss"], 100).await;
     assert_eq!(
         loss.iter().map(|p| p.iteration).collect::<Vec<_>>(),
         vec![100, 150, 200]

@@ -8,7 +8,7 @@
 use segtrain_proto::v1 as pb;
 use segtrain_tests::coordinator::{free_port, CoordinatorProcess};
 use segtrain_tests::daemon::DaemonProcess;
-use segtrain_tests::dataset::synth_data;
+use segtrain_tests::dataset::{synth_dir, tiny_job};
 use segtrain_tests::metrics::{scrape_parsed, Exposition};
 use segtrain_tests::pg::TempPostgres;
 use std::ffi::OsStr;
@@ -72,6 +72,22 @@ async fn wait_for(
     }
 }
 
+/// Scrapes the coordinator on `port` until `segtrain_database_up` is `up` (1 or 0), for at
+/// most `secs`: how the test follows PostgreSQL going away and coming back.
+async fn wait_database(
+    port: u16,
+    up: f64,
+    secs: u64,
+    what: &str,
+    ctx: impl Fn() -> String,
+) -> Exposition {
+    let limit = Duration::from_secs(secs);
+    wait_for(port, limit, what, ctx, |e| {
+        e.get("segtrain_database_up", &[]) == Some(up)
+    })
+    .await
+}
+
 /// The JSON log lines (tracing-subscriber's format: the event's fields under "fields").
 fn json_lines(log: &str) -> Vec<serde_json::Value> {
     log.lines()
@@ -85,9 +101,7 @@ fn message(l: &serde_json::Value) -> &str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_follow_a_job_from_queued_to_succeeded_on_coordinator_and_daemons() {
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let data = tmp.path().join("data");
-    synth_data(&data, 8, 2);
+    let (tmp, data) = synth_dir(8, 2);
 
     let mut pg = TempPostgres::start().expect("PostgreSQL");
     let cport = free_port();
@@ -100,10 +114,7 @@ async fn metrics_follow_a_job_from_queued_to_succeeded_on_coordinator_and_daemon
     let ctx = || format!("coordinator log:\n{}", coord.log_text());
 
     // Before anything: every job and worker state is exported, at 0; the database is up.
-    let first = wait_for(cport, Duration::from_secs(30), "database up", ctx, |e| {
-        e.get("segtrain_database_up", &[]) == Some(1.0)
-    })
-    .await;
+    let first = wait_database(cport, 1.0, 30, "database up", ctx).await;
     for s in JOB_STATES {
         assert_eq!(jobs(&first, s), 0.0, "{s}");
     }
@@ -120,21 +131,15 @@ async fn metrics_follow_a_job_from_queued_to_succeeded_on_coordinator_and_daemon
 
     // Submitted before any worker exists, the job waits QUEUED.
     let spec = pb::JobSpec {
-        name: Some("monitoring-e2e".into()),
-        dataset_root: Some(data.display().to_string()),
-        checkpoint_root: Some(tmp.path().join("checkpoints").display().to_string()),
-        world_size: Some(2),
-        batch_per_gpu: Some(1),
-        crop_height: Some(64),
-        crop_width: Some(64),
-        max_iters: Some(12),
-        warmup_iters: Some(1),
-        log_interval: Some(1),
         eval_interval: Some(6),
         checkpoint_interval: Some(6),
-        eval_mode: Some("whole".into()),
-        loader_threads: Some(1),
-        ..Default::default()
+        ..tiny_job(
+            "monitoring-e2e",
+            &data,
+            &tmp.path().join("checkpoints"),
+            2,
+            12,
+        )
     };
     let job = coord.get_job(&coord.submit_spec(spec).await).await;
     let queued_at = Instant::now();
@@ -401,19 +406,9 @@ async fn metrics_follow_a_job_from_queued_to_succeeded_on_coordinator_and_daemon
 
     // PostgreSQL away: a scrape still answers, with the last values and database_up 0.
     pg.stop().expect("stop PostgreSQL");
-    let down = wait_for(cport, Duration::from_secs(30), "database down", ctx, |e| {
-        e.get("segtrain_database_up", &[]) == Some(0.0)
-    })
-    .await;
+    let down = wait_database(cport, 0.0, 30, "database down", ctx).await;
     assert_eq!(jobs(&down, "SUCCEEDED"), 1.0, "the last values stay");
     assert_eq!(workers(&down, "IDLE"), 2.0);
     pg.start_again().expect("start PostgreSQL again");
-    wait_for(
-        cport,
-        Duration::from_secs(60),
-        "database up again",
-        ctx,
-        |e| e.get("segtrain_database_up", &[]) == Some(1.0),
-    )
-    .await;
+    wait_database(cport, 1.0, 60, "database up again", ctx).await;
 }

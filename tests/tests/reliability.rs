@@ -18,20 +18,18 @@
 //! The tests run one at a time: they share two cores, and some time leases.
 
 use segtrain_proto::v1 as pb;
-use segtrain_proto::v1::job_service_client::JobServiceClient;
 use segtrain_tests::binaries;
-use segtrain_tests::coordinator::{notes, CoordinatorProcess};
+use segtrain_tests::coordinator::{notes, queued_spec, CoordinatorProcess};
 use segtrain_tests::daemon::{alive, stand_in_trainer, DaemonProcess};
-use segtrain_tests::dataset::synth_data;
+use segtrain_tests::dataset::{synth_data, tiny_job};
 use segtrain_tests::metrics::scrape_parsed;
 use segtrain_tests::pg::TempPostgres;
-use segtrain_tests::wait::poll_until;
+use segtrain_tests::wait::poll_until_ok;
 use sqlx::PgPool;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -73,45 +71,39 @@ impl Env {
         )
     }
 
-    async fn jobs(&self) -> JobServiceClient<Channel> {
-        self.coord.jobs().await
-    }
-
-    async fn submit(&self, spec: pb::JobSpec) -> String {
-        self.coord.submit_spec(spec).await
-    }
-
-    async fn job(&self, id: &str) -> pb::Job {
-        self.coord.get_job(id).await
-    }
-
     /// Polls until `sql` (one boolean; `$1` is the job id as text) is true.
     async fn wait_sql(&self, job: &str, sql: &str, timeout: Duration, logs: &dyn Fn() -> String) {
-        let holds = || async {
-            let ok: Option<bool> = sqlx::query_scalar(sql)
-                .bind(job)
-                .fetch_one(&self.pool)
-                .await
-                .ok();
-            ok == Some(true)
-        };
+        let query = || sqlx::query_scalar(sql).bind(job).fetch_one(&self.pool);
         let all_logs = || format!("coordinator:\n{}\n{}", self.coord.log_text(), logs());
-        poll_until(timeout, sql, all_logs, holds).await;
+        poll_until_ok(timeout, sql, all_logs, query).await;
+    }
+
+    /// Polls until `condition` holds on the job's row in `jobs`.
+    async fn wait_job(&self, id: &str, condition: &str, secs: u64, logs: &dyn Fn() -> String) {
+        let sql = format!("SELECT {condition} FROM jobs WHERE id = $1::uuid");
+        self.wait_sql(id, &sql, Duration::from_secs(secs), logs)
+            .await;
+    }
+
+    /// Polls until the job has stored a metric of `iteration` or later.
+    async fn wait_metrics(&self, id: &str, iteration: u64, secs: u64, logs: &dyn Fn() -> String) {
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM metrics WHERE job_id = $1::uuid AND iteration >= {iteration})"
+        );
+        self.wait_sql(id, &sql, Duration::from_secs(secs), logs)
+            .await;
+    }
+
+    /// Polls until `condition` (over `workers`, no job) holds.
+    async fn wait_workers(&self, condition: &str, secs: u64, logs: &dyn Fn() -> String) {
+        let sql = format!("SELECT {condition} OR $1 = 'never' FROM workers");
+        self.wait_sql("", &sql, Duration::from_secs(secs), logs)
+            .await;
     }
 
     async fn wait_terminal(&self, id: &str, timeout: Duration, logs: &dyn Fn() -> String) {
-        self.wait_sql(
-            id,
-            "SELECT state IN ('SUCCEEDED','FAILED','CANCELED') FROM jobs WHERE id = $1::uuid",
-            timeout,
-            logs,
-        )
-        .await;
-    }
-
-    /// Every event of the job, oldest first (the job is terminal: the stream ends).
-    async fn events(&self, id: &str) -> Vec<pb::JobEvent> {
-        self.coord.job_events(id).await
+        let terminal = "state IN ('SUCCEEDED','FAILED','CANCELED')";
+        self.wait_job(id, terminal, timeout.as_secs(), logs).await;
     }
 
     async fn count(&self, sql: &str, job: &str) -> i64 {
@@ -126,13 +118,11 @@ impl Env {
 /// A world-1 job for stand-in trainers (which ignore it; the coordinator validates it).
 fn stand_in_spec(name: &str) -> pb::JobSpec {
     pb::JobSpec {
-        name: Some(name.into()),
         dataset_root: Some("/data/none".into()),
-        world_size: Some(1),
         max_iters: Some(4),
         warmup_iters: Some(1),
         max_restarts: Some(1),
-        ..Default::default()
+        ..queued_spec(name, 1)
     }
 }
 
@@ -143,22 +133,8 @@ fn real_spec(env: &Env, name: &str, max_iters: u64) -> pb::JobSpec {
         synth_data(&data, 4, 2);
     }
     pb::JobSpec {
-        name: Some(name.into()),
-        dataset_root: Some(data.display().to_string()),
-        checkpoint_root: Some(env.path("checkpoints").display().to_string()),
-        world_size: Some(1),
-        batch_per_gpu: Some(1),
-        crop_height: Some(64),
-        crop_width: Some(64),
-        max_iters: Some(max_iters),
-        warmup_iters: Some(1),
-        log_interval: Some(1),
-        eval_interval: Some(0),
-        checkpoint_interval: Some(0),
-        eval_mode: Some("whole".into()),
-        loader_threads: Some(1),
         max_restarts: Some(2),
-        ..Default::default()
+        ..tiny_job(name, &data, &env.path("checkpoints"), 1, max_iters)
     }
 }
 
@@ -217,13 +193,8 @@ async fn a_second_daemon_for_one_host_and_gpu_is_refused_and_a_superseded_one_ex
     let t = trainer_arg(&trainer);
     let mut a = env.daemon("same-host", "work-a", 5, &t);
     let none = || String::new();
-    env.wait_sql(
-        "",
-        "SELECT count(*) = 1 OR $1 = 'never' FROM workers WHERE state = 'IDLE'",
-        Duration::from_secs(30),
-        &none,
-    )
-    .await;
+    env.wait_workers("count(*) FILTER (WHERE state = 'IDLE') = 1", 30, &none)
+        .await;
 
     // A copy of the unit on another work dir (a cloned VM, a second container): refused by the
     // coordinator, one line naming the host, the GPU and since when the other holds it.
@@ -251,31 +222,23 @@ async fn a_second_daemon_for_one_host_and_gpu_is_refused_and_a_superseded_one_ex
     );
 
     // A world-1 job runs in exactly one trainer.
-    let id = env.submit(stand_in_spec("one-trainer")).await;
+    let id = env.coord.submit_spec(stand_in_spec("one-trainer")).await;
     let logs = || format!("daemon a:\n{}", a.log_text());
     env.wait_terminal(&id, Duration::from_secs(30), &logs).await;
-    assert_eq!(env.job(&id).await.state(), pb::JobState::Succeeded);
+    assert_eq!(
+        env.coord.get_job(&id).await.state(),
+        pb::JobState::Succeeded
+    );
     assert_eq!(trainer_dirs(&env.path("work-a")), [format!("{id}-a1-r0")]);
     assert!(trainer_dirs(&env.path("work-b")).is_empty());
 
     // A frozen daemon loses its place once its lease has expired; when it comes back it
     // finds another daemon there and exits rather than run a second trainer.
     a.freeze();
-    env.wait_sql(
-        "",
-        "SELECT state = 'LOST' OR $1 = 'never' FROM workers",
-        Duration::from_secs(20),
-        &none,
-    )
-    .await;
+    env.wait_workers("state = 'LOST'", 20, &none).await;
     let b = env.daemon("same-host", "work-b", 5, &t);
-    env.wait_sql(
-        "",
-        "SELECT state = 'IDLE' OR $1 = 'never' FROM workers",
-        Duration::from_secs(20),
-        &|| b.log_text(),
-    )
-    .await;
+    env.wait_workers("state = 'IDLE'", 20, &|| b.log_text())
+        .await;
     a.thaw();
     let status = a.wait_exit(Duration::from_secs(20));
     let a_log = a.log_text();
@@ -285,10 +248,13 @@ async fn a_second_daemon_for_one_host_and_gpu_is_refused_and_a_superseded_one_ex
     );
     assert!(last_line(&a_log).contains("replaced"), "{a_log}");
     // The one that holds the place now runs the next job.
-    let id = env.submit(stand_in_spec("after-takeover")).await;
+    let id = env.coord.submit_spec(stand_in_spec("after-takeover")).await;
     env.wait_terminal(&id, Duration::from_secs(30), &|| b.log_text())
         .await;
-    assert_eq!(env.job(&id).await.state(), pb::JobState::Succeeded);
+    assert_eq!(
+        env.coord.get_job(&id).await.state(),
+        pb::JobState::Succeeded
+    );
     assert_eq!(trainer_dirs(&env.path("work-b")), [format!("{id}-a1-r0")]);
 }
 
@@ -308,35 +274,23 @@ async fn a_daemon_killed_and_restarted_at_once_takes_its_place_back_before_its_l
     let trainer = counting_trainer(env.tmp.path(), 15);
     let t = trainer_arg(&trainer);
     let mut a = env.daemon("restarted", "work", 5, &t);
-    let id = env.submit(stand_in_spec("restart")).await;
+    let id = env.coord.submit_spec(stand_in_spec("restart")).await;
     let logs = || a.log_text();
-    env.wait_sql(
-        &id,
-        "SELECT EXISTS (SELECT 1 FROM metrics WHERE job_id = $1::uuid AND iteration >= 2)",
-        Duration::from_secs(30),
-        &logs,
-    )
-    .await;
+    env.wait_metrics(&id, 2, 30, &logs).await;
     a.kill();
     let restarted_at = Instant::now();
     let a = env.daemon("restarted", "work", 5, &t);
     let logs = || a.log_text();
     // The restarted daemon registers at once (its work dir proves it succeeds the killed one),
     // which ends the orphaned rank and restarts the job.
-    env.wait_sql(
-        &id,
-        "SELECT restarts = 1 FROM jobs WHERE id = $1::uuid",
-        Duration::from_secs(20),
-        &logs,
-    )
-    .await;
+    env.wait_job(&id, "restarts = 1", 20, &logs).await;
     assert!(
         restarted_at.elapsed() < Duration::from_secs(20),
         "took {:?}",
         restarted_at.elapsed()
     );
     env.wait_terminal(&id, Duration::from_secs(60), &logs).await;
-    let job = env.job(&id).await;
+    let job = env.coord.get_job(&id).await;
     assert_eq!(job.state(), pb::JobState::Succeeded, "{}", a.log_text());
     assert_eq!((job.restarts, job.attempt), (1, 2));
     let reason: String =
@@ -393,10 +347,10 @@ async fn bad_trainer_output_never_stalls_a_job_and_every_valid_event_is_stored_o
     let mut args: Vec<&OsStr> = trainer_arg(&trainer).to_vec();
     args.extend([OsStr::new("--metrics-listen"), OsStr::new(&listen)]);
     let d = env.daemon("bad-output", "work", 5, &args);
-    let id = env.submit(stand_in_spec("bad-output")).await;
+    let id = env.coord.submit_spec(stand_in_spec("bad-output")).await;
     let logs = || d.log_text();
     env.wait_terminal(&id, Duration::from_secs(60), &logs).await;
-    let job = env.job(&id).await;
+    let job = env.coord.get_job(&id).await;
     assert_eq!(job.state(), pb::JobState::Succeeded, "{}", d.log_text());
 
     // Every valid loss once; the refused event's iteration has none.
@@ -423,7 +377,7 @@ async fn bad_trainer_output_never_stalls_a_job_and_every_valid_event_is_stored_o
     assert!(val[1].2.is_nan(), "{val:?}");
     assert!(val[2].2.is_nan(), "{val:?}");
     assert_eq!(val[3].2, f64::INFINITY, "{val:?}");
-    let events = env.events(&id).await;
+    let events = env.coord.job_events(&id).await;
     let evals: Vec<&pb::EvalReport> = events
         .iter()
         .filter_map(|e| match &e.payload {
@@ -486,27 +440,16 @@ async fn a_dataset_vanishing_for_a_moment_mid_run_is_an_infrastructure_failure()
     let spec = real_spec(&env, "vanishing", 200);
     let d = env.daemon("io", "work", 5, &[]);
     let logs = || d.log_text();
-    let id = env.submit(spec).await;
-    env.wait_sql(
-        &id,
-        "SELECT EXISTS (SELECT 1 FROM metrics WHERE job_id = $1::uuid AND iteration >= 3)",
-        Duration::from_secs(120),
-        &logs,
-    )
-    .await;
+    let id = env.coord.submit_spec(spec).await;
+    env.wait_metrics(&id, 3, 120, &logs).await;
     // As a gcsfuse mount does for a moment: the training images are gone, then back.
     let images = env.path("data/leftImg8bit/train");
     let away = env.path("data/leftImg8bit/train-away");
     std::fs::rename(&images, &away).expect("hide the images");
-    env.wait_sql(
-        &id,
-        "SELECT restarts = 1 OR state = 'FAILED' FROM jobs WHERE id = $1::uuid",
-        Duration::from_secs(120),
-        &logs,
-    )
-    .await;
+    env.wait_job(&id, "restarts = 1 OR state = 'FAILED'", 120, &logs)
+        .await;
     std::fs::rename(&away, &images).expect("bring the images back");
-    let job = env.job(&id).await;
+    let job = env.coord.get_job(&id).await;
     assert_ne!(
         job.state(),
         pb::JobState::Failed,
@@ -514,13 +457,8 @@ async fn a_dataset_vanishing_for_a_moment_mid_run_is_an_infrastructure_failure()
         job.reason
     );
     // The restart runs to the end (cancel it once it trains again: the point is the class).
-    env.wait_sql(
-        &id,
-        "SELECT attempt = 2 AND state = 'RUNNING' FROM jobs WHERE id = $1::uuid",
-        Duration::from_secs(120),
-        &logs,
-    )
-    .await;
+    env.wait_job(&id, "attempt = 2 AND state = 'RUNNING'", 120, &logs)
+        .await;
     let reason: String =
         sqlx::query_scalar("SELECT reason FROM attempts WHERE job_id = $1::uuid AND attempt = 1")
             .bind(&id)
@@ -582,28 +520,30 @@ async fn pretrained_weights_on_gs_are_fetched_and_a_missing_object_fails_at_once
     let logs = || d.log_text();
 
     let id = env
-        .submit(pb::JobSpec {
+        .coord
+        .submit_spec(pb::JobSpec {
             pretrained: Some("gs://weights/mit/b0.safetensors".into()),
             ..real_spec(&env, "from-gs", 2)
         })
         .await;
     env.wait_terminal(&id, Duration::from_secs(120), &logs)
         .await;
-    let job = env.job(&id).await;
+    let job = env.coord.get_job(&id).await;
     assert_eq!(job.state(), pb::JobState::Succeeded, "{}", job.reason);
     assert_eq!(job.restarts, 0);
     assert!(gcs.served() >= 1, "the weights were never fetched");
 
     // A missing object: FAILED at once, naming the field and the URI; no restart spent.
     let id = env
-        .submit(pb::JobSpec {
+        .coord
+        .submit_spec(pb::JobSpec {
             pretrained: Some("gs://weights/mit/missing.safetensors".into()),
             ..real_spec(&env, "missing-weights", 2)
         })
         .await;
     env.wait_terminal(&id, Duration::from_secs(120), &logs)
         .await;
-    let job = env.job(&id).await;
+    let job = env.coord.get_job(&id).await;
     assert_eq!(job.state(), pb::JobState::Failed, "{}", job.reason);
     assert_eq!(job.restarts, 0, "{}", job.reason);
     for needle in [
@@ -637,15 +577,9 @@ echo '{"event":"started","start_iteration":0,"max_iters":1,"train_images":1,"val
 while :; do sleep 0.1 > /dev/null; done"#,
     );
     let d = env.daemon("stubborn", "work", 60, &trainer_arg(&trainer));
-    let id = env.submit(stand_in_spec("stubborn")).await;
+    let id = env.coord.submit_spec(stand_in_spec("stubborn")).await;
     let logs = || d.log_text();
-    env.wait_sql(
-        &id,
-        "SELECT state = 'RUNNING' FROM jobs WHERE id = $1::uuid",
-        Duration::from_secs(30),
-        &logs,
-    )
-    .await;
+    env.wait_job(&id, "state = 'RUNNING'", 30, &logs).await;
     let pids = d.trainer_pids();
     assert_eq!(pids.len(), 1, "{pids:?}");
     env.coord.cancel(&id, "stop it").await;
@@ -665,7 +599,7 @@ while :; do sleep 0.1 > /dev/null; done"#,
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     env.wait_terminal(&id, Duration::from_secs(30), &logs).await;
-    assert_eq!(env.job(&id).await.state(), pb::JobState::Canceled);
+    assert_eq!(env.coord.get_job(&id).await.state(), pb::JobState::Canceled);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -675,8 +609,9 @@ async fn watch_job_polls_as_often_as_the_poll_interval_says() {
         [(100u64, Some(1000u64), None), (20_000, None, Some(4000u64))]
     {
         let env = Env::start(&["--poll-interval-ms", &poll_ms.to_string()]).await;
-        let id = env.submit(stand_in_spec("watched")).await;
+        let id = env.coord.submit_spec(stand_in_spec("watched")).await;
         let mut stream = env
+            .coord
             .jobs()
             .await
             .watch_job(pb::WatchJobRequest {
@@ -744,7 +679,7 @@ async fn a_busy_database_pool_is_not_an_unreachable_database_and_health_never_wa
         "1000",
     ])
     .await;
-    let id = env.submit(stand_in_spec("pool")).await;
+    let id = env.coord.submit_spec(stand_in_spec("pool")).await;
     // Hold a lock that every GetJob waits for: the two pooled connections stay busy behind it
     // (whoever takes them: these calls or the scheduler), so some calls find none free.
     let mut blocker = env.pool.begin().await.expect("begin");
@@ -754,7 +689,7 @@ async fn a_busy_database_pool_is_not_an_unreachable_database_and_health_never_wa
         .expect("lock");
     let mut calls = Vec::new();
     for _ in 0..4 {
-        let mut client = env.jobs().await;
+        let mut client = env.coord.jobs().await;
         let job = id.clone();
         calls.push(tokio::spawn(async move {
             client
@@ -793,6 +728,6 @@ async fn a_busy_database_pool_is_not_an_unreachable_database_and_health_never_wa
     }
     assert!(busy >= 2, "4 calls, 2 connections: {busy} found none free");
     // Once the lock is gone, the same pool serves again.
-    let job = env.job(&id).await;
+    let job = env.coord.get_job(&id).await;
     assert_eq!(job.state(), pb::JobState::Queued);
 }

@@ -6,7 +6,7 @@
 use segtrain_coordinator::store::Store;
 use segtrain_proto::v1 as pb;
 use segtrain_proto::v1::job_service_client::JobServiceClient;
-use segtrain_tests::coordinator::{submit_job, CoordinatorProcess, FakeWorker};
+use segtrain_tests::coordinator::{queued_spec, submit_job, CoordinatorProcess, FakeWorker};
 use segtrain_tests::pg::TempPostgres;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -86,13 +86,8 @@ impl Env {
 /// A small job of `world_size` ranks at `priority` (nothing runs it: the fakes only report).
 fn spec(name: &str, world_size: u32, priority: i32) -> pb::JobSpec {
     pb::JobSpec {
-        name: Some(name.into()),
-        dataset_root: Some("/data/cityscapes".into()),
-        world_size: Some(world_size),
         priority: Some(priority),
-        max_iters: Some(1000),
-        warmup_iters: Some(10),
-        ..Default::default()
+        ..queued_spec(name, world_size)
     }
 }
 

@@ -27,10 +27,10 @@ use segtrain_proto::v1::token_service_client::TokenServiceClient;
 use segtrain_proto::v1::worker_service_client::WorkerServiceClient;
 use segtrain_tests::binaries;
 use segtrain_tests::coordinator::{
-    events_until_end, get_job, submit_job, watch_job, CoordinatorProcess,
+    assert_code, events_until_end, get_job, submit_job, watch_job, CoordinatorProcess,
 };
 use segtrain_tests::daemon::DaemonProcess;
-use segtrain_tests::dataset::synth_data;
+use segtrain_tests::dataset::{synth_dir, tiny_job};
 use segtrain_tests::pg::TempPostgres;
 use sha2::{Digest, Sha256};
 use std::ffi::OsStr;
@@ -42,17 +42,6 @@ use tonic::{Code, Status};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
-
-fn assert_code<T: std::fmt::Debug>(r: Result<T, Status>, code: Code, needle: &str) -> Status {
-    let e = r.expect_err("the call should fail");
-    assert_eq!(e.code(), code, "{}", e.message());
-    assert!(
-        e.message().contains(needle),
-        "{needle:?} not in {:?}",
-        e.message()
-    );
-    e
-}
 
 fn jobs(coord: &CoordinatorProcess, token: Option<&str>) -> JobServiceClient<AuthChannel> {
     JobServiceClient::new(coord.channel_with_token(token))
@@ -1109,9 +1098,7 @@ async fn cli_token_create_list_revoke_round_trip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemon_with_a_worker_token_runs_a_job_over_tls() {
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let data = tmp.path().join("data");
-    synth_data(&data, 4, 2);
+    let (tmp, data) = synth_dir(4, 2);
 
     let pg = TempPostgres::start().expect("PostgreSQL");
     let coord = CoordinatorProcess::start_secure(&pg.url(), &[], false).await;
@@ -1146,21 +1133,9 @@ async fn a_daemon_with_a_worker_token_runs_a_job_over_tls() {
     let job = submit_job(
         &mut j,
         pb::JobSpec {
-            name: Some("tls-e2e".into()),
-            dataset_root: Some(data.display().to_string()),
-            checkpoint_root: Some(tmp.path().join("ckpt").display().to_string()),
-            world_size: Some(1),
-            batch_per_gpu: Some(1),
-            crop_height: Some(64),
-            crop_width: Some(64),
-            max_iters: Some(2),
-            warmup_iters: Some(1),
-            log_interval: Some(1),
             eval_interval: Some(2),
             checkpoint_interval: Some(2),
-            eval_mode: Some("whole".into()),
-            loader_threads: Some(1),
-            ..Default::default()
+            ..tiny_job("tls-e2e", &data, &tmp.path().join("ckpt"), 1, 2)
         },
     )
     .await;

@@ -10,7 +10,8 @@ use segtrain_proto::v1::job_service_client::JobServiceClient;
 use segtrain_proto::v1::worker_event::Payload;
 use segtrain_proto::v1::worker_service_client::WorkerServiceClient;
 use segtrain_tests::coordinator::{
-    describe_event, events_until_end, CoordinatorProcess, FakeWorker,
+    assert_code, describe_event, events_until_end, metric_points, queued_spec, CoordinatorProcess,
+    FakeWorker,
 };
 use segtrain_tests::pg::TempPostgres;
 use std::collections::HashMap;
@@ -67,7 +68,7 @@ impl Env {
     }
 
     async fn submit(&self, name: &str, world_size: u32) -> pb::Job {
-        self.coord.submit(spec(name, world_size)).await
+        self.coord.submit(queued_spec(name, world_size)).await
     }
 
     async fn job(&self, id: &str) -> pb::Job {
@@ -76,17 +77,6 @@ impl Env {
 
     async fn list_workers(&self) -> HashMap<String, pb::Worker> {
         self.coord.list_workers().await
-    }
-}
-
-fn spec(name: &str, world_size: u32) -> pb::JobSpec {
-    pb::JobSpec {
-        name: Some(name.into()),
-        dataset_root: Some("/data/cityscapes".into()),
-        world_size: Some(world_size),
-        max_iters: Some(1000),
-        warmup_iters: Some(10),
-        ..Default::default()
     }
 }
 
@@ -103,16 +93,6 @@ fn metrics(iteration: u64, loss: f64) -> Payload {
         iteration,
         values: HashMap::from([("loss".to_string(), loss), ("lr".to_string(), 1e-5)]),
     })
-}
-
-fn assert_code(r: Result<impl std::fmt::Debug, tonic::Status>, code: Code, needle: &str) {
-    let e = r.expect_err("the call must fail");
-    assert_eq!(e.code(), code, "{}", e.message());
-    assert!(
-        e.message().contains(needle),
-        "message {:?} should mention {needle:?}",
-        e.message()
-    );
 }
 
 /// The machine-readable reason of a refusal (google.rpc.ErrorInfo), if it has one.
@@ -298,18 +278,7 @@ async fn happy_path_through_the_worker_api() {
     assert_eq!(cps[0].bytes, 12345);
     assert_eq!(cps[0].state(), pb::CheckpointState::Complete);
     assert_eq!(cps[0].metrics.get("loss"), Some(&1.5));
-    let points = env
-        .jobs()
-        .await
-        .get_metrics(pb::GetMetricsRequest {
-            job_id: job.id.clone(),
-            names: vec!["loss".into()],
-            ..Default::default()
-        })
-        .await
-        .expect("metrics")
-        .into_inner()
-        .points;
+    let points = metric_points(&mut env.jobs().await, &job.id, &["loss"], 0).await;
     assert_eq!(
         points
             .iter()

@@ -208,9 +208,8 @@ fn a_rank_that_never_comes_fails_the_rendezvous_within_the_timeout() {
 #[test]
 fn a_dead_peer_makes_every_other_rank_fail_instead_of_hanging() {
     // The step timeout is long: the others must notice the closed connection, not time out.
-    let t = timeouts(20, 60);
     let start = Instant::now();
-    let results = ranks(3, 77, t, |rank, mut c| {
+    let results = ranks(3, 77, timeouts(20, 60), |rank, mut c| {
         if rank == 2 {
             drop(c); // dies before the first operation
             return None;
@@ -241,9 +240,8 @@ fn a_dead_peer_makes_every_other_rank_fail_instead_of_hanging() {
 
 #[test]
 fn a_silent_peer_times_out() {
-    let t = timeouts(20, 1);
     let start = Instant::now();
-    let results = ranks(2, 78, t, |rank, mut c| {
+    let results = ranks(2, 78, timeouts(20, 1), |rank, mut c| {
         if rank == 1 {
             // Alive but never joins the operation.
             std::thread::sleep(Duration::from_secs(4));

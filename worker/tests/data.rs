@@ -45,6 +45,17 @@ fn geometric(crop_h: usize, crop_w: usize, scale: (f64, f64)) -> AugmentConfig {
     }
 }
 
+/// A `w` x `h` label map whose value at (x, y) is `f(x, y)`: the patterns the augment tests draw.
+fn label_from(w: usize, h: usize, f: impl Fn(usize, usize) -> u8) -> LabelMap {
+    let mut label = LabelMap::filled(w, h, 0);
+    for y in 0..h {
+        for x in 0..w {
+            label.data[y * w + x] = f(x, y);
+        }
+    }
+    label
+}
+
 fn values(l: &LabelMap) -> BTreeSet<u8> {
     l.data.iter().copied().collect()
 }
@@ -102,13 +113,7 @@ fn augment_output_size_and_label_values() {
     for i in 0..150 {
         let (w, h) = (20 + (i * 7) % 70, 16 + (i * 13) % 60);
         // Blobs of 2 and 5 with some ignore.
-        let mut label = LabelMap::filled(w, h, 2);
-        for y in 0..h {
-            for x in 0..w {
-                let v = (x / 5 + y / 3 + i) % 4;
-                label.data[y * w + x] = [2, 5, 5, 255][v];
-            }
-        }
+        let label = label_from(w, h, |x, y| [2, 5, 5, 255][(x / 5 + y / 3 + i) % 4]);
         let image = Image::filled(w, h, [(i * 3) as u8, 90, 200]);
         let (img, lbl) = aug.augment(&image, &label, &mut r).unwrap();
         assert_eq!(
@@ -128,14 +133,7 @@ fn augment_output_size_and_label_values() {
 fn nearest_resize_creates_no_new_label_values() {
     // A fine pattern of 2 and 5: any interpolation would create 3 or 4 somewhere.
     let (w, h) = (37, 29);
-    let mut label = LabelMap::filled(w, h, 2);
-    for y in 0..h {
-        for x in 0..w {
-            if (x + 2 * y) % 3 == 0 {
-                label.data[y * w + x] = 5;
-            }
-        }
-    }
+    let label = label_from(w, h, |x, y| if (x + 2 * y) % 3 == 0 { 5 } else { 2 });
     let image = Image::filled(w, h, [10, 20, 30]);
     let cfg = geometric(64, 64, (0.5, 2.0));
     let mut r = rng(2);
@@ -245,12 +243,7 @@ fn rescaled_image_and_label_stay_aligned() {
     let (w, h) = (120, 100);
     let (image, _) = coordinate_image(w, h);
     for axis in 0..2 {
-        let mut label = LabelMap::filled(w, h, 0);
-        for y in 0..h {
-            for x in 0..w {
-                label.data[y * w + x] = if axis == 0 { x as u8 } else { y as u8 };
-            }
-        }
+        let label = label_from(w, h, |x, y| if axis == 0 { x as u8 } else { y as u8 });
         let cfg = geometric(48, 56, (0.5, 2.0));
         let mut r = rng(5 + axis as u64);
         for draw in 0..80 {
@@ -277,12 +270,7 @@ fn cat_max_ratio_prefers_balanced_crops() {
     // 90% class 0, a 10-column band of class 1 on the right. With 20x20 crops only offsets
     // x0 in 76..=80 pass (class 0 below 75%): 5 of 81 per draw, ~47% within 10 checks.
     let (w, h) = (100, 100);
-    let mut label = LabelMap::filled(w, h, 0);
-    for y in 0..h {
-        for x in 90..100 {
-            label.data[y * w + x] = 1;
-        }
-    }
+    let label = label_from(w, h, |x, _| u8::from(x >= 90));
     let image = Image::filled(w, h, [1, 2, 3]);
     let passes = |ratio: f64, seed: u64| {
         let cfg = AugmentConfig {
@@ -733,13 +721,10 @@ fn dropping_the_loader_stops_it_promptly() {
     let (_dir, samples) = loader_dataset();
     let mut loader = start(&samples, SamplerState::default(), 4);
     loader.next_batch().unwrap();
-    let t = Instant::now();
+    let took = Instant::now();
     drop(loader);
-    assert!(
-        t.elapsed() < Duration::from_secs(2),
-        "drop took {:?}",
-        t.elapsed()
-    );
+    let took = took.elapsed();
+    assert!(took < Duration::from_secs(2), "drop took {took:?}");
 }
 
 #[test]
@@ -902,19 +887,27 @@ fn unreadable_and_corrupt_files() {
     assert_mentions(&err, &[&samples[2].image]);
 }
 
+/// Two synthetic `w` x `h` training samples, the first one's label replaced by a PNG of
+/// `label` (width, height, colour type, pixels): the bad-label cases.
+fn with_bad_label(
+    (w, h): (usize, usize),
+    label: (usize, usize, png::ColorType, &[u8]),
+) -> (
+    tempfile::TempDir,
+    Vec<segtrain_trainer::data::cityscapes::Sample>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    synth(dir.path(), 2, 0, w, h, 0);
+    let samples = scan(dir.path(), "train").unwrap();
+    let (lw, lh, color, pixels) = label;
+    write_png(&samples[0].label, lw, lh, color, pixels).unwrap();
+    (dir, samples)
+}
+
 #[test]
 fn size_mismatch_names_both_files_and_sizes() {
-    let dir = tempfile::tempdir().unwrap();
-    synth(dir.path(), 2, 0, 40, 30, 0);
-    let samples = scan(dir.path(), "train").unwrap();
-    write_png(
-        &samples[0].label,
-        20,
-        16,
-        png::ColorType::Grayscale,
-        &[7u8; 20 * 16],
-    )
-    .unwrap();
+    let grey = (20, 16, png::ColorType::Grayscale, &[7u8; 20 * 16][..]);
+    let (_dir, samples) = with_bad_label((40, 30), grey);
     for err in [
         load(&samples[0]).unwrap_err(),
         check_headers(&samples[0]).unwrap_err(),
@@ -929,17 +922,8 @@ fn size_mismatch_names_both_files_and_sizes() {
 
 #[test]
 fn rgb_label_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    synth(dir.path(), 2, 0, 16, 16, 0);
-    let samples = scan(dir.path(), "train").unwrap();
-    write_png(
-        &samples[0].label,
-        16,
-        16,
-        png::ColorType::Rgb,
-        &[7u8; 16 * 16 * 3],
-    )
-    .unwrap();
+    let rgb = (16, 16, png::ColorType::Rgb, &[7u8; 16 * 16 * 3][..]);
+    let (_dir, samples) = with_bad_label((16, 16), rgb);
     for err in [
         load(&samples[0]).unwrap_err(),
         check_headers(&samples[0]).unwrap_err(),

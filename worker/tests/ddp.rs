@@ -390,14 +390,27 @@ fn assert_reported_miou_is_the_checkpoints(run: &Run, data: &Path) {
     );
 }
 
-#[test]
-fn two_cpu_ranks_train_evaluate_and_save_the_model_of_one_rank_accumulating_two_micro_batches() {
-    let started = Instant::now();
+/// A job's name and its (batch per GPU, accumulation steps, SyncBN).
+type Setup<'a> = (&'a str, u32, u32, bool);
+
+/// The same data trained by two ranks in `two`'s setup and by one in `one`'s: what each
+/// equivalence test compares (the temp dir holds both runs).
+fn two_and_one(two: Setup, one: Setup) -> (tempfile::TempDir, PathBuf, Run, Run) {
     let tmp = tempfile::tempdir().expect("temp dir");
     let data = synth_data(tmp.path());
     let (dir2, dir1) = (run_dir(tmp.path(), "two"), run_dir(tmp.path(), "one"));
-    let two = two_ranks(&dir2, &config(tmp.path(), &data, "w2", 2, 1, 1, false));
-    let one = one_rank(&dir1, &config(tmp.path(), &data, "w1-acc2", 1, 1, 2, false));
+    let job = |(name, batch, acc, sync): Setup, world| {
+        config(tmp.path(), &data, name, world, batch, acc, sync)
+    };
+    let two = two_ranks(&dir2, &job(two, 2));
+    let one = one_rank(&dir1, &job(one, 1));
+    (tmp, data, two, one)
+}
+
+#[test]
+fn two_cpu_ranks_train_evaluate_and_save_the_model_of_one_rank_accumulating_two_micro_batches() {
+    let started = Instant::now();
+    let (_tmp, data, two, one) = two_and_one(("w2", 1, 1, false), ("w1-acc2", 1, 2, false));
 
     assert_eq!(of(&two.events0, "rendezvous").len(), 1);
     assert_eq!(of(&two.events0, "checkpoint").len(), 1);
@@ -426,11 +439,7 @@ fn two_cpu_ranks_train_evaluate_and_save_the_model_of_one_rank_accumulating_two_
 #[test]
 fn two_cpu_ranks_with_sync_bn_train_the_model_of_one_rank_with_a_batch_of_two() {
     let started = Instant::now();
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let data = synth_data(tmp.path());
-    let (dir2, dir1) = (run_dir(tmp.path(), "two"), run_dir(tmp.path(), "one"));
-    let two = two_ranks(&dir2, &config(tmp.path(), &data, "w2-sync", 2, 1, 1, true));
-    let one = one_rank(&dir1, &config(tmp.path(), &data, "w1-b2", 1, 2, 1, false));
+    let (_tmp, data, two, one) = two_and_one(("w2-sync", 1, 1, true), ("w1-b2", 2, 1, false));
     assert_same_model(
         &two,
         &one,

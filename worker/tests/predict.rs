@@ -4,6 +4,8 @@
 mod common;
 
 use common::{fixture, max_abs_diff, write_b0_weights};
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::{Command, Output};
 use tch::Tensor;
 
@@ -15,11 +17,22 @@ fn worker(args: &[&str]) -> Output {
         .expect("run segtrain-worker")
 }
 
-#[test]
-fn predict_on_a_tensor_reproduces_the_reference_logits_and_writes_a_mask() {
+/// The B0 reference fixture and its weights in a fresh temp dir (the path as text): what every
+/// predict test that runs the model starts from.
+fn b0_in_temp_dir() -> (BTreeMap<String, Tensor>, tempfile::TempDir, String) {
     let fx = fixture("b0.safetensors");
     let dir = tempfile::tempdir().expect("temp dir");
-    let weights = write_b0_weights(&fx, dir.path());
+    let weights = utf8(&write_b0_weights(&fx, dir.path()));
+    (fx, dir, weights)
+}
+
+fn utf8(p: &Path) -> String {
+    p.to_str().expect("utf-8").to_string()
+}
+
+#[test]
+fn predict_on_a_tensor_reproduces_the_reference_logits_and_writes_a_mask() {
+    let (fx, dir, weights) = b0_in_temp_dir();
     let input = dir.path().join("input.safetensors");
     Tensor::write_safetensors(
         &[("pixel_values", fx["pixel_values"].shallow_clone())],
@@ -28,20 +41,9 @@ fn predict_on_a_tensor_reproduces_the_reference_logits_and_writes_a_mask() {
     .expect("write input");
     let mask = dir.path().join("mask.png");
     let logits = dir.path().join("logits.safetensors");
-    let path = |p: &std::path::Path| p.to_str().expect("utf-8").to_string();
-    let out = worker(&[
-        "predict",
-        "--variant",
-        "b0",
-        "--weights",
-        &path(&weights),
-        "--input",
-        &path(&input),
-        "--out",
-        &path(&mask),
-        "--logits",
-        &path(&logits),
-    ]);
+    let (mask_arg, logits_arg) = (utf8(&mask), utf8(&logits));
+    let rest = ["--out", &mask_arg, "--logits", &logits_arg];
+    let out = worker(&predict_args(&weights, &utf8(&input), &rest));
     assert!(
         out.status.success(),
         "{}",
@@ -80,17 +82,14 @@ fn predict_args<'a>(weights: &'a str, input: &'a str, rest: &[&'a str]) -> Vec<&
 
 #[test]
 fn predict_on_an_image_writes_a_mask_of_its_size() {
-    let fx = fixture("b0.safetensors");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let weights = write_b0_weights(&fx, dir.path());
+    let (_, dir, weights) = b0_in_temp_dir();
     let photo = dir.path().join("street.png");
     let img = image::RgbImage::from_fn(96, 64, |x, y| {
         image::Rgb([(x * 2) as u8, (y * 3) as u8, 128])
     });
     img.save(&photo).expect("write png");
     let mask = dir.path().join("mask.png");
-    let utf8 = |p: &std::path::Path| p.to_str().expect("utf-8").to_string();
-    let (weights, photo, mask_arg) = (utf8(&weights), utf8(&photo), utf8(&mask));
+    let (photo, mask_arg) = (utf8(&photo), utf8(&mask));
     let out = worker(&predict_args(&weights, &photo, &["--out", &mask_arg]));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");

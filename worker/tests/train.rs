@@ -6,7 +6,7 @@ use segtrain_trainer::data::loader::eval_samples;
 use segtrain_trainer::model::{weights, SegFormer, SegFormerConfig};
 use segtrain_trainer::train::checkpoint;
 use segtrain_trainer::train::eval::{evaluate, EvalConfig};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use tch::{nn, Device};
 
@@ -46,6 +46,42 @@ fn job_file(dir: &Path, body: &str) -> String {
     path.to_str().expect("utf-8").to_string()
 }
 
+/// A temp dir with synthetic data (`train`, `val` images of `size`) in `data` and a job file
+/// on it: `name`, the dataset root, one rank at 64x64 crops, then `settings` (TOML lines).
+/// Every training test starts from these.
+fn synth_job(
+    (train, val, size): (usize, usize, &str),
+    name: &str,
+    settings: &str,
+) -> (tempfile::TempDir, PathBuf, String) {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let data = tmp.path().join("data");
+    synth(&data, train, val, size);
+    let body = format!(
+        "name = \"{name}\"\ndataset_root = \"{}\"\nworld_size = 1\ncrop_height = 64\ncrop_width = 64\n\
+         {settings}",
+        data.display()
+    );
+    let config = job_file(tmp.path(), &body);
+    (tmp, data, config)
+}
+
+/// `segtrain-worker train --config CONFIG --checkpoint-dir CKPTS EXTRA...`.
+fn train(config: &str, ckpts: &Path, extra: &[&str]) -> std::process::Output {
+    let ckpts = ckpts.to_str().expect("utf-8");
+    let args = ["train", "--config", config, "--checkpoint-dir", ckpts];
+    worker(&[&args[..], extra].concat())
+}
+
+/// Asserts that `out` failed and that its stderr names every one of `needles`.
+fn assert_failed_naming(out: &std::process::Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    for needle in needles {
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+}
+
 fn file_digests(dir: &Path) -> Vec<(String, String)> {
     let m = checkpoint::read_manifest(dir).expect("manifest");
     m.files.into_iter().map(|f| (f.name, f.sha256)).collect()
@@ -53,49 +89,21 @@ fn file_digests(dir: &Path) -> Vec<(String, String)> {
 
 #[test]
 fn resume_continues_bit_for_bit_in_a_fresh_process() {
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let data = tmp.path().join("data");
-    synth(&data, 8, 2, "128x64");
-    let config = job_file(
-        tmp.path(),
-        &format!(
-            "name = \"resume\"\ndataset_root = \"{}\"\nworld_size = 1\ncrop_height = 64\ncrop_width = 64\n\
-             batch_per_gpu = 2\naccumulate_steps = 2\nmax_iters = 6\nwarmup_iters = 2\nlog_interval = 1\n\
-             eval_interval = 3\ncheckpoint_interval = 3\neval_mode = \"whole\"\nloader_threads = 2\nseed = 11\n",
-            data.display()
-        ),
-    );
+    let settings = "batch_per_gpu = 2\naccumulate_steps = 2\nmax_iters = 6\nwarmup_iters = 2\nlog_interval = 1\n\
+         eval_interval = 3\ncheckpoint_interval = 3\neval_mode = \"whole\"\nloader_threads = 2\nseed = 11\n";
+    let (tmp, _, config) = synth_job((8, 2, "128x64"), "resume", settings);
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    let s = |p: &Path| p.to_str().expect("utf-8").to_string();
     // N iterations straight.
-    ok(worker(&[
-        "train",
-        "--config",
-        &config,
-        "--checkpoint-dir",
-        &s(&a),
-    ]));
+    ok(train(&config, &a, &[]));
     // k iterations, stop; a fresh process resumes for N - k more.
-    ok(worker(&[
-        "train",
-        "--config",
-        &config,
-        "--checkpoint-dir",
-        &s(&b),
-        "--stop-at",
-        "3",
-    ]));
+    ok(train(&config, &b, &["--stop-at", "3"]));
     assert!(!b.join(checkpoint::dir_name(6)).exists());
     let k = b.join(checkpoint::dir_name(3));
-    let log = ok(worker(&[
-        "train",
-        "--config",
+    let log = ok(train(
         &config,
-        "--checkpoint-dir",
-        &s(&b),
-        "--resume-from",
-        &s(&k),
-    ]));
+        &b,
+        &["--resume-from", k.to_str().expect("utf-8")],
+    ));
     assert!(log.contains("resumed from"), "{log}");
 
     let (fa, fb) = (
@@ -127,27 +135,11 @@ fn resume_continues_bit_for_bit_in_a_fresh_process() {
 
 #[test]
 fn b0_learns_the_synthetic_set() {
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let data = tmp.path().join("data");
-    synth(&data, 32, 8, "128x64");
+    let settings = "batch_per_gpu = 8\nmax_iters = 100\nwarmup_iters = 10\nbase_lr = 0.001\nlog_interval = 25\n\
+         eval_interval = 0\ncheckpoint_interval = 0\neval_mode = \"whole\"\nloader_threads = 2\nkeep_last = 1\n";
+    let (tmp, data, config) = synth_job((32, 8, "128x64"), "learn", settings);
     let ckpts = tmp.path().join("ckpt");
-    let config = job_file(
-        tmp.path(),
-        &format!(
-            "name = \"learn\"\ndataset_root = \"{}\"\nworld_size = 1\ncrop_height = 64\ncrop_width = 64\n\
-             batch_per_gpu = 8\nmax_iters = 100\nwarmup_iters = 10\nbase_lr = 0.001\nlog_interval = 25\n\
-             eval_interval = 0\ncheckpoint_interval = 0\neval_mode = \"whole\"\nloader_threads = 2\nkeep_last = 1\n",
-            data.display()
-        ),
-    );
-    let log = ok(worker(&[
-        "train",
-        "--config",
-        &config,
-        "--checkpoint-dir",
-        ckpts.to_str().expect("utf-8"),
-        "--json",
-    ]));
+    let log = ok(train(&config, &ckpts, &["--json"]));
     let events: Vec<serde_json::Value> = log
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
@@ -179,19 +171,14 @@ fn b0_learns_the_synthetic_set() {
     );
     weights::load_tensors(&vs, ck.model, "final").expect("checkpoint loads strictly");
     let train = cityscapes::scan(&data, "train").expect("scan");
+    let samples = eval_samples(&train).map(|s| s.map_err(anyhow::Error::from));
     let cfg = EvalConfig {
         mode: segtrain_spec::EvalMode::Whole,
         crop: 1024,
         stride: 768,
         precision: segtrain_spec::Precision::Fp32,
     };
-    let r = evaluate(
-        &model,
-        eval_samples(&train).map(|s| s.map_err(anyhow::Error::from)),
-        Device::Cpu,
-        &cfg,
-    )
-    .expect("evaluate");
+    let r = evaluate(&model, samples, Device::Cpu, &cfg).expect("evaluate");
     assert_eq!(r.images, 32);
     assert!(
         r.metrics.aacc > 0.9,
@@ -202,27 +189,12 @@ fn b0_learns_the_synthetic_set() {
 
 #[test]
 fn retention_keeps_the_last_k_and_the_best_and_a_corrupt_checkpoint_is_refused() {
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let data = tmp.path().join("data");
-    synth(&data, 4, 2, "64x64");
+    let settings = "batch_per_gpu = 1\nmax_iters = 6\nwarmup_iters = 1\nlog_interval = 3\neval_interval = 1\n\
+         checkpoint_interval = 1\neval_mode = \"slide\"\neval_crop = 32\neval_stride = 16\nloader_threads = 1\n\
+         keep_last = 2\nkeep_best = true\n";
+    let (tmp, _, config) = synth_job((4, 2, "64x64"), "keep", settings);
     let ckpts = tmp.path().join("ckpt");
-    let config = job_file(
-        tmp.path(),
-        &format!(
-            "name = \"keep\"\ndataset_root = \"{}\"\nworld_size = 1\ncrop_height = 64\ncrop_width = 64\n\
-             batch_per_gpu = 1\nmax_iters = 6\nwarmup_iters = 1\nlog_interval = 3\neval_interval = 1\n\
-             checkpoint_interval = 1\neval_mode = \"slide\"\neval_crop = 32\neval_stride = 16\nloader_threads = 1\n\
-             keep_last = 2\nkeep_best = true\n",
-            data.display()
-        ),
-    );
-    ok(worker(&[
-        "train",
-        "--config",
-        &config,
-        "--checkpoint-dir",
-        ckpts.to_str().expect("utf-8"),
-    ]));
+    ok(train(&config, &ckpts, &[]));
     let kept: Vec<u64> = checkpoint::list(&ckpts)
         .expect("list")
         .into_iter()
@@ -253,21 +225,12 @@ fn retention_keeps_the_last_k_and_the_best_and_a_corrupt_checkpoint_is_refused()
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x40;
     std::fs::write(&model, bytes).expect("write");
-    let out = worker(&[
-        "train",
-        "--config",
+    let out = train(
         &config,
-        "--checkpoint-dir",
-        ckpts.to_str().expect("utf-8"),
-        "--resume-from",
-        dir.to_str().expect("utf-8"),
-    ]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("corrupt") && err.contains("model.safetensors"),
-        "{err}"
+        &ckpts,
+        &["--resume-from", dir.to_str().expect("utf-8")],
     );
+    assert_failed_naming(&out, &["corrupt", "model.safetensors"]);
 }
 
 #[test]
@@ -290,16 +253,9 @@ fn bad_jobs_fail_with_a_named_error() {
     ];
     for (body, needle) in cases {
         let config = job_file(tmp.path(), body);
-        let out = worker(&[
-            "train",
-            "--config",
-            &config,
-            "--checkpoint-dir",
-            "/tmp/unused",
-        ]);
+        let out = train(&config, Path::new("/tmp/unused"), &[]);
+        assert_failed_naming(&out, &[needle]);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{body}");
-        assert!(err.contains(needle), "{needle}: {err}");
-        assert!(!err.contains("panicked"), "{err}");
+        assert!(!err.contains("panicked"), "{body}: {err}");
     }
 }

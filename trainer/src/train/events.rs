@@ -1,8 +1,8 @@
 //! What the training loop reports ([`TrainEvent`], in order) and to whom ([`EventSink`]).
 
 use crate::train::checkpoint::Saved;
-pub use segtrain_wire::RunStart;
 use crate::train::eval::EvalResult;
+pub use segtrain_wire::RunStart;
 use std::collections::BTreeMap;
 
 /// What the loop reports, in order.
