@@ -251,11 +251,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             out.job_list(&views, &resp.next_page_token);
         }
         Command::Status { job } => {
-            let j = jobs
-                .get_job(pb::GetJobRequest { job_id: job })
-                .await
-                .map_err(rpc)?
-                .into_inner();
+            let j = get_job(&mut jobs, &job, &cli.coordinator).await?;
             out.job(&JobView::from(&j));
         }
         Command::Watch { job, after_event } => {

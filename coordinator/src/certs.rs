@@ -83,6 +83,24 @@ fn validity(params: &mut CertificateParams, days: u32) {
     params.not_after = now + time::Duration::days(i64::from(days));
 }
 
+/// A certificate for `name` (its common name) good for one purpose (`usage`: server or client
+/// authentication), signed by `issuer`.
+fn leaf(
+    mut params: CertificateParams,
+    name: &str,
+    usage: ExtendedKeyUsagePurpose,
+    days: u32,
+    key: &KeyPair,
+    issuer: &Issuer<'_, impl rcgen::SigningKey>,
+) -> Result<rcgen::Certificate, rcgen::Error> {
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![usage];
+    params.use_authority_key_identifier_extension = true;
+    validity(&mut params, days);
+    params.signed_by(key, issuer)
+}
+
 fn write_file(path: &Path, contents: &str, mode: u32) -> anyhow::Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -141,31 +159,28 @@ pub fn write(dir: &Path, hosts: &[String], days: u32, force: bool) -> anyhow::Re
     let issuer = Issuer::new(ca, &ca_key);
 
     let server_key = KeyPair::generate().context("cannot generate the server key")?;
-    let mut server = CertificateParams::new(hosts.to_vec())
+    let server = CertificateParams::new(hosts.to_vec())
         .with_context(|| format!("--host: cannot use {hosts:?} in a certificate"))?;
-    server
-        .distinguished_name
-        .push(DnType::CommonName, hosts[0].clone());
-    server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    server.use_authority_key_identifier_extension = true;
-    validity(&mut server, days);
-    let server_cert = server
-        .signed_by(&server_key, &issuer)
-        .context("cannot sign the server certificate")?;
+    let server_cert = leaf(
+        server,
+        &hosts[0],
+        ExtendedKeyUsagePurpose::ServerAuth,
+        days,
+        &server_key,
+        &issuer,
+    )
+    .context("cannot sign the server certificate")?;
 
     let client_key = KeyPair::generate().context("cannot generate the client key")?;
-    let mut client = CertificateParams::new(Vec::<String>::new())?;
-    client
-        .distinguished_name
-        .push(DnType::CommonName, "segtrain client");
-    client.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    client.use_authority_key_identifier_extension = true;
-    validity(&mut client, days);
-    let client_cert = client
-        .signed_by(&client_key, &issuer)
-        .context("cannot sign the client certificate")?;
+    let client_cert = leaf(
+        CertificateParams::new(Vec::<String>::new())?,
+        "segtrain client",
+        ExtendedKeyUsagePurpose::ClientAuth,
+        days,
+        &client_key,
+        &issuer,
+    )
+    .context("cannot sign the client certificate")?;
 
     write_file(&files.ca, &ca_cert.pem(), 0o644)?;
     write_file(&files.ca_key, &ca_key.serialize_pem(), 0o600)?;

@@ -199,18 +199,13 @@ mod tests {
         );
         assert_eq!(refusal_of(&stale), Refusal::StaleAttempt);
         // The same code without the reason (a conflict, an illegal transition): one event.
-        assert_eq!(
-            refusal_of(&Status::failed_precondition("rank 1 is not assigned")),
-            Refusal::Permanent
-        );
-        assert_eq!(
-            refusal_of(&Status::invalid_argument("events[3].metrics.values: name")),
-            Refusal::Permanent
-        );
-        assert_eq!(
-            refusal_of(&Status::out_of_range("message too large")),
-            Refusal::Permanent
-        );
+        for one_event in [
+            Status::failed_precondition("rank 1 is not assigned"),
+            Status::invalid_argument("events[3].metrics.values: name"),
+            Status::out_of_range("message too large"),
+        ] {
+            assert_eq!(refusal_of(&one_event), Refusal::Permanent, "{one_event:?}");
+        }
         let superseded = refusal::status(
             Code::FailedPrecondition,
             "replaced",

@@ -4,8 +4,8 @@
 //! it against a real server rather than a mock: [`pg::TempPostgres`] starts a
 //! throwaway cluster in a temporary directory and removes it again on drop.
 //! [`coordinator::CoordinatorProcess`] runs the real `segtrain-coordinator`
-//! binary against it, so tests can kill and restart it. [`metrics`] scrapes and checks
-//! Prometheus `/metrics` pages.
+//! binary against it, so tests can kill and restart it; [`service::Service`] is the two with a
+//! store connection. [`metrics`] scrapes and checks Prometheus `/metrics` pages.
 
 pub mod binaries;
 pub mod coordinator;
@@ -14,4 +14,5 @@ pub mod dataset;
 pub mod gcs;
 pub mod metrics;
 pub mod pg;
+pub mod service;
 pub mod wait;

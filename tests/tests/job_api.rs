@@ -8,34 +8,34 @@ use segtrain_proto::v1 as pb;
 use segtrain_proto::v1::job_service_client::JobServiceClient;
 use segtrain_tests::coordinator::{
     describe_event, events_until_end, events_until_quiet, get_job, metric_points, queued_spec,
-    watch_job, CoordinatorProcess,
+    watch_job,
 };
-use segtrain_tests::pg::TempPostgres;
+use segtrain_tests::service::Service;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tonic::transport::Channel;
 use tonic::Code;
 use uuid::Uuid;
 
-struct Env {
-    _pg: TempPostgres,
-    url: String,
-    coord: CoordinatorProcess,
-    store: Store,
+/// The service under test, with this file's helpers on top.
+struct Env(Service);
+
+impl std::ops::Deref for Env {
+    type Target = Service;
+    fn deref(&self) -> &Service {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Env {
+    fn deref_mut(&mut self) -> &mut Service {
+        &mut self.0
+    }
 }
 
 impl Env {
     async fn start() -> Env {
-        let pg = TempPostgres::start().expect("throwaway PostgreSQL");
-        let url = pg.url();
-        let coord = CoordinatorProcess::start(&url).await;
-        let store = Store::connect(&url).await.expect("store connects");
-        Env {
-            _pg: pg,
-            url,
-            coord,
-            store,
-        }
+        Env(Service::start(&[]).await)
     }
 
     async fn client(&self) -> JobServiceClient<Channel> {

@@ -3,11 +3,10 @@
 //! capacity, priority order with strict FIFO, fewest hosts, lease expiry, and two coordinators
 //! scheduling from the same database.
 
-use segtrain_coordinator::store::Store;
 use segtrain_proto::v1 as pb;
 use segtrain_proto::v1::job_service_client::JobServiceClient;
 use segtrain_tests::coordinator::{queued_spec, submit_job, CoordinatorProcess, FakeWorker};
-use segtrain_tests::pg::TempPostgres;
+use segtrain_tests::service::Service;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use tonic::transport::Channel;
@@ -16,11 +15,20 @@ use tonic::transport::Channel;
 /// could be placed to have been placed.
 const SETTLE: Duration = Duration::from_millis(1200);
 
-struct Env {
-    _pg: TempPostgres,
-    url: String,
-    coord: CoordinatorProcess,
-    store: Store,
+/// The service under test, with this file's helpers on top.
+struct Env(Service);
+
+impl std::ops::Deref for Env {
+    type Target = Service;
+    fn deref(&self) -> &Service {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Env {
+    fn deref_mut(&mut self) -> &mut Service {
+        &mut self.0
+    }
 }
 
 impl Env {
@@ -29,15 +37,7 @@ impl Env {
     }
 
     async fn start_with(args: &[&str]) -> Env {
-        let pg = TempPostgres::start().expect("throwaway PostgreSQL");
-        let coord = CoordinatorProcess::start_with_args(&pg.url(), args).await;
-        let store = Store::connect(&pg.url()).await.expect("store connects");
-        Env {
-            url: pg.url(),
-            _pg: pg,
-            coord,
-            store,
-        }
+        Env(Service::start(args).await)
     }
 
     async fn jobs(&self) -> JobServiceClient<Channel> {

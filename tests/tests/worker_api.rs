@@ -4,16 +4,14 @@
 //! attempts, cancel, and field validation.
 
 use segtrain_coordinator::state::JobState;
-use segtrain_coordinator::store::Store;
 use segtrain_proto::v1 as pb;
 use segtrain_proto::v1::job_service_client::JobServiceClient;
 use segtrain_proto::v1::worker_event::Payload;
 use segtrain_proto::v1::worker_service_client::WorkerServiceClient;
 use segtrain_tests::coordinator::{
-    assert_code, describe_event, events_until_end, metric_points, queued_spec, CoordinatorProcess,
-    FakeWorker,
+    assert_code, describe_event, events_until_end, metric_points, queued_spec, FakeWorker,
 };
-use segtrain_tests::pg::TempPostgres;
+use segtrain_tests::service::Service;
 use std::collections::HashMap;
 use std::time::Duration;
 use tonic::transport::Channel;
@@ -23,29 +21,27 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use uuid::Uuid;
 
-struct Env {
-    _pg: TempPostgres,
-    coord: CoordinatorProcess,
-    store: Store,
+/// The service under test, with this file's helpers on top.
+struct Env(Service);
+
+impl std::ops::Deref for Env {
+    type Target = Service;
+    fn deref(&self) -> &Service {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Env {
+    fn deref_mut(&mut self) -> &mut Service {
+        &mut self.0
+    }
 }
 
 impl Env {
     async fn start() -> Env {
-        let pg = TempPostgres::start().expect("throwaway PostgreSQL");
-        // A long lease: these tests do not heartbeat in the background.
-        let coord =
-            // A long restart backoff: a job that restarts stays RESTARTING while a test looks.
-            CoordinatorProcess::start_with_args(
-                &pg.url(),
-                &["--lease-seconds", "300", "--restart-backoff-ms", "600000"],
-            )
-            .await;
-        let store = Store::connect(&pg.url()).await.expect("store connects");
-        Env {
-            _pg: pg,
-            coord,
-            store,
-        }
+        // A long lease: these tests do not heartbeat in the background. A long restart backoff:
+        // a job that restarts stays RESTARTING while a test looks.
+        Env(Service::start(&["--lease-seconds", "300", "--restart-backoff-ms", "600000"]).await)
     }
 
     async fn jobs(&self) -> JobServiceClient<Channel> {

@@ -40,23 +40,30 @@ impl pb::cluster_service_server::ClusterService for ClusterApi {
         &self,
         req: Request<pb::DrainWorkerRequest>,
     ) -> Result<Response<pb::DrainWorkerResponse>, Status> {
-        let id = worker_id(&req.get_ref().worker_id)?;
-        let state = self.store.drain_worker(id).await.map_err(status_of)?;
-        tracing::info!(worker = %id, state = %state, "worker drained");
-        Ok(Response::new(pb::DrainWorkerResponse {
-            state: state.to_proto() as i32,
-        }))
+        let state = self.set_draining(&req.get_ref().worker_id, true).await?;
+        Ok(Response::new(pb::DrainWorkerResponse { state }))
     }
 
     async fn undrain_worker(
         &self,
         req: Request<pb::UndrainWorkerRequest>,
     ) -> Result<Response<pb::UndrainWorkerResponse>, Status> {
-        let id = worker_id(&req.get_ref().worker_id)?;
-        let state = self.store.undrain_worker(id).await.map_err(status_of)?;
-        tracing::info!(worker = %id, state = %state, "worker undrained");
-        Ok(Response::new(pb::UndrainWorkerResponse {
-            state: state.to_proto() as i32,
-        }))
+        let state = self.set_draining(&req.get_ref().worker_id, false).await?;
+        Ok(Response::new(pb::UndrainWorkerResponse { state }))
+    }
+}
+
+impl ClusterApi {
+    /// Drains (`drain`) or undrains a worker; its state after, on the wire.
+    async fn set_draining(&self, worker: &str, drain: bool) -> Result<i32, Status> {
+        let id = worker_id(worker)?;
+        let state = if drain {
+            self.store.drain_worker(id).await
+        } else {
+            self.store.undrain_worker(id).await
+        }
+        .map_err(status_of)?;
+        tracing::info!(worker = %id, state = %state, drain, "worker drain changed");
+        Ok(state.to_proto() as i32)
     }
 }

@@ -293,14 +293,7 @@ impl Tool {
                 })?;
                 eprint!("{summary}");
             }
-            Tool::Doctor { json } => {
-                let report = doctor::report();
-                if json {
-                    print_json(&report)?;
-                } else {
-                    println!("{report}");
-                }
-            }
+            Tool::Doctor { json } => print_either(json, &doctor::report())?,
             Tool::ModelInfo {
                 variant,
                 classes,
@@ -309,12 +302,7 @@ impl Tool {
             } => {
                 check_classes(classes)?;
                 let (h, w) = parse_size("--size", &size, "HxW")?;
-                let info = model::info(variant, classes, h, w);
-                if json {
-                    print_json(&info)?;
-                } else {
-                    println!("{info}");
-                }
+                print_either(json, &model::info(variant, classes, h, w))?;
             }
             Tool::Predict {
                 variant,
@@ -350,6 +338,16 @@ impl Tool {
                 }
             }
         }
+        Ok(())
+    }
+}
+
+/// `v` as pretty JSON with `--json`, else as text for people.
+fn print_either(json: bool, v: &(impl serde::Serialize + std::fmt::Display)) -> anyhow::Result<()> {
+    if json {
+        print_json(v)
+    } else {
+        println!("{v}");
         Ok(())
     }
 }

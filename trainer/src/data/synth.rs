@@ -259,23 +259,10 @@ fn write_one(opts: &SynthOptions, split: &str, index: usize, city: &str) -> Resu
             .join(city)
             .join(format!("{stem}{suffix}"))
     };
-    let image_path = path("leftImg8bit", IMAGE_SUFFIX);
-    let label_path = path("gtFine", LABEL_IDS_SUFFIX);
-    let a = write_png(
-        &image_path,
-        opts.width,
-        opts.height,
-        png::ColorType::Rgb,
-        &rgb,
-    )?;
-    let b = write_png(
-        &label_path,
-        opts.width,
-        opts.height,
-        png::ColorType::Grayscale,
-        &ids,
-    )?;
-    Ok(a + b)
+    let (w, h) = (opts.width, opts.height);
+    let image = write_png(&path("leftImg8bit", IMAGE_SUFFIX), w, h, png::ColorType::Rgb, &rgb)?;
+    let label = path("gtFine", LABEL_IDS_SUFFIX);
+    Ok(image + write_png(&label, w, h, png::ColorType::Grayscale, &ids)?)
 }
 
 /// Encodes an 8-bit PNG with fixed settings (same bytes for the same pixels).
