@@ -3,7 +3,9 @@
 
 use crate::coordinator::CoordinatorProcess;
 use crate::pg::TempPostgres;
+use segtrain_coordinator::state::JobState;
 use segtrain_coordinator::store::Store;
+use uuid::Uuid;
 
 pub struct Service {
     /// Dropped last: the cluster goes away with the test.
@@ -29,4 +31,38 @@ impl Service {
             store,
         }
     }
+}
+
+/// Moves job `id` through `states` in order, as the scheduler and the daemons would (the store
+/// checks every edge), each with `reason`.
+pub async fn walk(store: &Store, id: Uuid, states: &[JobState], reason: &str) {
+    for &to in states {
+        store
+            .transition_job(id, to, reason)
+            .await
+            .unwrap_or_else(|e| panic!("job {id} to {to}: {e}"));
+    }
+}
+
+/// `service_env!(Env)`: a test file's own `struct Env(Service)` that derefs to the [`Service`],
+/// so the file can add its helpers (`impl Env { ... }`) and still reach `env.coord`, `env.store`.
+#[macro_export]
+macro_rules! service_env {
+    ($name:ident) => {
+        /// The service under test, with this file's helpers on top.
+        struct $name($crate::service::Service);
+
+        impl std::ops::Deref for $name {
+            type Target = $crate::service::Service;
+            fn deref(&self) -> &$crate::service::Service {
+                &self.0
+            }
+        }
+
+        impl std::ops::DerefMut for $name {
+            fn deref_mut(&mut self) -> &mut $crate::service::Service {
+                &mut self.0
+            }
+        }
+    };
 }

@@ -7,6 +7,7 @@ use segtrain_coordinator::store::Store;
 use segtrain_tests::binaries;
 use segtrain_tests::coordinator::CoordinatorProcess;
 use segtrain_tests::pg::TempPostgres;
+use segtrain_tests::service::walk;
 use std::collections::BTreeMap;
 use std::process::{Command, Output, Stdio};
 use uuid::Uuid;
@@ -245,14 +246,7 @@ async fn cli_submits_lists_watches_and_cancels() {
             .spawn()
             .expect("spawn watch");
         let uid = Uuid::parse_str(&jid).expect("uuid");
-        store
-            .transition_job(uid, JobState::Scheduled, "")
-            .await
-            .expect("scheduled");
-        store
-            .transition_job(uid, JobState::Running, "")
-            .await
-            .expect("running");
+        walk(&store, uid, &[JobState::Scheduled, JobState::Running], "").await;
         let values = BTreeMap::from([
             ("loss".to_string(), Some(0.25)),
             ("lr".to_string(), Some(6e-5)),

@@ -10,6 +10,7 @@ use segtrain_tests::coordinator::{
     describe_event, events_until_end, events_until_quiet, get_job, metric_points, queued_spec,
     watch_job,
 };
+use segtrain_tests::service::walk;
 use segtrain_tests::service::Service;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -17,21 +18,7 @@ use tonic::transport::Channel;
 use tonic::Code;
 use uuid::Uuid;
 
-/// The service under test, with this file's helpers on top.
-struct Env(Service);
-
-impl std::ops::Deref for Env {
-    type Target = Service;
-    fn deref(&self) -> &Service {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Env {
-    fn deref_mut(&mut self) -> &mut Service {
-        &mut self.0
-    }
-}
+segtrain_tests::service_env!(Env);
 
 impl Env {
     async fn start() -> Env {
@@ -560,14 +547,13 @@ async fn watch_delivers_events_in_order_live_and_resumes_after_an_id() {
 
     let store = env.store.clone();
     let writer = tokio::spawn(async move {
-        store
-            .transition_job(id, JobState::Scheduled, "placed")
-            .await
-            .expect("scheduled");
-        store
-            .transition_job(id, JobState::Running, "")
-            .await
-            .expect("running");
+        walk(
+            &store,
+            id,
+            &[JobState::Scheduled, JobState::Running],
+            "placed",
+        )
+        .await;
         for it in [50u64, 100, 150] {
             tokio::time::sleep(Duration::from_millis(30)).await;
             let values = BTreeMap::from([("loss".to_string(), Some(1.0 / it as f64))]);
@@ -662,14 +648,13 @@ async fn a_coordinator_restart_keeps_every_job_and_event() {
     }
     env.coord.cancel(&ids[1], "test").await;
     let running = Uuid::parse_str(&ids[2]).expect("uuid");
-    env.store
-        .transition_job(running, JobState::Scheduled, "")
-        .await
-        .expect("scheduled");
-    env.store
-        .transition_job(running, JobState::Running, "")
-        .await
-        .expect("running");
+    walk(
+        &env.store,
+        running,
+        &[JobState::Scheduled, JobState::Running],
+        "",
+    )
+    .await;
 
     async fn snapshot(
         c: &mut JobServiceClient<Channel>,

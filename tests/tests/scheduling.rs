@@ -15,21 +15,7 @@ use tonic::transport::Channel;
 /// could be placed to have been placed.
 const SETTLE: Duration = Duration::from_millis(1200);
 
-/// The service under test, with this file's helpers on top.
-struct Env(Service);
-
-impl std::ops::Deref for Env {
-    type Target = Service;
-    fn deref(&self) -> &Service {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Env {
-    fn deref_mut(&mut self) -> &mut Service {
-        &mut self.0
-    }
-}
+segtrain_tests::service_env!(Env);
 
 impl Env {
     async fn start() -> Env {
@@ -347,15 +333,7 @@ async fn an_expired_lease_fails_the_attempt_restarts_the_job_and_stops_the_other
     let stop = alive.stop().await;
     assert_eq!((stop.job_id.as_str(), stop.rank), (job.id.as_str(), a.rank));
     assert!(stop.reason.contains("lost"), "{}", stop.reason);
-    let got = env
-        .jobs()
-        .await
-        .get_job(pb::GetJobRequest {
-            job_id: job.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = env.coord.get_job(&job.id).await;
     assert_eq!(got.state(), pb::JobState::Restarting);
     assert_eq!(got.restarts, 1);
     assert!(got.reason.contains("lost"), "{}", got.reason);
@@ -441,15 +419,7 @@ async fn a_restarting_job_is_queued_again_after_its_backoff_and_resumes() {
     assert_eq!(b.resume_from, "/ckpt/a1/ckpt-00000040");
     assert_eq!(b.resume_candidates.len(), 1);
     assert_eq!(b.resume_candidates[0].sha256, sha);
-    let got = env
-        .jobs()
-        .await
-        .get_job(pb::GetJobRequest {
-            job_id: job.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = env.coord.get_job(&job.id).await;
     assert_eq!(got.restarts, 1);
     assert!(got.reason.contains("restart 1 of 3"), "{}", got.reason);
     // Progress is attempt 2's: nothing before it reports, its resume point once it resumed;
@@ -477,15 +447,7 @@ async fn a_restarting_job_is_queued_again_after_its_backoff_and_resumes() {
     w.finished(&job.id, 2, 0, pb::RankOutcome::FailedDeterministic)
         .await;
     assert_eq!(env.state(&job).await, pb::JobState::Failed);
-    let got = env
-        .jobs()
-        .await
-        .get_job(pb::GetJobRequest {
-            job_id: job.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = env.coord.get_job(&job.id).await;
     assert_eq!(got.restarts, 1);
     assert!(got.reason.contains("not retried"), "{}", got.reason);
 }

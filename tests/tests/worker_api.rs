@@ -11,6 +11,7 @@ use segtrain_proto::v1::worker_service_client::WorkerServiceClient;
 use segtrain_tests::coordinator::{
     assert_code, describe_event, events_until_end, metric_points, queued_spec, FakeWorker,
 };
+use segtrain_tests::service::walk;
 use segtrain_tests::service::Service;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -21,21 +22,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use uuid::Uuid;
 
-/// The service under test, with this file's helpers on top.
-struct Env(Service);
-
-impl std::ops::Deref for Env {
-    type Target = Service;
-    fn deref(&self) -> &Service {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Env {
-    fn deref_mut(&mut self) -> &mut Service {
-        &mut self.0
-    }
-}
+segtrain_tests::service_env!(Env);
 
 impl Env {
     async fn start() -> Env {
@@ -449,14 +436,13 @@ async fn stale_attempts_are_refused_and_write_nothing() {
 
     // What a restart does (restart policy comes later): RUNNING → RESTARTING → QUEUED; the
     // scheduler places attempt 2 on two new workers while attempt 1's workers are still busy.
-    env.store
-        .transition_job(id, JobState::Restarting, "test restart")
-        .await
-        .expect("restarting");
-    env.store
-        .transition_job(id, JobState::Queued, "test restart")
-        .await
-        .expect("queued");
+    walk(
+        &env.store,
+        id,
+        &[JobState::Restarting, JobState::Queued],
+        "test restart",
+    )
+    .await;
     let mut new0 = env.worker("host-b", 0).await;
     let mut new1 = env.worker("host-b", 1).await;
     let (b0, b1) = (new0.start().await, new1.start().await);

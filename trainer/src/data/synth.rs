@@ -260,7 +260,13 @@ fn write_one(opts: &SynthOptions, split: &str, index: usize, city: &str) -> Resu
             .join(format!("{stem}{suffix}"))
     };
     let (w, h) = (opts.width, opts.height);
-    let image = write_png(&path("leftImg8bit", IMAGE_SUFFIX), w, h, png::ColorType::Rgb, &rgb)?;
+    let image = write_png(
+        &path("leftImg8bit", IMAGE_SUFFIX),
+        w,
+        h,
+        png::ColorType::Rgb,
+        &rgb,
+    )?;
     let label = path("gtFine", LABEL_IDS_SUFFIX);
     Ok(image + write_png(&label, w, h, png::ColorType::Grayscale, &ids)?)
 }
