@@ -48,6 +48,44 @@ fn resolve_toml(text: &str) -> Result<JobSpec, SpecError> {
     JobSpecInput::from_toml_str(text)?.resolve()
 }
 
+/// The recipe's values as a job file that sets every field (`pretrained` and `resume_from` are
+/// the unset paths).
+const RECIPE: &str = r#"
+name = "segformer"
+priority = 0
+variant = "b0"
+num_classes = 19
+pretrained = ""
+dataset_root = "/data/cityscapes"
+crop_height = 1024
+crop_width = 1024
+loader_threads = 4
+world_size = 8
+batch_per_gpu = 1
+accumulate_steps = 1
+max_iters = 160000
+precision = "fp32"
+seed = 0
+sync_bn = true
+base_lr = 6e-5
+warmup_iters = 1500
+warmup_ratio = 1e-6
+poly_power = 1.0
+weight_decay = 0.01
+head_lr_mult = 10.0
+log_interval = 50
+eval_interval = 16000
+checkpoint_interval = 4000
+eval_mode = "slide"
+eval_crop = 1024
+eval_stride = 768
+resume_from = ""
+max_restarts = 3
+keep_last = 3
+keep_best = true
+checkpoint_root = "/var/lib/segtrain/checkpoints"
+"#;
+
 #[test]
 fn defaults_are_the_cityscapes_recipe() {
     let input = JobSpecInput {
@@ -55,41 +93,16 @@ fn defaults_are_the_cityscapes_recipe() {
         ..Default::default()
     };
     let spec = input.resolve().expect("defaults are valid");
-    let expected = JobSpec {
-        name: "segformer".to_string(),
-        priority: 0,
-        variant: Variant::B0,
-        num_classes: 19,
-        pretrained: None,
-        dataset_root: "/data/cityscapes".to_string(),
-        crop_height: 1024,
-        crop_width: 1024,
-        loader_threads: 4,
-        world_size: 8,
-        batch_per_gpu: 1,
-        accumulate_steps: 1,
-        max_iters: 160_000,
-        precision: Precision::Fp32,
-        seed: 0,
-        sync_bn: true,
-        base_lr: 6e-5,
-        warmup_iters: 1500,
-        warmup_ratio: 1e-6,
-        poly_power: 1.0,
-        weight_decay: 0.01,
-        head_lr_mult: 10.0,
-        log_interval: 50,
-        eval_interval: 16_000,
-        checkpoint_interval: 4000,
-        eval_mode: EvalMode::Slide,
-        eval_crop: 1024,
-        eval_stride: 768,
-        resume_from: None,
-        max_restarts: 3,
-        keep_last: 3,
-        keep_best: true,
-        checkpoint_root: "/var/lib/segtrain/checkpoints".to_string(),
-    };
+    // Equal only if every default is the recipe's.
+    let expected = resolve_toml(RECIPE).expect("the recipe is a valid job file");
+    // It names every field, so a new field's default is pinned here too.
+    let keys: Vec<String> = toml::from_str::<toml::Table>(RECIPE)
+        .expect("parses")
+        .keys()
+        .cloned()
+        .collect();
+    assert_eq!(keys.len(), FIELDS.len(), "{keys:?}");
+
     assert_eq!(spec, expected);
     assert_eq!(spec.global_batch(), 8);
 }

@@ -17,7 +17,7 @@ use segtrain_trainer::data::cityscapes;
 use segtrain_trainer::data::loader::eval_samples;
 use segtrain_trainer::model::{weights, SegFormer, SegFormerConfig};
 use segtrain_trainer::train::checkpoint;
-use segtrain_trainer::train::eval::{evaluate, EvalConfig};
+use segtrain_trainer::train::eval::{accumulate, EvalConfig};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -371,13 +371,14 @@ fn assert_reported_miou_is_the_checkpoints(run: &Run, data: &Path) {
         stride: 48,
         precision: Precision::Fp32,
     };
-    let r = evaluate(
+    let r = accumulate(
         &model,
         eval_samples(&val).map(|r| r.map_err(anyhow::Error::from)),
         Device::Cpu,
         &cfg,
     )
-    .expect("evaluate");
+    .expect("evaluate")
+    .result();
     assert_eq!(r.images, 4);
     eprintln!(
         "reported mIoU {reported}, the checkpoint's {}",

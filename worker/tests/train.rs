@@ -5,7 +5,7 @@ use segtrain_trainer::data::cityscapes;
 use segtrain_trainer::data::loader::eval_samples;
 use segtrain_trainer::model::{weights, SegFormer, SegFormerConfig};
 use segtrain_trainer::train::checkpoint;
-use segtrain_trainer::train::eval::{evaluate, EvalConfig};
+use segtrain_trainer::train::eval::{accumulate, EvalConfig};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tch::{nn, Device};
@@ -178,7 +178,9 @@ fn b0_learns_the_synthetic_set() {
         stride: 768,
         precision: segtrain_spec::Precision::Fp32,
     };
-    let r = evaluate(&model, samples, Device::Cpu, &cfg).expect("evaluate");
+    let r = accumulate(&model, samples, Device::Cpu, &cfg)
+        .expect("evaluate")
+        .result();
     assert_eq!(r.images, 32);
     assert!(
         r.metrics.aacc > 0.9,

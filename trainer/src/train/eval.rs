@@ -185,19 +185,6 @@ where
     })
 }
 
-/// Evaluates `model` in eval mode over `samples`: one dataset-level confusion matrix.
-pub fn evaluate<I>(
-    model: &SegFormer,
-    samples: I,
-    device: Device,
-    cfg: &EvalConfig,
-) -> anyhow::Result<EvalResult>
-where
-    I: IntoIterator<Item = anyhow::Result<EvalSample>>,
-{
-    Ok(accumulate(model, samples, device, cfg)?.result())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,7 +18,7 @@
 
 use super::buffers::{Buffers, StepBuffers};
 use super::checkpoint::{self, Saved};
-use super::eval::{accumulate, evaluate, EvalConfig, EvalResult};
+use super::eval::{accumulate, EvalConfig, EvalResult};
 use super::events::{EventSink, RunStart, TrainEvent, TrainSummary};
 use super::options::TrainOptions;
 use super::remote::{self};
@@ -56,7 +56,7 @@ fn due(iteration: u64, interval: u64) -> bool {
 
 /// Evaluation with `world` ranks: this rank takes val samples rank, rank + world, ...; the
 /// confusion matrices, loss sums and image counts are summed over ranks, so every rank gets
-/// the metrics of the whole val set.
+/// the metrics of the whole val set (a world of 1 evaluates it all, with no collective).
 fn evaluate_shard(
     model: &SegFormer,
     val: &[Sample],
@@ -76,6 +76,9 @@ fn evaluate_shard(
         device,
         cfg,
     )?;
+    if comm.world() == 1 {
+        return Ok(totals.result());
+    }
     let counts: Vec<i64> = totals.cm.counts.iter().map(|&c| c as i64).collect();
     let mut counts = Tensor::from_slice(&counts).to_device(device);
     comm.all_reduce_sum(&mut counts)?;
@@ -440,16 +443,7 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
         let mut new_best = false;
         let mut eval_metrics = BTreeMap::new();
         if eval_due {
-            let result = if world == 1 {
-                evaluate(
-                    &model,
-                    eval_samples(&val_samples).map(|r| r.map_err(anyhow::Error::from)),
-                    device,
-                    &eval_cfg,
-                )?
-            } else {
-                evaluate_shard(&model, &val_samples, device, &eval_cfg, &mut *comm)?
-            };
+            let result = evaluate_shard(&model, &val_samples, device, &eval_cfg, &mut *comm)?;
             eval_metrics = BTreeMap::from([
                 ("miou".to_string(), result.metrics.miou),
                 ("aacc".to_string(), result.metrics.aacc),
