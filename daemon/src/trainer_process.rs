@@ -189,7 +189,10 @@ pub fn parse_line(line: &str, job_id: &str, attempt: u32) -> Result<Parsed, Line
                 })
             }
         },
-        TrainerLine::Collective { backend, detail } => Parsed::Collective { backend, detail },
+        TrainerLine::Collective(c) => Parsed::Collective {
+            backend: c.backend,
+            detail: c.detail,
+        },
         TrainerLine::Stopped { .. } | TrainerLine::Finished { .. } => Parsed::Ignored,
     })
 }

@@ -13,6 +13,16 @@
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::BTreeMap;
 
+/// The collective backend is up (after the rendezvous): the trainer's `collective` event and
+/// line alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectiveReady {
+    /// `nccl` or `tcp`.
+    pub backend: String,
+    /// What it runs on: library and version, rank, world, device.
+    pub detail: String,
+}
+
 /// What a run starts with, once its data, model and resume point are ready: the trainer's
 /// `started` event and line alike.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -120,10 +130,7 @@ pub enum TrainerLine {
         nccl_unique_id: Option<String>,
     },
     /// The collective backend is up.
-    Collective {
-        backend: String,
-        detail: String,
-    },
+    Collective(CollectiveReady),
     Started(RunStart),
     /// Rank 0's metrics of a log interval: the job's.
     Metrics {
@@ -282,10 +289,10 @@ mod tests {
                 tcp_address: Some("10.0.0.1:4000".into()),
                 nccl_unique_id: None,
             },
-            TrainerLine::Collective {
+            TrainerLine::Collective(CollectiveReady {
                 backend: "tcp".into(),
                 detail: "x".into(),
-            },
+            }),
             TrainerLine::Started(RunStart {
                 start_iteration: 0,
                 max_iters: 10,

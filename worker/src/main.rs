@@ -2,23 +2,14 @@
 //! (`segtrain-daemon`, no tch); `train` and the tools run the training core
 //! (`segtrain-trainer`, no gRPC). The daemon starts trainers as `segtrain-worker train`.
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use segtrain_daemon::command::DaemonArgs;
 use segtrain_trainer::command::{tools::Tool, train::TrainArgs};
 use std::process::ExitCode;
 
+/// segtrain worker: per-GPU daemon and SegFormer trainer
 #[derive(Parser, Debug)]
-#[command(
-    name = "segtrain-worker",
-    version,
-    about = "segtrain worker: per-GPU daemon and SegFormer trainer"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand, Debug)]
+#[command(name = "segtrain-worker", version)]
 enum Command {
     /// Train a job from the same job file `segtrain submit -f` takes: standalone on the CPU or
     /// one GPU (world_size 1), or as one rank of a distributed job (--rank, --world,
@@ -49,7 +40,7 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let result = match Cli::parse().command {
+    let result = match Command::parse() {
         Command::Train(args) => return segtrain_trainer::command::train::run(*args),
         Command::Daemon(args) => segtrain_daemon::command::run(args, &gpu_name),
         Command::Tool(tool) => tool.run(),

@@ -2,7 +2,7 @@
 
 use crate::train::checkpoint::Saved;
 use crate::train::eval::EvalResult;
-pub use segtrain_wire::RunStart;
+pub use segtrain_wire::{CollectiveReady, RunStart};
 use std::collections::BTreeMap;
 
 /// What the loop reports, in order.
@@ -14,12 +14,7 @@ pub enum TrainEvent {
         tcp_address: Option<String>,
         nccl_unique_id: Option<Vec<u8>>,
     },
-    /// The collective backend is up (after the rendezvous): `backend` "nccl" or "tcp", and
-    /// what it runs on (library and version, rank, world, device).
-    Collective {
-        backend: String,
-        detail: String,
-    },
+    Collective(CollectiveReady),
     Started(RunStart),
     /// Averages since the previous report: loss, lr, images_per_s, data_wait_ms, step_ms; on
     /// CUDA also this rank's GPU memory now, at its peak and reserved (gpu_mem_bytes,

@@ -1,5 +1,6 @@
 //! Joining the other ranks ([`connect`]) and starting from rank 0's state ([`sync_start`]).
 
+use super::events::CollectiveReady;
 use super::{EventSink, Rendezvous, TrainEvent, TrainOptions};
 use crate::collective::nccl::NcclCollective;
 use crate::collective::tcp::{TcpCollective, TcpRendezvous};
@@ -28,14 +29,17 @@ pub(crate) fn connect(
             opts.rendezvous
         )),
     };
-    let nccl_detail = |ordinal: usize| {
-        format!(
-            "NCCL {} ({}), rank {rank} of {world} on cuda:{ordinal}",
-            NcclCollective::version().unwrap_or_else(|e| e.to_string()),
-            crate::collective::nccl::library_path()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default()
-        )
+    let nccl_ready = |ordinal: usize| {
+        TrainEvent::Collective(CollectiveReady {
+            backend: "nccl".into(),
+            detail: format!(
+                "NCCL {} ({}), rank {rank} of {world} on cuda:{ordinal}",
+                NcclCollective::version().unwrap_or_else(|e| e.to_string()),
+                crate::collective::nccl::library_path()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            ),
+        })
     };
     let comm: Box<dyn Collective> = match (&opts.rendezvous, rank) {
         (Rendezvous::Single, _) if world == 1 => Box::new(Single),
@@ -66,19 +70,13 @@ pub(crate) fn connect(
                 nccl_unique_id: Some(id.to_vec()),
             });
             let comm = NcclCollective::init_on(id, 0, world, ordinal, timeouts)?;
-            sink.event(&TrainEvent::Collective {
-                backend: "nccl".into(),
-                detail: nccl_detail(ordinal),
-            });
+            sink.event(&nccl_ready(ordinal));
             Box::new(comm)
         }
         (Rendezvous::NcclJoin { id }, r) if r > 0 => {
             let ordinal = cuda_ordinal()?;
             let comm = NcclCollective::init_on(*id, r, world, ordinal, timeouts)?;
-            sink.event(&TrainEvent::Collective {
-                backend: "nccl".into(),
-                detail: nccl_detail(ordinal),
-            });
+            sink.event(&nccl_ready(ordinal));
             Box::new(comm)
         }
         (rv, r) => bail!(

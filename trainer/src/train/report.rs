@@ -1,7 +1,7 @@
 //! How `segtrain-worker train` shows progress: one [`TrainerLine`] per event (`--json`, what the
 //! worker daemon reads), or log lines, with a progress bar when stderr is a terminal.
 
-use super::events::{EventSink, RunStart, TrainEvent};
+use super::events::{CollectiveReady, EventSink, RunStart, TrainEvent};
 use indicatif::{ProgressBar, ProgressStyle};
 use segtrain_wire::{self as wire, Real, TrainerLine};
 use std::io::{IsTerminal, Write};
@@ -43,10 +43,7 @@ pub fn event_line(ev: &TrainEvent) -> TrainerLine {
                     .map(|id| base64::engine::general_purpose::STANDARD.encode(id)),
             }
         }
-        TrainEvent::Collective { backend, detail } => TrainerLine::Collective {
-            backend: backend.clone(),
-            detail: detail.clone(),
-        },
+        TrainEvent::Collective(ready) => TrainerLine::Collective(ready.clone()),
         TrainEvent::Started(start) => TrainerLine::Started(start.clone()),
         TrainEvent::Metrics { iteration, values } => TrainerLine::Metrics {
             iteration: *iteration,
@@ -126,7 +123,7 @@ impl EventSink for Reporter {
                 Some(a) => self.line(&format!("rank 0 waits for the other ranks on {a}")),
                 None => self.line("rank 0 made the NCCL unique id; waiting for the other ranks"),
             },
-            TrainEvent::Collective { backend, detail } => {
+            TrainEvent::Collective(CollectiveReady { backend, detail }) => {
                 self.line(&format!("collective ready: {backend}: {detail}"))
             }
             TrainEvent::Started(RunStart {

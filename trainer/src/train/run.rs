@@ -463,9 +463,14 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
             window_start = Instant::now(); // evaluation time is not training throughput
         }
 
+        // A stop asked on any rank ends the run here, with a checkpoint of this iteration.
+        let stop = iteration < end && stop_agreed(&opts, &mut *comm, iteration)?;
+        if stop && world > 1 && !sync_bn {
+            buffers.mean_over_ranks(&mut *comm)?;
+        }
         let keep_best_here = new_best && spec.keep_best;
         // Only rank 0 writes checkpoints (the others hold the same parameters).
-        if rank == 0 && (checkpoint_due || keep_best_here) {
+        if rank == 0 && (checkpoint_due || keep_best_here || stop) {
             let mut metrics = last_metrics.clone();
             metrics.extend(eval_metrics);
             let saved = write_checkpoint(
@@ -482,27 +487,7 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
             window_start = Instant::now();
         }
 
-        if iteration < end && stop_agreed(&opts, &mut *comm, iteration)? {
-            if world > 1 && !sync_bn {
-                buffers.mean_over_ranks(&mut *comm)?;
-            }
-            if rank == 0
-                && last_checkpoint
-                    .as_ref()
-                    .is_none_or(|c: &Saved| c.iteration != iteration)
-            {
-                let saved = write_checkpoint(
-                    &opts,
-                    &vs,
-                    &opt,
-                    iteration,
-                    sampler_state,
-                    last_metrics.clone(),
-                    best,
-                    sink,
-                )?;
-                last_checkpoint = Some(saved);
-            }
+        if stop {
             if world > 1 {
                 comm.barrier()?;
             }
