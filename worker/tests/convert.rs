@@ -1,4 +1,4 @@
-//! `scripts/convert_nvlabs_weights.py`: original NVlabs checkpoints (a segmentation checkpoint with
+//! `trainer/scripts/convert_nvlabs_weights.py`: original NVlabs checkpoints (a segmentation checkpoint with
 //! `backbone.`/`decode_head.` keys and a fused `kv`, and an ImageNet `mit_bX.pth`) become files our
 //! model loads strictly, with the kv rows split in the right order.
 
@@ -99,8 +99,8 @@ fn run(cmd: &mut Command) {
 }
 
 fn convert(python: &Path, from: &Path, to: &Path) {
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/convert_nvlabs_weights.py");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../trainer/scripts/convert_nvlabs_weights.py");
     run(Command::new(python).arg(&script).arg(from).arg(to));
 }
 
