@@ -1,4 +1,4 @@
-//! Link arguments every tch binary of ours needs.
+//! Link arguments every tch binary of ours needs (docs/libtorch.md says why each is there).
 //!
 //! rustc links with `--as-needed`, and nothing in libtch calls into libtorch_cuda, so without
 //! `--no-as-needed -ltorch` the CUDA half of libtorch is silently dropped and
