@@ -46,11 +46,7 @@ fn progress(j: &JobView) -> String {
 
 /// A worker as people name it: HOST:GPU, HOST:cpu for a CPU worker.
 pub fn worker_name(w: &pb::Worker) -> String {
-    if w.gpu_index < 0 {
-        format!("{}:cpu", w.host)
-    } else {
-        format!("{}:{}", w.host, w.gpu_index)
-    }
+    segtrain_proto::names::worker_name(&w.host, w.gpu_index)
 }
 
 pub fn worker_state_name(s: i32) -> String {

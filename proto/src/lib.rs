@@ -16,4 +16,5 @@ pub use prost_types::Timestamp;
 
 pub mod client;
 pub mod job_spec;
+pub mod names;
 pub mod refusal;

@@ -92,19 +92,7 @@ pub enum StoreError {
     Corrupt(String),
 }
 
-/// A worker's GPU index as people name it (`cpu` for -1).
-pub fn gpu_label(gpu_index: i32) -> String {
-    if gpu_index < 0 {
-        "cpu".to_string()
-    } else {
-        gpu_index.to_string()
-    }
-}
-
-/// A worker as people name it: `host:GPU`, `host:cpu` for a CPU worker.
-pub fn worker_name(host: &str, gpu_index: i32) -> String {
-    format!("{host}:{}", gpu_label(gpu_index))
-}
+pub use segtrain_proto::names::{gpu_label, worker_name};
 
 /// The coordinator's connection pool (`--database-max-connections`,
 /// `--database-acquire-timeout-ms`): RPCs and the scheduler share it. The LISTEN connections and
