@@ -1,6 +1,8 @@
 # segtrain: the two commands are `make demo` and `make test`; both run `make setup` first.
 SHELL := /bin/bash
 CARGO ?= cargo
+# A one-off build gains nothing from incremental state, and it is gigabytes of disk (see Cargo.toml).
+export CARGO_INCREMENTAL ?= 0
 
 .PHONY: setup build test fuzz fmt-check clippy lint-deploy demo clean-demo
 
