@@ -146,6 +146,7 @@ pub fn parse_line(line: &str, job_id: &str, attempt: u32) -> Result<Parsed, Line
             sha256,
             metrics,
             deleted,
+            on_stop: _,
         } => Parsed::Checkpoint {
             deleted: (!deleted.is_empty()).then_some(Payload::CheckpointsDeleted(
                 pb::CheckpointsDeleted { uris: deleted },

@@ -171,6 +171,10 @@ pub enum TrainerLine {
         metrics: Values,
         #[serde(default)]
         deleted: Vec<String>,
+        /// Written because the run was asked to stop (a preemption, a resize, a cancel), not
+        /// on `checkpoint_interval`: the newest state of the run.
+        #[serde(default)]
+        on_stop: bool,
     },
     Stopped {
         iteration: u64,
@@ -338,6 +342,7 @@ mod tests {
                 sha256: "ab".into(),
                 metrics: values,
                 deleted: vec!["/b".into()],
+                on_stop: true,
             },
             TrainerLine::Stopped { iteration: 4 },
             TrainerLine::Finished {

@@ -56,6 +56,8 @@ pub enum TrainEvent {
         uri: String,
         metrics: BTreeMap<String, f64>,
         deleted: Vec<String>,
+        /// Written because the run was asked to stop, not on `checkpoint_interval`.
+        on_stop: bool,
     },
     Finished {
         iteration: u64,

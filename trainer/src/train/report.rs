@@ -71,6 +71,7 @@ pub fn event_line(ev: &TrainEvent) -> TrainerLine {
             uri,
             metrics,
             deleted,
+            on_stop,
         } => TrainerLine::Checkpoint {
             iteration: saved.iteration,
             uri: uri.clone(),
@@ -78,6 +79,7 @@ pub fn event_line(ev: &TrainEvent) -> TrainerLine {
             sha256: saved.sha256.clone(),
             metrics: reals(metrics),
             deleted: deleted.clone(),
+            on_stop: *on_stop,
         },
         TrainEvent::Resumed {
             iteration,

@@ -103,6 +103,7 @@ fn write_checkpoint(
     sampler: SamplerState,
     metrics: BTreeMap<String, f64>,
     best: Option<(f64, u64)>,
+    on_stop: bool,
     sink: &mut dyn EventSink,
 ) -> anyhow::Result<Saved> {
     let spec = &opts.spec;
@@ -156,6 +157,7 @@ fn write_checkpoint(
         uri,
         metrics,
         deleted,
+        on_stop,
     });
     Ok(saved)
 }
@@ -481,6 +483,7 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
                 sampler_state,
                 metrics,
                 best,
+                stop,
                 sink,
             )?;
             last_checkpoint = Some(saved);
