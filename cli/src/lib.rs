@@ -81,6 +81,8 @@ enum Command {
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// List a job's attempts: world size, accumulation, workers, how each ended.
+    Attempts { job: String },
     /// List a job's checkpoints.
     Checkpoints {
         job: String,
@@ -268,6 +270,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .into_inner();
             let job = resp.job.context("the coordinator returned no job")?;
             out.canceled(&JobView::from(&job));
+        }
+        Command::Attempts { job } => {
+            let resp = jobs
+                .list_attempts(pb::ListAttemptsRequest { job_id: job })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            out.attempts(&resp.attempts);
         }
         Command::Checkpoints { job, all } => {
             let resp = jobs

@@ -13,7 +13,15 @@ pub struct JobView {
     pub name: String,
     pub state: String,
     pub attempt: u32,
+    /// Restarts after failures, of `max_restarts`.
     pub restarts: u32,
+    pub max_restarts: u32,
+    /// Attempts ended by a preemption (not counted as restarts).
+    pub preemptions: u32,
+    /// The current attempt's ranks and accumulation (an elastic job's may differ from the
+    /// spec's `world_size` and `accumulate_steps`).
+    pub attempt_world_size: u32,
+    pub attempt_accumulate_steps: u32,
     /// The current attempt's progress.
     pub iteration: u64,
     /// The newest iteration any attempt reached.
@@ -42,6 +50,17 @@ fn progress(j: &JobView) -> String {
         ));
     }
     s
+}
+
+/// The spec's world size, and the current attempt's when it runs with fewer ranks.
+fn world(j: &JobView) -> String {
+    if j.attempt_world_size == 0 || j.attempt_world_size == j.world_size {
+        return j.world_size.to_string();
+    }
+    format!(
+        "{} of {} (elastic: accumulate_steps {})",
+        j.attempt_world_size, j.world_size, j.attempt_accumulate_steps
+    )
 }
 
 /// A worker as people name it: HOST:GPU, HOST:cpu for a CPU worker.
@@ -85,6 +104,10 @@ impl From<&pb::Job> for JobView {
             state: state_name(j.state),
             attempt: j.attempt,
             restarts: j.restarts,
+            max_restarts: spec.max_restarts.unwrap_or_default(),
+            preemptions: j.preemptions,
+            attempt_world_size: j.attempt_world_size,
+            attempt_accumulate_steps: j.attempt_accumulate_steps,
             iteration: j.iteration,
             furthest_iteration: j.furthest_iteration,
             resumed_from_iteration: j.resumed_from_iteration,
@@ -170,10 +193,11 @@ impl Printer {
             ("name", j.name.clone()),
             ("state", j.state.clone()),
             ("variant", j.variant.clone()),
-            ("world size", j.world_size.to_string()),
+            ("world size", world(j)),
             ("iteration", progress(j)),
             ("attempt", j.attempt.to_string()),
-            ("restarts", j.restarts.to_string()),
+            ("restarts", format!("{} of {}", j.restarts, j.max_restarts)),
+            ("preemptions", j.preemptions.to_string()),
             (
                 "resumed at",
                 j.resumed_from_iteration
@@ -307,11 +331,52 @@ impl Printer {
                     c.attempt.to_string(),
                     checkpoint_state(c.state),
                     c.bytes.to_string(),
+                    if c.on_stop { "stop" } else { "interval" }.to_string(),
                     c.uri.clone(),
                 ]
             })
             .collect();
-        table(&["ITER", "ATTEMPT", "STATE", "BYTES", "URI"], &rows);
+        table(&["ITER", "ATTEMPT", "STATE", "BYTES", "WHY", "URI"], &rows);
+    }
+
+    pub fn attempts(&self, attempts: &[pb::Attempt]) {
+        if self.json {
+            let v: Vec<Value> = attempts.iter().map(attempt_json).collect();
+            print_json(&v);
+            return;
+        }
+        if attempts.is_empty() {
+            println!("no attempts yet");
+            return;
+        }
+        let rows: Vec<Vec<String>> = attempts
+            .iter()
+            .map(|a| {
+                vec![
+                    a.attempt.to_string(),
+                    attempt_state(a.state),
+                    a.world_size.to_string(),
+                    a.accumulate_steps.to_string(),
+                    a.resumed_from_iteration
+                        .map(|i| i.to_string())
+                        .unwrap_or_else(|| "-".to_string()),
+                    a.workers.join(","),
+                    a.reason.clone(),
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "ATTEMPT",
+                "STATE",
+                "WORLD",
+                "ACCUMULATE",
+                "RESUMED",
+                "WORKERS",
+                "REASON",
+            ],
+            &rows,
+        );
     }
 
     pub fn metrics(&self, points: &[pb::MetricPoint]) {
@@ -373,6 +438,7 @@ impl Printer {
                         "gpu_memory_bytes": w.gpu_memory_bytes, "state": state(w.state),
                         "job_id": w.job_id, "attempt": w.attempt, "rank": w.rank,
                         "last_heartbeat": time(&w.last_heartbeat), "lease_until": time(&w.lease_until),
+                        "leaving": w.leaving,
                     })
                 })
                 .collect();
@@ -396,13 +462,12 @@ impl Printer {
                 } else {
                     format!("{} rank {}", w.job_id, w.rank)
                 };
-                vec![
-                    w.host.clone(),
-                    gpu,
-                    state(w.state),
-                    job,
-                    time(&w.last_heartbeat),
-                ]
+                let state = if w.leaving {
+                    format!("{} (leaving)", state(w.state))
+                } else {
+                    state(w.state)
+                };
+                vec![w.host.clone(), gpu, state, job, time(&w.last_heartbeat)]
             })
             .collect();
         table(&["HOST", "GPU", "STATE", "JOB", "HEARTBEAT"], &rows);
@@ -437,7 +502,26 @@ fn checkpoint_json(c: &pb::Checkpoint) -> Value {
     json!({
         "job_id": c.job_id, "attempt": c.attempt, "iteration": c.iteration, "uri": c.uri,
         "bytes": c.bytes, "sha256": c.sha256, "state": checkpoint_state(c.state),
-        "metrics": c.metrics, "created_at": time(&c.created_at),
+        "metrics": c.metrics, "created_at": time(&c.created_at), "on_stop": c.on_stop,
+    })
+}
+
+fn attempt_state(s: i32) -> String {
+    pb::AttemptState::try_from(s)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("ATTEMPT_STATE_")
+                .to_string()
+        })
+        .unwrap_or_else(|_| format!("UNKNOWN({s})"))
+}
+
+fn attempt_json(a: &pb::Attempt) -> Value {
+    json!({
+        "attempt": a.attempt, "state": attempt_state(a.state), "world_size": a.world_size,
+        "accumulate_steps": a.accumulate_steps, "reason": a.reason,
+        "resumed_from_iteration": a.resumed_from_iteration, "workers": a.workers,
+        "created_at": time(&a.created_at), "finished_at": a.finished_at.as_ref().map(|_| time(&a.finished_at)),
     })
 }
 

@@ -37,6 +37,9 @@ pub enum EventPayload {
         bytes: u64,
         sha256: String,
         metrics: BTreeMap<String, Option<f64>>,
+        /// Written on a stop request (absent from events stored before the field existed).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        on_stop: bool,
     },
     Note {
         text: String,
@@ -122,6 +125,7 @@ impl EventPayload {
                 bytes,
                 sha256,
                 metrics,
+                on_stop,
             } => Payload::Checkpoint(pb::CheckpointReport {
                 checkpoint: Some(pb::Checkpoint {
                     job_id: job_id.to_string(),
@@ -133,6 +137,7 @@ impl EventPayload {
                     state: pb::CheckpointState::Complete as i32,
                     metrics: wire_values(metrics),
                     created_at: None,
+                    on_stop: *on_stop,
                 }),
             }),
             EventPayload::Note { text } => Payload::Note(pb::Note { text: text.clone() }),

@@ -9,7 +9,10 @@
 //!   a job that would fit. This keeps a large job from starving behind a stream of small ones
 //!   (no backfilling); the price is idle workers while the head waits for capacity. Canceling the
 //!   head, or submitting something with a higher priority, changes the head.
-//! - **Gang**: a job of world size N gets N idle workers with a live lease at once, or none.
+//! - **Gang**: a job of world size N gets N idle workers with a live lease at once, or none;
+//!   an elastic job (`min_world_size < world_size`) that has waited `elastic_wait_seconds` gets
+//!   fewer, and grows back once nothing is queued and enough workers are idle
+//!   (`store/elastic.rs`). A worker whose daemon said it is leaving gets nothing.
 //! - **Fewest hosts**: hosts with the most idle workers are used first; ranks are numbered in
 //!   (host, GPU index) order.
 //!
@@ -109,7 +112,13 @@ pub async fn pass(store: &Store) -> Result<usize, crate::store::StoreError> {
                 tracing::debug!(job = %job_id, world_size, idle, "head of the queue waits for workers");
                 return Ok(placed);
             }
-            ScheduleOutcome::Empty => return Ok(placed),
+            ScheduleOutcome::Empty => {
+                // Nothing waits: shrunk elastic jobs may take the idle workers back.
+                for job_id in store.grow_shrunk_jobs().await? {
+                    tracing::info!(job = %job_id, "elastic job grows back to its world size");
+                }
+                return Ok(placed);
+            }
         }
     }
 }

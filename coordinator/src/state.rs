@@ -67,6 +67,13 @@ state_enum!(
         Failed = "FAILED",
         Lost = "LOST",
         Canceled = "CANCELED",
+        // Asked to stop with a checkpoint: a worker was preempted, or an elastic job grows back.
+        // Not terminal: its ranks are stopping.
+        Stopping = "STOPPING",
+        // A worker was preempted; every rank stopped (with a checkpoint of that iteration).
+        Preempted = "PREEMPTED",
+        // Stopped with a checkpoint so the job restarts at another world size.
+        Resized = "RESIZED",
     }
 );
 
@@ -123,6 +130,16 @@ const ATTEMPT_TRANSITIONS: &[(AttemptState, AttemptState)] = {
         (Running, Failed),
         (Running, Lost),
         (Running, Canceled),
+        // A preempted rank stops the others; a shrunk elastic job is stopped to grow back.
+        (Pending, Stopping),
+        (Rendezvous, Stopping),
+        (Running, Stopping),
+        (Stopping, Succeeded),
+        (Stopping, Preempted),
+        (Stopping, Resized),
+        (Stopping, Failed),
+        (Stopping, Lost),
+        (Stopping, Canceled),
     ]
 };
 
@@ -193,8 +210,34 @@ impl AttemptState {
     pub fn is_terminal(self) -> bool {
         !matches!(
             self,
+            AttemptState::Pending
+                | AttemptState::Rendezvous
+                | AttemptState::Running
+                | AttemptState::Stopping
+        )
+    }
+
+    /// Whether its ranks should run (a stopping attempt's are being stopped).
+    pub fn wants_ranks(self) -> bool {
+        matches!(
+            self,
             AttemptState::Pending | AttemptState::Rendezvous | AttemptState::Running
         )
+    }
+
+    pub fn to_proto(self) -> pb::AttemptState {
+        match self {
+            AttemptState::Pending => pb::AttemptState::Pending,
+            AttemptState::Rendezvous => pb::AttemptState::Rendezvous,
+            AttemptState::Running => pb::AttemptState::Running,
+            AttemptState::Succeeded => pb::AttemptState::Succeeded,
+            AttemptState::Failed => pb::AttemptState::Failed,
+            AttemptState::Lost => pb::AttemptState::Lost,
+            AttemptState::Canceled => pb::AttemptState::Canceled,
+            AttemptState::Stopping => pb::AttemptState::Stopping,
+            AttemptState::Preempted => pb::AttemptState::Preempted,
+            AttemptState::Resized => pb::AttemptState::Resized,
+        }
     }
 
     pub fn check_transition(self, to: AttemptState) -> Result<(), IllegalTransition> {

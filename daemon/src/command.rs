@@ -68,6 +68,11 @@ pub struct DaemonArgs {
     /// HTTP without authentication, for a scraper on an internal network: expose it only there.
     #[arg(long, env = "SEGTRAIN_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Where to read the VM's preemption flag (GCP's metadata server by default; `TRUE` there
+    /// stops the trainers with a checkpoint, like SIGTERM). Plain http:// only; an empty value
+    /// turns it off. Off GCP the server is unreachable and SIGTERM alone counts.
+    #[arg(long, env = "SEGTRAIN_PREEMPTION_URL", default_value = crate::preemption::GCP_PREEMPTED_URL)]
+    preemption_url: String,
     /// auto (JSON when stderr is not a terminal, e.g. under systemd), json or pretty.
     #[arg(long, env = "SEGTRAIN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
     log_format: LogFormat,
@@ -131,6 +136,10 @@ pub fn run(args: DaemonArgs, gpu_name: &dyn Fn(u32) -> String) -> anyhow::Result
         },
         token: segtrain_proto::client::BearerToken::from_file_or_env(args.token_file.as_deref())?,
         metrics_listen: args.metrics_listen,
+        preemption_url: match args.preemption_url.trim() {
+            "" => None,
+            url => Some(crate::preemption::parse_url(url).map_err(anyhow::Error::msg)?),
+        },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -6,7 +6,8 @@
 //!
 //! Files: [`instance`] (one daemon per host and GPU), [`rank`] (one trainer: its output, its
 //! stop, its end), [`flush`] (the outbox to the coordinator, and what each refusal means),
-//! [`lines`] (bounded reading of trainer output), [`outbox`], [`trainer_process`], [`metrics`];
+//! [`lines`] (bounded reading of trainer output), [`outbox`], [`trainer_process`], [`metrics`],
+//! [`preemption`] (the host's notice that it is going away);
 //! [`command`] turns the `segtrain-worker daemon` options into a [`DaemonConfig`] and runs it.
 
 pub mod command;
@@ -15,6 +16,7 @@ pub mod instance;
 pub mod lines;
 pub mod metrics;
 pub mod outbox;
+pub mod preemption;
 pub mod rank;
 pub mod trainer_process;
 
@@ -60,6 +62,8 @@ pub struct DaemonConfig {
     pub token: BearerToken,
     /// `--metrics-listen`: serve Prometheus metrics on `http://ADDR/metrics` (plain HTTP).
     pub metrics_listen: Option<SocketAddr>,
+    /// `--preemption-url`: the metadata server's preemption flag (None: SIGTERM only).
+    pub preemption_url: Option<preemption::HttpUrl>,
 }
 
 /// A request to stop one trainer: why, and the grace period the coordinator gave (None: the
@@ -68,6 +72,8 @@ pub struct DaemonConfig {
 pub struct StopRequest {
     pub reason: String,
     pub grace: Option<Duration>,
+    /// The host is going away: the rank ends PREEMPTED rather than CANCELED.
+    pub preemption: bool,
 }
 
 /// How long a stopped trainer gets before SIGKILL: the smaller of the daemon's `--grace-seconds`
@@ -94,6 +100,8 @@ pub(crate) struct Shared {
     /// stays listed, so its worker is not freed, until its process has exited).
     running: Mutex<HashMap<AttemptRank, Option<oneshot::Sender<StopRequest>>>>,
     metrics: DaemonMetrics,
+    /// Set once the host said it is going away: heartbeats say so (no new ranks for it).
+    leaving: std::sync::atomic::AtomicBool,
     /// Set once this daemon must not go on (another instance holds its worker).
     fatal: Mutex<Option<String>>,
     fatal_notify: Notify,
@@ -309,6 +317,7 @@ pub async fn run(
         outbox: Mutex::new(Outbox::new(0)),
         wake_flush: Notify::new(),
         running: Mutex::new(HashMap::new()),
+        leaving: std::sync::atomic::AtomicBool::new(false),
         fatal: Mutex::new(None),
         fatal_notify: Notify::new(),
     });
@@ -337,30 +346,52 @@ pub async fn run(
     let heartbeat = tokio::spawn(heartbeat_loop(shared.clone()));
     let flusher = tokio::spawn(flush::flush_loop(shared.clone()));
     let assignments = tokio::spawn(assignment_loop(shared.clone()));
-    let fatal = tokio::select! {
-        () = &mut shutdown => None,
-        why = shared.fatal() => Some(why),
+    let notice = async {
+        match shared.cfg.preemption_url.clone() {
+            Some(url) => preemption::wait_for_notice(url).await,
+            None => std::future::pending().await,
+        }
+    };
+    let ended = tokio::select! {
+        // systemd's stop: on a spot VM, the ACPI soft-off of a preemption.
+        () = &mut shutdown => Ended::Notice("the host sent SIGTERM (a preemption notice, or the daemon being stopped)".to_string()),
+        why = notice => Ended::Notice(why),
+        why = shared.fatal() => Ended::Fatal(why),
     };
     assignments.abort();
-    let (reason, grace) = match &fatal {
+    let stop = match &ended {
         // Another daemon owns the GPU now: free it at once.
-        Some(_) => (
-            "another daemon instance took over this worker",
-            Some(Duration::ZERO),
-        ),
-        None => ("the worker daemon is shutting down", None),
+        Ended::Fatal(_) => StopRequest {
+            reason: "another daemon instance took over this worker".to_string(),
+            grace: Some(Duration::ZERO),
+            preemption: false,
+        },
+        Ended::Notice(why) => {
+            shared
+                .leaving
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            tracing::warn!(reason = %why, "this worker is going away: checkpointing and stopping its trainers");
+            // Say so before the trainers end, so their workers get no new rank meanwhile.
+            let _ = tokio::time::timeout(Duration::from_secs(2), beat(&shared)).await;
+            StopRequest {
+                reason: why.clone(),
+                grace: None,
+                preemption: true,
+            }
+        }
     };
-    tracing::info!(reason, "stopping trainers");
+    let fatal = match ended {
+        Ended::Fatal(why) => Some(why),
+        Ended::Notice(_) => None,
+    };
+    let grace = stop.grace;
     let stops: Vec<oneshot::Sender<StopRequest>> = shared
         .running
         .lock()
         .map(|mut r| r.values_mut().filter_map(Option::take).collect())
         .unwrap_or_default();
     for tx in stops {
-        let _ = tx.send(StopRequest {
-            reason: reason.to_string(),
-            grace,
-        });
+        let _ = tx.send(stop.clone());
     }
     // Wait for the trainers to exit (each gets its grace period to checkpoint, then SIGKILL:
     // they die with this process, so leaving earlier would kill them mid-checkpoint) and for
@@ -388,6 +419,29 @@ pub async fn run(
     }
 }
 
+/// Why the daemon ends.
+enum Ended {
+    /// The host is going away (SIGTERM, the metadata server's preemption flag).
+    Notice(String),
+    /// Another daemon instance holds this worker.
+    Fatal(String),
+}
+
+/// One heartbeat, for its own sake (the loop below acts on the answers).
+async fn beat(shared: &Shared) -> Result<(), Status> {
+    shared.client().heartbeat(heartbeat_request(shared)).await?;
+    Ok(())
+}
+
+fn heartbeat_request(shared: &Shared) -> pb::HeartbeatRequest {
+    pb::HeartbeatRequest {
+        worker_id: shared.worker_id(),
+        running: shared.running_list(),
+        instance_id: shared.instance_id(),
+        leaving: shared.leaving.load(std::sync::atomic::Ordering::SeqCst),
+    }
+}
+
 /// Heartbeats at a third of the lease (at most every 3 s), faster while they fail.
 async fn heartbeat_loop(shared: Arc<Shared>) {
     let every = |s: &Shared| {
@@ -401,12 +455,7 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
     let mut interval = every(&shared);
     loop {
         tokio::time::sleep(interval).await;
-        let req = pb::HeartbeatRequest {
-            worker_id: shared.worker_id(),
-            running: shared.running_list(),
-            instance_id: shared.instance_id(),
-        };
-        match shared.client().heartbeat(req).await {
+        match shared.client().heartbeat(heartbeat_request(&shared)).await {
             Ok(r) => {
                 for s in r.into_inner().stop {
                     stop(
@@ -416,6 +465,7 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
                         StopRequest {
                             reason: "the coordinator asked this attempt to stop".into(),
                             grace: shared.coordinator_grace(),
+                            preemption: false,
                         },
                     );
                 }
@@ -483,6 +533,7 @@ async fn assignment_loop(shared: Arc<Shared>) {
                         StopRequest {
                             reason: s.reason,
                             grace: Some(Duration::from_secs(u64::from(s.grace_seconds))),
+                            preemption: false,
                         },
                     ),
                     None => {}

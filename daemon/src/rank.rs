@@ -102,7 +102,8 @@ pub(crate) async fn run_rank(
         return finish(pb::RankOutcome::FailedInfra, "trainer has no stdout".into());
     };
     let mut lines = LineReader::new(BufReader::new(stdout), MAX_LINE_BYTES);
-    let mut stopped: Option<String> = None;
+    let mut stopped: Option<StopRequest> = None;
+    let mut ended: Option<(bool, u64)> = None;
     let mut failed: Option<(bool, String)> = None;
     let mut stdout_open = true;
     let mut noted = 0u32;
@@ -117,6 +118,7 @@ pub(crate) async fn run_rank(
                         Line::NotUtf8 => Err((LineError::NotUtf8, String::new())),
                     };
                     match parsed {
+                        Ok(Parsed::Ended { finished, iteration }) => ended = Some((finished, iteration)),
                         Ok(p) => handle(&shared, &key, p, &mut failed, stopped.is_some()).await,
                         Err((e, text)) => {
                             unreadable(&shared, &key, &e, &text, &mut noted);
@@ -126,16 +128,18 @@ pub(crate) async fn run_rank(
                 _ => stdout_open = false,
             },
             r = &mut stop_rx, if stopped.is_none() => {
-                let (reason, grace) = match r {
-                    Ok(s) => (s.reason, s.grace.or_else(|| shared.coordinator_grace())),
-                    Err(_) => ("stopped".to_string(), shared.coordinator_grace()),
-                };
-                stopped = Some(reason);
+                let request = r.unwrap_or_else(|_| StopRequest {
+                    reason: "stopped".to_string(),
+                    grace: None,
+                    preemption: false,
+                });
+                let grace = request.grace.or_else(|| shared.coordinator_grace());
+                stopped = Some(request);
                 shared.metrics.set_phase(&key, Phase::Stopping);
                 terminate(&mut child, stop_grace(shared.cfg.grace, grace)).await;
             }
             status = child.wait(), if !stdout_open => {
-                let (outcome, reason) = outcome_of(stopped.take(), failed.take(), status, &log);
+                let (outcome, reason) = outcome_of(stopped.take(), ended, failed.take(), status, &log);
                 return finish(outcome, reason);
             }
         }
@@ -180,7 +184,7 @@ async fn handle(
         Parsed::Collective { backend, detail } => {
             tracing::info!(job = %key.job_id, attempt = key.attempt, rank = key.rank, backend, detail, "collective ready")
         }
-        Parsed::Ignored => {}
+        Parsed::Ended { .. } => {}
     }
 }
 
@@ -219,17 +223,35 @@ fn unreadable(shared: &Shared, key: &AttemptRank, e: &LineError, text: &str, not
     }
 }
 
-/// How a trainer ended: stopped on request (whatever its exit status), finished, failed as the
-/// trainer classified it, or killed (an infrastructure failure: OOM killer, operator, crash).
-fn outcome_of(
-    stopped: Option<String>,
+/// How a trainer ended: finished (even if a stop came too late to matter), stopped on this
+/// daemon's request (PREEMPTED when its host is going away, else CANCELED, whatever its exit
+/// status), stopped with its peers on another rank's request (CANCELED: the attempt decides),
+/// failed as the trainer classified it, or killed (an infrastructure failure: OOM killer,
+/// operator, crash).
+pub(crate) fn outcome_of(
+    stopped: Option<StopRequest>,
+    ended: Option<(bool, u64)>,
     failed: Option<(bool, String)>,
     status: std::io::Result<std::process::ExitStatus>,
     log: &std::path::Path,
 ) -> (pb::RankOutcome, String) {
     use std::os::unix::process::ExitStatusExt;
+    let clean_exit = status.as_ref().is_ok_and(|s| s.success());
     match (stopped, failed, status) {
-        (Some(reason), _, _) => (pb::RankOutcome::Canceled, reason),
+        (_, None, Ok(s)) if s.success() && matches!(ended, Some((true, _))) => {
+            (pb::RankOutcome::Succeeded, String::new())
+        }
+        (Some(s), _, _) if s.preemption => (pb::RankOutcome::Preempted, s.reason),
+        (Some(s), _, _) => (pb::RankOutcome::Canceled, s.reason),
+        (None, None, Ok(_)) if clean_exit && matches!(ended, Some((false, _))) => {
+            let iteration = ended.map_or(0, |(_, i)| i);
+            (
+                pb::RankOutcome::Canceled,
+                format!(
+                    "stopped with its peers after iteration {iteration}, on another rank's request"
+                ),
+            )
+        }
         (None, _, Ok(s)) if s.success() => (pb::RankOutcome::Succeeded, String::new()),
         (None, Some((true, reason)), Ok(_)) => (pb::RankOutcome::FailedDeterministic, reason),
         (None, Some((false, reason)), Ok(_)) => (pb::RankOutcome::FailedInfra, reason),

@@ -71,9 +71,13 @@ pub enum Parsed {
         backend: String,
         detail: String,
     },
-    /// A line the daemon does not forward ("stopped", "finished": the exit status decides the
-    /// outcome).
-    Ignored,
+    /// The trainer's run is over: it finished `max_iters`, or it stopped (on its own rank's or
+    /// a peer's request) after `iteration` with a checkpoint. With the exit status this decides
+    /// the rank's outcome.
+    Ended {
+        finished: bool,
+        iteration: u64,
+    },
 }
 
 fn values(v: &wire::Values) -> HashMap<String, f64> {
@@ -146,7 +150,7 @@ pub fn parse_line(line: &str, job_id: &str, attempt: u32) -> Result<Parsed, Line
             sha256,
             metrics,
             deleted,
-            on_stop: _,
+            on_stop,
         } => Parsed::Checkpoint {
             deleted: (!deleted.is_empty()).then_some(Payload::CheckpointsDeleted(
                 pb::CheckpointsDeleted { uris: deleted },
@@ -162,6 +166,7 @@ pub fn parse_line(line: &str, job_id: &str, attempt: u32) -> Result<Parsed, Line
                     state: pb::CheckpointState::Complete as i32,
                     metrics: values(&metrics),
                     created_at: None,
+                    on_stop,
                 }),
             }),
         },
@@ -194,7 +199,14 @@ pub fn parse_line(line: &str, job_id: &str, attempt: u32) -> Result<Parsed, Line
             backend: c.backend,
             detail: c.detail,
         },
-        TrainerLine::Stopped { .. } | TrainerLine::Finished { .. } => Parsed::Ignored,
+        TrainerLine::Stopped { iteration } => Parsed::Ended {
+            finished: false,
+            iteration,
+        },
+        TrainerLine::Finished { iteration, .. } => Parsed::Ended {
+            finished: true,
+            iteration,
+        },
     })
 }
 
@@ -252,6 +264,18 @@ pub fn spawn(l: &Launch<'_>) -> anyhow::Result<(Child, PathBuf)> {
         .arg(a.rank.to_string())
         .arg("--world")
         .arg(a.world_size.to_string())
+        // The attempt's accumulation: more than the spec's when an elastic job runs shrunk.
+        .args(
+            (a.accumulate_steps > 0)
+                .then(|| {
+                    [
+                        "--accumulate-steps".to_string(),
+                        a.accumulate_steps.to_string(),
+                    ]
+                })
+                .into_iter()
+                .flatten(),
+        )
         .arg("--rendezvous")
         .arg(&rendezvous)
         .arg("--rendezvous-token")
@@ -459,11 +483,17 @@ mod tests {
         }
         assert!(matches!(
             p(r#"{"event":"finished","iteration":5}"#),
-            Parsed::Ignored
+            Parsed::Ended {
+                finished: true,
+                iteration: 5
+            }
         ));
         assert!(matches!(
             p(r#"{"event":"stopped","iteration":5}"#),
-            Parsed::Ignored
+            Parsed::Ended {
+                finished: false,
+                iteration: 5
+            }
         ));
         assert!(matches!(
             parse_line("not json", "job", 1),

@@ -58,6 +58,8 @@ pub const FIELDS: &[&str] = &[
     "eval_stride",
     "resume_from",
     "max_restarts",
+    "min_world_size",
+    "elastic_wait_seconds",
     "keep_last",
     "keep_best",
     "checkpoint_root",
@@ -181,9 +183,21 @@ pub struct JobSpec {
     /// Checkpoint to resume from (path or URI); `None`: start fresh.
     pub resume_from: Option<String>,
     pub max_restarts: u32,
+    /// The fewest ranks an attempt may run with (1..=world_size; world_size: never smaller).
+    /// 0 only in specs stored before the field existed (checkpoint manifests): read as
+    /// world_size, see [`JobSpec::elastic_world_sizes`].
+    #[serde(default)]
+    pub min_world_size: u32,
+    /// How long a restart waits for world_size idle workers before it starts smaller.
+    #[serde(default = "default_elastic_wait_seconds")]
+    pub elastic_wait_seconds: u32,
     pub keep_last: u32,
     pub keep_best: bool,
     pub checkpoint_root: String,
+}
+
+fn default_elastic_wait_seconds() -> u32 {
+    60
 }
 
 impl JobSpec {
@@ -223,6 +237,9 @@ impl JobSpec {
             eval_stride: 768,
             resume_from: None,
             max_restarts: 3,
+            // The conditional default `world_size` (see `resolve`), for the default world of 8.
+            min_world_size: 8,
+            elastic_wait_seconds: default_elastic_wait_seconds(),
             keep_last: 3,
             keep_best: true,
             checkpoint_root: "/var/lib/segtrain/checkpoints".to_string(),
@@ -241,6 +258,31 @@ impl JobSpec {
             * u64::from(self.accumulate_steps)
     }
 
+    /// The world sizes an attempt may run with, largest first: every w in
+    /// min_world_size..=world_size that divides `world_size * accumulate_steps`, so that w ranks
+    /// accumulating `world_size * accumulate_steps / w` micro-batches of batch_per_gpu images make
+    /// exactly the global batch. world_size itself is always one.
+    pub fn elastic_world_sizes(&self) -> Vec<u32> {
+        let micro_batches = u64::from(self.world_size) * u64::from(self.accumulate_steps);
+        let min = match self.min_world_size {
+            0 => self.world_size,
+            m => m.min(self.world_size),
+        };
+        (min.max(1)..=self.world_size)
+            .rev()
+            .filter(|w| micro_batches.is_multiple_of(u64::from(*w)))
+            .collect()
+    }
+
+    /// The accumulation that keeps the global batch at a world of `world` ranks, or `None` when
+    /// no whole number does.
+    pub fn accumulate_steps_at(&self, world: u32) -> Option<u32> {
+        let micro_batches = u64::from(self.world_size) * u64::from(self.accumulate_steps);
+        (world > 0 && micro_batches.is_multiple_of(u64::from(world)))
+            .then(|| u32::try_from(micro_batches / u64::from(world)).ok())
+            .flatten()
+    }
+
     /// Things about a valid spec that are allowed but probably not meant, one sentence each. The
     /// coordinator returns them from `SubmitJob` and records each as a note on the new job.
     ///
@@ -254,6 +296,14 @@ impl JobSpec {
                  recipe fine-tunes ImageNet-1k MiT weights (set spec.pretrained)"
                     .to_string(),
             );
+        }
+        if self.sync_bn && self.min_world_size < self.world_size && self.world_size > 1 {
+            out.push(format!(
+                "sync_bn with min_world_size {} < world_size {}: an attempt with fewer ranks \
+                 normalises the head's BatchNorm over fewer images at a time, so it does not \
+                 continue the exact trajectory of a full-size one (set sync_bn = false for that)",
+                self.min_world_size, self.world_size
+            ));
         }
         out
     }
@@ -377,6 +427,12 @@ pub struct JobSpecInput {
     #[arg(long, help = template::help("max_restarts"))]
     pub max_restarts: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long, help = template::help("min_world_size"))]
+    pub min_world_size: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long, help = template::help("elastic_wait_seconds"))]
+    pub elastic_wait_seconds: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     #[arg(long, help = template::help("keep_last"))]
     pub keep_last: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -422,6 +478,8 @@ impl JobSpecInput {
             eval_stride: over.eval_stride.or(self.eval_stride),
             resume_from: over.resume_from.or(self.resume_from),
             max_restarts: over.max_restarts.or(self.max_restarts),
+            min_world_size: over.min_world_size.or(self.min_world_size),
+            elastic_wait_seconds: over.elastic_wait_seconds.or(self.elastic_wait_seconds),
             keep_last: over.keep_last.or(self.keep_last),
             keep_best: over.keep_best.or(self.keep_best),
             checkpoint_root: over.checkpoint_root.or(self.checkpoint_root),
@@ -429,7 +487,7 @@ impl JobSpecInput {
     }
 
     /// Fills unset fields with their defaults ([`JobSpec::with_defaults`]) and validates. The one
-    /// conditional default: an unset `sync_bn` is `world_size > 1` (SyncBN for more than one rank,
+    /// conditional defaults: an unset `min_world_size` is `world_size` (never smaller); an unset `sync_bn` is `world_size > 1` (SyncBN for more than one rank,
     /// plain BN for one), whatever `world_size` resolves to. An empty
     /// `pretrained` or `resume_from` means unset (so a flag `--pretrained ""` can clear a file's
     /// value). The error is the first problem in field order, whether it is a bad enum name, the
@@ -487,6 +545,8 @@ impl JobSpecInput {
             eval_stride: self.eval_stride.unwrap_or(d.eval_stride),
             resume_from: self.resume_from.filter(|p| !p.is_empty()),
             max_restarts: self.max_restarts.unwrap_or(d.max_restarts),
+            min_world_size: self.min_world_size.unwrap_or(world_size),
+            elastic_wait_seconds: self.elastic_wait_seconds.unwrap_or(d.elastic_wait_seconds),
             keep_last: self.keep_last.unwrap_or(d.keep_last),
             keep_best: self.keep_best.unwrap_or(d.keep_best),
             checkpoint_root: self.checkpoint_root.unwrap_or(d.checkpoint_root),
@@ -538,6 +598,8 @@ impl From<JobSpec> for JobSpecInput {
             eval_stride: Some(s.eval_stride),
             resume_from: s.resume_from,
             max_restarts: Some(s.max_restarts),
+            min_world_size: Some(s.min_world_size),
+            elastic_wait_seconds: Some(s.elastic_wait_seconds),
             keep_last: Some(s.keep_last),
             keep_best: Some(s.keep_best),
             checkpoint_root: Some(s.checkpoint_root),

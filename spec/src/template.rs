@@ -162,7 +162,20 @@ const SECTIONS: &[(&str, &[FieldDoc])] = &[
             },
             field(
                 "max_restarts",
-                "Restarts allowed after infrastructure failures, 0..=100.",
+                "Restarts allowed after infrastructure failures, 0..=100 (preemptions and resizes \
+                 are not counted).",
+            ),
+            field(
+                "min_world_size",
+                "Elastic jobs: the fewest ranks an attempt may run with, 1..=world_size (default: \
+                 world_size, never smaller). A smaller attempt raises accumulate_steps to keep the \
+                 global batch, so a world size in min..=world_size must divide \
+                 world_size * accumulate_steps.",
+            ),
+            field(
+                "elastic_wait_seconds",
+                "Elastic jobs: seconds a restart waits for world_size idle workers before it \
+                 starts smaller, 0..=86400.",
             ),
             field("keep_last", "Keep the newest K checkpoints, K in 1..=1000."),
             field(
@@ -284,6 +297,8 @@ fn toml_values(s: &JobSpec) -> Vec<(&'static str, Option<String>)> {
         ("eval_stride", int(s.eval_stride.into())),
         ("resume_from", s.resume_from.as_deref().map(toml_string)),
         ("max_restarts", int(s.max_restarts.into())),
+        ("min_world_size", int(s.min_world_size.into())),
+        ("elastic_wait_seconds", int(s.elastic_wait_seconds.into())),
         ("keep_last", int(s.keep_last.into())),
         ("keep_best", Some(s.keep_best.to_string())),
         ("checkpoint_root", string(&s.checkpoint_root)),

@@ -38,6 +38,8 @@ fn unusual_spec() -> JobSpec {
         eval_stride: 341,
         resume_from: Some("file:///var/ckpt/iter_4000".to_string()),
         max_restarts: 0,
+        min_world_size: 2,
+        elastic_wait_seconds: 86_400,
         keep_last: 1000,
         keep_best: false,
         checkpoint_root: "gs://ckpt-bucket".to_string(),
@@ -81,6 +83,8 @@ eval_crop = 1024
 eval_stride = 768
 resume_from = ""
 max_restarts = 3
+min_world_size = 8
+elastic_wait_seconds = 60
 keep_last = 3
 keep_best = true
 checkpoint_root = "/var/lib/segtrain/checkpoints"
@@ -339,6 +343,19 @@ fn invalid_specs_name_their_field() {
         ("resume_from = \"ckpt/iter_4000\"\n".into(), "resume_from"),
         (long_path, "resume_from"),
         ("max_restarts = 101\n".into(), "max_restarts"),
+        ("min_world_size = 0\n".into(), "min_world_size"),
+        (
+            "world_size = 2\nmin_world_size = 3\n".into(),
+            "min_world_size",
+        ),
+        (
+            "world_size = 4\nmin_world_size = 3\n".into(),
+            "min_world_size",
+        ),
+        (
+            "elastic_wait_seconds = 86401\n".into(),
+            "elastic_wait_seconds",
+        ),
         ("keep_last = 0\n".into(), "keep_last"),
         ("keep_last = 1001\n".into(), "keep_last"),
         (
@@ -786,4 +803,53 @@ fn warnings_flag_random_init_for_full_runs_only() {
         ..full
     };
     assert!(pretrained.warnings().is_empty());
+}
+
+#[test]
+fn elastic_world_sizes_keep_the_global_batch() {
+    let spec = |text: &str| resolve_toml(&format!("{ROOT}{text}"));
+    // Unset: never smaller than world_size.
+    let rigid = spec("world_size = 4\n").expect("valid");
+    assert_eq!(rigid.min_world_size, 4);
+    assert_eq!(rigid.elastic_wait_seconds, 60);
+    assert_eq!(rigid.elastic_world_sizes(), [4]);
+
+    let s = spec("world_size = 4\naccumulate_steps = 3\nmin_world_size = 2\nsync_bn = false\n")
+        .expect("valid");
+    // 12 micro-batches: 4 x 3, 3 x 4 or 2 x 6.
+    assert_eq!(s.elastic_world_sizes(), [4, 3, 2]);
+    assert_eq!(s.accumulate_steps_at(3), Some(4));
+    assert_eq!(s.accumulate_steps_at(2), Some(6));
+    assert_eq!(s.accumulate_steps_at(5), None);
+    assert!(
+        !s.warnings().iter().any(|m| m.contains("sync_bn")),
+        "{:?}",
+        s.warnings()
+    );
+
+    // No world size in 3..4 divides 4 micro-batches: refused, naming the fields and the sizes
+    // that would work.
+    let e = spec("world_size = 4\nmin_world_size = 3\n").expect_err("impossible");
+    assert_eq!(e.field, "min_world_size");
+    for part in [
+        "world_size 4",
+        "accumulate_steps 1",
+        "world sizes that do: 1, 2, 4",
+    ] {
+        assert!(e.message.contains(part), "{e}");
+    }
+    let e = spec("world_size = 2\nmin_world_size = 3\n").expect_err("above world_size");
+    assert!(e.message.contains("1..=2 (world_size)"), "{e}");
+
+    // SyncBN (the default for more than one rank) cannot continue the exact trajectory at a
+    // smaller world size: allowed, with a warning.
+    let w = spec("world_size = 2\nmin_world_size = 1\n").expect("valid");
+    assert!(w.sync_bn);
+    assert!(
+        w.warnings()
+            .iter()
+            .any(|m| m.contains("sync_bn with min_world_size 1")),
+        "{:?}",
+        w.warnings()
+    );
 }

@@ -84,9 +84,47 @@ pub(crate) fn validate(s: &JobSpec) -> Result<(), SpecError> {
         location("resume_from", r)?;
     }
     in_range("max_restarts", s.max_restarts, 0, 100)?;
+    elastic(s)?;
+    in_range("elastic_wait_seconds", s.elastic_wait_seconds, 0, 86_400)?;
     in_range("keep_last", s.keep_last, 1, 1000)?;
     location("checkpoint_root", &s.checkpoint_root)?;
     Ok(())
+}
+
+/// `min_world_size` in 1..=world_size, and, when it allows a smaller world, at least one
+/// smaller world size keeps the global batch (w ranks x batch_per_gpu x a whole accumulation).
+fn elastic(s: &JobSpec) -> Result<(), SpecError> {
+    in_range_because(
+        "min_world_size",
+        s.min_world_size,
+        1,
+        s.world_size,
+        "world_size",
+    )?;
+    if s.min_world_size == s.world_size {
+        return Ok(());
+    }
+    let sizes = s.elastic_world_sizes();
+    if sizes.len() > 1 {
+        return Ok(());
+    }
+    let micro_batches = u64::from(s.world_size) * u64::from(s.accumulate_steps);
+    let divisors: Vec<String> = (1..=s.world_size)
+        .filter(|w| micro_batches.is_multiple_of(u64::from(*w)))
+        .map(|w| w.to_string())
+        .collect();
+    Err(SpecError::new(
+        "min_world_size",
+        format!(
+            "got {0}, but no world size in {0}..{1} keeps the global batch: it must divide \
+             world_size {1} x accumulate_steps {2} = {micro_batches} micro-batches of \
+             batch_per_gpu images; world sizes that do: {3}",
+            s.min_world_size,
+            s.world_size,
+            s.accumulate_steps,
+            divisors.join(", ")
+        ),
+    ))
 }
 
 fn in_range<T: PartialOrd + Display>(field: &str, v: T, lo: T, hi: T) -> Result<(), SpecError> {

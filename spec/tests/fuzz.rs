@@ -260,6 +260,26 @@ fn expected(i: &JobSpecInput, empty_is_unset: bool) -> Result<(), Violation> {
         path_rule("resume_from", &p, false)?;
     }
     int_rule("max_restarts", i.max_restarts.unwrap_or(3), 0, 100)?;
+    // world_size and accumulate_steps are valid here (their rules come first).
+    let world = i.world_size.unwrap_or(DEFAULT_WORLD_SIZE);
+    let micro_batches = u64::from(world) * u64::from(i.accumulate_steps.unwrap_or(1));
+    let min = i.min_world_size.unwrap_or(world);
+    rule(
+        "min_world_size",
+        (1..=world).contains(&min),
+        format!("1..={world} (world_size)"),
+    )?;
+    rule(
+        "min_world_size",
+        min == world || (min..world).any(|w| micro_batches.is_multiple_of(u64::from(w))),
+        "world sizes that do: 1",
+    )?;
+    int_rule(
+        "elastic_wait_seconds",
+        i.elastic_wait_seconds.unwrap_or(60),
+        0,
+        86_400,
+    )?;
     int_rule("keep_last", i.keep_last.unwrap_or(3), 1, 1000)?;
     path_rule(
         "checkpoint_root",
@@ -313,6 +333,8 @@ fn with_defaults_filled(i: &JobSpecInput) -> JobSpec {
         eval_stride: i.eval_stride.unwrap_or(768),
         resume_from: i.resume_from.filter(|p| !p.is_empty()),
         max_restarts: i.max_restarts.unwrap_or(3),
+        min_world_size: i.min_world_size.unwrap_or(world_size),
+        elastic_wait_seconds: i.elastic_wait_seconds.unwrap_or(60),
         keep_last: i.keep_last.unwrap_or(3),
         keep_best: i.keep_best.unwrap_or(true),
         checkpoint_root: i
@@ -380,6 +402,9 @@ fn assert_bounds(s: &JobSpec) -> Result<(), TestCaseError> {
     prop_assert!(1 <= s.eval_stride && s.eval_stride <= s.eval_crop);
     prop_assert!(s.resume_from.as_deref().is_none_or(location));
     prop_assert!(s.max_restarts <= 100);
+    prop_assert!((1..=s.world_size).contains(&s.min_world_size));
+    prop_assert!(s.elastic_world_sizes().first() == Some(&s.world_size));
+    prop_assert!(s.elastic_wait_seconds <= 86_400);
     prop_assert!((1..=1000).contains(&s.keep_last));
     prop_assert!(location(&s.checkpoint_root));
     Ok(())
@@ -490,6 +515,8 @@ fn values(i: &JobSpecInput) -> Vec<(&'static str, Option<Val>)> {
         ("eval_stride", n(i.eval_stride)),
         ("resume_from", s(&i.resume_from)),
         ("max_restarts", n(i.max_restarts)),
+        ("min_world_size", n(i.min_world_size)),
+        ("elastic_wait_seconds", n(i.elastic_wait_seconds)),
         ("keep_last", n(i.keep_last)),
         ("keep_best", i.keep_best.map(Val::Bool)),
         ("checkpoint_root", s(&i.checkpoint_root)),
@@ -699,6 +726,8 @@ fn wild_input() -> impl Strategy<Value = JobSpecInput> {
         opt(wild_u32(1, 1000)),
         opt(any::<bool>().boxed()),
         opt(prop_oneof![wild_string(), location()].boxed()),
+        opt(wild_u32(1, 1024)),
+        opt(wild_u32(0, 86_400)),
     );
     (a, b, c, d).prop_map(|(a, b, c, d)| JobSpecInput {
         name: a.0,
@@ -731,6 +760,8 @@ fn wild_input() -> impl Strategy<Value = JobSpecInput> {
         eval_stride: d.2,
         resume_from: d.3,
         max_restarts: d.4,
+        min_world_size: d.8,
+        elastic_wait_seconds: d.9,
         keep_last: d.5,
         keep_best: d.6,
         checkpoint_root: d.7,
@@ -789,6 +820,8 @@ fn mix(base: JobSpecInput, wild: JobSpecInput, mask: &[Mix]) -> JobSpecInput {
         eval_stride,
         resume_from,
         max_restarts,
+        min_world_size,
+        elastic_wait_seconds,
         keep_last,
         keep_best,
         checkpoint_root
@@ -858,6 +891,8 @@ fn wild_spec() -> impl Strategy<Value = JobSpec> {
                 eval_stride: i.eval_stride.unwrap_or(d.eval_stride),
                 resume_from: i.resume_from,
                 max_restarts: i.max_restarts.unwrap_or(d.max_restarts),
+                min_world_size: i.min_world_size.unwrap_or(d.min_world_size),
+                elastic_wait_seconds: i.elastic_wait_seconds.unwrap_or(d.elastic_wait_seconds),
                 keep_last: i.keep_last.unwrap_or(d.keep_last),
                 keep_best: i.keep_best.unwrap_or(d.keep_best),
                 checkpoint_root: i.checkpoint_root.unwrap_or(d.checkpoint_root),
@@ -971,6 +1006,8 @@ fn valid_spec() -> impl Strategy<Value = JobSpec> {
         edge_u32(1, 1000),
         any::<bool>(),
         location(),
+        any::<u32>(), // min_world_size: reduced to a valid one below
+        edge_u32(0, 86_400),
     );
     (a, b, c, d).prop_map(|(a, b, c, d)| JobSpec {
         name: a.0,
@@ -1011,6 +1048,17 @@ fn valid_spec() -> impl Strategy<Value = JobSpec> {
         },
         resume_from: d.3,
         max_restarts: d.4,
+        min_world_size: {
+            // The full world, or a size that some smaller world keeps the global batch at.
+            let micro_batches = b.1 * b.3;
+            let smaller: Vec<u32> = (1..b.1).filter(|w| micro_batches % w == 0).collect();
+            match (d.8 % 3, smaller.is_empty()) {
+                (0, _) | (_, true) => b.1,
+                (1, _) => 1,
+                _ => smaller[d.8 as usize % smaller.len()],
+            }
+        },
+        elastic_wait_seconds: d.9,
         keep_last: d.5,
         keep_best: d.6,
         checkpoint_root: d.7,

@@ -756,6 +756,7 @@ impl FakeWorker {
             worker_id,
             running,
             instance_id,
+            leaving: false,
         };
         self.client
             .heartbeat(req)

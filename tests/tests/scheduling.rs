@@ -312,6 +312,7 @@ async fn an_expired_lease_fails_the_attempt_restarts_the_job_and_stops_the_other
                     worker_id: alive_id.clone(),
                     running,
                     instance_id: alive_instance.clone(),
+                    leaving: false,
                 })
                 .await;
             tokio::time::sleep(Duration::from_millis(300)).await;

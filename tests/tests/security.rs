@@ -203,6 +203,7 @@ async fn tokens_and_roles_decide_who_may_call_what() {
         worker_id: reg.worker_id.clone(),
         running: vec![],
         instance_id: instance(),
+        leaving: false,
     })
     .await
     .expect("worker heartbeats");

@@ -882,6 +882,7 @@ async fn invalid_fields_are_rejected_naming_the_field() {
             worker_id: "x".into(),
             running: vec![],
             instance_id: inst.clone(),
+            leaving: false,
         })
         .await,
         Code::InvalidArgument,
@@ -892,6 +893,7 @@ async fn invalid_fields_are_rejected_naming_the_field() {
             worker_id: Uuid::now_v7().to_string(),
             running: vec![],
             instance_id: inst.clone(),
+            leaving: false,
         })
         .await,
         Code::NotFound,
@@ -902,6 +904,7 @@ async fn invalid_fields_are_rejected_naming_the_field() {
             worker_id: w.worker_id.clone(),
             running: vec![],
             instance_id: inst.clone(),
+            leaving: false,
         })
         .await
         .expect("heartbeat")

@@ -1,8 +1,8 @@
 //! Store records to protobuf messages.
 
 use crate::store::{
-    AttemptRank, CheckpointRecord, EventRecord, JobRecord, MetricPoint, RankAssignment,
-    RendezvousEndpoint, WorkerRecord,
+    AttemptRank, AttemptRecord, CheckpointRecord, EventRecord, JobRecord, MetricPoint,
+    RankAssignment, RendezvousEndpoint, WorkerRecord,
 };
 use chrono::{DateTime, Utc};
 use segtrain_proto::job_spec::ProtoSpec;
@@ -23,6 +23,9 @@ pub(crate) fn job(j: &JobRecord) -> pb::Job {
         state: j.state.to_proto() as i32,
         attempt: j.attempt,
         restarts: j.restarts,
+        preemptions: j.preemptions,
+        attempt_world_size: j.attempt_world_size,
+        attempt_accumulate_steps: j.attempt_accumulate_steps,
         idempotency_key: j.idempotency_key.clone().unwrap_or_default(),
         reason: j.reason.clone(),
         created_at: Some(timestamp(j.created_at)),
@@ -63,6 +66,21 @@ pub(crate) fn checkpoint(c: &CheckpointRecord) -> pb::Checkpoint {
         state: state as i32,
         metrics: c.metrics.clone().into_iter().collect(),
         created_at: Some(timestamp(c.created_at)),
+        on_stop: c.on_stop,
+    }
+}
+
+pub(crate) fn attempt(a: &AttemptRecord) -> pb::Attempt {
+    pb::Attempt {
+        attempt: a.attempt,
+        state: a.state.to_proto() as i32,
+        world_size: a.world_size,
+        accumulate_steps: a.accumulate_steps,
+        reason: a.reason.clone(),
+        resumed_from_iteration: a.resumed_from_iteration,
+        workers: a.workers.clone(),
+        created_at: Some(timestamp(a.created_at)),
+        finished_at: a.finished_at.map(timestamp),
     }
 }
 
@@ -92,6 +110,7 @@ pub(crate) fn worker(w: &WorkerRecord) -> pb::Worker {
         rank,
         last_heartbeat: Some(timestamp(w.last_heartbeat)),
         lease_until: Some(timestamp(w.lease_until)),
+        leaving: w.leaving,
     }
 }
 
@@ -110,6 +129,7 @@ pub(crate) fn assignment(a: &RankAssignment) -> pb::Assignment {
         attempt: a.attempt,
         rank: a.rank,
         world_size: a.world_size,
+        accumulate_steps: a.accumulate_steps,
         spec: Some(a.spec.to_proto()),
         resume_from: a.resume_uri.clone().unwrap_or_default(),
         resume_iteration: a.resume_iteration,

@@ -206,6 +206,19 @@ impl pb::job_service_server::JobService for JobApi {
         }))
     }
 
+    async fn list_attempts(
+        &self,
+        req: Request<pb::ListAttemptsRequest>,
+    ) -> Result<Response<pb::ListAttemptsResponse>, Status> {
+        let req = req.into_inner();
+        let id = parse_job_id("job_id", &req.job_id)?;
+        self.store.get_job(id).await.map_err(status_of)?;
+        let attempts = self.store.list_attempts(id).await.map_err(status_of)?;
+        Ok(Response::new(pb::ListAttemptsResponse {
+            attempts: attempts.iter().map(convert::attempt).collect(),
+        }))
+    }
+
     async fn get_metrics(
         &self,
         req: Request<pb::GetMetricsRequest>,

@@ -254,6 +254,7 @@ fn event(i: usize, e: &pb::WorkerEvent) -> Result<IngestEvent, Status> {
                 bytes: c.bytes,
                 sha256: c.sha256.to_ascii_lowercase(),
                 metrics: values(&f("checkpoint.metrics"), &c.metrics)?,
+                on_stop: c.on_stop,
             }
         }
         Some(Payload::Finished(fin)) => {
@@ -262,6 +263,7 @@ fn event(i: usize, e: &pb::WorkerEvent) -> Result<IngestEvent, Status> {
                 Ok(pb::RankOutcome::FailedInfra) => RankOutcome::FailedInfra,
                 Ok(pb::RankOutcome::FailedDeterministic) => RankOutcome::FailedDeterministic,
                 Ok(pb::RankOutcome::Canceled) => RankOutcome::Canceled,
+                Ok(pb::RankOutcome::Preempted) => RankOutcome::Preempted,
                 Ok(pb::RankOutcome::Lost) => {
                     return Err(invalid(
                         f("finished.outcome"),
@@ -273,7 +275,7 @@ fn event(i: usize, e: &pb::WorkerEvent) -> Result<IngestEvent, Status> {
                     return Err(invalid(
                         f("finished.outcome"),
                         format!(
-                        "must be SUCCEEDED, FAILED_INFRA, FAILED_DETERMINISTIC or CANCELED, got {}",
+                        "must be SUCCEEDED, FAILED_INFRA, FAILED_DETERMINISTIC, CANCELED or PREEMPTED, got {}",
                         fin.outcome
                     ),
                     ))

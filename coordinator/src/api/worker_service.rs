@@ -205,7 +205,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         let running = running(&req.running)?;
         let hb = self
             .store
-            .heartbeat(id, instance, &running, self.cfg.lease)
+            .heartbeat(id, instance, &running, req.leaving, self.cfg.lease)
             .await
             .map_err(instance_status)?;
         Ok(Response::new(pb::HeartbeatResponse {

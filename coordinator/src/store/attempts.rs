@@ -28,6 +28,9 @@ pub enum RankOutcome {
     Canceled,
     /// The coordinator gave up on the worker (lease expired, or it came back without the trainer).
     Lost,
+    /// The worker's host is going away (preemption notice, SIGTERM): the trainer stopped with
+    /// a checkpoint. Not a failure.
+    Preempted,
 }
 
 impl RankOutcome {
@@ -38,6 +41,7 @@ impl RankOutcome {
             RankOutcome::FailedDeterministic => "FAILED_DETERMINISTIC",
             RankOutcome::Canceled => "CANCELED",
             RankOutcome::Lost => "LOST",
+            RankOutcome::Preempted => "PREEMPTED",
         }
     }
 
@@ -48,6 +52,7 @@ impl RankOutcome {
             RankOutcome::FailedDeterministic,
             RankOutcome::Canceled,
             RankOutcome::Lost,
+            RankOutcome::Preempted,
         ]
         .into_iter()
         .find(|o| o.as_str() == s)
@@ -68,7 +73,7 @@ impl fmt::Display for RankOutcome {
 }
 
 /// Whether a rank of attempt `attempt` should be running: the attempt is the job's current one
-/// and not over, and the job is neither canceling nor over. The one rule behind what an
+/// and neither over nor stopping, and the job is neither canceling nor over. The one rule behind what an
 /// assignment stream sends, what a heartbeat stops and what a re-registration keeps.
 pub(super) fn rank_should_run(
     job_attempt: u32,
@@ -77,7 +82,7 @@ pub(super) fn rank_should_run(
     attempt_state: AttemptState,
 ) -> bool {
     job_attempt == attempt
-        && !attempt_state.is_terminal()
+        && attempt_state.wants_ranks()
         && job_state != JobState::Canceling
         && !job_state.is_terminal()
 }
@@ -88,7 +93,10 @@ pub struct RankAssignment {
     pub job_id: Uuid,
     pub attempt: u32,
     pub rank: u32,
+    /// The attempt's world size and accumulation (an elastic job's may be smaller / larger than
+    /// the spec's).
     pub world_size: u32,
+    pub accumulate_steps: u32,
     pub spec: JobSpec,
     pub resume_uri: Option<String>,
     pub resume_iteration: u64,
@@ -125,7 +133,7 @@ impl RankAssignment {
         if matches!(self.job_state, JobState::Canceling | JobState::Canceled) {
             return Some(non_empty(&self.job_reason, "job canceled"));
         }
-        if self.attempt_state.is_terminal() {
+        if !self.attempt_state.wants_ranks() {
             return Some(non_empty(
                 &self.attempt_reason,
                 &format!("attempt {}", self.attempt_state),
@@ -160,6 +168,7 @@ struct AssignmentRow {
     attempt: i32,
     rank: i32,
     world_size: i32,
+    accumulate_steps: i32,
     resume_uri: Option<String>,
     resume_iter: Option<i64>,
     candidates: Json<Vec<ResumeCandidate>>,
@@ -183,6 +192,7 @@ impl TryFrom<AssignmentRow> for RankAssignment {
             attempt: u32_of(r.attempt, "attempt")?,
             rank: u32_of(r.rank, "rank")?,
             world_size: u32_of(r.world_size, "world_size")?,
+            accumulate_steps: u32_of(r.accumulate_steps, "accumulate_steps")?,
             spec,
             resume_uri: r.resume_uri,
             resume_iteration: u64_of(r.resume_iter.unwrap_or(0), "resume_iter")?,
@@ -226,7 +236,8 @@ impl Store {
         worker_id: Uuid,
     ) -> Result<Vec<RankAssignment>, StoreError> {
         let rows: Vec<AssignmentRow> = sqlx::query_as(
-            "SELECT ar.job_id, ar.attempt, ar.rank, a.world_size, a.resume_uri, a.resume_iter,
+            "SELECT ar.job_id, ar.attempt, ar.rank, a.world_size, a.accumulate_steps,
+                    a.resume_uri, a.resume_iter,
                     (SELECT coalesce(json_agg(json_build_object(
                                 'uri', c.uri, 'iteration', c.iteration, 'sha256', c.sha256)
                                 ORDER BY c.iteration DESC), '[]'::json)
@@ -380,7 +391,7 @@ async fn promote_if_all_started(
         placed_ago = Some(seconds(secs));
     }
     let job = lock_job(tx, job_id).await?;
-    if job.attempt == attempt && job.state == JobState::Scheduled && !state.is_terminal() {
+    if job.attempt == attempt && job.state == JobState::Scheduled && state.wants_ranks() {
         let reason = format!("all {} ranks started", ranks.len());
         transition_in_tx(tx, job_id, JobState::Running, &reason).await?;
     }
@@ -422,6 +433,13 @@ pub(super) async fn finish_rank(
     if outcome == RankOutcome::Succeeded {
         promote_if_all_started(tx, job_id, attempt).await?;
     }
+    if outcome == RankOutcome::Preempted {
+        // Its daemon is going away: no new rank for it, whatever else it reports meanwhile.
+        sqlx::query("UPDATE workers SET leaving = true WHERE id = $1")
+            .bind(worker)
+            .execute(&mut **tx)
+            .await?;
+    }
     // BUSY → IDLE once nothing is open on it; a LOST or DRAINING worker keeps its state.
     WorkerState::Busy.check_transition(WorkerState::Idle)?;
     let freed = sqlx::query(
@@ -444,8 +462,12 @@ pub(super) async fn finish_rank(
 /// - a failed (or lost) rank fails a live attempt at once (the other ranks are then told to
 ///   stop), and the job with it unless the job is canceling (cancel wins): see
 ///   [`after_failure`] for restart or fail;
+/// - a preempted rank moves the attempt to STOPPING, so the other ranks are told to stop (their
+///   trainers have usually stopped with it already: any rank's stop stops them all);
 /// - once every rank has finished: a canceling job's attempt ends CANCELED and the job CANCELED;
-///   all SUCCEEDED ends the attempt and the job SUCCEEDED; a rank that stopped without being
+///   all SUCCEEDED ends the attempt and the job SUCCEEDED; a preempted rank ends it PREEMPTED
+///   and a resize (`attempts.resize_to`) RESIZED, both restarting the job at once without
+///   counting a restart ([`after_planned_stop`]); any other rank that stopped without being
 ///   asked to counts as an infrastructure failure.
 async fn settle_attempt(
     tx: &mut Transaction<'_, Postgres>,
@@ -454,7 +476,7 @@ async fn settle_attempt(
     policy: &RestartPolicy,
 ) -> Result<(), StoreError> {
     let job = lock_job(tx, job_id).await?;
-    let state = attempt_state(tx, job_id, attempt).await?;
+    let mut state = attempt_state(tx, job_id, attempt).await?;
     let ranks = ranks_of(tx, job_id, attempt).await?;
     let current = job.attempt == attempt;
     let outcomes: Vec<Option<RankOutcome>> = ranks
@@ -467,6 +489,12 @@ async fn settle_attempt(
         .iter()
         .zip(&outcomes)
         .find(|(_, o)| o.is_some_and(RankOutcome::is_failure));
+    let preempted: Vec<&RankRow> = ranks
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, o)| **o == Some(RankOutcome::Preempted))
+        .map(|(r, _)| r)
+        .collect();
 
     if !state.is_terminal() {
         if let (Some((r, Some(o))), false) = (failed, canceling) {
@@ -491,6 +519,11 @@ async fn settle_attempt(
             }
             return Ok(());
         }
+        if let (Some(first), true, false) = (preempted.first(), state.wants_ranks(), canceling) {
+            let reason = preempted_reason(&preempted, first);
+            set_attempt_state(tx, job_id, attempt, state, AttemptState::Stopping, &reason).await?;
+            state = AttemptState::Stopping;
+        }
         if !all_finished {
             return Ok(());
         }
@@ -505,6 +538,25 @@ async fn settle_attempt(
             if job.state == JobState::Running {
                 let reason = format!("all {} ranks succeeded", ranks.len());
                 transition_in_tx(tx, job_id, JobState::Succeeded, &reason).await?;
+            }
+            return Ok(());
+        } else if let Some(first) = preempted.first() {
+            let reason = preempted_reason(&preempted, first);
+            set_attempt_state(tx, job_id, attempt, state, AttemptState::Preempted, &reason).await?;
+            if matches!(job.state, JobState::Scheduled | JobState::Running) {
+                after_planned_stop(tx, &job, &reason, true).await?;
+            }
+            return Ok(());
+        } else if let (AttemptState::Stopping, Some(to)) =
+            (state, resize_target(tx, job_id, attempt).await?)
+        {
+            let reason = format!(
+                "resize: attempt {attempt} stopped with a checkpoint; the job restarts at world \
+                 size {to}"
+            );
+            set_attempt_state(tx, job_id, attempt, state, AttemptState::Resized, &reason).await?;
+            if matches!(job.state, JobState::Scheduled | JobState::Running) {
+                after_planned_stop(tx, &job, &reason, false).await?;
             }
             return Ok(());
         } else {
@@ -530,6 +582,63 @@ async fn settle_attempt(
     if all_finished && current && job.state == JobState::Canceling {
         transition_in_tx(tx, job_id, JobState::Canceled, "").await?;
     }
+    Ok(())
+}
+
+/// "preempted: HOST" for the attempt and the job: the preempted workers' hosts.
+fn preempted_reason(preempted: &[&RankRow], first: &RankRow) -> String {
+    let mut hosts: Vec<&str> = preempted.iter().map(|r| r.host.as_str()).collect();
+    hosts.dedup();
+    format!(
+        "preempted: {} (rank {}: {})",
+        hosts.join(", "),
+        first.rank,
+        non_empty(&first.reason, "its host is going away")
+    )
+}
+
+/// The world size a stopping attempt was stopped to grow back to, if that is why it stops.
+async fn resize_target(
+    tx: &mut Transaction<'_, Postgres>,
+    job_id: Uuid,
+    attempt: u32,
+) -> Result<Option<u32>, StoreError> {
+    let to: Option<i32> =
+        sqlx::query_scalar("SELECT resize_to FROM attempts WHERE job_id = $1 AND attempt = $2")
+            .bind(job_id)
+            .bind(attempt as i32)
+            .fetch_one(&mut **tx)
+            .await?;
+    to.map(|t| u32_of(t, "resize_to")).transpose()
+}
+
+/// The current attempt stopped on purpose (a preemption, or a resize): the job restarts at
+/// once, from the checkpoint its ranks wrote on stopping. Neither counts against
+/// `max_restarts`; a preemption is counted in `jobs.preemptions`.
+async fn after_planned_stop(
+    tx: &mut Transaction<'_, Postgres>,
+    job: &JobRecord,
+    reason: &str,
+    preemption: bool,
+) -> Result<(), StoreError> {
+    let why = if preemption {
+        format!(
+            "{reason}; restarting at once (preemption {}, not counted against max_restarts)",
+            job.preemptions + 1
+        )
+    } else {
+        format!("{reason} (not counted against max_restarts)")
+    };
+    transition_in_tx(tx, job.id, JobState::Restarting, &why).await?;
+    sqlx::query(
+        "UPDATE jobs SET preemptions = preemptions + CASE WHEN $2 THEN 1 ELSE 0 END,
+                         restart_at = now()
+         WHERE id = $1",
+    )
+    .bind(job.id)
+    .bind(preemption)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 

@@ -47,6 +47,8 @@ pub enum IngestBody {
         bytes: u64,
         sha256: String,
         metrics: BTreeMap<String, f64>,
+        /// Written because the run was asked to stop (the newest state of the attempt).
+        on_stop: bool,
     },
     Finished {
         outcome: RankOutcome,
@@ -230,20 +232,24 @@ async fn apply(
             bytes,
             sha256,
             metrics,
+            on_stop,
         } => {
             let metrics = json_values(metrics);
             // An identical row already stored (a replay) is left alone and gets no new event.
             let changed: Option<i64> = sqlx::query_scalar(
-                "INSERT INTO checkpoints (job_id, attempt, iteration, uri, bytes, sha256, state, metrics)
-                 VALUES ($1, $2, $3, $4, $5, $6, 'COMPLETE', $7)
+                "INSERT INTO checkpoints
+                     (job_id, attempt, iteration, uri, bytes, sha256, state, metrics, on_stop)
+                 VALUES ($1, $2, $3, $4, $5, $6, 'COMPLETE', $7, $8)
                  ON CONFLICT (job_id, iteration) DO UPDATE
                      SET attempt = EXCLUDED.attempt, uri = EXCLUDED.uri, bytes = EXCLUDED.bytes,
-                         sha256 = EXCLUDED.sha256, state = 'COMPLETE', metrics = EXCLUDED.metrics
+                         sha256 = EXCLUDED.sha256, state = 'COMPLETE', metrics = EXCLUDED.metrics,
+                         on_stop = EXCLUDED.on_stop
                      WHERE (checkpoints.attempt, checkpoints.uri, checkpoints.bytes,
-                            checkpoints.sha256, checkpoints.state, checkpoints.metrics)
+                            checkpoints.sha256, checkpoints.state, checkpoints.metrics,
+                            checkpoints.on_stop)
                            IS DISTINCT FROM
                            (EXCLUDED.attempt, EXCLUDED.uri, EXCLUDED.bytes,
-                            EXCLUDED.sha256, 'COMPLETE', EXCLUDED.metrics)
+                            EXCLUDED.sha256, 'COMPLETE', EXCLUDED.metrics, EXCLUDED.on_stop)
                  RETURNING iteration",
             )
             .bind(job_id)
@@ -253,6 +259,7 @@ async fn apply(
             .bind(i64::try_from(*bytes).unwrap_or(i64::MAX))
             .bind(sha256)
             .bind(Json(&metrics))
+            .bind(*on_stop)
             .fetch_optional(&mut **tx)
             .await?;
             bump_iteration(tx, job_id, attempt, *iteration).await?;
@@ -263,6 +270,7 @@ async fn apply(
                     bytes: *bytes,
                     sha256: sha256.clone(),
                     metrics,
+                    on_stop: *on_stop,
                 };
                 insert_event(tx, job_id, attempt, &payload).await?;
             }

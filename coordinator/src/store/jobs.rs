@@ -16,7 +16,13 @@ pub struct JobRecord {
     pub spec: JobSpec,
     pub state: JobState,
     pub attempt: u32,
+    /// Restarts after failures (bounded by `spec.max_restarts`).
     pub restarts: u32,
+    /// Attempts ended by a preemption (not bounded, not counted as restarts).
+    pub preemptions: u32,
+    /// The current attempt's ranks and accumulation (0, 0 before the first attempt).
+    pub attempt_world_size: u32,
+    pub attempt_accumulate_steps: u32,
     pub idempotency_key: Option<String>,
     pub reason: String,
     /// The current attempt's newest reported iteration (its progress).
@@ -38,6 +44,9 @@ struct JobRow {
     state: String,
     attempt: i32,
     restarts: i32,
+    preemptions: i32,
+    attempt_world_size: i32,
+    attempt_accumulate_steps: i32,
     idempotency_key: Option<String>,
     reason: String,
     iteration: i64,
@@ -48,10 +57,13 @@ struct JobRow {
     finished_at: Option<DateTime<Utc>>,
 }
 
-const JOB_COLUMNS: &str =
-    "id, spec, state, attempt, restarts, idempotency_key, reason, iteration, \
-                           furthest_iteration, resumed_from_iteration, created_at, updated_at, \
-                           finished_at";
+const JOB_COLUMNS: &str = "id, spec, state, attempt, restarts, preemptions, \
+     coalesce((SELECT a.world_size FROM attempts a \
+               WHERE a.job_id = jobs.id AND a.attempt = jobs.attempt), 0) AS attempt_world_size, \
+     coalesce((SELECT a.accumulate_steps FROM attempts a \
+               WHERE a.job_id = jobs.id AND a.attempt = jobs.attempt), 0) AS attempt_accumulate_steps, \
+     idempotency_key, reason, iteration, furthest_iteration, resumed_from_iteration, created_at, \
+     updated_at, finished_at";
 
 impl TryFrom<JobRow> for JobRecord {
     type Error = StoreError;
@@ -67,6 +79,12 @@ impl TryFrom<JobRow> for JobRecord {
             state,
             attempt: u32_of(r.attempt, "attempt")?,
             restarts: u32_of(r.restarts, "restarts")?,
+            preemptions: u32_of(r.preemptions, "preemptions")?,
+            attempt_world_size: u32_of(r.attempt_world_size, "attempt_world_size")?,
+            attempt_accumulate_steps: u32_of(
+                r.attempt_accumulate_steps,
+                "attempt_accumulate_steps",
+            )?,
             idempotency_key: r.idempotency_key,
             reason: r.reason,
             iteration: u64_of(r.iteration, "iteration")?,

@@ -28,6 +28,8 @@ pub struct CheckpointRecord {
     /// The trainer's numbers at the checkpoint (NaN where it had none that was finite).
     pub metrics: BTreeMap<String, f64>,
     pub created_at: DateTime<Utc>,
+    /// Written because the run was asked to stop (preemption, resize, cancel).
+    pub on_stop: bool,
 }
 
 #[derive(sqlx::FromRow)]
@@ -42,6 +44,7 @@ struct CheckpointRow {
     /// Non-finite values are null in JSON.
     metrics: Json<BTreeMap<String, Option<f64>>>,
     created_at: DateTime<Utc>,
+    on_stop: bool,
 }
 
 impl Store {
@@ -111,7 +114,7 @@ impl Store {
         include_deleted: bool,
     ) -> Result<Vec<CheckpointRecord>, StoreError> {
         let rows: Vec<CheckpointRow> = sqlx::query_as(
-            "SELECT job_id, attempt, iteration, uri, bytes, sha256, state, metrics, created_at
+            "SELECT job_id, attempt, iteration, uri, bytes, sha256, state, metrics, created_at, on_stop
              FROM checkpoints WHERE job_id = $1 AND ($2 OR state <> 'DELETED')
              ORDER BY iteration",
         )
@@ -136,6 +139,7 @@ impl Store {
                         .map(|(k, v)| (k, v.unwrap_or(f64::NAN)))
                         .collect(),
                     created_at: r.created_at,
+                    on_stop: r.on_stop,
                 })
             })
             .collect()

@@ -4,9 +4,11 @@
 //! through [`Store::transition_job`], which checks the edge against [`crate::state`] and writes the
 //! jobs row and its `job_events` row in one transaction.
 
+mod attempt_view;
 mod attempts;
 pub mod bus;
 mod drain;
+mod elastic;
 mod events;
 mod health;
 mod ingest;
@@ -17,6 +19,7 @@ mod rendezvous;
 mod tokens;
 mod workers;
 
+pub use attempt_view::AttemptRecord;
 pub use attempts::{RankAssignment, RankOutcome, ResumeCandidate};
 use bus::notify;
 pub use bus::{ATTEMPTS_CHANNEL, EVENTS_CHANNEL, WORKERS_CHANNEL};

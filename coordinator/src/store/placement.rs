@@ -1,7 +1,10 @@
 //! Gang placement: one scheduling pass books a whole attempt (every rank's worker) or nothing,
-//! and RESTARTING jobs whose backoff is over go back to the queue.
+//! at the job's world size or, for an elastic job that has waited long enough, at a smaller one
+//! ([`super::elastic::attempt_size`]); and RESTARTING jobs whose backoff is over go back to the
+//! queue.
 
 use super::attempts::seconds;
+use super::elastic::attempt_size;
 use super::jobs::{lock_job, transition_in_tx};
 use super::{notify, u32_of, Store, StoreError, WORKERS_CHANNEL};
 use crate::state::{JobState, WorkerState};
@@ -9,7 +12,7 @@ use uuid::Uuid;
 
 /// Serialises scheduling passes across every coordinator sharing the database (a transaction
 /// level advisory lock; released at commit or rollback).
-const SCHEDULER_LOCK: i64 = 0x5e67_7261_696e_0001;
+pub(super) const SCHEDULER_LOCK: i64 = 0x5e67_7261_696e_0001;
 
 /// An idle worker with a live lease, as the placement function sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,20 +62,22 @@ impl Store {
             .bind(SCHEDULER_LOCK)
             .execute(&mut *tx)
             .await?;
-        let head: Option<(Uuid, i32)> = sqlx::query_as(
-            "SELECT id, world_size FROM jobs WHERE state = 'QUEUED'
+        // `updated_at` is when the job entered QUEUED (only state changes set it).
+        let head: Option<(Uuid, f64)> = sqlx::query_as(
+            "SELECT id, EXTRACT(EPOCH FROM clock_timestamp() - updated_at)::float8 FROM jobs
+             WHERE state = 'QUEUED'
              ORDER BY priority DESC, created_at, id LIMIT 1 FOR UPDATE",
         )
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((job_id, world_size)) = head else {
+        let Some((job_id, queued_secs)) = head else {
             tx.rollback().await?;
             return Ok(ScheduleOutcome::Empty);
         };
-        let world_size = u32_of(world_size, "world_size")?;
+        let job = lock_job(&mut tx, job_id).await?;
         let candidates: Vec<(Uuid, String, i32)> = sqlx::query_as(
             "SELECT id, host, gpu_index FROM workers
-             WHERE state = 'IDLE' AND lease_until > now()
+             WHERE state = 'IDLE' AND lease_until > now() AND NOT leaving
              ORDER BY host, gpu_index FOR UPDATE SKIP LOCKED",
         )
         .fetch_all(&mut *tx)
@@ -85,24 +90,25 @@ impl Store {
                 gpu_index,
             })
             .collect();
-        let chosen = match place(&candidates, world_size as usize) {
-            Some(c) if c.len() == world_size as usize => c,
+        let size = attempt_size(&job.spec, candidates.len(), seconds(queued_secs));
+        let chosen = match size.and_then(|s| place(&candidates, s.world_size as usize)) {
+            Some(c) if Some(c.len()) == size.map(|s| s.world_size as usize) => c,
             _ => {
                 tx.rollback().await?;
                 return Ok(ScheduleOutcome::Blocked {
                     job_id,
-                    world_size,
+                    world_size: job.spec.world_size,
                     idle: candidates.len(),
                 });
             }
         };
+        let Some(size) = size else {
+            return Err(StoreError::Corrupt("placed without a size".into()));
+        };
 
-        let job = lock_job(&mut tx, job_id).await?;
-        // `updated_at` is when the job entered QUEUED (only state changes set it).
-        let (attempt, queued_secs): (i32, f64) = sqlx::query_as(
+        let attempt: i32 = sqlx::query_scalar(
             "UPDATE jobs SET attempt = attempt + 1, iteration = 0, resumed_from_iteration = NULL, restart_at = NULL
-             WHERE id = $1
-             RETURNING attempt, EXTRACT(EPOCH FROM clock_timestamp() - updated_at)::float8",
+             WHERE id = $1 RETURNING attempt",
         )
         .bind(job_id)
         .fetch_one(&mut *tx)
@@ -120,12 +126,14 @@ impl Store {
             None => (job.spec.resume_from.clone(), None),
         };
         sqlx::query(
-            "INSERT INTO attempts (job_id, attempt, state, world_size, resume_uri, resume_iter)
-             VALUES ($1, $2, 'PENDING', $3, $4, $5)",
+            "INSERT INTO attempts
+                 (job_id, attempt, state, world_size, accumulate_steps, resume_uri, resume_iter)
+             VALUES ($1, $2, 'PENDING', $3, $4, $5, $6)",
         )
         .bind(job_id)
         .bind(attempt)
-        .bind(world_size as i32)
+        .bind(size.world_size as i32)
+        .bind(size.accumulate_steps as i32)
         .bind(&resume_uri)
         .bind(resume_iter)
         .execute(&mut *tx)
@@ -162,10 +170,11 @@ impl Store {
             .map(|c| super::worker_name(&c.host, c.gpu_index))
             .collect();
         let reason = format!(
-            "attempt {attempt} placed on {} worker{}: {}",
+            "attempt {attempt} placed on {} worker{}: {}{}",
             chosen.len(),
             if chosen.len() == 1 { "" } else { "s" },
-            names.join(", ")
+            names.join(", "),
+            size.note(&job.spec, candidates.len(), seconds(queued_secs))
         );
         transition_in_tx(&mut tx, job_id, JobState::Scheduled, &reason).await?;
         for w in &chosen {

@@ -52,7 +52,7 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         let state = parse_attempt_state(&state)?;
-        if state.is_terminal() {
+        if !state.wants_ranks() {
             return Err(StoreError::Conflict(format!(
                 "attempt {attempt} of job {job_id} is already {state}"
             )));
@@ -130,7 +130,7 @@ impl Store {
             .fetch_one(&self.pool)
             .await?;
         let state = parse_attempt_state(&state)?;
-        if state.is_terminal() {
+        if !state.wants_ranks() {
             return Err(StoreError::Conflict(format!(
                 "attempt {attempt} of job {job_id} is already {state}{}",
                 if reason.is_empty() {

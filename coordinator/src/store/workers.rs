@@ -27,6 +27,8 @@ pub struct WorkerRecord {
     pub lease_until: DateTime<Utc>,
     /// The rank it holds and has not finished, if any: (job, attempt, rank).
     pub assignment: Option<(Uuid, u32, u32)>,
+    /// Its daemon said it is going away: no new rank until a daemon registers again.
+    pub leaving: bool,
 }
 
 /// One rank of one attempt of a job (a row of `attempt_ranks`; `segtrain.v1.AttemptRank`).
@@ -105,6 +107,7 @@ struct WorkerRow {
     state: String,
     last_heartbeat: DateTime<Utc>,
     lease_until: DateTime<Utc>,
+    leaving: bool,
     job_id: Option<Uuid>,
     attempt: Option<i32>,
     rank: Option<i32>,
@@ -256,6 +259,8 @@ impl Store {
                      last_heartbeat = now(), lease_until = now() + make_interval(secs => $4),
                      instance_since = CASE WHEN instance_id IS NOT DISTINCT FROM $5
                                            THEN instance_since ELSE now() END,
+                     -- A new daemon (the VM came back) is not the one that was leaving.
+                     leaving = leaving AND instance_id IS NOT DISTINCT FROM $5,
                      instance_id = $5
              WHERE id = $1
              RETURNING acked_seq, lease_until",
@@ -351,22 +356,27 @@ impl Store {
     /// canceling or finished job, of a finished or stale attempt, not assigned to this worker, or
     /// already finished in the coordinator's record. A rank that must stop and is not listed has
     /// stopped: it ends CANCELED (which frees the worker). A worker declared LOST comes back.
+    /// `leaving` (the daemon is going away) takes the worker out of placement until a daemon
+    /// registers for it again.
     pub async fn heartbeat(
         &self,
         id: Uuid,
         instance: Uuid,
         running: &[AttemptRank],
+        leaving: bool,
         lease: Duration,
     ) -> Result<Heartbeat, StoreError> {
         let mut tx = self.pool.begin().await?;
         let row: Option<(String, DateTime<Utc>)> = sqlx::query_as(
             "UPDATE workers SET last_heartbeat = now(),
-                                lease_until = now() + make_interval(secs => $2)
+                                lease_until = now() + make_interval(secs => $2),
+                                leaving = leaving OR $4
              WHERE id = $1 AND instance_id = $3 RETURNING state, lease_until",
         )
         .bind(id)
         .bind(lease_secs(lease))
         .bind(instance)
+        .bind(leaving)
         .fetch_optional(&mut *tx)
         .await?;
         let Some((state, lease_until)) = row else {
@@ -506,7 +516,7 @@ impl Store {
     pub async fn list_workers(&self) -> Result<Vec<WorkerRecord>, StoreError> {
         let rows: Vec<WorkerRow> = sqlx::query_as(
             "SELECT w.id, w.host, w.gpu_index, w.gpu_name, w.gpu_memory_bytes, w.state,
-                    w.last_heartbeat, w.lease_until, r.job_id, r.attempt, r.rank
+                    w.last_heartbeat, w.lease_until, w.leaving, r.job_id, r.attempt, r.rank
              FROM workers w
              LEFT JOIN LATERAL (
                  SELECT ar.job_id, ar.attempt, ar.rank FROM attempt_ranks ar
@@ -533,6 +543,7 @@ impl Store {
                     last_heartbeat: r.last_heartbeat,
                     lease_until: r.lease_until,
                     assignment,
+                    leaving: r.leaving,
                 })
             })
             .collect()
