@@ -337,6 +337,19 @@ pub async fn run(
         }
         None => None,
     };
+    // A daemon restarted on a VM that is being preempted (systemd's Restart=always) must not
+    // take work in its last seconds.
+    if let Some(url) = &shared.cfg.preemption_url {
+        if preemption::read_flag(url).await == Ok(true) {
+            anyhow::bail!(
+                "the metadata server says this VM is being preempted (http://{}:{}{}); not \
+                 registering",
+                url.host,
+                url.port,
+                url.path
+            );
+        }
+    }
     tokio::pin!(shutdown);
     tokio::select! {
         r = shared.register() => r.map_err(anyhow::Error::msg)?,

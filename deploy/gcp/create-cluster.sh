@@ -32,8 +32,9 @@
 #   --driver-branch N           minimum NVIDIA driver branch (default 580: CUDA 13)
 #   --collective-timeout SEC    SEGTRAIN_COLLECTIVE_TIMEOUT on the workers (default 600)
 #   --nccl-socket-ifname IF     NCCL_SOCKET_IFNAME (default: the VM's default-route interface)
-#   --spot                      Spot VMs for the workers (cheaper; preempted jobs restart from
-#                               their checkpoints)
+#   --spot                      Spot VMs for the workers (cheaper; a preempted worker's trainers
+#                               checkpoint the current iteration within the notice and the job
+#                               restarts without counting it: docs/operations.md, "Spot pools")
 #   --dry-run                   print every gcloud command, one per line, shell-quoted, instead
 #                               of running it
 set -euo pipefail

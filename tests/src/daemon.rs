@@ -103,6 +103,16 @@ impl DaemonProcess {
         self.signal_all(libc::SIGCONT);
     }
 
+    /// SIGTERM to the daemon alone, as systemd's stop (a spot VM's preemption) sends it.
+    pub fn sigterm(&self) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: signalling our own child by pid.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGTERM);
+            }
+        }
+    }
+
     fn signal_all(&self, sig: i32) {
         if let Some(pid) = self.pid() {
             for p in std::iter::once(pid).chain(children_of(pid)) {

@@ -8,6 +8,7 @@
 //! store connection. [`metrics`] scrapes and checks Prometheus `/metrics` pages.
 
 pub mod binaries;
+pub mod cluster;
 pub mod coordinator;
 pub mod daemon;
 pub mod dataset;
