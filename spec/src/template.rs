@@ -9,7 +9,8 @@ struct FieldDoc {
     name: &'static str,
     /// Meaning and allowed range, one line.
     doc: &'static str,
-    /// For the optional paths with no default: the commented-out example in the template.
+    /// For the fields the template leaves unset (optional paths, conditional defaults): the
+    /// commented-out example value, as TOML.
     example: Option<&'static str>,
 }
 
@@ -48,7 +49,7 @@ const SECTIONS: &[(&str, &[FieldDoc])] = &[
                 name: "pretrained",
                 doc: "Initial weights: a safetensors file with HuggingFace SegFormer key names \
                       (absolute path, file:///path or gs://bucket/path). Unset: random init.",
-                example: Some("/path/mit_b0.safetensors"),
+                example: Some("\"/path/mit_b0.safetensors\""),
             },
         ],
     ),
@@ -158,20 +159,21 @@ const SECTIONS: &[(&str, &[FieldDoc])] = &[
                 doc:
                     "Checkpoint to resume from (absolute path, file:///path or gs://bucket/path). \
                       Unset: start fresh.",
-                example: Some("gs://my-bucket/checkpoints/run-1/iter_4000"),
+                example: Some("\"gs://my-bucket/checkpoints/run-1/iter_4000\""),
             },
             field(
                 "max_restarts",
                 "Restarts allowed after infrastructure failures, 0..=100 (preemptions and resizes \
                  are not counted).",
             ),
-            field(
-                "min_world_size",
-                "Elastic jobs: the fewest ranks an attempt may run with, 1..=world_size (default: \
-                 world_size, never smaller). A smaller attempt raises accumulate_steps to keep the \
-                 global batch, so a world size in min..=world_size must divide \
-                 world_size * accumulate_steps.",
-            ),
+            FieldDoc {
+                name: "min_world_size",
+                doc: "Elastic jobs: the fewest ranks an attempt may run with, 1..=world_size \
+                      (default: world_size, never smaller). A smaller attempt raises \
+                      accumulate_steps to keep the global batch, so a world size in \
+                      min..world_size must divide world_size * accumulate_steps.",
+                example: Some("1"),
+            },
             field(
                 "elastic_wait_seconds",
                 "Elastic jobs: seconds a restart waits for world_size idle workers before it \
@@ -230,7 +232,7 @@ pub(crate) fn render(spec: &JobSpec, docs: bool) -> String {
             match (value, f.example) {
                 (Some(v), _) => out.push_str(&format!("{} = {v}\n", f.name)),
                 (None, Some(example)) if docs => {
-                    out.push_str(&format!("# {} = {}\n", f.name, toml_string(example)))
+                    out.push_str(&format!("# {} = {example}\n", f.name))
                 }
                 (None, _) => {}
             }
@@ -250,9 +252,12 @@ pub(crate) fn help(name: &str) -> String {
     if name == "dataset_root" {
         return doc.to_string();
     }
+    // The conditional defaults (see `JobSpecInput::resolve`), not the values for 8 ranks.
     if name == "sync_bn" {
-        // The one conditional default (see `JobSpecInput::resolve`), not the value for 8 ranks.
         return format!("{doc} [default: world_size > 1]");
+    }
+    if name == "min_world_size" {
+        return format!("{doc} [default: world_size]");
     }
     let defaults = JobSpec::with_defaults(String::new());
     match toml_values(&defaults).into_iter().find(|(n, _)| *n == name) {
@@ -297,7 +302,14 @@ fn toml_values(s: &JobSpec) -> Vec<(&'static str, Option<String>)> {
         ("eval_stride", int(s.eval_stride.into())),
         ("resume_from", s.resume_from.as_deref().map(toml_string)),
         ("max_restarts", int(s.max_restarts.into())),
-        ("min_world_size", int(s.min_world_size.into())),
+        // Left out at its conditional default (world_size), so that a job file changing
+        // world_size alone does not pin the old one.
+        (
+            "min_world_size",
+            (s.min_world_size != s.world_size)
+                .then(|| int(s.min_world_size.into()))
+                .flatten(),
+        ),
         ("elastic_wait_seconds", int(s.elastic_wait_seconds.into())),
         ("keep_last", int(s.keep_last.into())),
         ("keep_best", Some(s.keep_best.to_string())),

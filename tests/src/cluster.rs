@@ -3,7 +3,7 @@
 //! checks the end-to-end fault tests share (`tests/tests/faults.rs`, `elastic.rs`).
 
 use crate::coordinator::{metric_points, CoordinatorProcess};
-use crate::daemon::{DaemonProcess};
+use crate::daemon::DaemonProcess;
 use crate::dataset::{synth_dir, tiny_job};
 use crate::pg::TempPostgres;
 use crate::wait::poll_until_ok;
@@ -255,4 +255,3 @@ pub fn kill9(pid: u32) {
         libc::kill(pid as i32, libc::SIGKILL);
     }
 }
-

@@ -58,7 +58,10 @@ impl MetadataStandIn {
                     };
                     // The real server refuses requests without the header.
                     let reply = if flavor {
-                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        )
                     } else {
                         "HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n".to_string()
                     };
@@ -140,9 +143,8 @@ async fn attempts(c: &Cluster, id: &str) -> Vec<pb::Attempt> {
 }
 
 async fn wait_attempt(c: &Cluster, id: &str, attempt: u32, condition: &str) {
-    let sql = format!(
-        "SELECT {condition} FROM attempts WHERE job_id = $1::uuid AND attempt = {attempt}"
-    );
+    let sql =
+        format!("SELECT {condition} FROM attempts WHERE job_id = $1::uuid AND attempt = {attempt}");
     c.wait_sql(id, &sql, Duration::from_secs(180)).await;
 }
 
@@ -200,7 +202,9 @@ async fn assert_preempted(
         "one checkpoint of the last trained iteration\n{}",
         c.logs()
     );
-    eprintln!("attempt {attempt}: preempted, checkpoint of iteration {last}; daemon gone after {took:?}");
+    eprintln!(
+        "attempt {attempt}: preempted, checkpoint of iteration {last}; daemon gone after {took:?}"
+    );
     last
 }
 
@@ -257,9 +261,17 @@ async fn a_preempted_worker_costs_one_checkpoint_and_no_restart() {
         .map(|(_, r)| r)
         .collect();
     assert_eq!(restarts.len(), 2, "{changes:#?}");
-    assert!(restarts[0].starts_with(&format!("preempted: {}", host(rank1))), "{restarts:?}");
-    assert!(restarts[1].starts_with(&format!("preempted: {}", host(rank0))), "{restarts:?}");
-    assert!(restarts.iter().all(|r| r.contains("not counted against max_restarts")));
+    assert!(
+        restarts[0].starts_with(&format!("preempted: {}", host(rank1))),
+        "{restarts:?}"
+    );
+    assert!(
+        restarts[1].starts_with(&format!("preempted: {}", host(rank0))),
+        "{restarts:?}"
+    );
+    assert!(restarts
+        .iter()
+        .all(|r| r.contains("not counted against max_restarts")));
 
     // Each restart resumed from the preemption checkpoint: nothing trained twice.
     let a = attempts(&c, &id).await;
@@ -268,7 +280,9 @@ async fn a_preempted_worker_costs_one_checkpoint_and_no_restart() {
     assert_eq!(states, [S::Preempted, S::Preempted, S::Succeeded]);
     assert_eq!(a[1].resumed_from_iteration, Some(first as u64));
     assert_eq!(a[2].resumed_from_iteration, Some(second as u64));
-    assert!(a.iter().all(|a| a.world_size == 2 && a.accumulate_steps == 1));
+    assert!(a
+        .iter()
+        .all(|a| a.world_size == 2 && a.accumulate_steps == 1));
     for (attempt, resumed) in [(2, first), (3, second)] {
         let (from, _) = attempt_iterations(&c, &id, attempt).await;
         assert_eq!(from, resumed + 1, "attempt {attempt} redid iterations");
@@ -319,10 +333,7 @@ async fn max_difference(c: &Cluster, a: &str, b: &str, max_iters: u64) -> f32 {
         model_tensors(&final_uri(a).await),
         model_tensors(&final_uri(b).await),
     );
-    assert_eq!(
-        ta.keys().collect::<Vec<_>>(),
-        tb.keys().collect::<Vec<_>>()
-    );
+    assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>());
     let mut worst = 0f32;
     for (name, x) in &ta {
         let y = &tb[name];
@@ -366,14 +377,20 @@ async fn an_elastic_job_shrinks_and_grows_back_on_the_trajectory_of_an_uninterru
     c.daemons[rank1].kill();
     let job = c.wait_terminal(&shrink, Duration::from_secs(300)).await;
     assert_eq!(job.state(), pb::JobState::Succeeded, "{}", c.logs());
-    assert_eq!(job.restarts, 1, "the lost worker is a failure; the shrink is not");
+    assert_eq!(
+        job.restarts, 1,
+        "the lost worker is a failure; the shrink is not"
+    );
     let a = attempts(&c, &shrink).await;
     let sizes: Vec<(S, u32, u32)> = a
         .iter()
         .map(|a| (a.state(), a.world_size, a.accumulate_steps))
         .collect();
     assert!(
-        matches!(sizes[..], [(S::Failed | S::Lost, 2, 1), (S::Succeeded, 1, 2)]),
+        matches!(
+            sizes[..],
+            [(S::Failed | S::Lost, 2, 1), (S::Succeeded, 1, 2)]
+        ),
         "{sizes:?}"
     );
     assert!(a[1].reason.is_empty() || !a[1].reason.contains("FAILED"));
@@ -423,7 +440,11 @@ async fn an_elastic_job_shrinks_and_grows_back_on_the_trajectory_of_an_uninterru
     assert!(
         matches!(
             sizes[..],
-            [(S::Failed | S::Lost, 2, 1), (S::Resized, 1, 2), (S::Succeeded, 2, 1)]
+            [
+                (S::Failed | S::Lost, 2, 1),
+                (S::Resized, 1, 2),
+                (S::Succeeded, 2, 1)
+            ]
         ),
         "{sizes:?}"
     );

@@ -373,6 +373,19 @@ async fn invalid_specs_are_rejected_naming_the_field_and_write_nothing() {
         ("eval_mode", |s| s.eval_mode = Some("tiles".into())),
         ("eval_stride", |s| s.eval_stride = Some(2000)),
         ("max_restarts", |s| s.max_restarts = Some(101)),
+        ("min_world_size", |s| s.min_world_size = Some(0)),
+        ("min_world_size", |s| {
+            s.world_size = Some(2);
+            s.min_world_size = Some(3);
+        }),
+        // No world size in 3..4 divides 4 micro-batches.
+        ("min_world_size", |s| {
+            s.world_size = Some(4);
+            s.min_world_size = Some(3);
+        }),
+        ("elastic_wait_seconds", |s| {
+            s.elastic_wait_seconds = Some(100_000)
+        }),
         ("keep_last", |s| s.keep_last = Some(0)),
         ("checkpoint_root", |s| {
             s.checkpoint_root = Some("s3://bucket/x".into())
