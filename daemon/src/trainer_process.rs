@@ -264,9 +264,9 @@ pub fn spawn(l: &Launch<'_>) -> anyhow::Result<(Child, PathBuf)> {
         .arg(a.rank.to_string())
         .arg("--world")
         .arg(a.world_size.to_string())
-        // The attempt's accumulation: more than the spec's when an elastic job runs shrunk.
+        // The attempt's accumulation, when an elastic job runs shrunk (more than the spec's).
         .args(
-            (a.accumulate_steps > 0)
+            (a.accumulate_steps > 0 && a.accumulate_steps != l.spec.accumulate_steps)
                 .then(|| {
                     [
                         "--accumulate-steps".to_string(),
