@@ -290,6 +290,43 @@ async fn a_preempted_worker_costs_one_checkpoint_and_no_restart() {
     let events = c.coord.job_events(&id).await;
     c.assert_every_metric_once(&id, max, &events).await;
     c.no_trainer_left();
+
+    // What a person sees: both counts, every attempt and the stop checkpoints.
+    let status = segtrain(&c, &["status", &id]);
+    for line in ["restarts    0 of 3", "preemptions 2"] {
+        assert!(status.contains(line), "{line:?} in\n{status}");
+    }
+    let table = segtrain(&c, &["attempts", &id]);
+    let rows: Vec<&str> = table.lines().skip(1).collect();
+    assert_eq!(rows.len(), 3, "{table}");
+    for (row, state) in rows.iter().zip(["PREEMPTED", "PREEMPTED", "SUCCEEDED"]) {
+        assert!(row.split_whitespace().nth(1) == Some(state), "{table}");
+    }
+    assert!(
+        rows[0].contains(&format!("preempted: {}", host(rank1))),
+        "{table}"
+    );
+    // Retention treats them like any other (by iteration): with keep_last 3 they are deleted by
+    // now, and listed with --all.
+    let checkpoints = segtrain(&c, &["checkpoints", "--all", &id]);
+    let stops = checkpoints.lines().filter(|l| l.contains(" stop ")).count();
+    assert_eq!(stops, 2, "{checkpoints}");
+}
+
+/// Runs the `segtrain` CLI against the cluster's coordinator; its stdout.
+fn segtrain(c: &Cluster, args: &[&str]) -> String {
+    let out = std::process::Command::new(segtrain_tests::binaries::path("segtrain"))
+        .args(args)
+        .env("SEGTRAIN_COORDINATOR", c.coord.url())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run segtrain");
+    assert!(
+        out.status.success(),
+        "segtrain {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
 }
 
 /// Every float tensor of a checkpoint's model file.
