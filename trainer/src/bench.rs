@@ -329,17 +329,16 @@ pub struct LoaderBenchResult {
 pub fn run_loader(o: &LoaderBenchOptions) -> anyhow::Result<LoaderBenchResult> {
     use crate::data::augment::AugmentConfig;
     use crate::data::loader::TrainLoader;
-    use crate::data::sampler::DistributedSampler;
+    use crate::data::sampler::{BatchLayout, DistributedSampler};
     if o.batches == 0 {
         bail!("--batches must be at least 1");
     }
     let samples = crate::data::cityscapes::scan(&o.data, "train")?;
-    let sampler = DistributedSampler::new(samples.len(), 0, 1, 0, true)?;
+    let sampler = DistributedSampler::new(samples.len(), BatchLayout::single(o.batch), 0, true)?;
     let mut loader = TrainLoader::start(
         samples,
         sampler,
         AugmentConfig::recipe(o.crop_h, o.crop_w),
-        o.batch,
         o.threads,
         // As the trainer: enough batches in flight to keep every thread busy.
         o.threads.div_ceil(o.batch) + 2,
