@@ -7,6 +7,9 @@
 //! numbers use: the merged head ([`HeadMode::Merged`]) executes fewer (for B3 at 1024², 450 of
 //! the nominal 760 forward GFLOP per image), so the figure is the model-FLOP rate, comparable
 //! across implementations, not the rate of arithmetic actually done.
+//!
+//! Also here: the loader benchmark ([`run_loader`]) and the checkpoint-write benchmark
+//! ([`run_checkpoint`], `segtrain-worker bench checkpoint`).
 
 use crate::collective::{Collective, Single};
 use crate::model::{HeadMode, SegFormer, SegFormerConfig};
@@ -329,17 +332,16 @@ pub struct LoaderBenchResult {
 pub fn run_loader(o: &LoaderBenchOptions) -> anyhow::Result<LoaderBenchResult> {
     use crate::data::augment::AugmentConfig;
     use crate::data::loader::TrainLoader;
-    use crate::data::sampler::DistributedSampler;
+    use crate::data::sampler::{BatchLayout, DistributedSampler};
     if o.batches == 0 {
         bail!("--batches must be at least 1");
     }
     let samples = crate::data::cityscapes::scan(&o.data, "train")?;
-    let sampler = DistributedSampler::new(samples.len(), 0, 1, 0, true)?;
+    let sampler = DistributedSampler::new(samples.len(), BatchLayout::single(o.batch), 0, true)?;
     let mut loader = TrainLoader::start(
         samples,
         sampler,
         AugmentConfig::recipe(o.crop_h, o.crop_w),
-        o.batch,
         o.threads,
         // As the trainer: enough batches in flight to keep every thread busy.
         o.threads.div_ceil(o.batch) + 2,
@@ -360,4 +362,102 @@ pub fn run_loader(o: &LoaderBenchOptions) -> anyhow::Result<LoaderBenchResult> {
         images_per_s: images as f64 / secs,
         ms_per_image_per_thread: secs * 1e3 * o.threads as f64 / images as f64,
     })
+}
+
+/// What `segtrain-worker bench checkpoint` times: [`checkpoint::save`], the trainer's own writer
+/// (model and AdamW moments as safetensors, each fsynced and hashed, the manifest, the rename),
+/// for models built on the CPU.
+#[derive(Debug, Clone)]
+pub struct CheckpointBenchOptions {
+    pub variants: Vec<Variant>,
+    /// Timed saves per variant.
+    pub reps: usize,
+    /// A directory on the disk to time: the checkpoints go into a fresh temporary directory
+    /// inside it, each removed once timed.
+    pub dir: std::path::PathBuf,
+    pub num_classes: i64,
+}
+
+/// One variant's checkpoint writes.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckpointBenchRow {
+    pub variant: String,
+    /// Trainable parameters (the model file also holds the BatchNorm statistics).
+    pub parameters: i64,
+    /// One checkpoint: every file, manifest included.
+    pub bytes: u64,
+    pub reps: usize,
+    pub seconds_median: f64,
+    pub seconds_min: f64,
+    /// `bytes` / the median, in 10^6 bytes per second.
+    pub mb_per_s: f64,
+}
+
+/// Times `reps` checkpoint writes of each variant: the model with AdamW moments after one step
+/// (so they hold real values), written as the trainer writes them.
+pub fn run_checkpoint(o: &CheckpointBenchOptions) -> anyhow::Result<Vec<CheckpointBenchRow>> {
+    use crate::train::checkpoint::{self, Contents};
+    if o.reps == 0 {
+        bail!("--reps must be at least 1");
+    }
+    if o.variants.is_empty() {
+        bail!("--variants: name at least one of b0..b5");
+    }
+    std::fs::create_dir_all(&o.dir)
+        .map_err(|e| anyhow::anyhow!("--dir {}: cannot create it: {e}", o.dir.display()))?;
+    // Inside the given directory (same disk), and never touching what is already there.
+    let scratch = tempfile::Builder::new()
+        .prefix("segtrain-bench-checkpoint-")
+        .tempdir_in(&o.dir)
+        .map_err(|e| anyhow::anyhow!("--dir {}: {e}", o.dir.display()))?;
+    let mut rows = Vec::with_capacity(o.variants.len());
+    for &variant in &o.variants {
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _model = SegFormer::new(&vs.root(), SegFormerConfig::variant(variant, o.num_classes));
+        let mut opt = FlatAdamW::new(&vs, AdamWConfig::default());
+        let mut grad = opt.flat_grad();
+        tch::no_grad(|| {
+            let _ = grad.normal_(0.0, 1e-3);
+        });
+        opt.step(&grad, 6e-5)?;
+        let mut spec = segtrain_spec::JobSpec::with_defaults("/bench");
+        spec.variant = variant;
+        spec.num_classes = u32::try_from(o.num_classes)
+            .map_err(|_| anyhow::anyhow!("--classes: must be in 1..=254"))?;
+        let mut times = Vec::with_capacity(o.reps);
+        let mut bytes = 0;
+        for rep in 0..o.reps {
+            let contents = Contents {
+                // A new directory each time: replacing one would time its deletion too.
+                iteration: rep as u64 + 1,
+                optimizer_steps: opt.steps(),
+                sampler: crate::data::SamplerState::default(),
+                spec: &spec,
+                metrics: Default::default(),
+                best: None,
+                optimizer_layout: opt.slots().to_vec(),
+                model: vs.variables().into_iter().collect(),
+                optimizer: opt.state_tensors(),
+            };
+            let t = Instant::now();
+            let saved = checkpoint::save(scratch.path(), contents)?;
+            times.push(t.elapsed().as_secs_f64());
+            bytes = saved.bytes;
+            std::fs::remove_dir_all(&saved.dir)
+                .map_err(|e| anyhow::anyhow!("cannot remove {}: {e}", saved.dir.display()))?;
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        rows.push(CheckpointBenchRow {
+            variant: variant.as_str().to_string(),
+            parameters: opt.num_params(),
+            bytes,
+            reps: o.reps,
+            seconds_median: median,
+            seconds_min: times[0],
+            mb_per_s: bytes as f64 / median.max(1e-9) / 1e6,
+        });
+    }
+    Ok(rows)
 }

@@ -14,7 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use segtrain_trainer::data::augment::{AugmentConfig, Augmenter};
 use segtrain_trainer::data::cityscapes::{load_image, load_label, scan};
 use segtrain_trainer::data::loader::TrainLoader;
-use segtrain_trainer::data::sampler::DistributedSampler;
+use segtrain_trainer::data::sampler::{BatchLayout, DistributedSampler};
 use segtrain_trainer::data::synth::{generate, SynthOptions};
 
 fn cpu_model() -> String {
@@ -90,18 +90,11 @@ fn main() -> anyhow::Result<()> {
     for threads in runs {
         let batch = 2;
         let prefetch = threads.max(2); // prefetch·batch ≥ 2·threads keeps every thread busy
-        let sampler = DistributedSampler::new(samples.len(), 0, 1, 0, true)?;
+        let sampler = DistributedSampler::new(samples.len(), BatchLayout::single(batch), 0, true)?;
         let n_batches = samples.len(); // two epochs
         let t = Instant::now();
-        let mut loader = TrainLoader::start(
-            samples.clone(),
-            sampler,
-            cfg.clone(),
-            batch,
-            threads,
-            prefetch,
-            0,
-        )?;
+        let mut loader =
+            TrainLoader::start(samples.clone(), sampler, cfg.clone(), threads, prefetch, 0)?;
         for _ in 0..n_batches {
             loader.next_batch().context("loader")?;
         }

@@ -98,3 +98,62 @@ fn bench_reports_ab_switches_breakdown_and_a_profile() {
         "a Chrome trace with events"
     );
 }
+
+/// `bench checkpoint` times the trainer's own checkpoint writer: one row per variant with the
+/// model's parameter count and the size of a real checkpoint (model, both AdamW moments and the
+/// manifest), and it leaves nothing behind in the directory it was given.
+#[test]
+fn bench_checkpoint_times_the_checkpoint_writer() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = bench(&[
+        "checkpoint",
+        "--variants",
+        "b0",
+        "--reps",
+        "2",
+        "--dir",
+        dir.path().to_str().expect("utf-8 path"),
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON array");
+    let rows = rows.as_array().expect("rows");
+    assert_eq!(rows.len(), 1);
+    let r = &rows[0];
+    assert_eq!(r["variant"], "b0");
+    assert_eq!(r["reps"], 2);
+    let params = r["parameters"].as_u64().expect("parameters");
+    let info = segtrain_trainer::model::info(Variant::B0, 19, 64, 64);
+    assert_eq!(
+        params, info.parameters as u64,
+        "the model's parameter count"
+    );
+    // 4 bytes per parameter in the model file and in each moment, plus headers, the BatchNorm
+    // statistics and the manifest.
+    let bytes = r["bytes"].as_u64().expect("bytes");
+    assert!(
+        bytes > 12 * params && bytes < 12 * params + 4_000_000,
+        "{bytes} bytes for {params} parameters"
+    );
+    let (median, min) = (
+        r["seconds_median"].as_f64().expect("median"),
+        r["seconds_min"].as_f64().expect("min"),
+    );
+    assert!(min > 0.0 && min <= median, "{min} {median}");
+    let mbps = r["mb_per_s"].as_f64().expect("MB/s");
+    assert!((mbps - bytes as f64 / median / 1e6).abs() < 1e-6 * mbps);
+    assert_eq!(
+        std::fs::read_dir(dir.path()).expect("dir").count(),
+        0,
+        "nothing left behind"
+    );
+
+    let bad = bench(&["checkpoint", "--variants", "b9"]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("--variants") && err.contains("one of b0"),
+        "{err}"
+    );
+}

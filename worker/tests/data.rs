@@ -14,9 +14,10 @@ use segtrain_trainer::data::cityscapes::{
 };
 use segtrain_trainer::data::error::DataError;
 use segtrain_trainer::data::loader::{eval_samples, TrainLoader};
-use segtrain_trainer::data::sampler::DistributedSampler;
+use segtrain_trainer::data::sampler::{BatchLayout, DistributedSampler, Draw};
 use segtrain_trainer::data::synth::{generate, write_png, SynthOptions, SYNTH_CLASSES};
 use segtrain_trainer::data::{Batch, SamplerState};
+use segtrain_trainer::train::checkpoint;
 
 fn rng(seed: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed)
@@ -367,81 +368,199 @@ fn augment_rejects_inconsistent_inputs() {
 // ---------------------------------------------------------------------------------------------
 // Sampler
 
-#[test]
-fn sampler_ranks_partition_each_epoch() {
-    let (len, world) = (10, 3);
-    for epoch in 0..4 {
-        let mut all = Vec::new();
-        let mut per_rank = Vec::new();
-        for rank in 0..world {
-            let s = DistributedSampler::new(len, rank, world, 42, true).unwrap();
-            assert_eq!(s.per_rank_len(), 4);
-            let idx = s.epoch_indices(epoch);
-            assert_eq!(idx.len(), 4);
-            per_rank.push(idx.clone());
-            all.extend(idx);
+fn layout(rank: usize, world: usize, batch: usize, accumulate: usize) -> BatchLayout {
+    BatchLayout {
+        rank,
+        world,
+        batch_per_gpu: batch,
+        accumulate_steps: accumulate,
+    }
+}
+
+/// Draws per global micro-batch, in the order of the run.
+type MicroBatches = Vec<Vec<Draw>>;
+
+/// What every rank of `(world, accumulate)` (batch `batch`) draws in `iterations` steps from
+/// `state`, as the trainer runs them: rank r at micro-step m fills global micro-batch
+/// k = m·world + r of the step. Returns the micro-batches in global order (step, then k) and
+/// each rank's state after every step.
+fn run_layout(
+    len: usize,
+    (world, accumulate): (usize, usize),
+    batch: usize,
+    state: SamplerState,
+    iterations: usize,
+) -> (MicroBatches, Vec<Vec<SamplerState>>) {
+    let mut ranks: Vec<DistributedSampler> = (0..world)
+        .map(|r| {
+            DistributedSampler::new(len, layout(r, world, batch, accumulate), 77, true)
+                .unwrap()
+                .with_state(state)
+                .unwrap()
+        })
+        .collect();
+    let per_step = world * accumulate;
+    let mut micro = vec![Vec::new(); iterations * per_step];
+    let mut states = vec![Vec::new(); world];
+    for it in 0..iterations {
+        for m in 0..accumulate {
+            for (r, s) in ranks.iter_mut().enumerate() {
+                let k = s.layout().micro_batch(m);
+                assert_eq!(k, m * world + r);
+                micro[it * per_step + k] = (0..batch).map(|_| s.next_draw()).collect();
+            }
         }
-        // 12 slots: every index once plus 2 wrapped around (torch pads the same way).
-        assert_eq!(all.len(), 12);
-        let distinct: BTreeSet<usize> = all.iter().copied().collect();
-        assert_eq!(distinct, (0..len).collect());
-        // Interleaving the ranks gives back the padded permutation: its first 10 are distinct.
-        let interleaved: Vec<usize> = (0..4)
-            .flat_map(|i| (0..world).map(move |r| (r, i)))
-            .map(|(r, i)| per_rank[r][i])
+        for (r, s) in ranks.iter().enumerate() {
+            states[r].push(s.state());
+        }
+    }
+    (micro, states)
+}
+
+#[test]
+fn sampler_streams_the_epochs_permutations_without_padding() {
+    let s = DistributedSampler::new(10, BatchLayout::single(3), 7, true).unwrap();
+    let drawn: Vec<Draw> = s.clone().take(25).collect();
+    let stream: Vec<usize> = (0..3).flat_map(|e| s.permutation(e)).collect();
+    assert_eq!(
+        drawn.iter().map(|d| d.index).collect::<Vec<_>>(),
+        stream[..25]
+    );
+    // Every epoch is a permutation of the dataset; epochs and seeds differ; all is reproducible.
+    for e in 0..3 {
+        let p = s.permutation(e);
+        assert_eq!(
+            p.iter().copied().collect::<BTreeSet<_>>(),
+            (0..10).collect()
+        );
+        assert_eq!(p, s.permutation(e));
+    }
+    assert_ne!(s.permutation(0), s.permutation(1));
+    let other = DistributedSampler::new(10, BatchLayout::single(3), 8, true).unwrap();
+    assert_ne!(s.permutation(0), other.permutation(0));
+    assert_ne!(s.permutation(0), (0..10).collect::<Vec<_>>());
+    // (epoch, global_position) walks the stream: unique within an epoch, 0..len.
+    let at: Vec<(u64, u64)> = drawn.iter().map(|d| (d.epoch, d.global_position)).collect();
+    let want: Vec<(u64, u64)> = (0..25u64).map(|i| (i / 10, i % 10)).collect();
+    assert_eq!(at, want);
+    // Without shuffle: the dataset order, every epoch, whatever the rank.
+    let plain = DistributedSampler::new(7, layout(1, 2, 1, 1), 7, false).unwrap();
+    assert_eq!(plain.permutation(3), (0..7).collect::<Vec<_>>());
+    let drawn: Vec<usize> = plain.take(5).map(|d| d.index).collect();
+    assert_eq!(
+        drawn,
+        vec![1, 3, 5, 0, 2],
+        "rank 1 of 2: stream positions 1, 3, 5, 7, 9"
+    );
+}
+
+#[test]
+fn sampler_micro_batches_are_the_same_for_every_split_of_the_global_batch() {
+    let batch = 2;
+    // G = 4 or 8 images per step; the lengths put epoch boundaries inside batches, inside
+    // micro-batches, and make one step span several epochs (len < G).
+    for len in [1, 3, 5, 7, 8, 10, 13] {
+        let micro_batches = 24; // of 2 images: 48 stream positions, several epochs
+        let runs: Vec<((usize, usize), MicroBatches)> = [(2, 1), (1, 2), (4, 1), (1, 4), (2, 2)]
+            .into_iter()
+            .map(|(w, a)| {
+                let (micro, _) = run_layout(
+                    len,
+                    (w, a),
+                    batch,
+                    SamplerState::default(),
+                    micro_batches / (w * a),
+                );
+                ((w, a), micro)
+            })
             .collect();
-        let first: BTreeSet<usize> = interleaved[..len].iter().copied().collect();
-        assert_eq!(first.len(), len);
-        assert_eq!(interleaved[len..], interleaved[..2]);
+        let (_, reference) = &runs[0];
+        assert_eq!(reference.len(), micro_batches);
+        // The concatenation of the micro-batches is the stream, in order.
+        let s = DistributedSampler::new(len, BatchLayout::single(1), 77, true).unwrap();
+        let stream: Vec<usize> = (0..)
+            .flat_map(|e| s.permutation(e))
+            .take(micro_batches * batch)
+            .collect();
+        let flat: Vec<usize> = reference.iter().flatten().map(|d| d.index).collect();
+        assert_eq!(
+            flat, stream,
+            "len {len}: the micro-batches concatenate to the stream"
+        );
+        for ((w, a), micro) in &runs[1..] {
+            // Same images at the same stream positions (hence the same augmentation seeds), in
+            // the same order, for every global micro-batch index.
+            assert_eq!(micro, reference, "len {len}: world {w} x accumulate {a}");
+            let sets = |m: &MicroBatches| -> Vec<BTreeSet<usize>> {
+                m.iter()
+                    .map(|b| b.iter().map(|d| d.index).collect())
+                    .collect()
+            };
+            assert_eq!(sets(micro), sets(reference));
+        }
+        // And so the global batches of the same size are the same sets of images.
+        let global = |m: &MicroBatches, per_step: usize| -> Vec<Vec<usize>> {
+            m.chunks(per_step)
+                .map(|c| c.iter().flatten().map(|d| d.index).collect())
+                .collect()
+        };
+        assert_eq!(global(&runs[0].1, 2), global(&runs[1].1, 2), "G = 4");
+        assert_eq!(global(&runs[2].1, 4), global(&runs[3].1, 4), "G = 8");
+        assert_eq!(global(&runs[2].1, 4), global(&runs[4].1, 4), "G = 8");
     }
 }
 
 #[test]
-fn sampler_epochs_differ_and_are_deterministic() {
-    let a = DistributedSampler::new(50, 0, 1, 7, true).unwrap();
-    let b = DistributedSampler::new(50, 0, 1, 7, true).unwrap();
-    let c = DistributedSampler::new(50, 0, 1, 8, true).unwrap();
-    assert_eq!(a.epoch_indices(0), b.epoch_indices(0));
-    assert_ne!(a.epoch_indices(0), a.epoch_indices(1));
-    assert_ne!(a.epoch_indices(0), c.epoch_indices(0));
-    assert_ne!(a.epoch_indices(0), (0..50).collect::<Vec<_>>());
-    // Iteration walks the epochs in order.
-    let drawn: Vec<usize> = a.clone().take(100).map(|d| d.index).collect();
-    assert_eq!(drawn[..50], a.epoch_indices(0)[..]);
-    assert_eq!(drawn[50..], a.epoch_indices(1)[..]);
-    // Without shuffle: dataset order, strided by rank.
-    let s = DistributedSampler::new(7, 1, 2, 7, false).unwrap();
-    assert_eq!(s.epoch_indices(3), vec![1, 3, 5, 0]);
-}
-
-#[test]
-fn sampler_state_resumes_exactly() {
-    let mut a = DistributedSampler::new(13, 1, 4, 99, true).unwrap();
-    assert_eq!(a.per_rank_len(), 4);
-    for _ in 0..6 {
-        a.next_draw();
+fn sampler_state_is_the_stream_position_and_resumes_exactly_with_any_split() {
+    let (len, batch) = (13, 2);
+    // 3 steps of 4 images from the start: every rank holds the same state at each boundary.
+    let (straight, states) = run_layout(len, (2, 1), batch, SamplerState::default(), 9);
+    for s in &states {
+        assert_eq!(s, &states[0], "every rank holds the same state");
     }
-    let saved = a.state();
+    let want: Vec<SamplerState> = (1..=9u64)
+        .map(|i| SamplerState {
+            epoch: 4 * i / 13,
+            position: 4 * i % 13,
+        })
+        .collect();
+    assert_eq!(
+        states[0], want,
+        "the global stream position after each step"
+    );
+    // Resume after step 4 (epoch 1, position 3), with the same or another split of G = 4.
+    let saved = states[0][3];
     assert_eq!(
         saved,
         SamplerState {
             epoch: 1,
-            position: 2
+            position: 3
         }
     );
-    let rest: Vec<_> = (0..20).map(|_| a.next_draw()).collect();
-    let mut b = DistributedSampler::new(13, 1, 4, 99, true)
-        .unwrap()
-        .with_state(saved)
-        .unwrap();
-    let resumed: Vec<_> = (0..20).map(|_| b.next_draw()).collect();
-    assert_eq!(rest, resumed);
+    for split in [(2, 1), (1, 2)] {
+        let (resumed, _) = run_layout(len, split, batch, saved, 5 * 2 / (split.0 * split.1));
+        assert_eq!(resumed, straight[8..], "resumed as {split:?}");
+    }
+    // In the middle of a step the state still names the step's start.
+    let mut s = DistributedSampler::new(len, layout(0, 1, batch, 2), 77, true).unwrap();
+    s.next_draw();
+    s.next_draw();
+    s.next_draw();
+    assert_eq!(s.state(), SamplerState::default());
+    s.next_draw();
+    assert_eq!(
+        s.state(),
+        SamplerState {
+            epoch: 0,
+            position: 4
+        }
+    );
     // The end of an epoch is the start of the next.
-    let end = DistributedSampler::new(13, 1, 4, 99, true)
+    let end = DistributedSampler::new(len, layout(1, 2, batch, 1), 77, true)
         .unwrap()
         .with_state(SamplerState {
             epoch: 2,
-            position: 4,
+            position: 13,
         })
         .unwrap();
     assert_eq!(
@@ -451,17 +570,154 @@ fn sampler_state_resumes_exactly() {
             position: 0
         }
     );
-    // A position this dataset cannot have is refused.
-    let err = DistributedSampler::new(13, 1, 4, 99, true)
+    // A position this dataset cannot have is refused, naming it.
+    let err = DistributedSampler::new(len, layout(1, 2, batch, 1), 77, true)
         .unwrap()
         .with_state(SamplerState {
             epoch: 0,
-            position: 5,
+            position: 14,
         })
         .unwrap_err();
-    assert!(err.to_string().contains("position 5"), "{err}");
-    assert!(DistributedSampler::new(5, 2, 2, 0, true).is_err());
-    assert!(DistributedSampler::new(0, 0, 1, 0, true).is_err());
+    assert!(
+        err.to_string().contains("position 14") && err.to_string().contains("13 samples"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sampler_layout_errors_name_the_field() {
+    let cases = [
+        (layout(2, 2, 1, 1), "rank 2 is not in 0..2"),
+        (layout(0, 0, 1, 1), "rank 0 is not in 0..0"),
+        (layout(0, 1, 0, 1), "batch_per_gpu must be at least 1"),
+        (layout(0, 1, 1, 0), "accumulate_steps must be at least 1"),
+        (layout(0, 2, usize::MAX, 2), "overflows"),
+    ];
+    for (l, needle) in cases {
+        let err = DistributedSampler::new(5, l, 0, true).unwrap_err();
+        assert!(err.to_string().contains(needle), "{l:?}: {err}");
+    }
+    let err = DistributedSampler::new(0, BatchLayout::single(1), 0, true).unwrap_err();
+    assert!(err.to_string().contains("empty dataset"), "{err}");
+}
+
+#[test]
+fn format_1_sampler_state_converts_to_the_global_stream_position() {
+    // Rank r of 4 after 2 draws of epoch 3 in the padded, interleaved layout: the ranks had
+    // consumed positions 0..8 of the epoch together.
+    let old = SamplerState {
+        epoch: 3,
+        position: 2,
+    };
+    assert_eq!(
+        SamplerState::from_per_rank(old, 4, 13),
+        SamplerState {
+            epoch: 3,
+            position: 8
+        }
+    );
+    // One rank: the old and the new states are the same thing.
+    assert_eq!(SamplerState::from_per_rank(old, 1, 13), old);
+    // Past the end only the padding is left: the next epoch's start.
+    let past = SamplerState::from_per_rank(
+        SamplerState {
+            epoch: 3,
+            position: 4,
+        },
+        4,
+        13,
+    );
+    assert_eq!(
+        past,
+        SamplerState {
+            epoch: 3,
+            position: 13
+        }
+    );
+    let s = DistributedSampler::new(13, layout(0, 4, 1, 1), 0, true)
+        .unwrap()
+        .with_state(past)
+        .unwrap();
+    assert_eq!(
+        s.state(),
+        SamplerState {
+            epoch: 4,
+            position: 0
+        }
+    );
+}
+
+/// A checkpoint written now is format 2; one of format 1 is still read, and its per-rank
+/// sampler position comes back as the global stream position (with the manifest's world_size);
+/// any other format is refused, naming the formats read.
+#[test]
+fn checkpoint_manifests_of_format_1_are_read_and_their_sampler_state_converted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = segtrain_spec::JobSpec::with_defaults("/d");
+    spec.world_size = 4;
+    let saved = checkpoint::save(
+        dir.path(),
+        checkpoint::Contents {
+            iteration: 5,
+            optimizer_steps: 5,
+            sampler: SamplerState {
+                epoch: 1,
+                position: 7,
+            },
+            spec: &spec,
+            metrics: Default::default(),
+            best: None,
+            optimizer_layout: Vec::new(),
+            model: vec![("w".to_string(), tch::Tensor::from_slice(&[1f32, 2.0]))],
+            optimizer: vec![("m".to_string(), tch::Tensor::from_slice(&[0f32]))],
+        },
+    )
+    .unwrap();
+    let m = checkpoint::read_manifest(&saved.dir).unwrap();
+    assert_eq!(m.format, 2);
+    assert_eq!(
+        m.sampler_state(13),
+        SamplerState {
+            epoch: 1,
+            position: 7
+        },
+        "format 2 is the global position already"
+    );
+
+    let path = saved.dir.join(checkpoint::MANIFEST_FILE);
+    let rewrite = |format: u64, position: u64| {
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        json["format"] = format.into();
+        json["sampler"]["position"] = position.into();
+        fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
+    };
+    rewrite(1, 2);
+    let old = checkpoint::read_manifest(&saved.dir).unwrap();
+    assert_eq!(old.format, 1);
+    assert_eq!(
+        old.sampler_state(13),
+        SamplerState {
+            epoch: 1,
+            position: 8
+        },
+        "per-rank position 2 of 4 ranks"
+    );
+    assert_eq!(
+        old.sampler_state(6),
+        SamplerState {
+            epoch: 1,
+            position: 6
+        },
+        "at most the epoch's length"
+    );
+    checkpoint::load(&saved.dir).expect("a format-1 checkpoint loads");
+    rewrite(3, 2);
+    let err = checkpoint::read_manifest(&saved.dir).unwrap_err();
+    assert!(
+        err.to_string().contains("format 3") && err.to_string().contains("formats 1 to 2"),
+        "{err}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -621,7 +877,16 @@ fn start(
     state: SamplerState,
     threads: usize,
 ) -> TrainLoader {
-    let sampler = DistributedSampler::new(samples.len(), 0, 1, 21, true)
+    start_with(samples, BatchLayout::single(3), state, threads)
+}
+
+fn start_with(
+    samples: &[segtrain_trainer::data::cityscapes::Sample],
+    layout: BatchLayout,
+    state: SamplerState,
+    threads: usize,
+) -> TrainLoader {
+    let sampler = DistributedSampler::new(samples.len(), layout, 21, true)
         .unwrap()
         .with_state(state)
         .unwrap();
@@ -629,7 +894,6 @@ fn start(
         samples.to_vec(),
         sampler,
         AugmentConfig::recipe(32, 32),
-        3,
         threads,
         2,
         1234,
@@ -689,6 +953,54 @@ fn loader_resumes_bit_for_bit() {
     }
 }
 
+/// Micro-batch k of a step has the same pixels whichever rank draws it: 2 ranks x 1 micro-batch
+/// of 2 give exactly the batches of 1 rank x 2 micro-batches (the augmentation is seeded by the
+/// stream position), and both stand at the same state after every step.
+#[test]
+fn loader_batches_do_not_depend_on_the_world_size() {
+    let (_dir, samples) = loader_dataset();
+    let steps = 7; // 28 images of a 10-image set: epoch boundaries inside micro-batches
+    let one = take(
+        &mut start_with(&samples, layout(0, 1, 2, 2), SamplerState::default(), 2),
+        2 * steps,
+    );
+    let ranks: Vec<Vec<Batch>> = (0..2)
+        .map(|r| {
+            take(
+                &mut start_with(&samples, layout(r, 2, 2, 1), SamplerState::default(), 2),
+                steps,
+            )
+        })
+        .collect();
+    for i in 0..steps {
+        for (k, rank) in ranks.iter().enumerate() {
+            let (a, b) = (&one[2 * i + k], &rank[i]);
+            assert!(
+                a.images == b.images && a.labels == b.labels,
+                "step {i}, micro-batch {k}: 1 rank accumulating and rank {k} of 2 differ"
+            );
+            // After a step's last micro-batch: the next step's start, the same everywhere.
+            assert_eq!(one[2 * i + 1].next, b.next, "step {i}");
+        }
+        // Within a step the state names the step's start.
+        assert_eq!(
+            one[2 * i].next,
+            if i == 0 {
+                SamplerState::default()
+            } else {
+                one[2 * i - 1].next
+            }
+        );
+    }
+    assert_eq!(
+        one[2 * steps - 1].next,
+        SamplerState {
+            epoch: 2,
+            position: 8
+        }
+    );
+}
+
 #[test]
 fn loader_reports_a_corrupt_file_and_goes_on() {
     let (_dir, samples) = loader_dataset();
@@ -730,20 +1042,25 @@ fn dropping_the_loader_stops_it_promptly() {
 #[test]
 fn loader_rejects_bad_parameters() {
     let (_dir, samples) = loader_dataset();
-    let sampler = DistributedSampler::new(samples.len() + 1, 0, 1, 0, true).unwrap();
+    let sampler =
+        DistributedSampler::new(samples.len() + 1, BatchLayout::single(2), 0, true).unwrap();
     let err = TrainLoader::start(
         samples.clone(),
         sampler,
         AugmentConfig::recipe(8, 8),
-        2,
         1,
         1,
         0,
     )
     .unwrap_err();
     assert!(err.to_string().contains("sampler covers 11"), "{err}");
-    let sampler = DistributedSampler::new(samples.len(), 0, 1, 0, true).unwrap();
-    assert!(TrainLoader::start(samples, sampler, AugmentConfig::recipe(8, 8), 0, 1, 1, 0).is_err());
+    let sampler = DistributedSampler::new(samples.len(), BatchLayout::single(2), 0, true).unwrap();
+    let err =
+        TrainLoader::start(samples, sampler, AugmentConfig::recipe(8, 8), 0, 1, 0).unwrap_err();
+    assert!(
+        err.to_string().contains("threads must be at least 1"),
+        "{err}"
+    );
 }
 
 #[test]

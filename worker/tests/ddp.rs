@@ -5,12 +5,15 @@
 //! * without SyncBN, as one process accumulating two micro-batches of 1;
 //! * with SyncBN, as one process with a real batch of 2 (its BatchNorm normalises over both).
 //!
-//! Why they must agree: the sampler gives rank r the positions r, r + 2, ... of the same
-//! permutation, and the loader seeds each sample's augmentation by its global position, so the
-//! two ranks see exactly the images the single process sees; with dropout and drop path off
+//! Why they must agree: the sampler gives rank r micro-batch k = r of every global batch, the
+//! one the single process takes as its micro-batch k (or as images k of its batch), and the
+//! loader seeds each sample's augmentation by its stream position, so the two ranks see exactly
+//! the images the single process sees; with dropout and drop path off
 //! (--no-dropout), the averaged gradient is the single process's. The BatchNorm running
 //! statistics agree too: they move once per step by the mean over micro-batches and ranks.
 //! And the mIoU a 2-rank job reports is that of the checkpoint it saves, evaluated by one rank.
+
+mod trainers;
 
 use segtrain_spec::{EvalMode, Precision};
 use segtrain_trainer::data::cityscapes;
@@ -18,29 +21,13 @@ use segtrain_trainer::data::loader::eval_samples;
 use segtrain_trainer::model::{weights, SegFormer, SegFormerConfig};
 use segtrain_trainer::train::checkpoint;
 use segtrain_trainer::train::eval::{accumulate, EvalConfig};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Instant;
 use tch::{nn, Device, Tensor};
+use trainers::{is_buffer, of, s, EXE};
 
-const EXE: &str = env!("CARGO_BIN_EXE_segtrain-worker");
 const MAX_ITERS: u64 = 4;
-
-/// Kills the child if the test fails half-way.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn s(p: &Path) -> String {
-    p.to_str().expect("utf-8").to_string()
-}
 
 /// A job file: 64x64 crops, 4 steps, evaluation at 2 and 4, one checkpoint at 4.
 fn config(
@@ -68,49 +55,6 @@ fn config(
     s(&path)
 }
 
-/// Starts `train --json` with stdout read line by line on a thread (sent through the channel)
-/// and stderr in a file.
-fn start(args: &[String], log: &Path) -> (Guard, mpsc::Receiver<String>) {
-    let mut child = Command::new(EXE)
-        .arg("train")
-        .arg("--json")
-        .args(args)
-        .env_remove("RUST_BACKTRACE")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(log).expect("log file"))
-        .spawn()
-        .expect("start segtrain-worker train");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    (Guard(child), rx)
-}
-
-/// Waits for the child; returns its JSON events (the lines not yet taken from `rx`).
-fn finish(
-    mut g: Guard,
-    rx: mpsc::Receiver<String>,
-    log: &Path,
-    mut events: Vec<serde_json::Value>,
-) -> Vec<serde_json::Value> {
-    let status = g.0.wait().expect("wait");
-    let err = std::fs::read_to_string(log).unwrap_or_default();
-    assert!(status.success(), "{} failed: {err}", log.display());
-    events.extend(rx.iter().filter_map(|l| serde_json::from_str(&l).ok()));
-    events
-}
-
-fn of<'a>(events: &'a [serde_json::Value], kind: &str) -> Vec<&'a serde_json::Value> {
-    events.iter().filter(|e| e["event"] == kind).collect()
-}
-
 fn checkpoint_dirs(root: &Path) -> Vec<PathBuf> {
     match std::fs::read_dir(root) {
         Ok(rd) => rd.map(|e| e.expect("entry").path()).collect(),
@@ -118,30 +62,9 @@ fn checkpoint_dirs(root: &Path) -> Vec<PathBuf> {
     }
 }
 
-fn is_buffer(name: &str) -> bool {
-    name.contains("running_mean") || name.contains("running_var")
-}
-
 /// A synthetic dataset: 8 train and 4 val images of 64x64.
 fn synth_data(dir: &Path) -> PathBuf {
-    let data = dir.join("data");
-    let out = Command::new(EXE)
-        .args([
-            "synth-data",
-            "--out",
-            &s(&data),
-            "--train",
-            "8",
-            "--val",
-            "4",
-            "--size",
-            "64x64",
-        ])
-        .output()
-        .expect("synth-data");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "synth-data failed: {stderr}");
-    data
+    trainers::synth_data(dir, 8, 4)
 }
 
 fn run_dir(tmp: &Path, name: &str) -> PathBuf {
@@ -160,6 +83,7 @@ struct Run {
 /// Two ranks of `config` through the TCP collective.
 fn two_ranks(dir: &Path, config: &str) -> Run {
     let (ck0, ck1) = (dir.join("ck-rank0"), dir.join("ck-rank1"));
+    let ck_of = |rank: usize| if rank == 0 { ck0.clone() } else { ck1.clone() };
     let common = |rank: usize, ck: &Path, rv: String| -> Vec<String> {
         [
             "--config",
@@ -184,35 +108,7 @@ fn two_ranks(dir: &Path, config: &str) -> Run {
         .map(|a| a.to_string())
         .collect()
     };
-    let (log0, log1) = (dir.join("rank0.log"), dir.join("rank1.log"));
-    let (g0, rx0) = start(&common(0, &ck0, "tcp-listen:127.0.0.1:0".into()), &log0);
-    // Rank 0 reports where it listens before it waits for anyone.
-    let mut events0 = Vec::new();
-    let addr = loop {
-        let line = rx0
-            .recv_timeout(Duration::from_secs(120))
-            .unwrap_or_else(|e| {
-                panic!(
-                    "no rendezvous event from rank 0 ({e}): {}",
-                    std::fs::read_to_string(&log0).unwrap_or_default()
-                )
-            });
-        let ev: serde_json::Value = serde_json::from_str(&line).expect("JSON event");
-        if ev["event"] == "rendezvous" {
-            assert!(ev.get("nccl_unique_id").is_none(), "{ev}");
-            let a = ev["tcp_address"].as_str().expect("tcp_address").to_string();
-            events0.push(ev);
-            break a;
-        }
-        events0.push(ev);
-    };
-    assert!(
-        addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
-        "the port actually bound: {addr}"
-    );
-    let (g1, rx1) = start(&common(1, &ck1, format!("tcp:{addr}")), &log1);
-    let events0 = finish(g0, rx0, &log0, events0);
-    let events1 = finish(g1, rx1, &log1, Vec::new());
+    let (events0, events1) = trainers::two_ranks(dir, |rank, rv| common(rank, &ck_of(rank), rv));
 
     // Only rank 0 reports and writes checkpoints.
     assert_eq!(
@@ -236,7 +132,7 @@ fn two_ranks(dir: &Path, config: &str) -> Run {
 fn one_rank(dir: &Path, config: &str) -> Run {
     let ck = dir.join("ck-single");
     let log = dir.join("single.log");
-    let (g, rx) = start(
+    let events0 = trainers::one_rank(
         &[
             "--config",
             config,
@@ -249,7 +145,6 @@ fn one_rank(dir: &Path, config: &str) -> Run {
         .map(String::from),
         &log,
     );
-    let events0 = finish(g, rx, &log, Vec::new());
     Run {
         events0,
         events1: Vec::new(),
@@ -457,7 +352,8 @@ fn bad_distributed_flags_fail_with_a_named_error() {
     std::fs::write(&config, "dataset_root = \"/d\"\nworld_size = 2\n").expect("job file");
     let cases: &[(&[&str], &str)] = &[
         (&[], "standalone training runs one rank"),
-        (&["--world", "3"], "--world 3"),
+        (&["--world", "3"], "--world 3 x batch_per_gpu 1"),
+        (&["--accumulate-steps", "0"], "--accumulate-steps"),
         (&["--world", "2", "--rank", "2"], "--rank 2"),
         (&["--world", "2"], "--rendezvous"),
         (&["--world", "2", "--rendezvous", "mpi"], "--rendezvous"),

@@ -133,6 +133,58 @@ fn resume_continues_bit_for_bit_in_a_fresh_process() {
     );
 }
 
+/// A world_size = 2 job runs standalone on one rank when it keeps the global batch
+/// (`--accumulate-steps 2`), and resumes exactly from a checkpoint of format 1, whose per-rank
+/// sampler position (2 draws on each of 2 ranks) is read as the global stream position 4.
+#[test]
+fn a_two_rank_job_runs_standalone_and_resumes_from_a_format_1_checkpoint() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let data = tmp.path().join("data");
+    synth(&data, 7, 0, "64x64");
+    let config = job_file(
+        tmp.path(),
+        &format!(
+            "name = \"old\"\ndataset_root = \"{}\"\nworld_size = 2\ncrop_height = 64\n\
+             crop_width = 64\nmax_iters = 4\nwarmup_iters = 1\nlog_interval = 1\n\
+             eval_interval = 0\ncheckpoint_interval = 2\nloader_threads = 1\nsync_bn = false\n",
+            data.display()
+        ),
+    );
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let one_rank = ["--device", "cpu", "--accumulate-steps", "2"];
+    ok(train(&config, &a, &one_rank));
+    ok(train(
+        &config,
+        &b,
+        &[&one_rank[..], &["--stop-at", "2"]].concat(),
+    ));
+    let k = b.join(checkpoint::dir_name(2));
+    let saved = checkpoint::read_manifest(&k).expect("manifest");
+    assert_eq!(saved.format, 2);
+    assert_eq!((saved.sampler.epoch, saved.sampler.position), (0, 4));
+    // What the interleaved sampler of format 1 saved there: each rank's 2 draws.
+    let path = k.join(checkpoint::MANIFEST_FILE);
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("JSON");
+    json["format"] = 1.into();
+    json["sampler"]["position"] = 2.into();
+    std::fs::write(&path, serde_json::to_vec(&json).expect("JSON")).expect("write");
+    let k = k.to_str().expect("utf-8");
+    ok(train(
+        &config,
+        &b,
+        &[&one_rank[..], &["--resume-from", k]].concat(),
+    ));
+    assert_eq!(
+        file_digests(&a.join(checkpoint::dir_name(4))),
+        file_digests(&b.join(checkpoint::dir_name(4))),
+        "resumed bit for bit"
+    );
+    let end = checkpoint::read_manifest(&b.join(checkpoint::dir_name(4))).expect("manifest");
+    assert_eq!(end.format, 2, "written in the current format");
+    assert_eq!((end.sampler.epoch, end.sampler.position), (1, 1));
+}
+
 #[test]
 fn b0_learns_the_synthetic_set() {
     let settings = "batch_per_gpu = 8\nmax_iters = 100\nwarmup_iters = 10\nbase_lr = 0.001\nlog_interval = 25\n\

@@ -1,6 +1,6 @@
 //! The tools of `segtrain-worker` besides `train` and `daemon`: synthetic data, `doctor`,
-//! `model-info`, the step and loader benchmarks, `predict`. Each parses and checks its options
-//! here and prints for people (or JSON with `--json`).
+//! `model-info`, the step, checkpoint and loader benchmarks, `predict`. Each parses and checks
+//! its options here and prints for people (or JSON with `--json`).
 
 use super::{check_classes, parse_device, parse_size, print_json};
 use crate::{bench, data, doctor, model, predict};
@@ -45,8 +45,13 @@ pub enum Tool {
         json: bool,
     },
     /// Time full training steps (forward, loss, backward, AdamW) on synthetic batches: median
-    /// ms/iter, images/s, peak GPU memory, achieved TFLOP/s (3 × the forward FLOPs).
+    /// ms/iter, images/s, peak GPU memory, achieved TFLOP/s (3 × the forward FLOPs). `bench
+    /// checkpoint` times checkpoint writes instead.
+    #[command(args_conflicts_with_subcommands = true)]
     Bench {
+        /// Another measurement than the training step.
+        #[command(subcommand)]
+        mode: Option<BenchMode>,
         /// b0..b5
         #[arg(long, default_value = "b3")]
         variant: Variant,
@@ -138,6 +143,74 @@ pub enum Tool {
     },
 }
 
+/// `segtrain-worker bench <MODE>`: what else the benchmark times.
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchMode {
+    /// Time checkpoint writes with the trainer's writer (model and AdamW moments as
+    /// safetensors, fsynced and hashed, then the manifest and the rename) of models built on
+    /// the CPU: parameters, checkpoint bytes, median seconds, MB/s.
+    Checkpoint {
+        /// Comma-separated variants, b0..b5.
+        #[arg(long, value_delimiter = ',', default_value = "b0,b3,b5")]
+        variants: Vec<Variant>,
+        /// Timed writes per variant.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// A directory on the disk to time (default: the system's temporary directory); the
+        /// checkpoints go into a fresh subdirectory, removed afterwards.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 19)]
+        classes: i64,
+        /// One JSON array instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+impl BenchMode {
+    fn run(self) -> anyhow::Result<()> {
+        match self {
+            BenchMode::Checkpoint {
+                variants,
+                reps,
+                dir,
+                classes,
+                json,
+            } => {
+                check_classes(classes)?;
+                let dir = dir.unwrap_or_else(std::env::temp_dir);
+                let rows = bench::run_checkpoint(&bench::CheckpointBenchOptions {
+                    variants,
+                    reps,
+                    dir: dir.clone(),
+                    num_classes: classes,
+                })?;
+                if json {
+                    println!("{}", serde_json::to_string(&rows)?);
+                } else {
+                    println!(
+                        "checkpoint::save to {} ({} writes each)",
+                        dir.display(),
+                        reps
+                    );
+                    println!(
+                        "| variant | parameters | checkpoint bytes | seconds (median) | MB/s |"
+                    );
+                    println!("|---|---|---|---|---|");
+                    for r in &rows {
+                        println!(
+                            "| {} | {} | {} | {:.3} | {:.0} |",
+                            r.variant, r.parameters, r.bytes, r.seconds_median, r.mb_per_s
+                        );
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum HeadArg {
     Merged,
@@ -148,6 +221,10 @@ impl Tool {
     pub fn run(self) -> anyhow::Result<()> {
         match self {
             Tool::Bench {
+                mode: Some(mode), ..
+            } => mode.run()?,
+            Tool::Bench {
+                mode: None,
                 variant,
                 batch,
                 crop,

@@ -9,6 +9,20 @@ use std::process::ExitCode;
 use tch::Device;
 
 #[derive(clap::Args, Debug)]
+// The flattened job spec has its own `--accumulate-steps`, which would override the job's
+// accumulate_steps and so its global batch. For `train` the flag is this attempt's accumulation
+// instead (read into TrainOptions, never into the spec); it is re-described here.
+#[command(mut_arg("accumulate_steps", |a| a
+    .help_heading(None::<&str>)
+    .value_name("N")
+    .value_parser(clap::value_parser!(u32).range(1..))
+    .help(
+        "Micro-batches per rank per optimizer step for this run (default: the job's \
+         accumulate_steps). --world x batch_per_gpu x --accumulate-steps must equal the job's \
+         global batch, world_size x batch_per_gpu x accumulate_steps; then another world size \
+         trains the same model. So a world_size = 2 job runs standalone (one rank) with twice \
+         its accumulate_steps, and its checkpoints resume on either"
+    )))]
 pub struct TrainArgs {
     /// The job file (see `segtrain job-template`).
     #[arg(long)]
@@ -33,7 +47,8 @@ pub struct TrainArgs {
     /// This process's rank in a data-parallel job (0..world).
     #[arg(long, default_value_t = 0)]
     rank: usize,
-    /// How many ranks the job has; must equal the job's world_size (default 1: standalone).
+    /// How many ranks this run has (default 1: standalone). It may differ from the job's
+    /// world_size when --accumulate-steps keeps the global batch (see there).
     #[arg(long)]
     world: Option<usize>,
     /// How the ranks meet: single (world 1), tcp-listen:HOST:PORT (rank 0 of CPU ranks; port 0
@@ -66,7 +81,9 @@ pub struct TrainArgs {
 }
 
 /// The options of one training run, from the job file and the flags.
-pub fn options(args: TrainArgs) -> anyhow::Result<train::TrainOptions> {
+pub fn options(mut args: TrainArgs) -> anyhow::Result<train::TrainOptions> {
+    // The attempt's accumulation, not a spec override (see TrainArgs).
+    let accumulate_arg = args.spec.accumulate_steps.take();
     let input = segtrain_spec::JobSpecInput::from_file(&args.config)
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .overlay(args.spec);
@@ -80,20 +97,19 @@ pub fn options(args: TrainArgs) -> anyhow::Result<train::TrainOptions> {
             args.device
         );
     }
-    let world = match args.world {
-        None if spec.world_size != 1 => bail!(
-            "world_size: standalone training runs one rank, got {}; set world_size = 1 \
-             (keep the global batch with batch_per_gpu/accumulate_steps) or submit the job to a coordinator",
-            spec.world_size
-        ),
-        None => 1,
-        Some(0) => bail!("--world: must be at least 1"),
-        Some(w) if w as u64 != u64::from(spec.world_size) => bail!(
-            "--world {w}: the job's world_size is {}; they must agree",
-            spec.world_size
-        ),
-        Some(w) => w,
-    };
+    // Standalone (no --world) is one rank; any world goes if the global batch is the job's.
+    let world = args.world.unwrap_or(1);
+    let accumulate_steps = accumulate_arg.unwrap_or(spec.accumulate_steps);
+    train::options::check_layout(&spec, world, accumulate_steps).map_err(|e| {
+        if args.world.is_none() && spec.world_size != 1 {
+            anyhow::anyhow!(
+                "{e}; standalone training runs one rank (submit the job to a coordinator, or \
+                 pass --accumulate-steps)"
+            )
+        } else {
+            anyhow::anyhow!(e)
+        }
+    })?;
     if args.rank >= world {
         bail!("--rank {}: must be less than --world ({world})", args.rank);
     }
@@ -147,6 +163,7 @@ pub fn options(args: TrainArgs) -> anyhow::Result<train::TrainOptions> {
         stop_at: args.stop_at,
         rank: args.rank,
         world,
+        accumulate_steps,
         rendezvous,
         token: args.rendezvous_token,
         timeouts: crate::collective::Timeouts {

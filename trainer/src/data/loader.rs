@@ -10,9 +10,11 @@
 //! thread busy.
 //!
 //! Determinism: a sample's augmentation RNG is ChaCha8 seeded from (seed, epoch, position in the
-//! padded epoch) only ([`sample_seed`]), and batches are cut from the sampler's sequence, so the
-//! batches depend neither on the thread count nor on timing, and a loader started from a saved
-//! [`SamplerState`] reproduces the batches that followed it bit for bit.
+//! epoch's permutation) only ([`sample_seed`]), and batches are cut from the sampler's sequence
+//! (one batch = one micro-batch of the sampler's layout), so the batches depend neither on the
+//! thread count nor on timing, nor on the world size (the sampler gives micro-batch `k` of a
+//! step the same images, at the same positions, whichever rank draws it), and a loader started
+//! from a saved [`SamplerState`] reproduces the batches that followed it bit for bit.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -31,7 +33,8 @@ use super::{Batch, EvalSample, SamplerState};
 use crate::seed::splitmix64;
 
 /// The augmentation seed of one sample: a mix of the run's seed, the epoch and the sample's
-/// position in the padded epoch (unique across ranks). Nothing else (no thread, no time).
+/// position in the epoch's permutation (unique within the epoch, the same for any world size).
+/// Nothing else (no rank, no thread, no time).
 pub fn sample_seed(seed: u64, epoch: u64, global_position: u64) -> u64 {
     splitmix64(splitmix64(splitmix64(seed) ^ epoch) ^ global_position)
 }
@@ -112,13 +115,13 @@ impl Shared {
 impl TrainLoader {
     /// Starts `threads` workers over `samples` (the dataset in scan order), drawing indices from
     /// `sampler` from its current state on (a sampler made `with_state` resumes there). Every
-    /// batch holds `batch` samples augmented with `cfg`; at most `prefetch` batches are prepared
-    /// ahead. `seed` seeds the augmentation (see [`sample_seed`]).
+    /// batch is one micro-batch of the sampler's layout (`batch_per_gpu` samples) augmented with
+    /// `cfg`; at most `prefetch` batches are prepared ahead. `seed` seeds the augmentation (see
+    /// [`sample_seed`]).
     pub fn start(
         samples: Vec<Sample>,
         sampler: DistributedSampler,
         cfg: AugmentConfig,
-        batch: usize,
         threads: usize,
         prefetch: usize,
         seed: u64,
@@ -131,11 +134,10 @@ impl TrainLoader {
                 samples.len()
             )));
         }
-        for (name, v) in [
-            ("batch", batch),
-            ("threads", threads),
-            ("prefetch", prefetch),
-        ] {
+        // The sampler's layout says which positions form a micro-batch; the batches must be cut
+        // the same way.
+        let batch = sampler.layout().batch_per_gpu;
+        for (name, v) in [("threads", threads), ("prefetch", prefetch)] {
             if v == 0 {
                 return Err(DataError::Config(format!(
                     "loader {name} must be at least 1"

@@ -13,8 +13,10 @@ pub mod synth;
 
 use serde::{Deserialize, Serialize};
 
-/// Where a rank's sampler stands: the epoch and how many of that epoch's indices it has handed
-/// out. Part of every checkpoint, so a resumed run sees exactly the samples it would have seen.
+/// Where the training stream stands: the epoch and the position within that epoch's permutation
+/// of the first image of the next iteration (the same on every rank, for any world size; see
+/// [`sampler`]). Part of every checkpoint, so a resumed run sees exactly the samples it would
+/// have seen, whatever world size it resumes with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct SamplerState {
     pub epoch: u64,
@@ -31,7 +33,8 @@ pub struct Batch {
     pub n: usize,
     pub height: usize,
     pub width: usize,
-    /// The sampler state after this batch (what to save with a checkpoint taken after it).
+    /// The sampler state after this batch: the start of the iteration the next batch belongs
+    /// to (what to save with a checkpoint taken after the last micro-batch of an iteration).
     pub next: SamplerState,
 }
 

@@ -3,8 +3,9 @@
 //! - `model.safetensors`: every model tensor under its HuggingFace key (so `predict` and
 //!   `pretrained` take it as it is), BatchNorm statistics included;
 //! - `optimizer.safetensors`: the AdamW moments `m` and `v` (flat, in the optimizer's layout);
-//! - `manifest.json`: iteration, optimizer steps, sampler position, spec, metrics, the parameter
-//!   layout, and every file's size and sha256.
+//! - `manifest.json`: iteration, optimizer steps, sampler position (the world-invariant stream
+//!   position since format 2), spec, metrics, the parameter layout, and every file's size and
+//!   sha256.
 //!
 //! It is written under a temporary name, fsynced, and renamed into place, so a reader sees a
 //! whole checkpoint or none. The checkpoint's own digest is the sha256 of its manifest, which
@@ -25,7 +26,11 @@ use tch::Tensor;
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const MANIFEST_FILE: &str = "manifest.json";
-const FORMAT: u32 = 1;
+/// 2: the sampler state is the global stream position (world-invariant); 1 saved a per-rank
+/// position of the padded, interleaved sampler (still read, see [`Manifest::sampler_state`]).
+const FORMAT: u32 = 2;
+/// The oldest format [`read_manifest`] accepts.
+const OLDEST_FORMAT: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FileEntry {
@@ -40,7 +45,9 @@ pub struct Manifest {
     /// Completed iterations.
     pub iteration: u64,
     pub optimizer_steps: u64,
-    /// The training sampler's position after the last batch of `iteration`.
+    /// The training sampler's position after the last batch of `iteration`: in format 2 the
+    /// global stream position of the next iteration's first image; in format 1 a per-rank
+    /// position. Resume through [`Manifest::sampler_state`], which converts the latter.
     pub sampler: SamplerState,
     pub spec: JobSpec,
     /// Metrics at this iteration (eval results when an evaluation ran here).
@@ -49,6 +56,21 @@ pub struct Manifest {
     pub best: Option<(f64, u64)>,
     pub optimizer_layout: Vec<Slot>,
     pub files: Vec<FileEntry>,
+}
+
+impl Manifest {
+    /// Where the training stream continues after this checkpoint, for a train split of
+    /// `dataset_len` images. Format 1 saved rank r's position p in the padded epoch that the
+    /// ranks interleaved (positions r, r + W, ...), with W = the manifest's `spec.world_size`
+    /// (format 1 always ran at the spec's world size): the ranks had consumed p · W positions of
+    /// the epoch together, so the global state is (epoch, min(p · W, len)).
+    pub fn sampler_state(&self, dataset_len: usize) -> SamplerState {
+        if self.format == 1 {
+            SamplerState::from_per_rank(self.sampler, self.spec.world_size, dataset_len)
+        } else {
+            self.sampler
+        }
+    }
 }
 
 /// A checkpoint as written.
@@ -205,9 +227,10 @@ pub fn read_manifest(dir: &Path) -> anyhow::Result<Manifest> {
         .with_context(|| format!("cannot read checkpoint manifest {}", path.display()))?;
     let m: Manifest = serde_json::from_slice(&bytes)
         .with_context(|| format!("{} is not a segtrain checkpoint manifest", path.display()))?;
-    if m.format != FORMAT {
+    if !(OLDEST_FORMAT..=FORMAT).contains(&m.format) {
         bail!(
-            "{}: checkpoint format {} is not supported (this version reads {FORMAT})",
+            "{}: checkpoint format {} is not supported (this version reads formats \
+             {OLDEST_FORMAT} to {FORMAT})",
             path.display(),
             m.format
         );

@@ -19,6 +19,10 @@ pub struct TrainOptions {
     pub stop_at: Option<u64>,
     pub rank: usize,
     pub world: usize,
+    /// This attempt's micro-batches per rank per optimizer step. It may differ from
+    /// `spec.accumulate_steps` when the attempt runs on another number of ranks than
+    /// `spec.world_size`, as long as the global batch stays the spec's ([`check_layout`]).
+    pub accumulate_steps: u32,
     /// How this rank finds the others ([`Rendezvous::Single`] for world 1).
     pub rendezvous: Rendezvous,
     /// The job/attempt fingerprint every rank of one attempt shares: a peer with another token
@@ -46,6 +50,7 @@ impl TrainOptions {
     /// One rank, no collectives, default everything else.
     pub fn single(spec: JobSpec, device: Device, checkpoint_dir: PathBuf) -> TrainOptions {
         TrainOptions {
+            accumulate_steps: spec.accumulate_steps,
             spec,
             device,
             checkpoint_dir,
@@ -61,6 +66,42 @@ impl TrainOptions {
             checkpoint_remote: None,
         }
     }
+}
+
+/// The rule for an attempt's layout: `world × batch_per_gpu × accumulate_steps` must be the
+/// spec's `world_size × batch_per_gpu × accumulate_steps`, so that every attempt of a job trains
+/// on the same global batches (the sampler and the loss make the step independent of the split)
+/// and the optimisation does not depend on how many ranks the job got. The error names the
+/// flags and the spec fields, both products, and an accumulation that would fit.
+pub fn check_layout(spec: &JobSpec, world: usize, accumulate_steps: u32) -> Result<(), String> {
+    if world == 0 {
+        return Err("--world: must be at least 1".to_string());
+    }
+    if accumulate_steps == 0 {
+        return Err("--accumulate-steps: must be at least 1".to_string());
+    }
+    let b = u128::from(spec.batch_per_gpu);
+    let mine = world as u128 * b * u128::from(accumulate_steps);
+    let job = u128::from(spec.global_batch());
+    if mine == job {
+        return Ok(());
+    }
+    let per_rank = job / b.max(1);
+    let hint = if per_rank.is_multiple_of(world as u128) {
+        format!(
+            "with --world {world}, use --accumulate-steps {}",
+            per_rank / world as u128
+        )
+    } else {
+        format!("--world {world} does not divide {per_rank} micro-batches per step")
+    };
+    Err(format!(
+        "--world {world} x batch_per_gpu {} x --accumulate-steps {accumulate_steps} = {mine} \
+         images per optimizer step, but the job's world_size {} x batch_per_gpu {} x \
+         accumulate_steps {} = {job}: an attempt may run on another number of ranks only with \
+         the same global batch ({hint})",
+        spec.batch_per_gpu, spec.world_size, spec.batch_per_gpu, spec.accumulate_steps
+    ))
 }
 
 /// How a rank joins the others.

@@ -87,14 +87,19 @@ pub(crate) fn connect(
     Ok(comm)
 }
 
-/// Makes every rank start from rank 0's state: checks that all ranks resumed at the same point,
-/// then broadcasts the parameters, the BatchNorm buffers and the optimizer moments.
+/// Makes every rank start from rank 0's state: checks that all ranks resumed at the same point
+/// with the same accumulation, then broadcasts the parameters, the BatchNorm buffers and the
+/// optimizer moments. The sampler state is the global stream position, the same on every rank
+/// (and for every world size) at the iteration boundary a checkpoint is taken at; a rank started
+/// with another `--accumulate-steps` would draw other micro-batches and call the collectives a
+/// different number of times, so it is refused here rather than hanging later.
 pub(crate) fn sync_start(
     comm: &mut dyn Collective,
     vs: &nn::VarStore,
     opt: &FlatAdamW,
     start: u64,
     sampler: SamplerState,
+    accumulate_steps: u32,
     device: Device,
 ) -> anyhow::Result<()> {
     let mine = [
@@ -102,6 +107,7 @@ pub(crate) fn sync_start(
         opt.steps() as i64,
         sampler.epoch as i64,
         sampler.position as i64,
+        i64::from(accumulate_steps),
         opt.num_params(),
     ];
     let mut theirs = Tensor::from_slice(&mine).to_device(device);
@@ -110,8 +116,8 @@ pub(crate) fn sync_start(
     if theirs != mine {
         bail!(
             "rank {} does not start where rank 0 does: (iteration, optimizer steps, epoch, \
-             sampler position, parameters) = {mine:?} here, {theirs:?} on rank 0; every rank \
-             must resume from the same checkpoint",
+             sampler position, accumulate steps, parameters) = {mine:?} here, {theirs:?} on rank \
+             0; every rank must resume from the same checkpoint with the same --accumulate-steps",
             comm.rank()
         );
     }

@@ -1,10 +1,19 @@
 //! The training loop: iteration-based, gradient accumulation over micro-batches, the recipe's
 //! AdamW groups and LR schedule, periodic logging, evaluation and checkpoints, and exact resume.
 //!
-//! Determinism: libtorch's generator (dropout, drop path) is re-seeded from (seed, iteration,
-//! rank) at every iteration, and augmentation randomness is a function of (seed, epoch, sample
-//! position) in the loader, so a resumed run needs no RNG state beyond the iteration and the
-//! sampler position, and reproduces an uninterrupted run bit for bit (on the same device kind).
+//! Determinism: libtorch's generator (dropout, drop path) is re-seeded before every micro-batch
+//! from (seed, iteration, global micro-batch index `k`), and augmentation randomness is a
+//! function of (seed, epoch, sample position) in the loader, so a resumed run needs no RNG state
+//! beyond the iteration and the sampler position, and reproduces an uninterrupted run bit for
+//! bit (on the same device kind).
+//!
+//! Elastic world size: an attempt may run on `world` ranks with `accumulate_steps` micro-batches
+//! each, other than the spec's, when the global batch is the spec's
+//! ([`super::options::check_layout`]). The sampler gives micro-batch `k = m·world + rank` of a
+//! step the same images for any split, and `k` (not the rank) seeds its dropout, so every split
+//! computes the same micro-batch losses and the same averaged gradient: a job can go from 2 ranks
+//! to 1 rank accumulating 2 and back through checkpoints and follow the uninterrupted trajectory
+//! to rounding (not with SyncBN, whose normalisation groups depend on the world size).
 //!
 //! Data parallelism: every rank runs this loop on its shard of the data. Rank 0
 //! opens the rendezvous endpoint and reports it ([`TrainEvent::Rendezvous`]) before it waits
@@ -20,7 +29,7 @@ use super::buffers::{Buffers, StepBuffers};
 use super::checkpoint::{self, Saved};
 use super::eval::{accumulate, EvalConfig, EvalResult};
 use super::events::{EventSink, RunStart, TrainEvent, TrainSummary};
-use super::options::TrainOptions;
+use super::options::{check_layout, TrainOptions};
 use super::remote::{self};
 use super::rendezvous::{connect, sync_start};
 use super::resume::pick_resume_point;
@@ -32,13 +41,13 @@ use crate::data::cityscapes;
 use crate::data::cityscapes::Sample;
 use crate::data::error::DataError;
 use crate::data::loader::{eval_samples, TrainLoader};
-use crate::data::sampler::DistributedSampler;
+use crate::data::sampler::{BatchLayout, DistributedSampler};
 use crate::data::SamplerState;
 use crate::model::{weights, SegFormer, SegFormerConfig};
 use crate::optim::adamw::AdamWConfig;
 use crate::optim::{FlatAdamW, LrSchedule};
 use crate::seed::splitmix64 as mix;
-use anyhow::{bail, Context};
+use anyhow::Context;
 use segtrain_wire::checkpoint_location::{is_remote, local_path};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -186,13 +195,8 @@ fn stop_agreed(
 pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<TrainSummary> {
     let spec = &opts.spec;
     let device = opts.device;
-    let (rank, world) = (opts.rank, opts.world);
-    if world as u64 != u64::from(spec.world_size) {
-        bail!(
-            "world_size: the job has {} ranks, this rank was started for a world of {world}",
-            spec.world_size
-        );
-    }
+    let (rank, world, accumulate) = (opts.rank, opts.world, opts.accumulate_steps);
+    check_layout(spec, world, accumulate).map_err(|e| deterministic(anyhow::anyhow!(e)))?;
     // First, so that rank 0 publishes its endpoint as early as possible.
     let mut comm = connect(&opts, sink)?;
     tch::manual_seed(mix(spec.seed) as i64);
@@ -242,9 +246,9 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
         },
     );
 
-    // Resume.
+    // Resume (the sampler state is read once the train split's length is known).
     let mut start = 0u64;
-    let mut sampler_state = SamplerState::default();
+    let mut resumed_manifest = None;
     let mut best: Option<(f64, u64)> = None;
     let mut resumed_from = None;
     if let Some((uri, dir, ck, skipped)) = pick_resume_point(&opts)? {
@@ -259,7 +263,6 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
         opt.load_state(&ck.optimizer, ck.manifest.optimizer_steps)
             .map_err(|e| deterministic(e.into()))?;
         start = ck.manifest.iteration;
-        sampler_state = ck.manifest.sampler;
         best = ck.manifest.best;
         if rank == 0 {
             sink.event(&TrainEvent::Resumed {
@@ -269,29 +272,47 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
             });
         }
         resumed_from = Some(dir);
-    }
-    if world > 1 {
-        sync_start(&mut *comm, &vs, &opt, start, sampler_state, device)?;
+        resumed_manifest = Some(ck.manifest);
     }
 
     // Data.
     let root = Path::new(&spec.dataset_root);
     let train_samples = cityscapes::scan(root, "train")?;
+    let mut sampler_state = resumed_manifest
+        .as_ref()
+        .map_or(SamplerState::default(), |m| {
+            m.sampler_state(train_samples.len())
+        });
+    if world > 1 {
+        sync_start(
+            &mut *comm,
+            &vs,
+            &opt,
+            start,
+            sampler_state,
+            accumulate,
+            device,
+        )?;
+    }
     // No val split means no evaluation; a broken one is an error like a broken train split.
     let val_samples = match cityscapes::scan(root, "val") {
         Ok(v) => v,
         Err(DataError::MissingSplit { .. } | DataError::NoImages { .. }) => Vec::new(),
         Err(e) => return Err(e.into()),
     };
-    let sampler =
-        DistributedSampler::new(train_samples.len(), opts.rank, opts.world, spec.seed, true)?
-            .with_state(sampler_state)?;
+    let layout = BatchLayout {
+        rank,
+        world,
+        batch_per_gpu: spec.batch_per_gpu as usize,
+        accumulate_steps: accumulate as usize,
+    };
+    let sampler = DistributedSampler::new(train_samples.len(), layout, spec.seed, true)?
+        .with_state(sampler_state)?;
     let augment = AugmentConfig::recipe(spec.crop_height as usize, spec.crop_width as usize);
     let mut loader = TrainLoader::start(
         train_samples.clone(),
         sampler,
         augment,
-        spec.batch_per_gpu as usize,
         spec.loader_threads as usize,
         // Enough batches in flight to keep every loader thread busy.
         (spec.loader_threads as usize).div_ceil(spec.batch_per_gpu as usize) + 2,
@@ -318,8 +339,8 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
     }));
 
     let schedule = LrSchedule::from_spec(spec);
-    // Images per optimizer step over all ranks.
-    let images_per_step = (spec.batch_per_gpu * spec.accumulate_steps) as f64 * world as f64;
+    // Images per optimizer step over all ranks (the spec's global batch, by check_layout).
+    let images_per_step = layout.global_batch() as f64;
     let mut loss_acc = Tensor::zeros([], (Kind::Float, device));
     let (mut window_iters, mut window_wait, mut window_start) =
         (0u64, Duration::ZERO, Instant::now());
@@ -340,9 +361,8 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
     for it in start..end {
         let iteration = it + 1;
         let lr = schedule.lr(it);
-        tch::manual_seed(mix(spec.seed ^ mix(it) ^ mix(opts.rank as u64 + 1)) as i64);
-        let mut step_buffers = (spec.accumulate_steps > 1).then(|| StepBuffers::begin(&buffers));
-        for _ in 0..spec.accumulate_steps {
+        let mut step_buffers = (accumulate > 1).then(|| StepBuffers::begin(&buffers));
+        for m in 0..accumulate as usize {
             if let Some(s) = step_buffers.as_mut() {
                 s.before(&mut buffers);
             }
@@ -353,13 +373,18 @@ pub fn train(opts: TrainOptions, sink: &mut dyn EventSink) -> anyhow::Result<Tra
             let (n, h, w) = (batch.n as i64, batch.height as i64, batch.width as i64);
             let images = Tensor::from_data_size(&batch.images, &[n, h, w, 3], Kind::Uint8);
             let labels = Tensor::from_data_size(&batch.labels, &[n, h, w], Kind::Uint8);
+            // Dropout and drop path follow the micro-batch, not the rank, so that they are the
+            // same for any split of the step; with one micro-batch per rank k is the rank, the
+            // seed of earlier versions (mix(rank + 1)).
+            let k = layout.micro_batch(m) as u64;
+            tch::manual_seed(mix(spec.seed ^ mix(it) ^ mix(k + 1)) as i64);
             loss_acc += forward_backward(
                 &model,
                 &images,
                 &labels,
                 spec.precision,
                 device,
-                spec.accumulate_steps,
+                accumulate,
                 if sync_bn {
                     Some(&mut *comm as &mut dyn Collective)
                 } else {
