@@ -88,7 +88,7 @@ pub async fn read_flag(url: &HttpUrl) -> Result<bool, String> {
         .split_once("\r\n\r\n")
         .ok_or_else(|| "not an HTTP response".to_string())?;
     let status = head.lines().next().unwrap_or_default();
-    if !status.split_whitespace().nth(1).is_some_and(|c| c == "200") {
+    if status.split_whitespace().nth(1) != Some("200") {
         return Err(format!("answered {status:?}"));
     }
     Ok(body.trim() == "TRUE")
