@@ -4,7 +4,7 @@ CARGO ?= cargo
 # A one-off build gains nothing from incremental state, and it is gigabytes of disk (see Cargo.toml).
 export CARGO_INCREMENTAL ?= 0
 
-.PHONY: setup build test fuzz fmt-check clippy lint-deploy demo clean-demo
+.PHONY: setup build test fuzz fmt-check clippy lint-deploy demo clean-demo bench-coordinator
 
 ## setup: system packages, the torch venv (outside the checkout), build. Idempotent.
 setup:
@@ -16,6 +16,12 @@ build: setup
 test: setup fmt-check clippy lint-deploy
 	$(CARGO) build --workspace --bins --quiet
 	$(CARGO) test --workspace --no-fail-fast
+
+## bench-coordinator: the coordinator under 1,024 and 10,000 simulated GPUs (segtrain-loadgen);
+## appends the tables to bench/results.md. A benchmark: it asserts nothing.
+bench-coordinator: setup
+	$(CARGO) build --release --quiet -p segtrain-coordinator -p segtrain-loadgen -p segtrain-tests --bins
+	bash bench/coordinator.sh
 
 ## fuzz: the job-spec and job-file property tests (spec/tests/fuzz.rs), far longer than in `test`.
 fuzz:

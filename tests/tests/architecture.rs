@@ -51,6 +51,17 @@ const RULES: &[(&str, &[&str], &str)] = &[
         "the CLI is a pure gRPC client: no database, no tch",
     ),
     (
+        "segtrain-loadgen",
+        &[
+            "sqlx",
+            "tch",
+            "torch-sys",
+            "segtrain-coordinator",
+            "segtrain-daemon",
+        ],
+        "the load generator measures the service from outside, through its gRPC API only",
+    ),
+    (
         "segtrain-telemetry",
         &["tch", "sqlx", "tonic"],
         "logging and /metrics serve both services and depend on neither",
