@@ -4,7 +4,7 @@
 # run's table to bench/results.md.
 #
 #   bench/coordinator.sh                 # the standard sizes: 1,024 and 10,000 simulated GPUs
-#   bench/coordinator.sh 16 2 20         # HOSTS GPUS_PER_HOST JOBS, one run
+#   bench/coordinator.sh 16 2 20 [LABEL] # HOSTS GPUS_PER_HOST JOBS, one run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=target/release
@@ -14,7 +14,7 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-run() {  # HOSTS GPUS JOBS LABEL
+run() {  # HOSTS GPUS JOBS LABEL [TIMEOUT_S]
     local port=$((20000 + RANDOM % 20000))
     "$bin/segtrain-devpg" --url-file "$work/db.url" >/dev/null 2>"$work/pg.log" &
     pids+=($!)
@@ -25,7 +25,7 @@ run() {  # HOSTS GPUS JOBS LABEL
     pids+=($!)
     for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.2; done
     "$bin/segtrain-loadgen" --coordinator "http://127.0.0.1:$port" --hosts "$1" --gpus-per-host "$2" \
-        --jobs "$3" --label "$4" --results bench/results.md
+        --jobs "$3" --label "$4" --timeout-s "${5:-900}" --results bench/results.md
     kill "${pids[@]}" 2>/dev/null || true
     wait 2>/dev/null || true
     pids=()
@@ -33,8 +33,8 @@ run() {  # HOSTS GPUS JOBS LABEL
 }
 
 if (($# >= 3)); then
-    run "$1" "$2" "$3" "custom"
+    run "$1" "$2" "$3" "${4:-custom}"
 else
     run 128 8 1000 "1,024 GPUs"
-    run 1250 8 1000 "10,000 GPUs"
+    run 1250 8 1000 "10,000 GPUs" 600
 fi

@@ -16,14 +16,14 @@
 //! - **Fewest hosts**: hosts with the most idle workers are used first; ranks are numbered in
 //!   (host, GPU index) order.
 //!
-//! The placement itself ([`crate::store::Store::schedule_head`]) is one transaction under an
-//! advisory lock with the worker rows locked, so two coordinators (or two passes) never book a
-//! worker twice. Passes run on a short timer and whenever a NOTIFY hint says a job or a worker
-//! changed (submit, cancel, register, a rank finishing); hints are only hints, the timer covers
-//! lost ones.
+//! The placement itself ([`crate::store::Store::schedule_queue`]) is one transaction per up to
+//! 32 jobs under an advisory lock, booking only workers still IDLE, so two coordinators (or two
+//! passes) never book a worker twice. Passes run on a short timer and whenever a NOTIFY hint
+//! says a job changed state or a worker changed (submit, cancel, register, a rank finishing;
+//! not metrics); hints are only hints, the timer covers lost ones.
 
 use crate::store::bus::{self, Bus, Hint};
-use crate::store::{Candidate, ScheduleOutcome, Store};
+use crate::store::{Candidate, QueueEnd, Store};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use uuid::Uuid;
@@ -74,7 +74,8 @@ pub fn start(
             }
             let until = tokio::time::Instant::now() + cfg.interval;
             bus::wait(&mut wake, until, |h| {
-                matches!(h, Hint::Job(_) | Hint::Worker(_))
+                // Not every event: a metrics report changes nothing a placement reads.
+                matches!(h, Hint::JobState(_) | Hint::Worker(_))
             })
             .await;
             // Fold a burst of hints (a batch of events, a gang of workers) into one pass.
@@ -91,20 +92,17 @@ pub async fn pass(store: &Store) -> Result<usize, crate::store::StoreError> {
     store.requeue_restarting().await?;
     let mut placed = 0;
     loop {
-        match store.schedule_head(place).await? {
-            ScheduleOutcome::Placed {
-                job_id,
-                attempt,
-                workers,
-                queued_for,
-            } => {
-                crate::metrics::global()
-                    .scheduling_latency
-                    .observe(queued_for.as_secs_f64());
-                tracing::info!(job = %job_id, attempt, world_size = workers.len(), queued_ms = queued_for.as_millis() as u64, "job scheduled");
-                placed += 1;
-            }
-            ScheduleOutcome::Blocked {
+        let (jobs, end) = store.schedule_queue(place).await?;
+        for p in &jobs {
+            crate::metrics::global()
+                .scheduling_latency
+                .observe(p.queued_for.as_secs_f64());
+            tracing::info!(job = %p.job_id, attempt = p.attempt, world_size = p.workers.len(), queued_ms = p.queued_for.as_millis() as u64, "job scheduled");
+        }
+        placed += jobs.len();
+        match end {
+            QueueEnd::More => {}
+            QueueEnd::Blocked {
                 job_id,
                 world_size,
                 idle,
@@ -112,7 +110,7 @@ pub async fn pass(store: &Store) -> Result<usize, crate::store::StoreError> {
                 tracing::debug!(job = %job_id, world_size, idle, "head of the queue waits for workers");
                 return Ok(placed);
             }
-            ScheduleOutcome::Empty => {
+            QueueEnd::Empty => {
                 // Nothing waits: shrunk elastic jobs may take the idle workers back.
                 for job_id in store.grow_shrunk_jobs().await? {
                     tracing::info!(job = %job_id, "elastic job grows back to its world size");

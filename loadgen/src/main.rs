@@ -148,7 +148,10 @@ async fn main() -> anyhow::Result<()> {
     // Watchers, then the jobs.
     let mut jobs = JobServiceClient::new(channels[0].clone());
     let run_start = Instant::now();
+    // Submitted 32 at a time, as many clients would: one at a time the generator, not the
+    // coordinator, would set the pace.
     let mut ids = Vec::new();
+    let mut inflight = tokio::task::JoinSet::new();
     for i in 0..args.jobs {
         let world = args.world_sizes[i as usize % args.world_sizes.len()];
         let spec = pb::JobSpec {
@@ -163,38 +166,53 @@ async fn main() -> anyhow::Result<()> {
             checkpoint_root: Some("/sim/checkpoints".into()),
             ..Default::default()
         };
-        let t = Instant::now();
-        match jobs
-            .submit_job(pb::SubmitJobRequest {
-                spec: Some(spec),
-                idempotency_key: String::new(),
-            })
-            .await
-        {
-            Ok(r) => {
-                let id = r.into_inner().job.map(|j| j.id).unwrap_or_default();
-                if let Ok(mut s) = submitted.lock() {
-                    s.insert(id.clone(), t);
-                }
-                if (i as usize) < args.watchers as usize {
-                    tokio::spawn(watch(
-                        channels[i as usize % channels.len()].clone(),
-                        id.clone(),
-                        stats.clone(),
-                    ));
-                }
+        if inflight.len() >= 32 {
+            if let Some(Ok(Some(id))) = inflight.join_next().await {
                 ids.push(id);
             }
-            Err(e) => stats.error("SubmitJob", &e),
+        }
+        let channel = channels[i as usize % channels.len()].clone();
+        let (submitted, stats) = (submitted.clone(), stats.clone());
+        let watched = i < args.watchers;
+        inflight.spawn(async move {
+            let t = Instant::now();
+            let r = JobServiceClient::new(channel.clone())
+                .submit_job(pb::SubmitJobRequest {
+                    spec: Some(spec),
+                    idempotency_key: String::new(),
+                })
+                .await;
+            match r {
+                Ok(r) => {
+                    let id = r.into_inner().job.map(|j| j.id).unwrap_or_default();
+                    if let Ok(mut s) = submitted.lock() {
+                        s.insert(id.clone(), t);
+                    }
+                    if watched {
+                        tokio::spawn(watch(channel, id.clone(), stats));
+                    }
+                    Some(id)
+                }
+                Err(e) => {
+                    stats.error("SubmitJob", &e);
+                    None
+                }
+            }
+        });
+    }
+    while let Some(r) = inflight.join_next().await {
+        if let Ok(Some(id)) = r {
+            ids.push(id);
         }
     }
 
     // Until every job has ended (or the timeout).
     let deadline = Instant::now() + Duration::from_secs(args.timeout_s);
-    let (succeeded, other) = loop {
-        let (ok, open, bad) = count_states(&mut jobs).await;
-        if open == 0 || Instant::now() > deadline {
-            break (ok, bad + open);
+    let outcome = loop {
+        let counts = count_states(&mut jobs).await;
+        let done = matches!(counts, Ok((_, 0, _)));
+        if done || Instant::now() > deadline {
+            break counts.map(|(ok, open, bad)| (ok, bad + open));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
@@ -209,12 +227,11 @@ async fn main() -> anyhow::Result<()> {
                 .filter(|w| w.state() == pb::WorkerState::Lost)
                 .count()
         })
-        .unwrap_or(usize::MAX);
+        .map_err(|e| format!("ListWorkers failed: {}", e.message()));
     let table = report::Report {
         workers: workers.len(),
         jobs: ids.len(),
-        succeeded,
-        not_succeeded: other,
+        outcome,
         wall,
         false_lease_expiries: lost,
         stats: &stats,
@@ -270,20 +287,20 @@ where
 }
 
 /// (succeeded, still open, ended otherwise) over every job, by paging ListJobs.
-async fn count_states(jobs: &mut JobServiceClient<AuthChannel>) -> (usize, usize, usize) {
+async fn count_states(
+    jobs: &mut JobServiceClient<AuthChannel>,
+) -> Result<(usize, usize, usize), String> {
     let (mut ok, mut open, mut bad) = (0, 0, 0);
     let mut token = String::new();
     loop {
-        let Ok(r) = jobs
+        let r = jobs
             .list_jobs(pb::ListJobsRequest {
                 states: vec![],
                 page_size: 1000,
                 page_token: token.clone(),
             })
             .await
-        else {
-            return (ok, usize::MAX / 4, bad);
-        };
+            .map_err(|e| format!("ListJobs failed: {}", e.message()))?;
         let r = r.into_inner();
         for j in &r.jobs {
             match j.state() {
@@ -293,7 +310,7 @@ async fn count_states(jobs: &mut JobServiceClient<AuthChannel>) -> (usize, usize
             }
         }
         if r.next_page_token.is_empty() {
-            return (ok, open, bad);
+            return Ok((ok, open, bad));
         }
         token = r.next_page_token;
     }

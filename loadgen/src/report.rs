@@ -9,10 +9,10 @@ use std::time::Duration;
 pub struct Report<'a> {
     pub workers: usize,
     pub jobs: usize,
-    pub succeeded: usize,
-    pub not_succeeded: usize,
+    /// (succeeded, not), or why they could not be counted.
+    pub outcome: Result<(usize, usize), String>,
     pub wall: Duration,
-    pub false_lease_expiries: usize,
+    pub false_lease_expiries: Result<usize, String>,
     pub stats: &'a Stats,
 }
 
@@ -35,10 +35,10 @@ impl Report<'_> {
             ("simulated GPUs (workers)", self.workers.to_string()),
             (
                 "jobs (succeeded / not)",
-                format!(
-                    "{} ({} / {})",
-                    self.jobs, self.succeeded, self.not_succeeded
-                ),
+                match &self.outcome {
+                    Ok((ok, not)) => format!("{} ({ok} / {not})", self.jobs),
+                    Err(e) => format!("{} (unknown: {e})", self.jobs),
+                },
             ),
             ("wall time, s", format!("{secs:.1}")),
             ("placements/s", format!("{placement_rate:.1}")),
@@ -75,7 +75,10 @@ impl Report<'_> {
             ),
             (
                 "false lease expiries",
-                self.false_lease_expiries.to_string(),
+                match &self.false_lease_expiries {
+                    Ok(n) => n.to_string(),
+                    Err(e) => format!("unknown: {e}"),
+                },
             ),
             ("errors", s.errors.load(Ordering::Relaxed).to_string()),
         ];

@@ -308,7 +308,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             wait(
                 &mut wake,
                 until,
-                |h| matches!(h, Hint::Attempt(j) | Hint::Job(j) if j == job),
+                |h| matches!(h, Hint::Attempt(j) | Hint::JobState(j) if j == job),
             )
             .await;
         }
@@ -408,7 +408,9 @@ async fn send_assignments(
                 _ = tx.closed() => return,
                 _ = wait(&mut wake, until, |h| match h {
                     Hint::Worker(w) => w == worker,
-                    Hint::Job(j) | Hint::Attempt(j) => jobs.contains(&j),
+                    // State changes only: metrics and checkpoints change no assignment.
+                    Hint::JobState(j) | Hint::Attempt(j) => jobs.contains(&j),
+                    Hint::Job(_) => false,
                 }) => {}
             }
         }

@@ -13,6 +13,9 @@ use uuid::Uuid;
 
 /// The channel that carries a job id whenever that job gets a new event.
 pub const EVENTS_CHANNEL: &str = "segtrain_job_events";
+/// The channel that carries a job id whenever that job changes state (a subset of
+/// [`EVENTS_CHANNEL`]: what the scheduler and the assignment streams need, without the metrics).
+pub const STATES_CHANNEL: &str = "segtrain_job_states";
 /// The channel that carries a worker id whenever that worker registers, gets an assignment or
 /// becomes free again.
 pub const WORKERS_CHANNEL: &str = "segtrain_workers";
@@ -25,6 +28,8 @@ pub const ATTEMPTS_CHANNEL: &str = "segtrain_attempts";
 pub enum Hint {
     /// A job got a new event ([`EVENTS_CHANNEL`]).
     Job(Uuid),
+    /// A job changed state ([`STATES_CHANNEL`]; it also got a `Job` hint).
+    JobState(Uuid),
     /// A worker registered, got an assignment or became free ([`WORKERS_CHANNEL`]).
     Worker(Uuid),
     /// An attempt of this job changed state or got its rendezvous ([`ATTEMPTS_CHANNEL`]).
@@ -63,7 +68,12 @@ impl Bus {
 async fn listen(pool: &sqlx::PgPool, tx: &broadcast::Sender<Hint>) -> Result<(), sqlx::Error> {
     let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
     listener
-        .listen_all([EVENTS_CHANNEL, WORKERS_CHANNEL, ATTEMPTS_CHANNEL])
+        .listen_all([
+            EVENTS_CHANNEL,
+            STATES_CHANNEL,
+            WORKERS_CHANNEL,
+            ATTEMPTS_CHANNEL,
+        ])
         .await?;
     loop {
         let n = listener.recv().await?;
@@ -72,6 +82,7 @@ async fn listen(pool: &sqlx::PgPool, tx: &broadcast::Sender<Hint>) -> Result<(),
         };
         let hint = match n.channel() {
             EVENTS_CHANNEL => Hint::Job(id),
+            STATES_CHANNEL => Hint::JobState(id),
             WORKERS_CHANNEL => Hint::Worker(id),
             ATTEMPTS_CHANNEL => Hint::Attempt(id),
             _ => continue,

@@ -319,5 +319,8 @@ pub(super) async fn insert_event(
     .fetch_one(&mut **tx)
     .await?;
     super::notify(tx, EVENTS_CHANNEL, job_id).await?;
+    if matches!(payload, EventPayload::StateChange { .. }) {
+        super::notify(tx, super::bus::STATES_CHANNEL, job_id).await?;
+    }
     Ok(id)
 }

@@ -28,7 +28,7 @@ pub use health::ClusterCounts;
 pub use ingest::{IngestBody, IngestEvent, Ingested};
 pub use jobs::JobRecord;
 pub use metrics::{CheckpointRecord, MetricPoint};
-pub use placement::{Candidate, ScheduleOutcome};
+pub use placement::{Candidate, Placement, QueueEnd, PLACEMENTS_PER_TRANSACTION};
 pub use rendezvous::RendezvousEndpoint;
 pub use tokens::{TokenCheck, TokenRecord};
 pub use workers::{AttemptRank, Heartbeat, Registered, WorkerRecord, WorkerRegistration};
