@@ -68,20 +68,22 @@ pub fn worker_name(w: &pb::Worker) -> String {
     segtrain_proto::names::worker_name(&w.host, w.gpu_index)
 }
 
+/// A proto enum value as the CLI prints it: its name without the type prefix, or UNKNOWN(n).
+fn enum_name(name: Option<&'static str>, prefix: &str, raw: i32) -> String {
+    name.map_or_else(
+        || format!("UNKNOWN({raw})"),
+        |n| n.trim_start_matches(prefix).to_string(),
+    )
+}
+
 pub fn worker_state_name(s: i32) -> String {
-    pb::WorkerState::try_from(s)
-        .map(|s| {
-            s.as_str_name()
-                .trim_start_matches("WORKER_STATE_")
-                .to_string()
-        })
-        .unwrap_or_else(|_| format!("UNKNOWN({s})"))
+    let name = pb::WorkerState::try_from(s).ok().map(|v| v.as_str_name());
+    enum_name(name, "WORKER_STATE_", s)
 }
 
 pub fn state_name(s: i32) -> String {
-    pb::JobState::try_from(s)
-        .map(|s| s.as_str_name().trim_start_matches("JOB_STATE_").to_string())
-        .unwrap_or_else(|_| format!("UNKNOWN({s})"))
+    let name = pb::JobState::try_from(s).ok().map(|v| v.as_str_name());
+    enum_name(name, "JOB_STATE_", s)
 }
 
 pub fn time(t: &Option<Timestamp>) -> String {
@@ -489,13 +491,10 @@ fn fmt_num(v: f64) -> String {
 }
 
 fn checkpoint_state(s: i32) -> String {
-    pb::CheckpointState::try_from(s)
-        .map(|s| {
-            s.as_str_name()
-                .trim_start_matches("CHECKPOINT_STATE_")
-                .to_string()
-        })
-        .unwrap_or_else(|_| format!("UNKNOWN({s})"))
+    let name = pb::CheckpointState::try_from(s)
+        .ok()
+        .map(|v| v.as_str_name());
+    enum_name(name, "CHECKPOINT_STATE_", s)
 }
 
 fn checkpoint_json(c: &pb::Checkpoint) -> Value {
@@ -507,13 +506,8 @@ fn checkpoint_json(c: &pb::Checkpoint) -> Value {
 }
 
 fn attempt_state(s: i32) -> String {
-    pb::AttemptState::try_from(s)
-        .map(|s| {
-            s.as_str_name()
-                .trim_start_matches("ATTEMPT_STATE_")
-                .to_string()
-        })
-        .unwrap_or_else(|_| format!("UNKNOWN({s})"))
+    let name = pb::AttemptState::try_from(s).ok().map(|v| v.as_str_name());
+    enum_name(name, "ATTEMPT_STATE_", s)
 }
 
 fn attempt_json(a: &pb::Attempt) -> Value {

@@ -329,6 +329,14 @@ fn segtrain(c: &Cluster, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
+/// (state, world size, accumulation) of each attempt.
+fn attempt_sizes(attempts: &[pb::Attempt]) -> Vec<(pb::AttemptState, u32, u32)> {
+    attempts
+        .iter()
+        .map(|a| (a.state(), a.world_size, a.accumulate_steps))
+        .collect()
+}
+
 /// Every float tensor of a checkpoint's model file.
 fn model_tensors(uri: &str) -> BTreeMap<String, Vec<f32>> {
     let path = std::path::Path::new(uri).join("model.safetensors");
@@ -419,10 +427,7 @@ async fn an_elastic_job_shrinks_and_grows_back_on_the_trajectory_of_an_uninterru
         "the lost worker is a failure; the shrink is not"
     );
     let a = attempts(&c, &shrink).await;
-    let sizes: Vec<(S, u32, u32)> = a
-        .iter()
-        .map(|a| (a.state(), a.world_size, a.accumulate_steps))
-        .collect();
+    let sizes = attempt_sizes(&a);
     assert!(
         matches!(
             sizes[..],
@@ -443,13 +448,7 @@ async fn an_elastic_job_shrinks_and_grows_back_on_the_trajectory_of_an_uninterru
 
     // Grow: the worker comes back while the job runs shrunk; at its next checkpoint (written at
     // once) the job returns to world 2.
-    c.daemons[rank1] = DaemonProcess::start_with(
-        &c.coord.url(),
-        &host(rank1),
-        &c.tmp.path().join(format!("work-{}", host(rank1))),
-        GRACE_S,
-        &[],
-    );
+    c.daemons[rank1] = start_daemon(&c, rank1, None);
     wait_idle(&c, 2).await;
     let grow = c.coord.submit_spec(spec("grow")).await;
     c.wait_checkpoint(&grow, 4, "COMPLETE", 180).await;
@@ -459,21 +458,12 @@ async fn an_elastic_job_shrinks_and_grows_back_on_the_trajectory_of_an_uninterru
     wait_attempt(&c, &grow, 2, "state = 'RUNNING' AND world_size = 1").await;
     let (_, at) = attempt_iterations(&c, &grow, 2).await;
     c.wait_iteration(&grow, at as u64 + 3).await;
-    c.daemons[rank1] = DaemonProcess::start_with(
-        &c.coord.url(),
-        &host(rank1),
-        &c.tmp.path().join(format!("work-{}", host(rank1))),
-        GRACE_S,
-        &[],
-    );
+    c.daemons[rank1] = start_daemon(&c, rank1, None);
     let job = c.wait_terminal(&grow, Duration::from_secs(300)).await;
     assert_eq!(job.state(), pb::JobState::Succeeded, "{}", c.logs());
     assert_eq!((job.restarts, job.preemptions), (1, 0));
     let a = attempts(&c, &grow).await;
-    let sizes: Vec<(S, u32, u32)> = a
-        .iter()
-        .map(|a| (a.state(), a.world_size, a.accumulate_steps))
-        .collect();
+    let sizes = attempt_sizes(&a);
     assert!(
         matches!(
             sizes[..],

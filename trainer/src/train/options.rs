@@ -86,14 +86,15 @@ pub fn check_layout(spec: &JobSpec, world: usize, accumulate_steps: u32) -> Resu
     if mine == job {
         return Ok(());
     }
-    let per_rank = job / b.max(1);
-    let hint = if per_rank.is_multiple_of(world as u128) {
-        format!(
-            "with --world {world}, use --accumulate-steps {}",
-            per_rank / world as u128
-        )
-    } else {
-        format!("--world {world} does not divide {per_rank} micro-batches per step")
+    let hint = match u32::try_from(world)
+        .ok()
+        .and_then(|w| spec.accumulate_steps_at(w))
+    {
+        Some(a) => format!("with --world {world}, use --accumulate-steps {a}"),
+        None => format!(
+            "--world {world} does not divide {} micro-batches per step",
+            u64::from(spec.world_size) * u64::from(spec.accumulate_steps)
+        ),
     };
     Err(format!(
         "--world {world} x batch_per_gpu {} x --accumulate-steps {accumulate_steps} = {mine} \
