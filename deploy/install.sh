@@ -76,26 +76,26 @@ need_value() {
         die "$1 needs a value (see --help)"
     fi
 }
+# `--flag=value` as `--flag value`, so that the loop reads one form.
+words=()
+for a in "$@"; do
+    case $a in
+        --*=*) words+=("${a%%=*}" "${a#*=}") ;;
+        *) words+=("$a") ;;
+    esac
+done
+set -- "${words[@]+"${words[@]}"}"
 while [ $# -gt 0 ]; do
     case $1 in
         --role) need_value "$@"; role=$2; shift 2 ;;
-        --role=*) role=${1#*=}; shift ;;
         --prefix) need_value "$@"; prefix=$2; shift 2 ;;
-        --prefix=*) prefix=${1#*=}; shift ;;
         --build-dir) need_value "$@"; build_dir=$2; shift 2 ;;
-        --build-dir=*) build_dir=${1#*=}; shift ;;
         --torch-dir) need_value "$@"; torch_dir=$2; shift 2 ;;
-        --torch-dir=*) torch_dir=${1#*=}; shift ;;
         --unit-dir) need_value "$@"; unit_dir=$2; shift 2 ;;
-        --unit-dir=*) unit_dir=${1#*=}; shift ;;
         --bin-links) need_value "$@"; bin_links=$2; shift 2 ;;
-        --bin-links=*) bin_links=${1#*=}; shift ;;
         --database-url) need_value "$@"; database_url=$2; shift 2 ;;
-        --database-url=*) database_url=${1#*=}; shift ;;
         --coordinator-url) need_value "$@"; coordinator_url=$2; shift 2 ;;
-        --coordinator-url=*) coordinator_url=${1#*=}; shift ;;
         --tls-host) need_value "$@"; tls_hosts+=("$2"); shift 2 ;;
-        --tls-host=*) tls_hosts+=("${1#*=}"); shift ;;
         --no-certs) certs=0; shift ;;
         --link) link=1; shift ;;
         --start) start=1; shift ;;

@@ -27,6 +27,9 @@ quote_all() {
     done
 }
 
+# The flags every script takes (parse_flags sets them).
+project=
+bucket=
 dry_run=0
 # run CMD...: runs CMD, or prints it with --dry-run.
 run() {
@@ -50,9 +53,10 @@ need() {
     [ -n "$2" ] || die "$1 is required (see --help)"
 }
 
-# req FLAG REST...: dies unless the flag's value (the first of REST) is there and not empty.
+# req FLAG REST...: dies unless the flag's value (the first of REST) is there, not empty and not
+# the next flag.
 req() {
-    if [ $# -lt 2 ] || [ -z "$2" ]; then
+    if [ $# -lt 2 ] || [ -z "$2" ] || [[ $2 == --* ]]; then
         die "$1 needs a value (see --help)"
     fi
 }
@@ -66,6 +70,42 @@ split_args() {
             --*=*) printf '%s\0%s\0' "${a%%=*}" "${a#*=}" ;;
             *) printf '%s\0' "$a" ;;
         esac
+    done
+}
+
+# usage: the script's leading comment block, unprefixed (its --help).
+usage() {
+    awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"
+}
+
+# value FLAG REST...: FLAG takes the next word (dies if it is missing or empty); marks it used.
+value() {
+    req "$@"
+    used=1
+}
+
+# parse_flags HANDLER ARGS...: reads ARGS (`--flag value` or `--flag=value`). The flags every
+# script has (--project, --bucket, --dry-run, --help) are handled here; any other goes to
+# `HANDLER FLAG REST...`, which sets its variable (calling `value` for a flag with a value) or
+# returns 1 for an unknown flag.
+# shellcheck disable=SC2034 # project and bucket are the calling script's variables
+parse_flags() {
+    local handler=$1 arg words
+    shift
+    mapfile -d '' words < <(split_args "$@")
+    set -- "${words[@]+"${words[@]}"}"
+    while [ $# -gt 0 ]; do
+        arg=$1
+        shift
+        used=0
+        case $arg in
+            --project) value "$arg" "$@"; project=$1 ;;
+            --bucket) value "$arg" "$@"; bucket=${1#gs://}; bucket=${bucket%/} ;;
+            --dry-run) dry_run=1 ;;
+            -h | --help) usage; exit 0 ;;
+            *) "$handler" "$arg" "$@" || die "unknown argument $arg (see --help)" ;;
+        esac
+        shift "$used"
     done
 }
 

@@ -42,9 +42,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=SCRIPTDIR/common.sh
 . "$here/common.sh"
 
-project=
 zone=
-bucket=
 create_bucket=0
 name=segtrain
 workers=1
@@ -65,39 +63,32 @@ collective_timeout=600
 nccl_ifname=
 spot=0
 
-mapfile -d '' args < <(split_args "$@")
-set -- "${args[@]+"${args[@]}"}"
-while [ $# -gt 0 ]; do
-    arg=$1
-    shift
-    case $arg in
-        --project) req "$arg" "$@"; project=$1; shift ;;
-        --zone) req "$arg" "$@"; zone=$1; shift ;;
-        --bucket) req "$arg" "$@"; bucket=${1#gs://}; bucket=${bucket%/}; shift ;;
+flag() {
+    case $1 in
+        --zone) value "$@"; zone=$2 ;;
         --create-bucket) create_bucket=1 ;;
-        --name) req "$arg" "$@"; name=$1; shift ;;
-        --workers) req "$arg" "$@"; workers=$1; shift ;;
-        --worker-machine-type) req "$arg" "$@"; worker_type=$1; shift ;;
-        --gpu-type) req "$arg" "$@"; gpu_type=$1; shift ;;
-        --gpus-per-worker) req "$arg" "$@"; gpus=$1; shift ;;
-        --coordinator-machine-type) req "$arg" "$@"; coord_type=$1; shift ;;
-        --image-family) req "$arg" "$@"; image_family=$1; shift ;;
-        --image-project) req "$arg" "$@"; image_project=$1; shift ;;
-        --worker-disk-size) req "$arg" "$@"; worker_disk=$1; shift ;;
-        --network) req "$arg" "$@"; network=$1; shift ;;
-        --subnet) req "$arg" "$@"; subnet=$1; shift ;;
-        --admin-cidr) req "$arg" "$@"; admin_cidrs+=("$1"); shift ;;
-        --port) req "$arg" "$@"; port=$1; shift ;;
-        --release) req "$arg" "$@"; release=$1; shift ;;
-        --driver-branch) req "$arg" "$@"; driver_branch=$1; shift ;;
-        --collective-timeout) req "$arg" "$@"; collective_timeout=$1; shift ;;
-        --nccl-socket-ifname) req "$arg" "$@"; nccl_ifname=$1; shift ;;
+        --name) value "$@"; name=$2 ;;
+        --workers) value "$@"; workers=$2 ;;
+        --worker-machine-type) value "$@"; worker_type=$2 ;;
+        --gpu-type) value "$@"; gpu_type=$2 ;;
+        --gpus-per-worker) value "$@"; gpus=$2 ;;
+        --coordinator-machine-type) value "$@"; coord_type=$2 ;;
+        --image-family) value "$@"; image_family=$2 ;;
+        --image-project) value "$@"; image_project=$2 ;;
+        --worker-disk-size) value "$@"; worker_disk=$2 ;;
+        --network) value "$@"; network=$2 ;;
+        --subnet) value "$@"; subnet=$2 ;;
+        --admin-cidr) value "$@"; admin_cidrs+=("$2") ;;
+        --port) value "$@"; port=$2 ;;
+        --release) value "$@"; release=$2 ;;
+        --driver-branch) value "$@"; driver_branch=$2 ;;
+        --collective-timeout) value "$@"; collective_timeout=$2 ;;
+        --nccl-socket-ifname) value "$@"; nccl_ifname=$2 ;;
         --spot) spot=1 ;;
-        --dry-run) dry_run=1 ;;
-        -h | --help) sed -n '2,42p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) die "unknown argument $arg (see --help)" ;;
+        *) return 1 ;;
     esac
-done
+}
+parse_flags flag "$@"
 need --project "$project"
 need --zone "$zone"
 need --bucket "$bucket"

@@ -13,27 +13,18 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=SCRIPTDIR/common.sh
 . "$here/common.sh"
 
-project=
 zone=
-bucket=
 name=segtrain
 workers=
-mapfile -d '' args < <(split_args "$@")
-set -- "${args[@]+"${args[@]}"}"
-while [ $# -gt 0 ]; do
-    arg=$1
-    shift
-    case $arg in
-        --project) req "$arg" "$@"; project=$1; shift ;;
-        --zone) req "$arg" "$@"; zone=$1; shift ;;
-        --bucket) req "$arg" "$@"; bucket=${1#gs://}; bucket=${bucket%/}; shift ;;
-        --name) req "$arg" "$@"; name=$1; shift ;;
-        --workers) req "$arg" "$@"; workers=$1; shift ;;
-        --dry-run) dry_run=1 ;;
-        -h | --help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) die "unknown argument $arg (see --help)" ;;
+flag() {
+    case $1 in
+        --zone) value "$@"; zone=$2 ;;
+        --name) value "$@"; name=$2 ;;
+        --workers) value "$@"; workers=$2 ;;
+        *) return 1 ;;
     esac
-done
+}
+parse_flags flag "$@"
 need --project "$project"
 need --zone "$zone"
 need --bucket "$bucket"

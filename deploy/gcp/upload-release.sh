@@ -13,25 +13,16 @@ repo=$(cd "$here/../.." && pwd)
 # shellcheck source=SCRIPTDIR/common.sh
 . "$here/common.sh"
 
-bucket=
-project=
 build_dir=${SEGTRAIN_BUILD_DIR:-${CARGO_TARGET_DIR:-$repo/target}/release}
 object=segtrain/release/segtrain.tar.gz
-mapfile -d '' args < <(split_args "$@")
-set -- "${args[@]+"${args[@]}"}"
-while [ $# -gt 0 ]; do
-    arg=$1
-    shift
-    case $arg in
-        --bucket) req "$arg" "$@"; bucket=${1#gs://}; bucket=${bucket%/}; shift ;;
-        --project) req "$arg" "$@"; project=$1; shift ;;
-        --build-dir) req "$arg" "$@"; build_dir=$1; shift ;;
-        --object) req "$arg" "$@"; object=${1#/}; shift ;;
-        --dry-run) dry_run=1 ;;
-        -h | --help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) die "unknown argument $arg (see --help)" ;;
+flag() {
+    case $1 in
+        --build-dir) value "$@"; build_dir=$2 ;;
+        --object) value "$@"; object=${2#/} ;;
+        *) return 1 ;;
     esac
-done
+}
+parse_flags flag "$@"
 need --bucket "$bucket"
 g=(gcloud)
 [ -n "$project" ] && g+=(--project="$project")

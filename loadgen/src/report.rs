@@ -1,6 +1,7 @@
 //! The generator's table, and appending it to a results file with the date and the machine.
 
 use crate::stats::Stats;
+use segtrain_telemetry::host;
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -92,17 +93,7 @@ impl Report<'_> {
 
 /// This machine in one line: CPU model and cores.
 fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cpu}, {cores} cores")
+    format!("{}, {} cores", host::cpu_model(), host::cores())
 }
 
 /// Appends the table under a heading with the date, the machine, the label and the flags.

@@ -128,14 +128,7 @@ fn elastic(s: &JobSpec) -> Result<(), SpecError> {
 }
 
 fn in_range<T: PartialOrd + Display>(field: &str, v: T, lo: T, hi: T) -> Result<(), SpecError> {
-    if lo <= v && v <= hi {
-        Ok(())
-    } else {
-        Err(SpecError::new(
-            field,
-            format!("must be in {lo}..={hi}, got {v}"),
-        ))
-    }
+    within(field, v, lo, hi, String::new())
 }
 
 /// A range whose upper end comes from another field, named in `why` (e.g. "max_iters").
@@ -146,12 +139,22 @@ fn in_range_because<T: PartialOrd + Display>(
     hi: T,
     why: &str,
 ) -> Result<(), SpecError> {
+    within(field, v, lo, hi, format!(" ({why})"))
+}
+
+fn within<T: PartialOrd + Display>(
+    field: &str,
+    v: T,
+    lo: T,
+    hi: T,
+    why: String,
+) -> Result<(), SpecError> {
     if lo <= v && v <= hi {
         Ok(())
     } else {
         Err(SpecError::new(
             field,
-            format!("must be in {lo}..={hi} ({why}), got {v}"),
+            format!("must be in {lo}..={hi}{why}, got {v}"),
         ))
     }
 }

@@ -232,26 +232,9 @@ impl CoordinatorProcess {
     }
 
     async fn wait_serving(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!(
-                        "coordinator exited with {status}; log:\n{}",
-                        self.log_text()
-                    );
-                }
-            }
-            if job_service_serving(&self.url(), &self.client_tls()).await {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "coordinator not serving after 30 s; log:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let (url, tls) = (self.url(), self.client_tls());
+        let child = self.child.as_mut().expect("started");
+        wait_until_serving(&url, &tls, child, &self.log, Duration::from_secs(30)).await;
     }
 
     /// `http://127.0.0.1:<port>`, or `https://127.0.0.1:<port>` with TLS.
@@ -393,6 +376,33 @@ pub fn assert_code<T: std::fmt::Debug>(
         e.message()
     );
     e
+}
+
+/// Waits until the coordinator `child` serves JobService at `url`; fails the test, with the
+/// coordinator's log, if it exits first or `timeout` passes.
+pub async fn wait_until_serving(
+    url: &str,
+    tls: &ClientTls,
+    child: &mut Child,
+    log: &Path,
+    timeout: Duration,
+) {
+    let log = || std::fs::read_to_string(log).unwrap_or_default();
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the coordinator exited with {status}; log:\n{}", log());
+        }
+        if job_service_serving(url, tls).await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the coordinator is not serving after {timeout:?}; log:\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Whether a coordinator at `url` answers its health service with JobService SERVING (false

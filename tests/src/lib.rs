@@ -5,7 +5,8 @@
 //! throwaway cluster in a temporary directory and removes it again on drop.
 //! [`coordinator::CoordinatorProcess`] runs the real `segtrain-coordinator`
 //! binary against it, so tests can kill and restart it; [`service::Service`] is the two with a
-//! store connection. [`metrics`] scrapes and checks Prometheus `/metrics` pages.
+//! store connection. [`metrics`] scrapes and checks Prometheus `/metrics` pages; [`sql`] reads the tables for
+//! assertions.
 
 pub mod binaries;
 pub mod cluster;
@@ -16,4 +17,5 @@ pub mod gcs;
 pub mod metrics;
 pub mod pg;
 pub mod service;
+pub mod sql;
 pub mod wait;

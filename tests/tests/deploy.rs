@@ -16,7 +16,7 @@ use segtrain_proto::client::{self as conn, BearerToken, ClientTls};
 use segtrain_proto::v1 as pb;
 use segtrain_proto::v1::job_service_client::JobServiceClient;
 use segtrain_tests::binaries;
-use segtrain_tests::coordinator::{job_service_serving, metric_points};
+use segtrain_tests::coordinator::{metric_points, wait_until_serving};
 use segtrain_tests::daemon::{alive, children_of};
 use segtrain_tests::pg::TempPostgres;
 use segtrain_tests::wait::poll_until;
@@ -479,38 +479,75 @@ fn gcp_dry_run_prints_every_gcloud_command_with_the_required_flags() {
     );
     assert_eq!(cmds[0].verb[3], "gs://b/segtrain/release/segtrain.tar.gz");
 
-    // Bad flags are refused before anything is printed.
-    for bad in [
-        vec!["--zone", "us-central1-a", "--bucket", "b"],
-        vec![
-            "--project",
-            "p",
-            "--zone",
-            "us-central1-a",
-            "--bucket",
-            "b",
-            "--workers",
-            "0",
-        ],
-        vec!["--project", "p", "--zone", "nowhere", "--bucket", "b"],
-        vec![
-            "--project",
-            "p",
-            "--zone",
-            "us-central1-a",
-            "--bucket",
-            "b",
-            "--bogus",
-        ],
+    // Bad flags are refused before anything is printed, naming the flag.
+    for (script, bad, says) in [
+        (
+            "create-cluster.sh",
+            "--zone us-central1-a --bucket b",
+            "--project is required",
+        ),
+        (
+            "create-cluster.sh",
+            "--project p --zone us-central1-a --bucket b --workers 0",
+            "--workers: 1..64, got 0",
+        ),
+        (
+            "create-cluster.sh",
+            "--project p --zone nowhere --bucket b",
+            "--zone: a zone such as",
+        ),
+        (
+            "create-cluster.sh",
+            "--project p --zone us-central1-a --bucket b --bogus",
+            "unknown argument --bogus",
+        ),
+        ("create-cluster.sh", "--project", "--project needs a value"),
+        (
+            "delete-cluster.sh",
+            "--project p --zone=",
+            "--zone needs a value",
+        ),
+        // Only the scripts that use a zone take one.
+        (
+            "upload-release.sh",
+            "--bucket b --zone z",
+            "unknown argument --zone",
+        ),
     ] {
-        let out = Command::new(repo().join("deploy/gcp/create-cluster.sh"))
-            .args(&bad)
+        let out = Command::new(repo().join("deploy/gcp").join(script))
+            .args(bad.split(' '))
             .arg("--dry-run")
             .output()
             .expect("run");
-        assert!(!out.status.success(), "{bad:?} accepted");
-        assert!(out.stdout.is_empty(), "{bad:?} printed commands");
-        assert!(!out.stderr.is_empty(), "{bad:?} said nothing");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{script} {bad}: accepted");
+        assert!(out.stdout.is_empty(), "{script} {bad}: printed commands");
+        assert!(stderr.contains(says), "{script} {bad}: said {stderr:?}");
+    }
+}
+
+#[test]
+fn gcp_scripts_help_is_their_header_comment_and_nothing_else() {
+    for script in [
+        "create-cluster.sh",
+        "delete-cluster.sh",
+        "upload-release.sh",
+    ] {
+        let path = repo().join("deploy/gcp").join(script);
+        let text = std::fs::read_to_string(&path).expect("script");
+        let header: String = text
+            .lines()
+            .skip(1)
+            .take_while(|l| l.starts_with('#'))
+            .map(|l| l.strip_prefix("# ").unwrap_or(&l[1..]).to_string() + "\n")
+            .collect();
+        let out = Command::new(&path).arg("--help").output().expect("run");
+        assert!(out.status.success(), "{script} --help failed");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            header,
+            "{script} --help"
+        );
     }
 }
 
@@ -1095,24 +1132,8 @@ impl Drop for Running {
 }
 
 async fn wait_serving(url: &str, tls: &ClientTls, coordinator: &mut Running) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(Some(s)) = coordinator.child.try_wait() {
-            panic!(
-                "the coordinator exited with {s}:\n{}",
-                coordinator.log_text()
-            );
-        }
-        if job_service_serving(url, tls).await {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the coordinator is not serving after 60 s:\n{}",
-            coordinator.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let timeout = Duration::from_secs(60);
+    wait_until_serving(url, tls, &mut coordinator.child, &coordinator.log, timeout).await;
 }
 
 /// Runs an installed binary to completion with a unit's environment; its stdout.

@@ -12,6 +12,7 @@ use segtrain_proto::v1 as pb;
 use segtrain_tests::cluster::{kill9, state_changes, Cluster, DaemonOpts, DEFAULT_DAEMON, LEASE_S};
 use segtrain_tests::coordinator::notes;
 use segtrain_tests::daemon::{alive, DaemonProcess};
+use segtrain_tests::sql::{attempt_reason, job_value, job_values, rank_outcomes};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
@@ -135,22 +136,16 @@ async fn a_frozen_worker_is_failed_within_its_lease_and_the_job_restarts_without
         detected <= Duration::from_secs(LEASE_S + 3),
         "lost after {detected:?}, lease {LEASE_S} s"
     );
-    let lost_reason: String =
-        sqlx::query_scalar("SELECT reason FROM attempts WHERE job_id = $1::uuid AND attempt = 1")
-            .bind(&id)
-            .fetch_one(&c.pool)
-            .await
-            .expect("attempt 1");
+    let lost_reason = attempt_reason(&c.pool, &id, 1).await;
     assert!(lost_reason.contains("LOST"), "{lost_reason}");
     // The second attempt ran on the two others.
-    let hosts: Vec<String> = sqlx::query_scalar(
+    let hosts: Vec<String> = job_values(
+        &c.pool,
         "SELECT w.host FROM attempt_ranks ar JOIN workers w ON w.id = ar.worker_id
          WHERE ar.job_id = $1::uuid AND ar.attempt = 2 ORDER BY ar.rank",
+        &id,
     )
-    .bind(&id)
-    .fetch_all(&c.pool)
-    .await
-    .expect("attempt 2 ranks");
+    .await;
     let cut_host = format!("cpu-{}", (b'a' + cut as u8) as char);
     assert!(!hosts.contains(&cut_host), "{hosts:?}");
     // The host comes back: its stale trainer is told to stop, and its late reports are refused.
@@ -363,13 +358,8 @@ async fn cancel_during_training_checkpoints_gracefully_and_ends_canceled() {
         .expect("a checkpoint written on the way out");
     assert!((3..1000).contains(&it), "checkpoint at {it}");
     assert!(Path::new(&uri).join("manifest.json").exists());
-    let outcomes: Vec<String> = sqlx::query_scalar(
-        "SELECT outcome FROM attempt_ranks WHERE job_id = $1::uuid ORDER BY rank",
-    )
-    .bind(&id)
-    .fetch_all(&c.pool)
-    .await
-    .expect("outcomes");
+    assert_eq!(job.attempt, 1);
+    let outcomes = rank_outcomes(&c.pool, &id, 1).await;
     assert_eq!(outcomes, ["CANCELED", "CANCELED"]);
 }
 
@@ -399,13 +389,12 @@ async fn cancel_during_checkpoint_write(grace_s: u32) -> (Cluster, String) {
 async fn cancel_during_a_checkpoint_write_finishes_the_write_within_the_grace() {
     let _serial = SERIAL.lock().await;
     let (c, id) = cancel_during_checkpoint_write(20).await;
-    let state: String = sqlx::query_scalar(
+    let state: String = job_value(
+        &c.pool,
         "SELECT state FROM checkpoints WHERE job_id = $1::uuid AND iteration = 5",
+        &id,
     )
-    .bind(&id)
-    .fetch_one(&c.pool)
-    .await
-    .expect("checkpoint 5");
+    .await;
     assert_eq!(state, "COMPLETE");
 }
 

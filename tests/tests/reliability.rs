@@ -24,6 +24,7 @@ use segtrain_tests::daemon::{alive, stand_in_trainer, DaemonProcess};
 use segtrain_tests::dataset::{synth_data, tiny_job};
 use segtrain_tests::metrics::scrape_parsed;
 use segtrain_tests::pg::TempPostgres;
+use segtrain_tests::sql::{attempt_reason, job_value, rank_outcomes};
 use segtrain_tests::wait::poll_until_ok;
 use sqlx::PgPool;
 use std::ffi::OsStr;
@@ -107,11 +108,7 @@ impl Env {
     }
 
     async fn count(&self, sql: &str, job: &str) -> i64 {
-        sqlx::query_scalar(sql)
-            .bind(job)
-            .fetch_one(&self.pool)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        job_value(&self.pool, sql, job).await
     }
 }
 
@@ -293,12 +290,7 @@ async fn a_daemon_killed_and_restarted_at_once_takes_its_place_back_before_its_l
     let job = env.coord.get_job(&id).await;
     assert_eq!(job.state(), pb::JobState::Succeeded, "{}", a.log_text());
     assert_eq!((job.restarts, job.attempt), (1, 2));
-    let reason: String =
-        sqlx::query_scalar("SELECT reason FROM attempts WHERE job_id = $1::uuid AND attempt = 1")
-            .bind(&id)
-            .fetch_one(&env.pool)
-            .await
-            .expect("attempt 1");
+    let reason = attempt_reason(&env.pool, &id, 1).await;
     assert!(
         reason.contains("re-registered without the trainer"),
         "{reason}"
@@ -459,21 +451,10 @@ async fn a_dataset_vanishing_for_a_moment_mid_run_is_an_infrastructure_failure()
     // The restart runs to the end (cancel it once it trains again: the point is the class).
     env.wait_job(&id, "attempt = 2 AND state = 'RUNNING'", 120, &logs)
         .await;
-    let reason: String =
-        sqlx::query_scalar("SELECT reason FROM attempts WHERE job_id = $1::uuid AND attempt = 1")
-            .bind(&id)
-            .fetch_one(&env.pool)
-            .await
-            .expect("attempt 1");
+    let reason = attempt_reason(&env.pool, &id, 1).await;
     assert!(reason.contains("train"), "{reason}");
-    let outcome: String = sqlx::query_scalar(
-        "SELECT outcome FROM attempt_ranks WHERE job_id = $1::uuid AND attempt = 1",
-    )
-    .bind(&id)
-    .fetch_one(&env.pool)
-    .await
-    .expect("rank outcome");
-    assert_eq!(outcome, "FAILED_INFRA");
+    let outcomes = rank_outcomes(&env.pool, &id, 1).await;
+    assert_eq!(outcomes, ["FAILED_INFRA"]);
     env.coord.cancel(&id, "done").await;
     env.wait_terminal(&id, Duration::from_secs(60), &logs).await;
 }

@@ -19,11 +19,13 @@ segtrain_tests::service_env!(Env);
 
 impl Env {
     async fn start() -> Env {
-        Env::start_with(&["--lease-seconds", "300", "--scheduler-interval-ms", "100"]).await
+        Env::start_with("--lease-seconds 300 --scheduler-interval-ms 100").await
     }
 
-    async fn start_with(args: &[&str]) -> Env {
-        Env(Service::start(args).await)
+    /// A coordinator with these flags (`--name value ...`, split on spaces).
+    async fn start_with(flags: &str) -> Env {
+        let args: Vec<&str> = flags.split_whitespace().collect();
+        Env(Service::start(&args).await)
     }
 
     async fn jobs(&self) -> JobServiceClient<Channel> {
@@ -287,14 +289,9 @@ async fn placement_spans_the_fewest_hosts() {
 #[tokio::test]
 async fn an_expired_lease_fails_the_attempt_restarts_the_job_and_stops_the_other_ranks() {
     // A long backoff keeps the job RESTARTING for the rest of the test.
-    let env = Env::start_with(&[
-        "--lease-seconds",
-        "2",
-        "--scheduler-interval-ms",
-        "100",
-        "--restart-backoff-ms",
-        "600000",
-    ])
+    let env = Env::start_with(
+        "--lease-seconds 2 --scheduler-interval-ms 100 --restart-backoff-ms 600000",
+    )
     .await;
     let mut alive = env.worker("host-a", 0).await;
     let mut silent = env.worker("host-a", 1).await;
@@ -378,15 +375,9 @@ async fn an_expired_lease_fails_the_attempt_restarts_the_job_and_stops_the_other
 
 #[tokio::test]
 async fn a_restarting_job_is_queued_again_after_its_backoff_and_resumes() {
-    let env = Env::start_with(&[
-        "--lease-seconds",
-        "300",
-        "--scheduler-interval-ms",
-        "50",
-        "--restart-backoff-ms",
-        "300",
-    ])
-    .await;
+    let env =
+        Env::start_with("--lease-seconds 300 --scheduler-interval-ms 50 --restart-backoff-ms 300")
+            .await;
     let mut w = env.worker("host-r", 0).await;
     let job = env.submit("flaky", 1, 0).await;
     let a = w.start().await;
@@ -455,7 +446,7 @@ async fn a_restarting_job_is_queued_again_after_its_backoff_and_resumes() {
 
 #[tokio::test]
 async fn two_coordinators_never_double_book_a_worker() {
-    let env = Env::start_with(&["--lease-seconds", "300", "--scheduler-interval-ms", "20"]).await;
+    let env = Env::start_with("--lease-seconds 300 --scheduler-interval-ms 20").await;
     let other = CoordinatorProcess::start_with_args(
         &env.url,
         &["--lease-seconds", "300", "--scheduler-interval-ms", "20"],
@@ -532,8 +523,7 @@ async fn two_coordinators_never_double_book_a_worker() {
 
 #[tokio::test]
 async fn a_coordinator_restart_neither_loses_assignments_nor_reaps_silent_workers() {
-    let mut env =
-        Env::start_with(&["--lease-seconds", "2", "--scheduler-interval-ms", "100"]).await;
+    let mut env = Env::start_with("--lease-seconds 2 --scheduler-interval-ms 100").await;
     let mut w0 = env.worker("host-a", 0).await;
     let mut w1 = env.worker("host-a", 1).await;
     let job = env.submit("survivor", 2, 0).await;

@@ -11,23 +11,12 @@ use std::time::Instant;
 use anyhow::Context;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use segtrain_telemetry::host;
 use segtrain_trainer::data::augment::{AugmentConfig, Augmenter};
 use segtrain_trainer::data::cityscapes::{load_image, load_label, scan};
 use segtrain_trainer::data::loader::TrainLoader;
 use segtrain_trainer::data::sampler::{BatchLayout, DistributedSampler};
 use segtrain_trainer::data::synth::{generate, SynthOptions};
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_string())
-}
 
 fn main() -> anyhow::Result<()> {
     let images: usize = std::env::var("SEGTRAIN_BENCH_IMAGES")
@@ -35,7 +24,7 @@ fn main() -> anyhow::Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(24);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!("machine: {cores} cores (nproc), {}", cpu_model());
+    println!("machine: {cores} cores (nproc), {}", host::cpu_model());
 
     let dir = tempfile::tempdir()?;
     let t = Instant::now();

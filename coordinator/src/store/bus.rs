@@ -123,9 +123,18 @@ pub(super) async fn notify(
     channel: &str,
     id: Uuid,
 ) -> Result<(), StoreError> {
-    sqlx::query("SELECT pg_notify($1, $2)")
+    notify_each(tx, channel, &[id]).await
+}
+
+/// [`notify`] for each id, in one statement (a placement wakes every worker it booked).
+pub(super) async fn notify_each(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    channel: &str,
+    ids: &[Uuid],
+) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_notify($1, id::text) FROM unnest($2::uuid[]) AS id")
         .bind(channel)
-        .bind(id.to_string())
+        .bind(ids)
         .execute(&mut **tx)
         .await?;
     Ok(())

@@ -271,11 +271,7 @@ async fn place_head(
     );
     let idle_before = candidates.len();
     transition_in_tx(tx, job_id, JobState::Scheduled, &reason).await?;
-    sqlx::query("SELECT pg_notify($1, w::text) FROM unnest($2::uuid[]) AS w")
-        .bind(WORKERS_CHANNEL)
-        .bind(&chosen)
-        .execute(&mut **tx)
-        .await?;
+    super::bus::notify_each(tx, WORKERS_CHANNEL, &chosen).await?;
     idle.retain(|c| !chosen.contains(&c.id));
     debug_assert_eq!(idle.len() + chosen.len(), idle_before);
     Ok(Step::Placed(Placement {

@@ -186,9 +186,7 @@ impl BenchMode {
                     dir: dir.clone(),
                     num_classes: classes,
                 })?;
-                if json {
-                    println!("{}", serde_json::to_string(&rows)?);
-                } else {
+                json_line_or(json, &rows, || {
                     println!(
                         "checkpoint::save to {} ({} writes each)",
                         dir.display(),
@@ -204,8 +202,7 @@ impl BenchMode {
                             r.variant, r.parameters, r.bytes, r.seconds_median, r.mb_per_s
                         );
                     }
-                }
-                Ok(())
+                })
             }
         }
     }
@@ -259,9 +256,7 @@ impl Tool {
                     device,
                     num_classes: classes,
                 })?;
-                if json {
-                    println!("{}", serde_json::to_string(&r)?);
-                } else {
+                json_line_or(json, &r, || {
                     println!(
                     "| variant | precision | batch | crop | device | ms/iter (median) | images/s | peak GiB | TFLOP/s |"
                 );
@@ -316,7 +311,7 @@ impl Tool {
                             );
                         }
                     }
-                }
+                })?;
             }
             Tool::BenchLoader {
                 data,
@@ -335,9 +330,7 @@ impl Tool {
                     crop_w: crop_w as usize,
                     batches,
                 })?;
-                if json {
-                    println!("{}", serde_json::to_string(&r)?);
-                } else {
+                json_line_or(json, &r, || {
                     println!("| threads | batch | crop | images | images/s | ms/image/thread |");
                     println!("|---|---|---|---|---|---|");
                     println!(
@@ -350,7 +343,7 @@ impl Tool {
                         r.images_per_s,
                         r.ms_per_image_per_thread
                     );
-                }
+                })?;
             }
             Tool::SynthData {
                 out,
@@ -417,6 +410,16 @@ impl Tool {
         }
         Ok(())
     }
+}
+
+/// `v` as one line of JSON with `--json` (what bench scripts read), else `table()` for people.
+fn json_line_or(json: bool, v: &impl serde::Serialize, table: impl FnOnce()) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(v)?);
+    } else {
+        table();
+    }
+    Ok(())
 }
 
 /// `v` as pretty JSON with `--json`, else as text for people.

@@ -26,6 +26,22 @@ pub fn s(p: &Path) -> String {
     p.to_str().expect("utf-8").to_string()
 }
 
+/// Runs `train --config CONFIG --checkpoint-dir DIR ARGS` that must fail before it trains: its
+/// exit code and stderr (never a panic).
+pub fn train_refused(config: &Path, checkpoint_dir: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(EXE)
+        .args(["train", "--config", &s(config)])
+        .args(["--checkpoint-dir", &s(checkpoint_dir)])
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("run segtrain-worker");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{args:?} should fail");
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+    (out.status.code(), err)
+}
+
 /// Starts `train --json` with stdout read line by line on a thread (sent through the channel)
 /// and stderr in a file.
 pub fn start(args: &[String], log: &Path) -> (Guard, mpsc::Receiver<String>) {
