@@ -32,7 +32,8 @@ const EXIT_CANCELED: u8 = 3;
 )]
 struct Cli {
     /// Coordinator address: https://host:port (TLS) or http://host:port (plaintext, for a
-    /// coordinator on this machine started with --plaintext).
+    /// coordinator on this machine started with --plaintext). Several coordinators on one
+    /// database: their addresses comma-separated (the first that answers is used).
     #[arg(
         long,
         global = true,
@@ -208,7 +209,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         print!("{}", segtrain_spec::template());
         return Ok(ExitCode::SUCCESS);
     }
-    let channel = connect(&cli)?;
+    let channel = connect(&cli).await?;
     let mut jobs = JobServiceClient::new(channel.clone())
         .max_decoding_message_size(conn::MAX_RESPONSE_BYTES)
         .max_encoding_message_size(conn::MAX_REQUEST_BYTES);
@@ -469,16 +470,16 @@ async fn pause(so_far: Duration) -> Duration {
     d
 }
 
-/// A lazy channel (the first RPC connects, so an unreachable coordinator is reported by the RPC
-/// with the address in the message) with TLS and the bearer token as the flags say.
-fn connect(cli: &Cli) -> anyhow::Result<AuthChannel> {
+/// A channel with TLS and the bearer token as the flags say, to the first of the coordinators
+/// that answers (an unreachable one is reported by the RPC, with the address in the message).
+async fn connect(cli: &Cli) -> anyhow::Result<AuthChannel> {
     let tls = ClientTls {
         ca: cli.ca.clone(),
         cert: cli.client_cert.clone(),
         key: cli.client_key.clone(),
     };
     let token = BearerToken::from_file_or_env(cli.token_file.as_deref())?;
-    Ok(conn::connect_lazy(&cli.coordinator, &tls, token)?)
+    Ok(conn::connect_first_reachable(&cli.coordinator, &tls, token).await?)
 }
 
 fn parse_role(s: &str) -> anyhow::Result<pb::TokenRole> {

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 #[derive(clap::Args, Debug)]
 pub struct DaemonArgs {
     /// The coordinator's address: https://host:port (TLS) or http://host:port (plaintext, for a
-    /// coordinator on this machine started with --plaintext).
+    /// coordinator on this machine started with --plaintext). Several coordinators on one
+    /// database: their addresses comma-separated; calls fail over to the next when one cannot
+    /// be reached.
     #[arg(
         long,
         env = "SEGTRAIN_COORDINATOR",

@@ -10,7 +10,10 @@
 //! - Every request carries `authorization: Bearer <token>` when a token is configured.
 //! - Requests are at most [`MAX_REQUEST_BYTES`], responses at most [`MAX_RESPONSE_BYTES`]: the
 //!   coordinator enforces the same limits.
+//! - `--coordinator` may list several addresses, comma-separated: coordinators on one database.
+//!   Calls go to one and fail over to the next when it cannot be reached ([`FailoverChannel`]).
 
+pub use crate::failover::FailoverChannel;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -30,8 +33,8 @@ pub const MAX_RESPONSE_BYTES: usize = 16 << 20;
 /// holding one instead).
 pub const TOKEN_ENV: &str = "SEGTRAIN_TOKEN";
 
-/// A channel whose requests carry the bearer token.
-pub type AuthChannel = InterceptedService<Channel, BearerToken>;
+/// A channel whose requests carry the bearer token, over one or more coordinator addresses.
+pub type AuthChannel = InterceptedService<FailoverChannel, BearerToken>;
 
 /// A connection problem a person can fix: the message names the flag or file.
 #[derive(Debug, Clone)]
@@ -214,14 +217,66 @@ impl Interceptor for BearerToken {
     }
 }
 
-/// A lazy channel (the first RPC connects) that sends `token` with every request.
+/// The addresses of `--coordinator`: one URL, or several separated by commas (coordinators on
+/// one database), each checked as [`endpoint`] checks it.
+pub fn coordinator_urls(list: &str) -> Result<Vec<String>, ConnectError> {
+    let urls: Vec<String> = list.split(',').map(|u| u.trim().to_string()).collect();
+    if urls.iter().any(String::is_empty) {
+        return Err(err(format!(
+            "--coordinator: expected one or more comma-separated URLs such as https://host:port, got {list:?}"
+        )));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(dup) = urls.iter().find(|u| !seen.insert(u.as_str())) {
+        return Err(err(format!("--coordinator: {dup} is listed twice")));
+    }
+    Ok(urls)
+}
+
+/// A lazy channel (the first RPC connects) to the coordinator(s) of `urls` (see
+/// [`coordinator_urls`]) that sends `token` with every request.
 pub fn connect_lazy(
-    url: &str,
+    urls: &str,
     tls: &ClientTls,
     token: BearerToken,
 ) -> Result<AuthChannel, ConnectError> {
-    let channel = endpoint(url, tls)?.connect_lazy();
-    Ok(InterceptedService::new(channel, token))
+    let urls = coordinator_urls(urls)?;
+    let channels = urls
+        .iter()
+        .map(|u| endpoint(u, tls).map(|e| e.connect_lazy()))
+        .collect::<Result<Vec<Channel>, _>>()?;
+    Ok(InterceptedService::new(
+        FailoverChannel::new(urls, channels),
+        token,
+    ))
+}
+
+/// [`connect_lazy`] for a client that makes a few calls and exits (the CLI): with several
+/// addresses it first connects to them in order and starts with the first that answers, so a
+/// dead coordinator costs one failed connect, not the command. With one address, or when none
+/// answers, it is [`connect_lazy`] (the call then reports the address it could not reach).
+pub async fn connect_first_reachable(
+    urls: &str,
+    tls: &ClientTls,
+    token: BearerToken,
+) -> Result<AuthChannel, ConnectError> {
+    let mut list = coordinator_urls(urls)?;
+    if list.len() > 1 {
+        for i in 0..list.len() {
+            if let Ok(channel) = endpoint(&list[i], tls)?.connect().await {
+                list.rotate_left(i);
+                let mut channels = vec![channel];
+                for u in &list[1..] {
+                    channels.push(endpoint(u, tls)?.connect_lazy());
+                }
+                return Ok(InterceptedService::new(
+                    FailoverChannel::new(list, channels),
+                    token,
+                ));
+            }
+        }
+    }
+    connect_lazy(urls, tls, token)
 }
 
 /// A status's message followed by its causes (a transport error's message alone is often just

@@ -15,6 +15,7 @@ pub mod v1 {
 pub use prost_types::Timestamp;
 
 pub mod client;
+mod failover;
 pub mod job_spec;
 pub mod names;
 pub mod refusal;

@@ -488,7 +488,8 @@ impl Store {
             };
             let state = worker_state(id, &state)?;
             let reason = format!(
-                "worker {host}:{gpu} lost: no heartbeat since {}",
+                "worker {} lost: no heartbeat since {}",
+                super::worker_name(&host, gpu),
                 last.format("%Y-%m-%dT%H:%M:%SZ")
             );
             for (r, _) in open_ranks(&mut tx, id).await? {
