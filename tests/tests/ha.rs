@@ -63,7 +63,13 @@ async fn kill_9_of_one_of_two_coordinators_under_load_loses_and_doubles_nothing(
         job_value::<i64>(&pool, "SELECT count(*) FROM workers WHERE $1 = $1", "").await
             == DAEMONS as i64
     };
-    poll_until(Duration::from_secs(60), "every daemon registered", logs, registered).await;
+    poll_until(
+        Duration::from_secs(60),
+        "every daemon registered",
+        logs,
+        registered,
+    )
+    .await;
 
     // Twelve jobs (two waves on six workers), half submitted through each coordinator.
     let mut ids = Vec::new();
@@ -98,7 +104,13 @@ async fn kill_9_of_one_of_two_coordinators_under_load_loses_and_doubles_nothing(
         .await
             >= DAEMONS as i64 / 2
     };
-    poll_until(Duration::from_secs(60), "the first wave trains", logs, training).await;
+    poll_until(
+        Duration::from_secs(60),
+        "the first wave trains",
+        logs,
+        training,
+    )
+    .await;
     a.borrow_mut().kill();
 
     // The CLI's one-shot commands find B (A is first in their list and refuses connections).
@@ -138,7 +150,12 @@ async fn kill_9_of_one_of_two_coordinators_under_load_loses_and_doubles_nothing(
         "",
     )
     .await;
-    assert_eq!(lost, 0, "a worker, rank or attempt did not end well:\n{}", logs());
+    assert_eq!(
+        lost,
+        0,
+        "a worker, rank or attempt did not end well:\n{}",
+        logs()
+    );
     // Every point stored once, and every metrics event once.
     for id in &ids {
         let points: i64 = job_value(
