@@ -28,6 +28,8 @@ command -v gcc >/dev/null 2>&1 || need+=(gcc)
 command -v g++ >/dev/null 2>&1 || need+=(g++)
 command -v make >/dev/null 2>&1 || need+=(make)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+# `ip netns` for the network-partition test (tests/tests/partition.rs).
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
 # The text font of `segtrain plot` PNGs.
 [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 command -v python3 >/dev/null 2>&1 || need+=(python3)

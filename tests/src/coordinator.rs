@@ -27,6 +27,8 @@ use tonic_health::pb::HealthCheckRequest;
 
 pub struct CoordinatorProcess {
     database_url: String,
+    /// The address it listens on: 127.0.0.1, or another loopback-range address (partition.rs).
+    host: String,
     port: u16,
     child: Option<Child>,
     log: PathBuf,
@@ -74,6 +76,18 @@ impl CoordinatorProcess {
         let mut all = vec!["--plaintext", "--insecure-no-auth"];
         all.extend_from_slice(args);
         CoordinatorProcess::launch(database_url, &all, None).await
+    }
+
+    /// [`start_with_args`](Self::start_with_args) listening on `host` (a loopback-range address
+    /// such as a test network's 127.77.0.1) instead of 127.0.0.1.
+    pub async fn start_on(database_url: &str, host: &str, args: &[&str]) -> CoordinatorProcess {
+        let mut all = vec!["--plaintext", "--insecure-no-auth"];
+        all.extend_from_slice(args);
+        let logdir = tempfile::tempdir().expect("temp dir for the coordinator log");
+        let mut c = CoordinatorProcess::new(database_url, &all, None, logdir);
+        c.host = host.to_string();
+        c.spawn().await;
+        c
     }
 
     /// Starts the coordinator with TLS (a fresh private CA; the server certificate is for
@@ -135,17 +149,27 @@ impl CoordinatorProcess {
         secure: Option<Secure>,
         logdir: tempfile::TempDir,
     ) -> CoordinatorProcess {
-        let mut c = CoordinatorProcess {
+        let mut c = CoordinatorProcess::new(database_url, args, secure, logdir);
+        c.spawn().await;
+        c
+    }
+
+    fn new(
+        database_url: &str,
+        args: &[&str],
+        secure: Option<Secure>,
+        logdir: tempfile::TempDir,
+    ) -> CoordinatorProcess {
+        CoordinatorProcess {
             database_url: database_url.to_string(),
+            host: "127.0.0.1".to_string(),
             port: free_port(),
             child: None,
             log: logdir.path().join("coordinator.log"),
             args: args.iter().map(|a| a.to_string()).collect(),
             secure,
             _logdir: logdir,
-        };
-        c.spawn().await;
-        c
+        }
     }
 
     /// TLS and token settings, when started with [`start_secure`](Self::start_secure).
@@ -215,7 +239,7 @@ impl CoordinatorProcess {
             .expect("open the coordinator log");
         let child = Command::new(crate::binaries::path("segtrain-coordinator"))
             .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
+            .arg(format!("{}:{}", self.host, self.port))
             .arg("--database-url")
             .arg(&self.database_url)
             .arg("--log-format")
@@ -237,14 +261,15 @@ impl CoordinatorProcess {
         wait_until_serving(&url, &tls, child, &self.log, Duration::from_secs(30)).await;
     }
 
-    /// `http://127.0.0.1:<port>`, or `https://127.0.0.1:<port>` with TLS.
+    /// `http://HOST:<port>`, or `https://HOST:<port>` with TLS (HOST: 127.0.0.1 unless started
+    /// with [`start_on`](Self::start_on)).
     pub fn url(&self) -> String {
         let scheme = if self.secure.is_some() {
             "https"
         } else {
             "http"
         };
-        format!("{scheme}://127.0.0.1:{}", self.port)
+        format!("{scheme}://{}:{}", self.host, self.port)
     }
 
     /// The port it listens on (127.0.0.1).

@@ -48,10 +48,33 @@ impl DaemonProcess {
         env: &[(&str, &str)],
         args: &[&std::ffi::OsStr],
     ) -> DaemonProcess {
+        DaemonProcess::start_wrapped(&[], url, host, work_dir, grace_seconds, env, args)
+    }
+
+    /// [`start_full`](Self::start_full) run through `wrapper` (e.g. `ip netns exec NS`, which
+    /// execs the daemon: the pid stays the daemon's).
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        url: &str,
+        host: &str,
+        work_dir: &Path,
+        grace_seconds: u32,
+        env: &[(&str, &str)],
+        args: &[&std::ffi::OsStr],
+    ) -> DaemonProcess {
         std::fs::create_dir_all(work_dir).expect("daemon work dir");
         let log = work_dir.join("daemon.log");
         let err = std::fs::File::create(&log).expect("daemon log");
-        let child = Command::new(crate::binaries::path("segtrain-worker"))
+        let worker = crate::binaries::path("segtrain-worker");
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(&worker);
+                c
+            }
+            None => Command::new(&worker),
+        };
+        let child = cmd
             .args([
                 "daemon",
                 "--cpu",
