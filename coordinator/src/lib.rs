@@ -5,13 +5,15 @@
 //! [`scheduler`] places queued jobs onto idle workers (gang, all or none) and reaps expired leases.
 //! [`auth`] checks every request's bearer token and role before it reaches [`api`]; [`certs`]
 //! makes a private CA and certificates for TLS.
-//! [`metrics`] exports Prometheus metrics on `/metrics` (`--metrics-listen`).
+//! [`metrics`] exports Prometheus metrics on `/metrics` (`--metrics-listen`); [`retention`] is
+//! `segtrain-coordinator prune`.
 
 pub mod api;
 pub mod auth;
 pub mod certs;
 pub mod events;
 pub mod metrics;
+pub mod retention;
 pub mod scheduler;
 pub mod server;
 pub mod state;

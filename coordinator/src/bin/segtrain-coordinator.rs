@@ -115,6 +115,24 @@ enum Command {
     /// access. With a running coordinator, prefer `segtrain token ...` (an admin token).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Delete the events and metric points of jobs that finished before --older-than (a dry
+    /// run unless --apply): the job, its attempts and checkpoints stay, with a note.
+    Prune(PruneArgs),
+}
+
+#[derive(Args, Debug)]
+struct PruneArgs {
+    #[command(flatten)]
+    db: DbArgs,
+    /// How long ago a job must have finished: 90d, 12h, 30m (days, hours, minutes; at least 1h).
+    #[arg(long, default_value = "90d")]
+    older_than: String,
+    /// Delete (without it: only print what would be deleted).
+    #[arg(long)]
+    apply: bool,
+    /// Before deleting, write each job's events and points to DIR/<job id>.jsonl.
+    #[arg(long, value_name = "DIR")]
+    archive: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -189,6 +207,7 @@ fn main() -> ExitCode {
         None => runtime.block_on(run_server(cli.serve)),
         Some(Command::Certs(a)) => certs(a),
         Some(Command::Token(t)) => runtime.block_on(token(t)),
+        Some(Command::Prune(p)) => runtime.block_on(prune(p)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -354,6 +373,29 @@ async fn token(cmd: TokenCommand) -> anyhow::Result<()> {
                 println!("revoked {} token {:?} ({})", t.role, t.name, t.id);
             }
         }
+    }
+    Ok(())
+}
+
+async fn prune(a: PruneArgs) -> anyhow::Result<()> {
+    use segtrain_coordinator::retention;
+    let older_than = retention::parse_age(&a.older_than).map_err(anyhow::Error::msg)?;
+    if a.archive.is_some() && !a.apply {
+        anyhow::bail!(
+            "--archive writes what --apply deletes: give --apply too (or neither, for a dry run)"
+        );
+    }
+    let store = open_store(&a.db).await?;
+    let opts = retention::PruneOptions {
+        older_than,
+        apply: a.apply,
+        archive: a.archive,
+    };
+    let report = retention::prune(&store, &opts).await?;
+    if a.db.json {
+        println!("{}", report.json());
+    } else {
+        print!("{}", report.text());
     }
     Ok(())
 }
