@@ -11,6 +11,7 @@ mod drain;
 mod elastic;
 mod events;
 mod health;
+mod heartbeat;
 mod ingest;
 mod jobs;
 mod metrics;

@@ -127,7 +127,7 @@ pub(super) fn worker_state(id: Uuid, s: &str) -> Result<WorkerState, StoreError>
     WorkerState::parse(s).ok_or_else(|| StoreError::Corrupt(format!("worker {id} state {s:?}")))
 }
 
-fn lease_secs(lease: Duration) -> f64 {
+pub(super) fn lease_secs(lease: Duration) -> f64 {
     lease.as_secs_f64()
 }
 
@@ -352,13 +352,9 @@ impl Store {
         ))
     }
 
-    /// Extends the lease and says which of the `running` ranks the daemon must stop: those of a
-    /// canceling or finished job, of a finished or stale attempt, not assigned to this worker, or
-    /// already finished in the coordinator's record. A rank that must stop and is not listed has
-    /// stopped: it ends CANCELED (which frees the worker). A worker declared LOST comes back.
-    /// `leaving` (the daemon is going away) takes the worker out of placement until a daemon
-    /// registers for it again.
-    pub async fn heartbeat(
+    /// [`Store::heartbeat`] in full: one transaction that also finishes the ranks the worker no
+    /// longer runs and brings a LOST worker back (heartbeat.rs tries the common case first).
+    pub(super) async fn heartbeat_in_full(
         &self,
         id: Uuid,
         instance: Uuid,
