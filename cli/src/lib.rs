@@ -420,7 +420,7 @@ async fn watch(
             .await;
         let mut stream = match attempt {
             Ok(s) => s.into_inner(),
-            Err(s) if s.code() == Code::Unavailable && outage < GIVE_UP => {
+            Err(s) if connection_lost(&s) && outage < GIVE_UP => {
                 outage += pause(outage).await;
                 continue;
             }
@@ -445,10 +445,7 @@ async fn watch(
                         _ => ExitCode::FAILURE,
                     });
                 }
-                Err(s)
-                    if matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Internal)
-                        && outage < GIVE_UP =>
-                {
+                Err(s) if connection_lost(&s) && outage < GIVE_UP => {
                     if !out.json {
                         eprintln!(
                             "connection to the coordinator lost ({}); reconnecting…",
@@ -462,6 +459,15 @@ async fn watch(
             }
         }
     }
+}
+
+/// How a call fails when its coordinator went away (refused, reset, killed mid-stream): worth
+/// calling again, on the next coordinator when several are given.
+fn connection_lost(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
+    )
 }
 
 async fn pause(so_far: Duration) -> Duration {

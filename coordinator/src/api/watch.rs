@@ -6,11 +6,10 @@
 //! final event has been sent.
 
 use super::{convert, status_of};
-use crate::store::bus::{self, Bus, Hint};
+use crate::store::bus::{Bus, Hint, Interest};
 use crate::store::Store;
 use segtrain_proto::v1 as pb;
 use std::time::Duration;
-use tokio::sync::broadcast;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use uuid::Uuid;
@@ -33,7 +32,7 @@ pub(crate) fn watch_job(
     after: i64,
 ) -> ReceiverStream<Result<pb::JobEvent, Status>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let mut wake = watchers.bus.subscribe();
+    let wake = watchers.bus.interest([Hint::Job(job)]);
     let poll = watchers.poll;
     tokio::spawn(async move {
         let mut cursor = after;
@@ -73,7 +72,7 @@ pub(crate) fn watch_job(
                     return;
                 }
             }
-            wait_for(&mut wake, job, &tx, poll).await;
+            wait_for(&wake, &tx, poll).await;
             if tx.is_closed() {
                 return;
             }
@@ -83,15 +82,10 @@ pub(crate) fn watch_job(
 }
 
 /// Sleeps until this job is notified, the poll interval passes, or the client leaves.
-async fn wait_for<T>(
-    wake: &mut broadcast::Receiver<Hint>,
-    job: Uuid,
-    client: &tokio::sync::mpsc::Sender<T>,
-    poll: Duration,
-) {
+async fn wait_for<T>(wake: &Interest, client: &tokio::sync::mpsc::Sender<T>, poll: Duration) {
     let until = tokio::time::Instant::now() + poll;
     tokio::select! {
         _ = client.closed() => {}
-        _ = bus::wait(wake, until, |h| h == Hint::Job(job)) => {}
+        _ = wake.wait(until) => {}
     }
 }

@@ -21,14 +21,13 @@ use super::worker_requests::{
 };
 use super::{convert, parse_job_id, status_of};
 use crate::metrics;
-use crate::store::bus::{wait, Bus, Hint};
+use crate::store::bus::{Bus, Hint, Interest};
 use crate::store::{Ingested, Store};
 use segtrain_proto::v1 as pb;
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
-use tokio::sync::broadcast;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -226,7 +225,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         self.known_instance(id, instance).await?;
         let stream = assignment_stream(
             self.store.clone(),
-            self.bus.subscribe(),
+            self.bus.interest([Hint::Worker(id)]),
             Owner {
                 worker: id,
                 instance,
@@ -285,7 +284,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         let instance = instance("instance_id", &req.instance_id)?;
         self.known_instance(id, instance).await?;
         let deadline = tokio::time::Instant::now() + patience;
-        let mut wake = self.bus.subscribe();
+        let wake = self.bus.interest([Hint::Attempt(job), Hint::JobState(job)]);
         loop {
             if let Some(ep) = self
                 .store
@@ -305,12 +304,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
                 )));
             }
             let until = deadline.min(now + self.cfg.poll);
-            wait(
-                &mut wake,
-                until,
-                |h| matches!(h, Hint::Attempt(j) | Hint::JobState(j) if j == job),
-            )
-            .await;
+            wake.wait(until).await;
         }
     }
 }
@@ -327,7 +321,7 @@ struct Owner {
 /// (FAILED_PRECONDITION, WORKER_SUPERSEDED).
 fn assignment_stream(
     store: Store,
-    wake: broadcast::Receiver<Hint>,
+    wake: Interest,
     owner: Owner,
     slots: Arc<StreamSlots>,
     cfg: WorkerApiConfig,
@@ -352,11 +346,17 @@ fn assignment_stream(
     ReceiverStream::new(rx)
 }
 
+/// Assignment streams re-read without a hint this many poll intervals apart: their hints come
+/// to them alone and are lost only while the listener reconnects (which wakes every stream), so
+/// the timer is a safety net. At 10,000 streams, re-reading every poll interval (2 s) was 10,000
+/// queries a second on its own.
+const ASSIGNMENT_POLL_FACTOR: u32 = 10;
+
 /// Sends `start` and `stop` messages until the daemon goes away or may no longer act for the
 /// worker.
 async fn send_assignments(
     store: Store,
-    mut wake: broadcast::Receiver<Hint>,
+    mut wake: Interest,
     owner: Owner,
     tx: &tokio::sync::mpsc::Sender<Result<pb::AssignmentMessage, Status>>,
     cfg: WorkerApiConfig,
@@ -402,16 +402,17 @@ async fn send_assignments(
                 open.iter().map(|a| (a.job_id, a.attempt, a.rank)).collect();
             started_sent.retain(|k| keys.contains(k));
             stop_sent.retain(|k| keys.contains(k));
-            let jobs: HashSet<Uuid> = open.iter().map(|a| a.job_id).collect();
-            let until = tokio::time::Instant::now() + cfg.poll;
+            // This worker's changes, and its jobs' state and attempt changes (not their
+            // metrics and checkpoints: those change no assignment).
+            let jobs = open.iter().map(|a| a.job_id);
+            wake.set(
+                std::iter::once(Hint::Worker(worker))
+                    .chain(jobs.flat_map(|j| [Hint::JobState(j), Hint::Attempt(j)])),
+            );
+            let until = tokio::time::Instant::now() + cfg.poll * ASSIGNMENT_POLL_FACTOR;
             tokio::select! {
                 _ = tx.closed() => return,
-                _ = wait(&mut wake, until, |h| match h {
-                    Hint::Worker(w) => w == worker,
-                    // State changes only: metrics and checkpoints change no assignment.
-                    Hint::JobState(j) | Hint::Attempt(j) => jobs.contains(&j),
-                    Hint::Job(_) => false,
-                }) => {}
+                _ = wake.wait(until) => {}
             }
         }
     }

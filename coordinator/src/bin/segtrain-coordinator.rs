@@ -64,8 +64,8 @@ struct ServeArgs {
     #[arg(long, env = "SEGTRAIN_SCHEDULER_INTERVAL_MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(10..=60000))]
     scheduler_interval_ms: u64,
-    /// Assignment streams, rendezvous waits and WatchJob streams re-read at least this often,
-    /// milliseconds (NOTIFY hints wake them sooner).
+    /// Rendezvous waits and WatchJob streams re-read at least this often, milliseconds, and
+    /// assignment streams ten times as long apart (NOTIFY hints wake them sooner).
     #[arg(long, env = "SEGTRAIN_POLL_INTERVAL_MS", default_value_t = 2000,
           value_parser = clap::value_parser!(u64).range(10..=60000))]
     poll_interval_ms: u64,
