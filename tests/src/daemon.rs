@@ -8,6 +8,16 @@ pub struct DaemonProcess {
     log: PathBuf,
 }
 
+/// What [`DaemonProcess::start_full`] takes, for [`DaemonProcess::start_wrapped`].
+pub struct Launch<'a> {
+    pub url: &'a str,
+    pub host: &'a str,
+    pub work_dir: &'a Path,
+    pub grace_seconds: u32,
+    pub env: &'a [(&'a str, &'a str)],
+    pub args: &'a [&'a std::ffi::OsStr],
+}
+
 impl DaemonProcess {
     /// Starts a CPU worker daemon registering as `host` with the coordinator at `url`; trainer
     /// files and logs go under `work_dir`.
@@ -48,20 +58,21 @@ impl DaemonProcess {
         env: &[(&str, &str)],
         args: &[&std::ffi::OsStr],
     ) -> DaemonProcess {
-        DaemonProcess::start_wrapped(&[], url, host, work_dir, grace_seconds, env, args)
+        let launch = Launch {
+            url,
+            host,
+            work_dir,
+            grace_seconds,
+            env,
+            args,
+        };
+        DaemonProcess::start_wrapped(&[], launch)
     }
 
     /// [`start_full`](Self::start_full) run through `wrapper` (e.g. `ip netns exec NS`, which
     /// execs the daemon: the pid stays the daemon's).
-    pub fn start_wrapped(
-        wrapper: &[&str],
-        url: &str,
-        host: &str,
-        work_dir: &Path,
-        grace_seconds: u32,
-        env: &[(&str, &str)],
-        args: &[&std::ffi::OsStr],
-    ) -> DaemonProcess {
+    pub fn start_wrapped(wrapper: &[&str], l: Launch<'_>) -> DaemonProcess {
+        let work_dir = l.work_dir;
         std::fs::create_dir_all(work_dir).expect("daemon work dir");
         let log = work_dir.join("daemon.log");
         let err = std::fs::File::create(&log).expect("daemon log");
@@ -79,11 +90,11 @@ impl DaemonProcess {
                 "daemon",
                 "--cpu",
                 "--coordinator",
-                url,
+                l.url,
                 "--host",
-                host,
+                l.host,
                 "--grace-seconds",
-                &grace_seconds.to_string(),
+                &l.grace_seconds.to_string(),
                 // Two CPU workers share this machine's cores.
                 "--torch-threads",
                 "1",
@@ -91,10 +102,10 @@ impl DaemonProcess {
             .arg("--work-dir")
             .arg(work_dir)
             .args(["--log-json", "true"])
-            .args(args)
+            .args(l.args)
             .env_remove("SEGTRAIN_TOKEN")
             .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
+            .envs(l.env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err)
@@ -186,6 +197,29 @@ pub fn stand_in_trainer(path: &Path, body: &str) -> PathBuf {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
         .expect("make the stand-in trainer executable");
     path.to_path_buf()
+}
+
+/// A trainer stand-in that reports `started`, then the metrics `names` (each 1.0) every
+/// `step_s` seconds for `iterations` iterations, and exits 0 (on SIGTERM at once, as the real
+/// one does before its loop). Written as `dir/counting-trainer.sh`.
+pub fn counting_trainer(dir: &Path, iterations: u32, names: &[&str], step_s: f32) -> PathBuf {
+    let values = names
+        .iter()
+        .map(|n| format!("\\\"{n}\\\":1.0"))
+        .collect::<Vec<_>>()
+        .join(",");
+    stand_in_trainer(
+        &dir.join("counting-trainer.sh"),
+        &format!(
+            r#"echo '{{"event":"started","start_iteration":0,"max_iters":{iterations},"train_images":1,"val_images":0,"device":"cpu","resumed_from":null,"parameters":1}}'
+i=1
+while [ $i -le {iterations} ]; do
+  sleep {step_s}
+  echo "{{\"event\":\"metrics\",\"iteration\":$i,\"values\":{{{values}}}}}"
+  i=$((i+1))
+done"#
+        ),
+    )
 }
 
 impl Drop for DaemonProcess {

@@ -41,3 +41,17 @@ pub async fn attempt_reason(pool: &PgPool, job: &str, attempt: i32) -> String {
         format!("SELECT reason FROM attempts WHERE job_id = $1::uuid AND attempt = {attempt}");
     job_value(pool, &sql, job).await
 }
+
+/// Polls until `sql` (one boolean about `job`) is true; after `timeout`, panics naming `what`,
+/// with `logs()`.
+pub async fn wait_until(
+    pool: &PgPool,
+    sql: &str,
+    job: &str,
+    timeout: std::time::Duration,
+    what: &str,
+    logs: impl Fn() -> String,
+) {
+    let check = || async { job_value::<bool>(pool, sql, job).await };
+    crate::wait::poll_until(timeout, what, logs, check).await;
+}

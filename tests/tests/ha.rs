@@ -5,13 +5,12 @@
 use segtrain_proto::v1 as pb;
 use segtrain_tests::binaries;
 use segtrain_tests::coordinator::{queued_spec, CoordinatorProcess};
-use segtrain_tests::daemon::{stand_in_trainer, DaemonProcess};
+use segtrain_tests::daemon::{counting_trainer, DaemonProcess};
 use segtrain_tests::pg::TempPostgres;
 use segtrain_tests::sql::job_value;
 use segtrain_tests::wait::poll_until;
 use sqlx::PgPool;
 use std::ffi::OsStr;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -42,7 +41,7 @@ async fn kill_9_of_one_of_two_coordinators_under_load_loses_and_doubles_nothing(
     let a = std::cell::RefCell::new(a);
 
     // Half the daemons call A first, half B: both coordinators serve workers (and both schedule).
-    let trainer = counting_trainer(tmp.path());
+    let trainer = counting_trainer(tmp.path(), ITERATIONS, &NAMES, 0.1);
     let trainer_args = [OsStr::new("--trainer"), trainer.as_os_str()];
     let daemons: Vec<DaemonProcess> = (0..DAEMONS)
         .map(|i| {
@@ -114,14 +113,14 @@ async fn kill_9_of_one_of_two_coordinators_under_load_loses_and_doubles_nothing(
     a.borrow_mut().kill();
 
     // The CLI's one-shot commands find B (A is first in their list and refuses connections).
-    let out = Command::new(binaries::path("segtrain"))
-        .args(["--coordinator", &a_first, "status", &ids[1]])
-        .output()
-        .expect("segtrain status");
-    assert!(
-        out.status.success(),
-        "status through A,B with A dead: {}",
-        String::from_utf8_lossy(&out.stderr)
+    binaries::run_ok(
+        Command::new(binaries::path("segtrain")).args([
+            "--coordinator",
+            &a_first,
+            "status",
+            &ids[1],
+        ]),
+        "segtrain status through A,B with A dead",
     );
 
     let all_done = || async {
@@ -222,27 +221,6 @@ fn spec(name: &str) -> pb::JobSpec {
         max_restarts: Some(0),
         ..queued_spec(name, 1)
     }
-}
-
-/// Reports `started`, then three metrics every 0.1 s for [`ITERATIONS`] iterations; exits 0.
-fn counting_trainer(dir: &Path) -> std::path::PathBuf {
-    let values = NAMES
-        .iter()
-        .map(|n| format!("\\\"{n}\\\":1.0"))
-        .collect::<Vec<_>>()
-        .join(",");
-    stand_in_trainer(
-        &dir.join("counting-trainer.sh"),
-        &format!(
-            r#"echo '{{"event":"started","start_iteration":0,"max_iters":{ITERATIONS},"train_images":1,"val_images":0,"device":"cpu","resumed_from":null,"parameters":1}}'
-i=1
-while [ $i -le {ITERATIONS} ]; do
-  sleep 0.1
-  echo "{{\"event\":\"metrics\",\"iteration\":$i,\"values\":{{{values}}}}}"
-  i=$((i+1))
-done"#
-        ),
-    )
 }
 
 fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> Option<i32> {

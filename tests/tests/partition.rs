@@ -12,10 +12,10 @@
 
 use segtrain_proto::v1 as pb;
 use segtrain_tests::coordinator::{metric_points, CoordinatorProcess};
-use segtrain_tests::daemon::DaemonProcess;
+use segtrain_tests::daemon::{DaemonProcess, Launch};
 use segtrain_tests::dataset::{synth_dir, tiny_job};
 use segtrain_tests::pg::TempPostgres;
-use segtrain_tests::sql::{job_value, rank_outcomes};
+use segtrain_tests::sql::{job_value, rank_outcomes, wait_until};
 use segtrain_tests::wait::poll_until;
 use sqlx::PgPool;
 use std::ffi::OsStr;
@@ -174,14 +174,17 @@ async fn a_host_cut_off_mid_run_fails_its_attempt_within_the_lease_and_rejoins_a
         &env,
         &outer,
     );
+    let b_work = tmp.path().join("work-b");
     let b = DaemonProcess::start_wrapped(
         &["ip", "netns", "exec", &net.ns],
-        &coord.url(),
-        "cpu-b",
-        &tmp.path().join("work-b"),
-        3,
-        &env,
-        &inner,
+        Launch {
+            url: &coord.url(),
+            host: "cpu-b",
+            work_dir: &b_work,
+            grace_seconds: 3,
+            env: &env,
+            args: &inner,
+        },
     );
     let c_work = tmp.path().join("work-c");
     let c = std::cell::OnceCell::new();
@@ -246,15 +249,17 @@ async fn a_host_cut_off_mid_run_fails_its_attempt_within_the_lease_and_rejoins_a
 
     net.cut();
     let cut_at = Instant::now();
-    let failed = || async {
-        job_value::<bool>(
-            &pool,
-            "SELECT state IN ('FAILED', 'LOST') FROM attempts WHERE job_id = $1::uuid AND attempt = 1",
-            &id,
-        )
-        .await
-    };
-    poll_until(Duration::from_secs(30), "attempt 1 fails", logs, failed).await;
+    let sql =
+        "SELECT state IN ('FAILED', 'LOST') FROM attempts WHERE job_id = $1::uuid AND attempt = 1";
+    wait_until(
+        &pool,
+        sql,
+        &id,
+        Duration::from_secs(30),
+        "attempt 1 fails",
+        logs,
+    )
+    .await;
     let detected = cut_at.elapsed();
     assert!(
         detected <= Duration::from_secs(LEASE_S + 3),
@@ -262,23 +267,10 @@ async fn a_host_cut_off_mid_run_fails_its_attempt_within_the_lease_and_rejoins_a
     );
     // The job restarts on the rest (a and c); attempt 1's rank on a was stopped rather than left
     // waiting in its collective for the silent peer.
-    let restarted = || async {
-        job_value::<bool>(
-            &pool,
-            "SELECT attempt = 2 AND state = 'RUNNING' AND EXISTS (SELECT 1 FROM metrics m
-                 WHERE m.job_id = jobs.id AND m.attempt = 2)
-             FROM jobs WHERE id = $1::uuid",
-            &id,
-        )
-        .await
-    };
-    poll_until(
-        Duration::from_secs(120),
-        "attempt 2 trains on a and c",
-        logs,
-        restarted,
-    )
-    .await;
+    let sql = "SELECT attempt = 2 AND state = 'RUNNING' AND EXISTS (SELECT 1 FROM metrics m
+                   WHERE m.job_id = jobs.id AND m.attempt = 2) FROM jobs WHERE id = $1::uuid";
+    let what = "attempt 2 trains on a and c";
+    wait_until(&pool, sql, &id, Duration::from_secs(120), what, logs).await;
     let hosts: Vec<String> = segtrain_tests::sql::job_values(
         &pool,
         "SELECT w.host FROM attempt_ranks ar JOIN workers w ON w.id = ar.worker_id
@@ -309,15 +301,16 @@ async fn a_host_cut_off_mid_run_fails_its_attempt_within_the_lease_and_rejoins_a
         refused,
     )
     .await;
-    let done = || async {
-        job_value::<bool>(
-            &pool,
-            "SELECT state IN ('SUCCEEDED','FAILED','CANCELED') FROM jobs WHERE id = $1::uuid",
-            &id,
-        )
-        .await
-    };
-    poll_until(Duration::from_secs(300), "the job ends", logs, done).await;
+    let sql = "SELECT state IN ('SUCCEEDED','FAILED','CANCELED') FROM jobs WHERE id = $1::uuid";
+    wait_until(
+        &pool,
+        sql,
+        &id,
+        Duration::from_secs(300),
+        "the job ends",
+        logs,
+    )
+    .await;
     let job = coord.get_job(&id).await;
     assert_eq!(
         job.state(),

@@ -34,13 +34,8 @@ async fn counts(env: &Service, id: &str) -> (i64, i64) {
 async fn job(env: &Service, name: &str, points: u64, end: Option<JobState>, days: i32) -> String {
     let id = env.coord.submit_spec(queued_spec(name, 1)).await;
     let uuid = Uuid::parse_str(&id).expect("uuid");
-    walk(
-        &env.store,
-        uuid,
-        &[JobState::Scheduled, JobState::Running],
-        "test",
-    )
-    .await;
+    let to_running = [JobState::Scheduled, JobState::Running];
+    walk(&env.store, uuid, &to_running, "test").await;
     let values: Vec<(u64, String, f64)> = (1..=points / 2)
         .flat_map(|i| {
             [

@@ -60,71 +60,24 @@ async fn list_jobs_and_get_metrics_read_a_page_not_the_table() {
             .await
             .expect("a deep cursor");
     let max = Uuid::max();
-    // (what, query, its arguments, the rows a page of it may read at most)
-    let cases: Vec<(&str, String, String, i64)> = vec![
-        (
-            "ListJobs, first page",
-            list_jobs_sql(false),
-            format!("'{max}', {PAGE}"),
-            PAGE,
-        ),
-        (
-            "ListJobs, page 1,800",
-            list_jobs_sql(false),
-            format!("'{deep}', {PAGE}"),
-            PAGE,
-        ),
-        (
-            "ListJobs, state RUNNING",
-            list_jobs_sql(true),
-            // The page on jobs_state_id_idx, then each of its rows by id.
-            format!("'{max}', {PAGE}, '{{RUNNING}}'"),
-            2 * PAGE,
-        ),
-        (
-            "ListJobs, RUNNING deep",
-            list_jobs_sql(true),
-            format!("'{deep}', {PAGE}, '{{RUNNING}}'"),
-            2 * PAGE,
-        ),
-        (
-            "ListJobs, QUEUED or RUNNING",
-            list_jobs_sql(true),
-            // A page of each state, then each of those rows by id.
-            format!("'{max}', {PAGE}, '{{QUEUED,RUNNING}}'"),
-            4 * PAGE,
-        ),
-        (
-            "GetMetrics, from 0",
-            get_metrics_sql(false).into(),
-            format!("'{job_id}', 0, {METRICS_PAGE}"),
-            METRICS_PAGE,
-        ),
-        (
-            "GetMetrics, from 95,000",
-            get_metrics_sql(false).into(),
-            // Both attempts' points where they overlap, one of each pair kept.
-            format!("'{job_id}', 95000, {METRICS_PAGE}"),
-            2 * METRICS_PAGE,
-        ),
-        (
-            "GetMetrics, loss from 150,000",
-            get_metrics_sql(true).into(),
-            format!("'{job_id}', 150000, {METRICS_PAGE}, '{{loss}}'"),
-            METRICS_PAGE,
-        ),
-        (
-            "GetMetrics, miou (sparse)",
-            get_metrics_sql(true).into(),
-            format!("'{job_id}', 0, {METRICS_PAGE}, '{{{SPARSE}}}'"),
-            200,
-        ),
-        (
-            "GetMetrics, loss and lr",
-            get_metrics_sql(true).into(),
-            format!("'{job_id}', 0, {METRICS_PAGE}, '{{loss,lr}}'"),
-            2 * METRICS_PAGE,
-        ),
+    let (jobs_all, jobs_by_state) = (list_jobs_sql(false), list_jobs_sql(true));
+    let (points_all, points_by_name) = (get_metrics_sql(false), get_metrics_sql(true));
+    let m = METRICS_PAGE;
+    // (what, query, its arguments, the rows a page of it may read at most). With states: a page
+    // of each state on jobs_state_id_idx, then each of those rows by id. From 95,000: both
+    // attempts' points where they overlap, one of each pair kept.
+    #[rustfmt::skip] // a table: one case a line
+    let cases: Vec<(&str, &str, String, i64)> = vec![
+        ("ListJobs, first page", &jobs_all, format!("'{max}', {PAGE}"), PAGE),
+        ("ListJobs, page 1,800", &jobs_all, format!("'{deep}', {PAGE}"), PAGE),
+        ("ListJobs, state RUNNING", &jobs_by_state, format!("'{max}', {PAGE}, '{{RUNNING}}'"), 2 * PAGE),
+        ("ListJobs, RUNNING deep", &jobs_by_state, format!("'{deep}', {PAGE}, '{{RUNNING}}'"), 2 * PAGE),
+        ("ListJobs, QUEUED or RUNNING", &jobs_by_state, format!("'{max}', {PAGE}, '{{QUEUED,RUNNING}}'"), 4 * PAGE),
+        ("GetMetrics, from 0", points_all, format!("'{job_id}', 0, {m}"), m),
+        ("GetMetrics, from 95,000", points_all, format!("'{job_id}', 95000, {m}"), 2 * m),
+        ("GetMetrics, loss from 150,000", points_by_name, format!("'{job_id}', 150000, {m}, '{{loss}}'"), m),
+        ("GetMetrics, miou (sparse)", points_by_name, format!("'{job_id}', 0, {m}, '{{{SPARSE}}}'"), 200),
+        ("GetMetrics, loss and lr", points_by_name, format!("'{job_id}', 0, {m}, '{{loss,lr}}'"), 2 * m),
     ];
     let mut table = vec![format!(
         "seeded {JOBS} jobs and {} metric points in {seeded:.1?}",
@@ -174,30 +127,11 @@ async fn list_jobs_and_get_metrics_read_a_page_not_the_table() {
     }
 
     // The same reads through the API answer what they should.
-    let timed = Instant::now();
-    let page = jobs
-        .list_jobs(pb::ListJobsRequest {
-            page_size: PAGE as u32,
-            ..Default::default()
-        })
-        .await
-        .expect("ListJobs")
-        .into_inner();
-    let list_ms = timed.elapsed();
+    let (page, list_ms) = list_page(&mut jobs, vec![]).await;
     assert_eq!(page.jobs.len(), PAGE as usize);
     let ids: Vec<&str> = page.jobs.iter().map(|j| j.id.as_str()).collect();
     assert!(ids.windows(2).all(|w| w[0] > w[1]), "newest first");
-    let timed = Instant::now();
-    let filtered = jobs
-        .list_jobs(pb::ListJobsRequest {
-            states: vec![pb::JobState::Running as i32],
-            page_size: PAGE as u32,
-            ..Default::default()
-        })
-        .await
-        .expect("ListJobs RUNNING")
-        .into_inner();
-    let filtered_ms = timed.elapsed();
+    let (filtered, filtered_ms) = list_page(&mut jobs, vec![pb::JobState::Running]).await;
     assert!(filtered
         .jobs
         .iter()
@@ -234,6 +168,24 @@ async fn list_jobs_and_get_metrics_read_a_page_not_the_table() {
         table.push(format!("| {what} | {:.1} |", ms(d)));
     }
     eprintln!("{}", table.join("\n"));
+}
+
+/// The first ListJobs page of these states (all: none), and how long it took.
+async fn list_page(
+    jobs: &mut JobServiceClient<tonic::transport::Channel>,
+    states: Vec<pb::JobState>,
+) -> (pb::ListJobsResponse, Duration) {
+    let timed = Instant::now();
+    let page = jobs
+        .list_jobs(pb::ListJobsRequest {
+            states: states.into_iter().map(|s| s as i32).collect(),
+            page_size: PAGE as u32,
+            ..Default::default()
+        })
+        .await
+        .expect("ListJobs")
+        .into_inner();
+    (page, timed.elapsed())
 }
 
 /// 99,999 more jobs (copies of the real one, mostly finished, a few hundred running or queued)

@@ -20,7 +20,7 @@
 use segtrain_proto::v1 as pb;
 use segtrain_tests::binaries;
 use segtrain_tests::coordinator::{notes, queued_spec, CoordinatorProcess};
-use segtrain_tests::daemon::{alive, stand_in_trainer, DaemonProcess};
+use segtrain_tests::daemon::{alive, counting_trainer, stand_in_trainer, DaemonProcess};
 use segtrain_tests::dataset::{synth_data, tiny_job};
 use segtrain_tests::metrics::scrape_parsed;
 use segtrain_tests::pg::TempPostgres;
@@ -135,23 +135,6 @@ fn real_spec(env: &Env, name: &str, max_iters: u64) -> pb::JobSpec {
     }
 }
 
-/// A trainer stand-in that reports `started`, then one loss every 0.2 s for `iterations`
-/// iterations, and exits 0 (on SIGTERM at once, as the real one does before its loop).
-fn counting_trainer(dir: &Path, iterations: u32) -> PathBuf {
-    stand_in_trainer(
-        &dir.join("counting-trainer.sh"),
-        &format!(
-            r#"echo '{{"event":"started","start_iteration":0,"max_iters":{iterations},"train_images":1,"val_images":0,"device":"cpu","resumed_from":null,"parameters":1}}'
-i=1
-while [ $i -le {iterations} ]; do
-  sleep 0.2
-  echo "{{\"event\":\"metrics\",\"iteration\":$i,\"values\":{{\"loss\":1.0}}}}"
-  i=$((i+1))
-done"#
-        ),
-    )
-}
-
 fn trainer_arg(path: &Path) -> [&OsStr; 2] {
     [OsStr::new("--trainer"), path.as_os_str()]
 }
@@ -186,7 +169,7 @@ fn last_line(text: &str) -> String {
 async fn a_second_daemon_for_one_host_and_gpu_is_refused_and_a_superseded_one_exits() {
     let _serial = SERIAL.lock().await;
     let env = Env::start(&["--lease-seconds", "3", "--scheduler-interval-ms", "200"]).await;
-    let trainer = counting_trainer(env.tmp.path(), 3);
+    let trainer = counting_trainer(env.tmp.path(), 3, &["loss"], 0.2);
     let t = trainer_arg(&trainer);
     let mut a = env.daemon("same-host", "work-a", 5, &t);
     let none = || String::new();
@@ -268,7 +251,7 @@ async fn a_daemon_killed_and_restarted_at_once_takes_its_place_back_before_its_l
         "200",
     ])
     .await;
-    let trainer = counting_trainer(env.tmp.path(), 15);
+    let trainer = counting_trainer(env.tmp.path(), 15, &["loss"], 0.2);
     let t = trainer_arg(&trainer);
     let mut a = env.daemon("restarted", "work", 5, &t);
     let id = env.coord.submit_spec(stand_in_spec("restart")).await;

@@ -22,7 +22,7 @@ use super::worker_requests::{
 use super::{convert, parse_job_id, status_of};
 use crate::metrics;
 use crate::store::bus::{Bus, Hint, Interest};
-use crate::store::{Ingested, Store};
+use crate::store::{Beat, Ingested, Store};
 use segtrain_proto::v1 as pb;
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
@@ -204,7 +204,13 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         let running = running(&req.running)?;
         let hb = self
             .store
-            .heartbeat(id, instance, &running, req.leaving, self.cfg.lease)
+            .heartbeat(&Beat {
+                worker: id,
+                instance,
+                running: &running,
+                leaving: req.leaving,
+                lease: self.cfg.lease,
+            })
             .await
             .map_err(instance_status)?;
         Ok(Response::new(pb::HeartbeatResponse {

@@ -25,6 +25,18 @@ type FastRow = (
     Option<String>,
 );
 
+/// One heartbeat: who sends it, what it runs, whether its host is going away, and the lease
+/// to grant.
+#[derive(Debug, Clone, Copy)]
+pub struct Beat<'a> {
+    pub worker: Uuid,
+    /// The daemon instance that holds the worker (another's heartbeat is refused).
+    pub instance: Uuid,
+    pub running: &'a [AttemptRank],
+    pub leaving: bool,
+    pub lease: Duration,
+}
+
 impl Store {
     /// Extends the lease and says which of the `running` ranks the daemon must stop: those of a
     /// canceling or finished job, of a finished or stale attempt, not assigned to this worker, or
@@ -32,22 +44,11 @@ impl Store {
     /// stopped: it ends CANCELED (which frees the worker). A worker declared LOST comes back.
     /// `leaving` (the daemon is going away) takes the worker out of placement until a daemon
     /// registers for it again.
-    pub async fn heartbeat(
-        &self,
-        id: Uuid,
-        instance: Uuid,
-        running: &[AttemptRank],
-        leaving: bool,
-        lease: Duration,
-    ) -> Result<Heartbeat, StoreError> {
-        if let Some(done) = self
-            .heartbeat_nothing_else(id, instance, running, leaving, lease)
-            .await?
-        {
+    pub async fn heartbeat(&self, beat: &Beat<'_>) -> Result<Heartbeat, StoreError> {
+        if let Some(done) = self.heartbeat_nothing_else(beat).await? {
             return Ok(done);
         }
-        self.heartbeat_in_full(id, instance, running, leaving, lease)
-            .await
+        self.heartbeat_in_full(beat).await
     }
 
     /// The common case in one statement: the lease is extended, and if the worker is not LOST
@@ -57,12 +58,9 @@ impl Store {
     /// heartbeat, and at once by its assignment stream.
     async fn heartbeat_nothing_else(
         &self,
-        id: Uuid,
-        instance: Uuid,
-        running: &[AttemptRank],
-        leaving: bool,
-        lease: Duration,
+        beat: &Beat<'_>,
     ) -> Result<Option<Heartbeat>, StoreError> {
+        let id = beat.worker;
         let rows: Vec<FastRow> = sqlx::query_as(
             "WITH w AS (
                 UPDATE workers SET last_heartbeat = now(),
@@ -80,9 +78,9 @@ impl Store {
                 WHERE ar.worker_id = $1 AND ar.finished_at IS NULL) r ON true",
         )
         .bind(id)
-        .bind(lease_secs(lease))
-        .bind(instance)
-        .bind(leaving)
+        .bind(lease_secs(beat.lease))
+        .bind(beat.instance)
+        .bind(beat.leaving)
         .fetch_all(&self.pool)
         .await?;
         let Some((state, lease_until, ..)) = rows.first() else {
@@ -112,7 +110,7 @@ impl Store {
             }
             open.insert(r);
         }
-        let listed: BTreeSet<AttemptRank> = running.iter().copied().collect();
+        let listed: BTreeSet<AttemptRank> = beat.running.iter().copied().collect();
         if open != listed {
             return Ok(None);
         }

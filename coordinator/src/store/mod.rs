@@ -27,6 +27,7 @@ use bus::notify;
 pub use bus::{ATTEMPTS_CHANNEL, EVENTS_CHANNEL, WORKERS_CHANNEL};
 pub use events::EventRecord;
 pub use health::ClusterCounts;
+pub use heartbeat::Beat;
 pub use ingest::{IngestBody, IngestEvent, Ingested};
 pub use jobs::{list_jobs_sql, JobRecord};
 pub use metrics::{get_metrics_sql, CheckpointRecord, MetricPoint};

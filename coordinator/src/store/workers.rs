@@ -3,6 +3,7 @@
 //! lease reaper, and the cluster view.
 
 use super::attempts::{finish_rank, parse_attempt_state, rank_should_run, RankOutcome};
+use super::heartbeat::Beat;
 use super::jobs::lock_job;
 use super::{notify, u32_of, u64_of, Store, StoreError, WORKERS_CHANNEL};
 use crate::state::{JobState, WorkerState};
@@ -354,14 +355,14 @@ impl Store {
 
     /// [`Store::heartbeat`] in full: one transaction that also finishes the ranks the worker no
     /// longer runs and brings a LOST worker back (heartbeat.rs tries the common case first).
-    pub(super) async fn heartbeat_in_full(
-        &self,
-        id: Uuid,
-        instance: Uuid,
-        running: &[AttemptRank],
-        leaving: bool,
-        lease: Duration,
-    ) -> Result<Heartbeat, StoreError> {
+    pub(super) async fn heartbeat_in_full(&self, beat: &Beat<'_>) -> Result<Heartbeat, StoreError> {
+        let Beat {
+            worker: id,
+            instance,
+            running,
+            leaving,
+            lease,
+        } = *beat;
         let mut tx = self.pool.begin().await?;
         let row: Option<(String, DateTime<Utc>)> = sqlx::query_as(
             "UPDATE workers SET last_heartbeat = now(),
