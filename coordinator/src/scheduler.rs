@@ -91,8 +91,21 @@ pub async fn pass(store: &Store) -> Result<usize, crate::store::StoreError> {
     store.reap_expired_workers().await?;
     store.requeue_restarting().await?;
     let mut placed = 0;
+    let mut idle = store.idle_workers().await?;
+    let mut rereads = 0;
     loop {
-        let (jobs, end) = store.schedule_queue(place).await?;
+        let (jobs, end) = match store.schedule_queue(&mut idle, place).await {
+            Ok(r) => r,
+            // A worker read as idle was taken meanwhile: read them again (a few times a pass;
+            // another coordinator placing at the same moment is the usual cause).
+            Err(crate::store::StoreError::Conflict(why)) if rereads < 3 => {
+                tracing::debug!(%why, "placement raced; reading the idle workers again");
+                rereads += 1;
+                idle = store.idle_workers().await?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         for p in &jobs {
             crate::metrics::global()
                 .scheduling_latency

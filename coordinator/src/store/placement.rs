@@ -73,8 +73,15 @@ impl Store {
     /// job QUEUED→SCHEDULED (with its event). An advisory lock serialises passes across
     /// coordinators, and each booking updates only rows still IDLE and refuses the whole
     /// transaction unless every chosen one was, so no worker is ever booked twice.
+    ///
+    /// `idle` is what [`Store::idle_workers`] read, kept across a scheduling pass: at 10,000
+    /// workers, reading them all again for every placement was most of a placement's cost. It
+    /// loses the workers booked here. A booking of a worker that has meanwhile stopped being
+    /// free (booked by another coordinator, drained, lost, leaving) fails with
+    /// [`StoreError::Conflict`] and changes nothing: read `idle` again and retry.
     pub async fn schedule_queue(
         &self,
+        idle: &mut Vec<Candidate>,
         place: impl Fn(&[Candidate], usize) -> Option<Vec<Uuid>>,
     ) -> Result<(Vec<Placement>, QueueEnd), StoreError> {
         let mut tx = self.pool.begin().await?;
@@ -82,30 +89,12 @@ impl Store {
             .bind(SCHEDULER_LOCK)
             .execute(&mut *tx)
             .await?;
-        // Read, not locked: the advisory lock already serialises placements, and each booking
-        // re-checks its rows. (Locking every idle row per placement cost a lock per worker, and
-        // SKIP LOCKED read workers that a heartbeat held for a moment as absent.)
-        let rows: Vec<(Uuid, String, i32)> = sqlx::query_as(
-            "SELECT id, host, gpu_index FROM workers
-             WHERE state = 'IDLE' AND lease_until > now() AND NOT leaving
-             ORDER BY host, gpu_index",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut idle: Vec<Candidate> = rows
-            .into_iter()
-            .map(|(id, host, gpu_index)| Candidate {
-                id,
-                host,
-                gpu_index,
-            })
-            .collect();
         let mut placed = Vec::new();
         let end = loop {
             if placed.len() >= PLACEMENTS_PER_TRANSACTION {
                 break QueueEnd::More;
             }
-            match place_head(&mut tx, &mut idle, &place).await? {
+            match place_head(&mut tx, idle, &place).await? {
                 Step::Placed(p) => placed.push(p),
                 Step::Blocked { job_id, world_size } => {
                     break QueueEnd::Blocked {
@@ -123,6 +112,28 @@ impl Store {
             tx.commit().await?;
         }
         Ok((placed, end))
+    }
+
+    /// The workers a placement may book: idle, with a live lease, not leaving; by host and GPU.
+    /// Read, not locked: the advisory lock serialises placements, and each booking re-checks
+    /// its rows. (Locking every idle row per placement cost a lock per worker, and SKIP LOCKED
+    /// read workers that a heartbeat held for a moment as absent.)
+    pub async fn idle_workers(&self) -> Result<Vec<Candidate>, StoreError> {
+        let rows: Vec<(Uuid, String, i32)> = sqlx::query_as(
+            "SELECT id, host, gpu_index FROM workers
+             WHERE state = 'IDLE' AND lease_until > now() AND NOT leaving
+             ORDER BY host, gpu_index",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, host, gpu_index)| Candidate {
+                id,
+                host,
+                gpu_index,
+            })
+            .collect())
     }
 
     /// RESTARTING jobs whose backoff is over go back to QUEUED (at their old place: priority,
@@ -243,15 +254,18 @@ async fn place_head(
     .await?;
     WorkerState::Idle.check_transition(WorkerState::Busy)?;
     let booked =
-        sqlx::query("UPDATE workers SET state = 'BUSY' WHERE id = ANY($1) AND state = 'IDLE'")
+        sqlx::query(
+            "UPDATE workers SET state = 'BUSY'
+             WHERE id = ANY($1) AND state = 'IDLE' AND lease_until > now() AND NOT leaving",
+        )
             .bind(&chosen)
             .execute(&mut **tx)
             .await?
             .rows_affected();
     if booked != chosen.len() as u64 {
-        // A chosen worker stopped being idle since it was read (it registered again, was
-        // drained or lost): book nothing (the caller's transaction rolls back), the next
-        // pass reads again.
+        // A chosen worker stopped being free since it was read (booked by another coordinator,
+        // registered again, drained, lost, leaving): book nothing (the transaction rolls
+        // back); the caller reads the idle workers again.
         return Err(StoreError::Conflict(format!(
             "placement of job {job_id} raced: {booked} of {} workers were still idle",
             chosen.len()
