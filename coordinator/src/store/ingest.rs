@@ -12,6 +12,7 @@ use super::metrics::{bump_iteration, record_points};
 use super::workers::{instance_verdict, Holder};
 use super::{u64_of, RestartPolicy, Store, StoreError};
 use crate::events::{json_number, json_values, EventPayload};
+use crate::state::JobState;
 use sqlx::types::Json;
 use sqlx::{Postgres, Transaction};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -174,8 +175,16 @@ impl Store {
 }
 
 /// Whether the job still records events (a finished job's log is closed: WatchJob has ended).
+/// The caller holds the job's row lock already (the fence took it), so this reads the state
+/// alone: an event before this one in the same report may have ended the job.
 async fn open(tx: &mut Transaction<'_, Postgres>, job_id: Uuid) -> Result<bool, StoreError> {
-    Ok(!lock_job(tx, job_id).await?.state.is_terminal())
+    let state: String = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1")
+        .bind(job_id)
+        .fetch_one(&mut **tx)
+        .await?;
+    let state = JobState::parse(&state)
+        .ok_or_else(|| StoreError::Corrupt(format!("job {job_id} state {state:?}")))?;
+    Ok(!state.is_terminal())
 }
 
 /// Applies one event; returns the time since placement when it was the last rank's `started`.
