@@ -253,15 +253,14 @@ async fn place_head(
     .execute(&mut **tx)
     .await?;
     WorkerState::Idle.check_transition(WorkerState::Busy)?;
-    let booked =
-        sqlx::query(
-            "UPDATE workers SET state = 'BUSY'
+    let booked = sqlx::query(
+        "UPDATE workers SET state = 'BUSY'
              WHERE id = ANY($1) AND state = 'IDLE' AND lease_until > now() AND NOT leaving",
-        )
-            .bind(&chosen)
-            .execute(&mut **tx)
-            .await?
-            .rows_affected();
+    )
+    .bind(&chosen)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
     if booked != chosen.len() as u64 {
         // A chosen worker stopped being free since it was read (booked by another coordinator,
         // registered again, drained, lost, leaving): book nothing (the transaction rolls
