@@ -58,9 +58,13 @@ struct Args {
     /// Simulated step time, ms.
     #[arg(long, default_value_t = 100)]
     step_ms: u64,
-    /// Metrics every K iterations (5 names each).
+    /// Metrics every K iterations (5 names each, plus --extra-metrics).
     #[arg(long, default_value_t = 1)]
     metrics_every: u64,
+    /// More names in each metrics report (`extra_0` ...), to load ingest apart from placement
+    /// (a report holds at most 256 values).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=251))]
+    extra_metrics: u32,
     /// Checkpoints every this many iterations.
     #[arg(long, default_value_t = 10)]
     checkpoint_every: u64,
@@ -105,6 +109,11 @@ async fn main() -> anyhow::Result<()> {
         step: Duration::from_millis(args.step_ms),
         metrics_every: args.metrics_every,
         checkpoint_every: args.checkpoint_every,
+        names: sim::METRIC_NAMES
+            .iter()
+            .map(|n| n.to_string())
+            .chain((0..args.extra_metrics).map(|i| format!("extra_{i}")))
+            .collect(),
     };
 
     // The cluster: register every simulated daemon (a few hundred at a time), then start
@@ -253,7 +262,7 @@ async fn main() -> anyhow::Result<()> {
 fn args_line(a: &Args) -> String {
     format!(
         "--hosts {} --gpus-per-host {} --jobs {} --world-sizes {} --max-iters {} --step-ms {} \
-         --metrics-every {} --checkpoint-every {} --watchers {}",
+         --metrics-every {} --extra-metrics {} --checkpoint-every {} --watchers {}",
         a.hosts,
         a.gpus_per_host,
         a.jobs,
@@ -265,6 +274,7 @@ fn args_line(a: &Args) -> String {
         a.max_iters,
         a.step_ms,
         a.metrics_every,
+        a.extra_metrics,
         a.checkpoint_every,
         a.watchers
     )

@@ -19,10 +19,13 @@ pub struct Workload {
     /// Metrics every this many iterations (rank 0), as `log_interval`.
     pub metrics_every: u64,
     pub checkpoint_every: u64,
+    /// The names of each metrics report: the five a real trainer logs, then as many more as
+    /// `--extra-metrics` asks for (a heavier report, to measure ingest on its own).
+    pub names: Vec<String>,
 }
 
 /// The metric names a real trainer reports each log interval.
-const METRIC_NAMES: [&str; 5] = ["loss", "lr", "images_per_s", "data_wait_ms", "step_ms"];
+pub const METRIC_NAMES: [&str; 5] = ["loss", "lr", "images_per_s", "data_wait_ms", "step_ms"];
 
 pub struct SimWorker {
     pub host: String,
@@ -259,10 +262,12 @@ impl SimWorker {
             }
             let mut events = Vec::new();
             if it % self.work.metrics_every == 0 || it == max {
-                let values = METRIC_NAMES
+                let values = self
+                    .work
+                    .names
                     .iter()
                     .enumerate()
-                    .map(|(i, n)| (n.to_string(), 1.0 / (it as f64 + i as f64)))
+                    .map(|(i, n)| (n.clone(), 1.0 / (it as f64 + i as f64)))
                     .collect();
                 events.push(self.event(
                     &a,
@@ -314,7 +319,7 @@ impl SimWorker {
                     .iter()
                     .filter(|e| matches!(e.payload, Some(Payload::Metrics(_))))
                     .count()
-                    * METRIC_NAMES.len();
+                    * self.work.names.len();
                 if self.report(events).await {
                     self.stats
                         .metric_points
