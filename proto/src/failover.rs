@@ -47,11 +47,6 @@ impl FailoverChannel {
     pub fn current_url(&self) -> &str {
         &self.shared.urls[self.shared.current.load(Ordering::Relaxed)]
     }
-
-    /// Every address, in the order given.
-    pub fn urls(&self) -> &[String] {
-        &self.shared.urls
-    }
 }
 
 impl std::fmt::Debug for FailoverChannel {

@@ -6,7 +6,7 @@
 //! ([`lock_job`]), so decisions such as "every rank has finished" see a consistent picture and
 //! the job transitions they cause are written with their events in the same transaction.
 
-use super::jobs::{lock_job, transition_in_tx, JobRecord};
+use super::jobs::{lock_job, parse_job_state, transition_in_tx, JobRecord};
 use super::{
     notify, u32_of, u64_of, RestartPolicy, Store, StoreError, ATTEMPTS_CHANNEL, WORKERS_CHANNEL,
 };
@@ -200,9 +200,7 @@ impl TryFrom<AssignmentRow> for RankAssignment {
             attempt_state: parse_attempt_state(&r.attempt_state)?,
             attempt_reason: r.attempt_reason,
             started: r.started,
-            job_state: JobState::parse(&r.job_state).ok_or_else(|| {
-                StoreError::Corrupt(format!("job {} state {:?}", r.job_id, r.job_state))
-            })?,
+            job_state: parse_job_state(r.job_id, &r.job_state)?,
             job_attempt: u32_of(r.job_attempt, "attempt")?,
             job_reason: r.job_reason,
         })

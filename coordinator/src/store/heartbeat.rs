@@ -5,9 +5,10 @@
 //! anything else falls through to the full transaction in workers.rs.
 
 use super::attempts::{parse_attempt_state, rank_should_run};
+use super::jobs::parse_job_state;
 use super::workers::{lease_secs, worker_state, AttemptRank, Heartbeat};
 use super::{u32_of, Store, StoreError};
-use crate::state::{JobState, WorkerState};
+use crate::state::WorkerState;
 use chrono::{DateTime, Utc};
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -99,10 +100,7 @@ impl Store {
                 attempt: u32_of(*attempt, "attempt_ranks.attempt")?,
                 rank: u32_of(*rank, "attempt_ranks.rank")?,
             };
-            let job_state = job_state
-                .as_deref()
-                .and_then(JobState::parse)
-                .ok_or_else(|| StoreError::Corrupt(format!("job {job_id} state {job_state:?}")))?;
+            let job_state = parse_job_state(*job_id, job_state.as_deref().unwrap_or_default())?;
             let attempt_state = parse_attempt_state(attempt_state.as_deref().unwrap_or_default())?;
             let job_attempt = u32_of(job_attempt.unwrap_or_default(), "jobs.attempt")?;
             if !rank_should_run(job_attempt, job_state, r.attempt, attempt_state) {

@@ -7,12 +7,11 @@
 //! does not refuses the whole batch and writes nothing.
 
 use super::attempts::{fence, finish_rank, start_rank, unknown_job_is_stale, RankOutcome};
-use super::jobs::{insert_event, lock_job, JobRecord};
+use super::jobs::{insert_event, lock_job, parse_job_state, JobRecord};
 use super::metrics::{bump_iteration, record_points};
 use super::workers::{instance_verdict, Holder};
 use super::{u64_of, RestartPolicy, Store, StoreError};
 use crate::events::{json_number, json_values, EventPayload};
-use crate::state::JobState;
 use sqlx::types::Json;
 use sqlx::{Postgres, Transaction};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -182,9 +181,7 @@ async fn open(tx: &mut Transaction<'_, Postgres>, job_id: Uuid) -> Result<bool, 
         .bind(job_id)
         .fetch_one(&mut **tx)
         .await?;
-    let state = JobState::parse(&state)
-        .ok_or_else(|| StoreError::Corrupt(format!("job {job_id} state {state:?}")))?;
-    Ok(!state.is_terminal())
+    Ok(!parse_job_state(job_id, &state)?.is_terminal())
 }
 
 /// Applies one event; returns the time since placement when it was the last rank's `started`.

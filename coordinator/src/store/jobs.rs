@@ -81,14 +81,18 @@ pub fn list_jobs_sql(by_state: bool) -> String {
     format!("SELECT {JOB_COLUMNS} FROM jobs WHERE {filter} ORDER BY id DESC LIMIT $2")
 }
 
+/// A job's stored state, or the row is corrupt.
+pub(super) fn parse_job_state(job: Uuid, s: &str) -> Result<JobState, StoreError> {
+    JobState::parse(s).ok_or_else(|| StoreError::Corrupt(format!("job {job} state {s:?}")))
+}
+
 impl TryFrom<JobRow> for JobRecord {
     type Error = StoreError;
 
     fn try_from(r: JobRow) -> Result<JobRecord, StoreError> {
         let spec: JobSpec = serde_json::from_value(r.spec.0)
             .map_err(|e| StoreError::Corrupt(format!("job {} spec: {e}", r.id)))?;
-        let state = JobState::parse(&r.state)
-            .ok_or_else(|| StoreError::Corrupt(format!("job {} state {:?}", r.id, r.state)))?;
+        let state = parse_job_state(r.id, &r.state)?;
         Ok(JobRecord {
             id: r.id,
             spec,

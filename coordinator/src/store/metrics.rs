@@ -49,7 +49,8 @@ struct CheckpointRow {
 
 /// GetMetrics' query: job `$1`'s points from iteration `$2` on, at most `$3`, and with `by_name`
 /// only the names in `$4`. Every name: `metrics_job_points_idx` in its order up to the limit.
-/// Some names: each name's first `$3` on `metrics_job_name_points_idx`, then the first of those, so that a sparse name is as cheap as a dense one. Two texts rather than a catch-all
+/// Some names: each name's first `$3` on `metrics_job_name_points_idx`, then the first of
+/// those, so that a sparse name is as cheap as a dense one. Two texts rather than a catch-all
 /// filter, so that even the generic plan of each reads a page (tests/tests/query_plans.rs).
 pub fn get_metrics_sql(by_name: bool) -> &'static str {
     if by_name {

@@ -4,7 +4,7 @@
 
 use super::attempts::{finish_rank, parse_attempt_state, rank_should_run, RankOutcome};
 use super::heartbeat::Beat;
-use super::jobs::lock_job;
+use super::jobs::{lock_job, parse_job_state};
 use super::{notify, u32_of, u64_of, Store, StoreError, WORKERS_CHANNEL};
 use crate::state::{JobState, WorkerState};
 use chrono::{DateTime, Utc};
@@ -441,9 +441,7 @@ impl Store {
                         && !finished
                         && rank_should_run(
                             u32_of(job_attempt, "jobs.attempt")?,
-                            JobState::parse(&job_state).ok_or_else(|| {
-                                StoreError::Corrupt(format!("job {} state {job_state:?}", r.job_id))
-                            })?,
+                            parse_job_state(r.job_id, &job_state)?,
                             r.attempt,
                             parse_attempt_state(&attempt_state)?,
                         )
