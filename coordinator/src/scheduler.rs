@@ -16,9 +16,10 @@
 //! - **Fewest hosts**: hosts with the most idle workers are used first; ranks are numbered in
 //!   (host, GPU index) order.
 //!
-//! The placement itself ([`crate::store::Store::schedule_queue`]) is one transaction per up to
-//! 32 jobs under an advisory lock, booking only workers still IDLE, so two coordinators (or two
-//! passes) never book a worker twice. Passes run on a short timer and whenever a NOTIFY hint
+//! The placement itself ([`crate::store::Store::schedule_queue`]) is one transaction per
+//! [`crate::store::PLACEMENTS_PER_TRANSACTION`] jobs under an advisory lock, on the idle workers
+//! the pass read once, booking only workers still free (a raced booking re-reads them), so two
+//! coordinators (or two passes) never book a worker twice. Passes run on a short timer and whenever a NOTIFY hint
 //! says a job changed state or a worker changed (submit, cancel, register, a rank finishing;
 //! not metrics); hints are only hints, the timer covers lost ones.
 
