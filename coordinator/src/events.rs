@@ -19,8 +19,11 @@ pub enum EventPayload {
         to: String,
         reason: String,
     },
+    /// Stored as the iteration alone: `store::events_after` fills `values` from the `metrics`
+    /// table, where the points are (events stored before that kept a copy, read as it is).
     Metrics {
         iteration: u64,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
         values: BTreeMap<String, Option<f64>>,
     },
     Eval {

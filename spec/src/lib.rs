@@ -26,6 +26,31 @@ mod tests;
 
 pub use template::template;
 
+/// Cityscapes' 19 training classes in trainId order: the class of each entry of an evaluation's
+/// per-class IoU when `num_classes` is 19 (the trainer's labels, the coordinator's
+/// `class_iou/NAME` points and the dashboard all use these names).
+pub const CITYSCAPES_CLASSES: [&str; 19] = [
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
+];
+
 /// Every field name, in declaration order (which is also the proto's field-number order).
 pub const FIELDS: &[&str] = &[
     "name",

@@ -659,9 +659,21 @@ async fn non_finite_scores_are_stored_as_what_they_are() {
             .await
             .expect("points");
     let names: Vec<&str> = points.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["aacc", "loss", "miou", "val_loss"]);
-    assert!(points[1].1.is_nan() && points[2].1.is_nan());
-    assert_eq!(points[3].1, f64::INFINITY);
+    // Per-class IoU is named by index unless the classes are Cityscapes' 19.
+    assert_eq!(
+        names,
+        [
+            "aacc",
+            "class_iou/0",
+            "class_iou/1",
+            "loss",
+            "miou",
+            "val_loss"
+        ]
+    );
+    assert_eq!(points[1].1, 0.25);
+    assert!(points[2].1.is_nan() && points[3].1.is_nan() && points[4].1.is_nan());
+    assert_eq!(points[5].1, f64::INFINITY);
     // The event log (JSON) holds null for them; WatchJob sends NaN.
     let payload: serde_json::Value = sqlx::query_scalar(
         "SELECT payload FROM job_events WHERE job_id = $1::uuid AND kind = 'eval'",
@@ -680,7 +692,30 @@ async fn non_finite_scores_are_stored_as_what_they_are() {
     .fetch_one(env.store.pool())
     .await
     .expect("metrics event");
-    assert_eq!(metrics_payload["values"]["loss"], serde_json::Value::Null);
+    // Each point is stored once: the metrics event names its iteration, and WatchJob reads the
+    // values back from the points, without the evaluation's points of the same iteration.
+    assert_eq!(
+        metrics_payload,
+        serde_json::json!({"kind": "metrics", "iteration": 10})
+    );
+    let mut watch = env.coord.watch(&job.id).await;
+    let delivered = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(10), watch.message())
+            .await
+            .expect("the metrics event within 10 s")
+            .expect("watch")
+            .expect("an open watch");
+        if let Some(pb::job_event::Payload::Metrics(m)) = ev.payload {
+            break m;
+        }
+    };
+    assert_eq!(delivered.iteration, 10);
+    assert_eq!(
+        delivered.values.keys().collect::<Vec<_>>(),
+        ["loss"],
+        "{delivered:?}"
+    );
+    assert!(delivered.values["loss"].is_nan());
 }
 
 #[tokio::test]
@@ -957,6 +992,16 @@ async fn invalid_fields_are_rejected_naming_the_field() {
                 })),
             ),
             "events[0].metrics.values",
+        ),
+        (
+            ev(
+                1,
+                Some(Payload::Metrics(pb::MetricsReport {
+                    iteration: 1,
+                    values: HashMap::from([("miou".to_string(), 0.5)]),
+                })),
+            ),
+            "events[0].metrics.values: \"miou\" is an evaluation score",
         ),
         (
             ev(

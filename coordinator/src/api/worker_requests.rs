@@ -4,7 +4,8 @@
 
 use super::parse_job_id;
 use crate::store::{
-    AttemptRank, IngestBody, IngestEvent, RankOutcome, RendezvousEndpoint, WorkerRegistration,
+    is_eval_point, AttemptRank, IngestBody, IngestEvent, RankOutcome, RendezvousEndpoint,
+    WorkerRegistration, EVAL_POINT_NAMES,
 };
 use segtrain_proto::v1 as pb;
 use std::collections::BTreeMap;
@@ -208,10 +209,24 @@ fn event(i: usize, e: &pb::WorkerEvent) -> Result<IngestEvent, Status> {
             ))
         }
         Some(Payload::Started(_)) => IngestBody::Started,
-        Some(Payload::Metrics(m)) => IngestBody::Metrics {
-            iteration: iteration(&f("metrics.iteration"), m.iteration)?,
-            values: values(&f("metrics.values"), &m.values)?,
-        },
+        Some(Payload::Metrics(m)) => {
+            // The evaluation's points share the key (attempt, iteration, name): a metrics
+            // report of the same name would lose one of the two.
+            if let Some(name) = m.values.keys().find(|n| is_eval_point(n)) {
+                return Err(invalid(
+                    f("metrics.values"),
+                    format!(
+                        "{name:?} is an evaluation score: send it in an eval report \
+                         (reserved: {}, class_iou/*)",
+                        EVAL_POINT_NAMES.join(", ")
+                    ),
+                ));
+            }
+            IngestBody::Metrics {
+                iteration: iteration(&f("metrics.iteration"), m.iteration)?,
+                values: values(&f("metrics.values"), &m.values)?,
+            }
+        }
         Some(Payload::Eval(ev)) => {
             if ev.class_iou.len() > MAX_CLASSES {
                 return Err(invalid(

@@ -1,8 +1,9 @@
 //! The job event log: append (under the job's row lock) and read after a cursor.
 
 use super::jobs::{insert_event, lock_job};
+use super::metrics::{CLASS_IOU_PREFIX, EVAL_POINT_NAMES};
 use super::{u32_of, Store, StoreError};
-use crate::events::EventPayload;
+use crate::events::{json_number, EventPayload};
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use uuid::Uuid;
@@ -23,6 +24,9 @@ struct EventRow {
     attempt: i32,
     payload: Json<serde_json::Value>,
     created_at: DateTime<Utc>,
+    /// A metrics event's points (its attempt and iteration, less the evaluation's), in name order.
+    point_names: Option<Vec<String>>,
+    point_values: Option<Vec<f64>>,
 }
 
 impl Store {
@@ -40,7 +44,9 @@ impl Store {
         Ok(id)
     }
 
-    /// Up to `limit` events of one job with id greater than `after`, in id order.
+    /// Up to `limit` events of one job with id greater than `after`, in id order. A metrics
+    /// event gets its values from the `metrics` table (`metrics_job_points_idx`, one job,
+    /// iteration and attempt: a handful of rows).
     pub async fn events_after(
         &self,
         job_id: Uuid,
@@ -48,19 +54,37 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<EventRecord>, StoreError> {
         let rows: Vec<EventRow> = sqlx::query_as(
-            "SELECT id, job_id, attempt, payload, created_at FROM job_events
-             WHERE job_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+            "SELECT e.id, e.job_id, e.attempt, e.payload, e.created_at,
+                    p.point_names, p.point_values
+             FROM job_events e
+             LEFT JOIN LATERAL (
+                 SELECT array_agg(m.name ORDER BY m.name) AS point_names,
+                        array_agg(m.value ORDER BY m.name) AS point_values
+                 FROM metrics m
+                 WHERE e.kind = 'metrics' AND NOT (e.payload ? 'values')
+                   AND m.job_id = e.job_id AND m.attempt = e.attempt
+                   AND m.iteration = (e.payload->>'iteration')::bigint
+                   AND m.name <> ALL($4::text[]) AND NOT starts_with(m.name, $5)
+             ) p ON true
+             WHERE e.job_id = $1 AND e.id > $2 ORDER BY e.id LIMIT $3",
         )
         .bind(job_id)
         .bind(after)
         .bind(limit)
+        .bind(EVAL_POINT_NAMES)
+        .bind(CLASS_IOU_PREFIX)
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
             .map(|r| {
-                let payload = serde_json::from_value(r.payload.0).map_err(|e| {
+                let mut payload = serde_json::from_value(r.payload.0).map_err(|e| {
                     StoreError::Corrupt(format!("event {} of job {}: {e}", r.id, r.job_id))
                 })?;
+                if let (EventPayload::Metrics { values, .. }, Some(names), Some(points)) =
+                    (&mut payload, r.point_names, r.point_values)
+                {
+                    values.extend(names.into_iter().zip(points.into_iter().map(json_number)));
+                }
                 Ok(EventRecord {
                     id: r.id,
                     job_id: r.job_id,

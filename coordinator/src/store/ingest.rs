@@ -8,7 +8,7 @@
 
 use super::attempts::{fence, finish_rank, start_rank, unknown_job_is_stale, RankOutcome};
 use super::jobs::{insert_event, lock_job, parse_job_state, JobRecord};
-use super::metrics::{bump_iteration, record_points};
+use super::metrics::{bump_iteration, class_iou_point, record_points, EVAL_POINT_NAMES};
 use super::workers::{instance_verdict, Holder};
 use super::{u64_of, RestartPolicy, Store, StoreError};
 use crate::events::{json_number, json_values, EventPayload};
@@ -198,11 +198,13 @@ async fn apply(
         }
         IngestBody::Metrics { iteration, values } => {
             let new = record_points(tx, job_id, attempt, *iteration, values).await?;
-            // A report whose every point is already stored is a replay: no second event.
+            // A report whose every point is already stored is a replay: no second event. The
+            // event names the iteration only: its values are the points just stored, read back
+            // by `events_after`, so each point is stored once.
             if (new > 0 || values.is_empty()) && open(tx, job_id).await? {
                 let payload = EventPayload::Metrics {
                     iteration: *iteration,
-                    values: json_values(values),
+                    values: BTreeMap::new(),
                 };
                 insert_event(tx, job_id, attempt, &payload).await?;
             }
@@ -214,12 +216,15 @@ async fn apply(
             loss,
             class_iou,
         } => {
-            // The scores are metric points too, so curves (`segtrain plot`) and GetMetrics see them.
-            let points = BTreeMap::from([
-                ("miou".to_string(), *miou),
-                ("aacc".to_string(), *aacc),
-                ("val_loss".to_string(), *loss),
-            ]);
+            // The scores are metric points too, so curves (`segtrain plot`), GetMetrics and the
+            // exports see them, per class included.
+            let mut points: BTreeMap<String, f64> = EVAL_POINT_NAMES
+                .iter()
+                .map(|n| n.to_string())
+                .zip([*miou, *aacc, *loss])
+                .collect();
+            let n = class_iou.len();
+            points.extend((0..n).map(|i| (class_iou_point(i, n), class_iou[i])));
             record_points(tx, job_id, attempt, *iteration, &points).await?;
             if open(tx, job_id).await? {
                 let payload = EventPayload::Eval {

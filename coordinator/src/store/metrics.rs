@@ -7,6 +7,29 @@ use sqlx::{Postgres, Transaction};
 use std::collections::BTreeMap;
 use uuid::Uuid;
 
+/// The points an evaluation adds to the `metrics` table, beside the names metrics reports use:
+/// these three and one `class_iou/CLASS` per class ([`class_iou_point`]). A metrics report may
+/// not use them (`api::worker_requests`): the two would share a key, and a metrics event's
+/// values are read back as its iteration's points less the evaluation's.
+pub const EVAL_POINT_NAMES: [&str; 3] = ["miou", "aacc", "val_loss"];
+pub const CLASS_IOU_PREFIX: &str = "class_iou/";
+
+/// Whether `name` is one of an evaluation's points.
+pub fn is_eval_point(name: &str) -> bool {
+    EVAL_POINT_NAMES.contains(&name) || name.starts_with(CLASS_IOU_PREFIX)
+}
+
+/// The point name of class `index` of `num_classes`: `class_iou/road` for Cityscapes' 19
+/// classes, `class_iou/7` for another class list.
+pub fn class_iou_point(index: usize, num_classes: usize) -> String {
+    match segtrain_spec::CITYSCAPES_CLASSES.get(index) {
+        Some(name) if num_classes == segtrain_spec::CITYSCAPES_CLASSES.len() => {
+            format!("{CLASS_IOU_PREFIX}{name}")
+        }
+        _ => format!("{CLASS_IOU_PREFIX}{index}"),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct MetricPoint {
     pub attempt: u32,

@@ -30,7 +30,10 @@ pub use health::ClusterCounts;
 pub use heartbeat::Beat;
 pub use ingest::{IngestBody, IngestEvent, Ingested};
 pub use jobs::{list_jobs_sql, JobRecord};
-pub use metrics::{get_metrics_sql, CheckpointRecord, MetricPoint};
+pub use metrics::{
+    class_iou_point, get_metrics_sql, is_eval_point, CheckpointRecord, MetricPoint,
+    EVAL_POINT_NAMES,
+};
 pub use placement::{Candidate, Placement, QueueEnd, PLACEMENTS_PER_TRANSACTION};
 pub use prune::{JobHistory, Prunable};
 pub use rendezvous::RendezvousEndpoint;

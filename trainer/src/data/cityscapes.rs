@@ -16,27 +16,7 @@ use std::path::{Path, PathBuf};
 pub use super::error::DataError;
 
 /// The training classes in trainId order 0..18.
-pub const CLASS_NAMES: [&str; 19] = [
-    "road",
-    "sidewalk",
-    "building",
-    "wall",
-    "fence",
-    "pole",
-    "traffic light",
-    "traffic sign",
-    "vegetation",
-    "terrain",
-    "sky",
-    "person",
-    "rider",
-    "car",
-    "truck",
-    "bus",
-    "train",
-    "motorcycle",
-    "bicycle",
-];
+pub const CLASS_NAMES: [&str; 19] = segtrain_spec::CITYSCAPES_CLASSES;
 
 /// RGB colour of each trainId.
 pub const PALETTE: [[u8; 3]; 19] = [
