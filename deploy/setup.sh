@@ -6,7 +6,8 @@
 #      toolchain (torch-sys and the libtorch shim), Python venv support, shellcheck and
 #      systemd-analyze (`make lint-deploy`);
 #   2. a Python venv OUTSIDE the checkout holding PyPI torch==2.11.0, whose libtorch tch 0.24 links
-#      (reused when present and correct; ~5 GB with the nvidia-* wheels libtorch needs even on CPU);
+#      (reused when present and correct; ~5 GB with the nvidia-* wheels libtorch needs even on CPU),
+#      and tensorboard (the export test reads event files back with it);
 #   3. `.torch` in the checkout -> that venv's torch package (.cargo/config.toml points LIBTORCH here);
 #   4. builds the workspace.
 #
@@ -73,6 +74,12 @@ else
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check "torch==${TORCH_VERSION}"
     torch_ok || die "torch ${TORCH_VERSION} did not install correctly into $venv"
+fi
+# The TensorBoard event-file reader the export test reads `segtrain export tensorboard` back with.
+TENSORBOARD_VERSION=2.20.0
+if ! "$venv/bin/python" -c "import sys, tensorboard; sys.exit(tensorboard.__version__ != '$TENSORBOARD_VERSION')" >/dev/null 2>&1; then
+    say "installing tensorboard==${TENSORBOARD_VERSION} into $venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "tensorboard==${TENSORBOARD_VERSION}"
 fi
 torch_dir=$("$venv/bin/python" -W ignore -c 'import torch, pathlib; print(pathlib.Path(torch.__file__).parent)' 2>/dev/null)
 

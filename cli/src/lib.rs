@@ -3,8 +3,10 @@
 //! Every command is one or a few RPCs; output is a table or lines for people, or JSON with
 //! `--json`. A failure prints one line saying what failed and what to do, and exits non-zero.
 
+mod export;
 mod output;
 mod plot;
+mod tensorboard;
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Parser, Subcommand};
@@ -101,6 +103,9 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         since: u64,
     },
+    /// Export every metric point of a job: TensorBoard event files, CSV or JSON.
+    #[command(subcommand)]
+    Export(ExportCommand),
     /// Draw a job's loss, learning rate and mIoU curves to a PNG or SVG file.
     Plot {
         job: String,
@@ -147,6 +152,27 @@ enum TokenCommand {
     },
     /// Revoke a token by id (coordinators stop accepting it within 5 seconds).
     Revoke { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum ExportCommand {
+    /// Write one TensorBoard run into DIR (`tensorboard --logdir DIR`): a scalar per metric
+    /// name, per-class IoU included (class_iou/NAME), at step = iteration.
+    Tensorboard { job: String, dir: PathBuf },
+    /// Write `attempt,iteration,name,value` lines.
+    Csv {
+        job: String,
+        /// Output file (default: standard output).
+        #[arg(short = 'o', long = "out")]
+        out: Option<PathBuf>,
+    },
+    /// Write an array of {attempt, iteration, name, value}.
+    Json {
+        job: String,
+        /// Output file (default: standard output).
+        #[arg(short = 'o', long = "out")]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -304,6 +330,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .into_inner();
             out.metrics(&resp.points);
         }
+        Command::Export(what) => {
+            export(&mut jobs, &out, what)
+                .await
+                .map_err(|e| match e.downcast::<Status>() {
+                    Ok(s) => rpc(s),
+                    Err(e) => e,
+                })?
+        }
         Command::Plot { job, out: file } => {
             let points = jobs
                 .get_metrics(pb::GetMetricsRequest {
@@ -393,6 +427,50 @@ async fn get_job(
         .await
         .map_err(|s| describe(s, coordinator))?
         .into_inner())
+}
+
+/// `segtrain export`: the points first (an RPC error comes back as the `Status` it is), then
+/// the file.
+async fn export(
+    jobs: &mut JobServiceClient<AuthChannel>,
+    out: &Printer,
+    what: ExportCommand,
+) -> anyhow::Result<()> {
+    let (job, file) = match &what {
+        ExportCommand::Tensorboard { job, .. } => (job, None),
+        ExportCommand::Csv { job, out } | ExportCommand::Json { job, out } => (job, out.as_ref()),
+    };
+    let points = export::all_points(jobs, job, &[]).await?;
+    let write = |f: &dyn Fn(&mut dyn std::io::Write) -> std::io::Result<()>| -> anyhow::Result<()> {
+        match file {
+            Some(path) => {
+                let mut w = std::io::BufWriter::new(
+                    std::fs::File::create(path)
+                        .with_context(|| format!("--out {}: cannot create", path.display()))?,
+                );
+                f(&mut w)
+                    .and_then(|()| std::io::Write::flush(&mut w))
+                    .with_context(|| format!("--out {}: cannot write", path.display()))
+            }
+            None => f(&mut std::io::stdout().lock()).context("cannot write to standard output"),
+        }
+    };
+    match what {
+        ExportCommand::Tensorboard { job, dir } => {
+            let path = export::write_tensorboard(&job, &points, &dir)?;
+            if out.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "file": path, "points": points.len() })
+                );
+            } else {
+                println!("wrote {} points to {}", points.len(), path.display());
+            }
+        }
+        ExportCommand::Csv { .. } => write(&|w| export::write_csv(&points, w))?,
+        ExportCommand::Json { .. } => write(&|w| export::write_json(&points, w))?,
+    }
+    Ok(())
 }
 
 /// Follows the job's events; reconnects and resumes from the last event seen when the

@@ -383,10 +383,7 @@ impl Printer {
 
     pub fn metrics(&self, points: &[pb::MetricPoint]) {
         if self.json {
-            let v: Vec<Value> = points
-                .iter()
-                .map(|p| json!({"attempt": p.attempt, "iteration": p.iteration, "name": p.name, "value": p.value}))
-                .collect();
+            let v: Vec<Value> = points.iter().map(point_json).collect();
             print_json(&v);
             return;
         }
@@ -488,6 +485,11 @@ fn fmt_num(v: f64) -> String {
     } else {
         format!("{v:.4}")
     }
+}
+
+/// A metric point as `--json` and `segtrain export json` write it (a non-finite value is null).
+pub fn point_json(p: &pb::MetricPoint) -> Value {
+    json!({"attempt": p.attempt, "iteration": p.iteration, "name": p.name, "value": num(p.value)})
 }
 
 fn checkpoint_state(s: i32) -> String {

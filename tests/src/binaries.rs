@@ -30,3 +30,22 @@ pub fn run_ok(cmd: &mut std::process::Command, what: &str) -> std::process::Outp
     assert!(out.status.success(), "{what} failed: {stderr}");
     out
 }
+
+/// The Python of the project's venv (`make setup` makes it and links its torch package as
+/// `.torch` in the checkout: `<venv>/lib/pythonX.Y/site-packages/torch`).
+pub fn venv_python() -> PathBuf {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let torch = std::fs::canonicalize(repo.join(".torch"))
+        .unwrap_or_else(|e| panic!(".torch in the checkout: {e}; run `make setup`"));
+    let venv = torch
+        .ancestors()
+        .nth(4)
+        .unwrap_or_else(|| panic!("{} is not inside a venv", torch.display()));
+    let python = venv.join("bin/python");
+    assert!(
+        python.exists(),
+        "{} not found; run `make setup`",
+        python.display()
+    );
+    python
+}
