@@ -1,4 +1,23 @@
-// sqlx::migrate! embeds ../migrations at compile time; a new migration file must trigger a rebuild.
+//! The dashboard's chart library is embedded into the binary (src/web/assets.rs) from
+//! web/node_modules, which `make setup` installs with `npm ci` from web/package-lock.json. Say so
+//! plainly when it is missing, instead of an include_bytes! error.
+
 fn main() {
-    println!("cargo:rerun-if-changed=../migrations");
+    let web = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../web");
+    for f in [
+        "node_modules/uplot/dist/uPlot.iife.min.js",
+        "node_modules/uplot/dist/uPlot.min.css",
+    ] {
+        let path = web.join(f);
+        if !path.exists() {
+            panic!(
+                "{} is missing: install the dashboard's npm packages with `make setup` \
+                 (or `npm ci --prefix web`)",
+                path.display()
+            );
+        }
+    }
+    for f in ["index.html", "app.js", "app.css", "package-lock.json"] {
+        println!("cargo:rerun-if-changed=../web/{f}");
+    }
 }

@@ -66,7 +66,7 @@ pub fn write_csv(points: &[pb::MetricPoint], w: &mut dyn Write) -> std::io::Resu
 
 /// The same array of points as `segtrain metrics --json` (a non-finite value is null).
 pub fn write_json(points: &[pb::MetricPoint], w: &mut dyn Write) -> std::io::Result<()> {
-    let v: Vec<serde_json::Value> = points.iter().map(crate::output::point_json).collect();
+    let v: Vec<serde_json::Value> = points.iter().map(segtrain_proto::json::point).collect();
     serde_json::to_writer_pretty(&mut *w, &v)?;
     writeln!(w)
 }

@@ -574,13 +574,9 @@ fn parse_role(s: &str) -> anyhow::Result<pb::TokenRole> {
 }
 
 fn parse_state(s: &str) -> anyhow::Result<i32> {
-    let upper = s.to_ascii_uppercase();
-    match pb::JobState::from_str_name(&format!("JOB_STATE_{upper}")) {
-        Some(st) if st != pb::JobState::Unspecified => Ok(st as i32),
-        _ => bail!(
-            "--state: unknown state {s:?}; allowed: queued, scheduled, running, succeeded, failed, canceled, restarting, canceling"
-        ),
-    }
+    segtrain_proto::json::parse_state_name(s)
+        .map(|st| st as i32)
+        .map_err(|e| anyhow!("--state: {e}"))
 }
 
 /// One line for a failed RPC: what went wrong and, where it helps, what to do.

@@ -1,43 +1,12 @@
 //! What the CLI prints: aligned text for people, one JSON document per command with `--json`.
 
-use segtrain_proto::job_spec::ProtoSpec;
+use segtrain_proto::json::{
+    self, attempt_state, checkpoint_state, role_name, sorted, state_name, time, worker_state_name,
+};
+pub use segtrain_proto::json::{worker_name, JobView};
 use segtrain_proto::v1 as pb;
-use segtrain_proto::Timestamp;
 use serde::Serialize;
 use serde_json::{json, Value};
-
-/// A job as the CLI shows it.
-#[derive(Debug, Serialize)]
-pub struct JobView {
-    pub id: String,
-    pub name: String,
-    pub state: String,
-    pub attempt: u32,
-    /// Restarts after failures, of `max_restarts`.
-    pub restarts: u32,
-    pub max_restarts: u32,
-    /// Attempts ended by a preemption (not counted as restarts).
-    pub preemptions: u32,
-    /// The current attempt's ranks and accumulation (an elastic job's may differ from the
-    /// spec's `world_size` and `accumulate_steps`).
-    pub attempt_world_size: u32,
-    pub attempt_accumulate_steps: u32,
-    /// The current attempt's progress.
-    pub iteration: u64,
-    /// The newest iteration any attempt reached.
-    pub furthest_iteration: u64,
-    /// The checkpoint iteration the current attempt resumed from.
-    pub resumed_from_iteration: Option<u64>,
-    pub max_iters: u64,
-    pub world_size: u32,
-    pub variant: String,
-    pub reason: String,
-    pub idempotency_key: String,
-    pub created_at: String,
-    pub updated_at: String,
-    pub finished_at: Option<String>,
-    pub spec: Value,
-}
 
 /// `iteration / max_iters`, and how far an earlier attempt got when that is further (the
 /// iterations in between run again after a restart).
@@ -61,69 +30,6 @@ fn world(j: &JobView) -> String {
         "{} of {} (elastic: accumulate_steps {})",
         j.attempt_world_size, j.world_size, j.attempt_accumulate_steps
     )
-}
-
-/// A worker as people name it: HOST:GPU, HOST:cpu for a CPU worker.
-pub fn worker_name(w: &pb::Worker) -> String {
-    segtrain_proto::names::worker_name(&w.host, w.gpu_index)
-}
-
-/// A proto enum value as the CLI prints it: its name without the type prefix, or UNKNOWN(n).
-fn enum_name(name: Option<&'static str>, prefix: &str, raw: i32) -> String {
-    name.map_or_else(
-        || format!("UNKNOWN({raw})"),
-        |n| n.trim_start_matches(prefix).to_string(),
-    )
-}
-
-pub fn worker_state_name(s: i32) -> String {
-    let name = pb::WorkerState::try_from(s).ok().map(|v| v.as_str_name());
-    enum_name(name, "WORKER_STATE_", s)
-}
-
-pub fn state_name(s: i32) -> String {
-    let name = pb::JobState::try_from(s).ok().map(|v| v.as_str_name());
-    enum_name(name, "JOB_STATE_", s)
-}
-
-pub fn time(t: &Option<Timestamp>) -> String {
-    t.as_ref()
-        .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
-        .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
-        .unwrap_or_default()
-}
-
-impl From<&pb::Job> for JobView {
-    fn from(j: &pb::Job) -> JobView {
-        let spec = j.spec.clone().unwrap_or_default();
-        let spec_json = segtrain_spec::JobSpec::from_proto(&spec)
-            .ok()
-            .and_then(|s| serde_json::to_value(s).ok())
-            .unwrap_or(Value::Null);
-        JobView {
-            id: j.id.clone(),
-            name: spec.name.clone().unwrap_or_default(),
-            state: state_name(j.state),
-            attempt: j.attempt,
-            restarts: j.restarts,
-            max_restarts: spec.max_restarts.unwrap_or_default(),
-            preemptions: j.preemptions,
-            attempt_world_size: j.attempt_world_size,
-            attempt_accumulate_steps: j.attempt_accumulate_steps,
-            iteration: j.iteration,
-            furthest_iteration: j.furthest_iteration,
-            resumed_from_iteration: j.resumed_from_iteration,
-            max_iters: spec.max_iters.unwrap_or_default(),
-            world_size: spec.world_size.unwrap_or_default(),
-            variant: spec.variant.clone().unwrap_or_default(),
-            reason: j.reason.clone(),
-            idempotency_key: j.idempotency_key.clone(),
-            created_at: time(&j.created_at),
-            updated_at: time(&j.updated_at),
-            finished_at: j.finished_at.as_ref().map(|_| time(&j.finished_at)),
-            spec: spec_json,
-        }
-    }
 }
 
 pub struct Printer {
@@ -265,7 +171,7 @@ impl Printer {
         use pb::job_event::Payload;
         if self.json {
             // One JSON object per line, so the stream can be piped.
-            match serde_json::to_string(&event_json(ev)) {
+            match serde_json::to_string(&json::event(ev)) {
                 Ok(s) => println!("{s}"),
                 Err(e) => eprintln!("error: cannot encode JSON: {e}"),
             }
@@ -317,7 +223,7 @@ impl Printer {
 
     pub fn checkpoints(&self, cps: &[pb::Checkpoint]) {
         if self.json {
-            let v: Vec<Value> = cps.iter().map(checkpoint_json).collect();
+            let v: Vec<Value> = cps.iter().map(json::checkpoint).collect();
             print_json(&v);
             return;
         }
@@ -343,7 +249,7 @@ impl Printer {
 
     pub fn attempts(&self, attempts: &[pb::Attempt]) {
         if self.json {
-            let v: Vec<Value> = attempts.iter().map(attempt_json).collect();
+            let v: Vec<Value> = attempts.iter().map(json::attempt).collect();
             print_json(&v);
             return;
         }
@@ -383,7 +289,7 @@ impl Printer {
 
     pub fn metrics(&self, points: &[pb::MetricPoint]) {
         if self.json {
-            let v: Vec<Value> = points.iter().map(point_json).collect();
+            let v: Vec<Value> = points.iter().map(json::point).collect();
             print_json(&v);
             return;
         }
@@ -429,18 +335,7 @@ impl Printer {
     pub fn workers(&self, ws: &[pb::Worker]) {
         let state = worker_state_name;
         if self.json {
-            let v: Vec<Value> = ws
-                .iter()
-                .map(|w| {
-                    json!({
-                        "id": w.id, "host": w.host, "gpu_index": w.gpu_index, "gpu_name": w.gpu_name,
-                        "gpu_memory_bytes": w.gpu_memory_bytes, "state": state(w.state),
-                        "job_id": w.job_id, "attempt": w.attempt, "rank": w.rank,
-                        "last_heartbeat": time(&w.last_heartbeat), "lease_until": time(&w.lease_until),
-                        "leaving": w.leaving,
-                    })
-                })
-                .collect();
+            let v: Vec<Value> = ws.iter().map(json::worker).collect();
             print_json(&v);
             return;
         }
@@ -473,90 +368,12 @@ impl Printer {
     }
 }
 
-fn sorted(m: &std::collections::HashMap<String, f64>) -> Vec<(String, f64)> {
-    let mut v: Vec<(String, f64)> = m.iter().map(|(k, v)| (k.clone(), *v)).collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
 fn fmt_num(v: f64) -> String {
     if v != 0.0 && (v.abs() < 1e-3 || v.abs() >= 1e6) {
         format!("{v:.4e}")
     } else {
         format!("{v:.4}")
     }
-}
-
-/// A metric point as `--json` and `segtrain export json` write it (a non-finite value is null).
-pub fn point_json(p: &pb::MetricPoint) -> Value {
-    json!({"attempt": p.attempt, "iteration": p.iteration, "name": p.name, "value": num(p.value)})
-}
-
-fn checkpoint_state(s: i32) -> String {
-    let name = pb::CheckpointState::try_from(s)
-        .ok()
-        .map(|v| v.as_str_name());
-    enum_name(name, "CHECKPOINT_STATE_", s)
-}
-
-fn checkpoint_json(c: &pb::Checkpoint) -> Value {
-    json!({
-        "job_id": c.job_id, "attempt": c.attempt, "iteration": c.iteration, "uri": c.uri,
-        "bytes": c.bytes, "sha256": c.sha256, "state": checkpoint_state(c.state),
-        "metrics": c.metrics, "created_at": time(&c.created_at), "on_stop": c.on_stop,
-    })
-}
-
-fn attempt_state(s: i32) -> String {
-    let name = pb::AttemptState::try_from(s).ok().map(|v| v.as_str_name());
-    enum_name(name, "ATTEMPT_STATE_", s)
-}
-
-fn attempt_json(a: &pb::Attempt) -> Value {
-    json!({
-        "attempt": a.attempt, "state": attempt_state(a.state), "world_size": a.world_size,
-        "accumulate_steps": a.accumulate_steps, "reason": a.reason,
-        "resumed_from_iteration": a.resumed_from_iteration, "workers": a.workers,
-        "created_at": time(&a.created_at), "finished_at": a.finished_at.as_ref().map(|_| time(&a.finished_at)),
-    })
-}
-
-/// JSON has no NaN: a NaN (an IoU of a class seen nowhere) becomes null.
-fn num(v: f64) -> Value {
-    serde_json::Number::from_f64(v)
-        .map(Value::Number)
-        .unwrap_or(Value::Null)
-}
-
-fn event_json(ev: &pb::JobEvent) -> Value {
-    use pb::job_event::Payload;
-    let (kind, body) = match &ev.payload {
-        Some(Payload::StateChange(c)) => (
-            "state_change",
-            json!({"from": if c.from == 0 { Value::Null } else { Value::String(state_name(c.from)) },
-                   "to": state_name(c.to), "reason": c.reason}),
-        ),
-        Some(Payload::Metrics(m)) => (
-            "metrics",
-            json!({"iteration": m.iteration,
-                   "values": sorted(&m.values).into_iter().map(|(k, v)| (k, num(v))).collect::<serde_json::Map<_, _>>()}),
-        ),
-        Some(Payload::Eval(e)) => (
-            "eval",
-            json!({"iteration": e.iteration, "miou": num(e.miou), "aacc": num(e.aacc), "loss": num(e.loss),
-                   "class_iou": e.class_iou.iter().map(|v| num(*v)).collect::<Vec<_>>()}),
-        ),
-        Some(Payload::Checkpoint(c)) => (
-            "checkpoint",
-            c.checkpoint
-                .as_ref()
-                .map(checkpoint_json)
-                .unwrap_or(Value::Null),
-        ),
-        Some(Payload::Note(n)) => ("note", json!({"text": n.text})),
-        None => ("empty", Value::Null),
-    };
-    json!({"id": ev.id, "job_id": ev.job_id, "attempt": ev.attempt, "time": time(&ev.time), "kind": kind, "data": body})
 }
 
 /// `segtrain watch` on a terminal: a progress bar (iteration, ETA, loss, lr, images/s) under the
@@ -614,32 +431,12 @@ impl Live {
     }
 }
 
-/// A token as the CLI shows it (never the secret, except once at creation).
-fn token_json(t: &pb::TokenInfo) -> Value {
-    json!({
-        "id": t.id, "name": t.name, "role": role_name(t.role),
-        "created_at": time(&t.created_at),
-        "revoked_at": t.revoked_at.as_ref().map(|_| time(&t.revoked_at)),
-        "last_used_at": t.last_used_at.as_ref().map(|_| time(&t.last_used_at)),
-    })
-}
-
-pub fn role_name(r: i32) -> String {
-    pb::TokenRole::try_from(r)
-        .map(|r| {
-            r.as_str_name()
-                .trim_start_matches("TOKEN_ROLE_")
-                .to_ascii_lowercase()
-        })
-        .unwrap_or_else(|_| format!("unknown({r})"))
-}
-
 impl Printer {
     /// The new token alone on stdout (so `segtrain token create ... > file` keeps just the
     /// secret); what it is on stderr. With `--json`, one document with the token in it.
     pub fn token_created(&self, token: &str, info: &pb::TokenInfo) {
         if self.json {
-            let mut v = token_json(info);
+            let mut v = json::token(info);
             v["token"] = Value::String(token.to_string());
             print_json(&v);
         } else {
@@ -655,7 +452,7 @@ impl Printer {
 
     pub fn tokens(&self, ts: &[pb::TokenInfo]) {
         if self.json {
-            let v: Vec<Value> = ts.iter().map(token_json).collect();
+            let v: Vec<Value> = ts.iter().map(json::token).collect();
             print_json(&v);
             return;
         }
@@ -684,7 +481,7 @@ impl Printer {
 
     pub fn token_revoked(&self, t: &pb::TokenInfo) {
         if self.json {
-            print_json(&token_json(t));
+            print_json(&json::token(t));
         } else {
             println!(
                 "revoked {} token {:?} ({})",

@@ -9,6 +9,7 @@ use crate::metrics;
 use crate::scheduler::{self, SchedulerConfig};
 use crate::store::bus::Bus;
 use crate::store::{PoolSettings, RestartPolicy, Store, StoreError};
+use crate::web;
 use segtrain_proto::client::{read_pem, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES};
 use segtrain_proto::v1 as pb;
 use std::future::Future;
@@ -39,19 +40,20 @@ pub struct Security {
 }
 
 impl Security {
-    /// Refuses plaintext or no authentication on an address other machines can reach.
-    pub fn check(&self, listen: SocketAddr) -> anyhow::Result<()> {
+    /// Refuses plaintext or no authentication on an address other machines can reach; `flag`
+    /// names the listen address in the error (`--listen`, `--web-listen`).
+    pub fn check(&self, flag: &str, listen: SocketAddr) -> anyhow::Result<()> {
         let loopback = listen.ip().is_loopback();
         if self.tls.is_none() && !loopback {
             anyhow::bail!(
-                "--plaintext is accepted only with a loopback --listen address (127.0.0.1 or [::1]), \
+                "--plaintext is accepted only with a loopback {flag} address (127.0.0.1 or [::1]), \
                  got {listen}; serve TLS instead with --tls-cert PATH --tls-key PATH \
                  (`segtrain-coordinator certs` makes a private CA and a server certificate)"
             );
         }
         if !self.auth && !loopback {
             anyhow::bail!(
-                "--insecure-no-auth is accepted only with a loopback --listen address (127.0.0.1 or [::1]), \
+                "--insecure-no-auth is accepted only with a loopback {flag} address (127.0.0.1 or [::1]), \
                  got {listen}; create tokens instead (`segtrain-coordinator token create --role admin`)"
             );
         }
@@ -96,6 +98,8 @@ pub struct ServerConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// How often the metrics read from PostgreSQL are refreshed.
     pub metrics_refresh: Duration,
+    /// `--web-listen`: serve the dashboard (crate::web), with the same TLS and tokens as gRPC.
+    pub web_listen: Option<SocketAddr>,
 }
 
 impl ServerConfig {
@@ -116,6 +120,7 @@ impl ServerConfig {
             },
             metrics_listen: None,
             metrics_refresh: Duration::from_secs(2),
+            web_listen: None,
         }
     }
 }
@@ -146,8 +151,15 @@ pub async fn connect_store(cfg: &ServerConfig) -> anyhow::Result<Store> {
 /// Runs the coordinator until `shutdown` resolves.
 pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     // Configuration mistakes first, before waiting for a database.
-    cfg.security.check(cfg.listen)?;
+    cfg.security.check("--listen", cfg.listen)?;
     let tls = cfg.security.tls_config()?;
+    let web_tls = match (cfg.web_listen, &cfg.security.tls) {
+        (Some(addr), tls_files) => {
+            cfg.security.check("--web-listen", addr)?;
+            tls_files.as_ref().map(web::web_tls_config).transpose()?
+        }
+        (None, _) => None,
+    };
     // The metrics endpoint answers from the start, also while PostgreSQL is not reachable yet
     // (`segtrain_database_up 0`).
     let metrics_server = match cfg.metrics_listen {
@@ -234,6 +246,24 @@ pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> any
             )
         })?;
     }
+    let web_server = match cfg.web_listen {
+        Some(addr) => {
+            let listener = web::bind(addr).await?;
+            let scheme = if web_tls.is_some() { "https" } else { "http" };
+            tracing::info!(url = %format!("{scheme}://{}/", listener.local_addr()?), "serving the dashboard");
+            let watchers = Watchers {
+                bus: bus.clone(),
+                poll: cfg.workers.poll,
+            };
+            let site = web::Web::new(
+                JobApi::new(store.clone(), watchers),
+                ClusterApi::new(store.clone()),
+                verifier.clone(),
+            );
+            Some(tokio::spawn(web::serve(listener, web_tls, site)))
+        }
+        None => None,
+    };
     let serving = builder
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .tcp_keepalive(Some(Duration::from_secs(30)))
@@ -283,6 +313,9 @@ pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> any
     scheduler.abort();
     db_watch.abort();
     for task in [metrics_server, metrics_refresh].into_iter().flatten() {
+        task.abort();
+    }
+    if let Some(task) = web_server {
         task.abort();
     }
     store.close().await;

@@ -17,5 +17,6 @@ pub use prost_types::Timestamp;
 pub mod client;
 mod failover;
 pub mod job_spec;
+pub mod json;
 pub mod names;
 pub mod refusal;

@@ -3,7 +3,7 @@
 //! checks the role the service needs, and either passes the request on with its [`Caller`] in the
 //! extensions or answers the gRPC error itself, so the services never see an unauthorised call.
 
-use super::{access, decide, Verdict, Verifier};
+use super::{access, decide, Caller, Verdict, Verifier};
 use crate::api::status_of;
 use std::future::Future;
 use std::pin::Pin;
@@ -67,35 +67,46 @@ where
             return Box::pin(inner.call(req));
         };
         Box::pin(async move {
-            let (service, rule) = access(req.uri().path());
             let header = req
                 .headers()
                 .get(http::header::AUTHORIZATION)
                 .map(|v| v.as_bytes().to_vec());
-            // Verify first (async), then decide (sync) with the verdict.
-            let verdict = match (&rule, header.as_deref().and_then(bearer)) {
-                (super::Access::Roles(_), Some(token)) => Some(verifier.verify(token).await),
-                _ => None,
-            };
-            let decided = decide(&service, rule, header.as_deref(), |_| match verdict {
-                Some(Ok(v)) => Ok(v),
-                Some(Err(e)) => Err(status_of(e)),
-                None => Ok(Verdict::Unknown),
-            });
-            match decided {
+            match authorize(&verifier, req.uri().path(), header.as_deref()).await {
                 Ok(caller) => {
                     if let Some(c) = caller {
                         req.extensions_mut().insert(c);
                     }
                     inner.call(req).await
                 }
-                Err(status) => {
-                    tracing::debug!(service = %service, code = ?status.code(), "request refused");
-                    Ok(status.into_http())
-                }
+                Err(status) => Ok(status.into_http()),
             }
         })
     }
+}
+
+/// The access check of one call to the gRPC method `path` (`/package.Service/Method`) with the
+/// `authorization` header `header`: its [`Caller`], `None` for an open service, or the status
+/// that refuses it. The gRPC layer and the dashboard's HTTP API (`crate::web`) both ask this.
+pub async fn authorize(
+    verifier: &Verifier,
+    path: &str,
+    header: Option<&[u8]>,
+) -> Result<Option<Caller>, tonic::Status> {
+    let (service, rule) = access(path);
+    // Verify first (async), then decide (sync) with the verdict.
+    let verdict = match (&rule, header.and_then(bearer)) {
+        (super::Access::Roles(_), Some(token)) => Some(verifier.verify(token).await),
+        _ => None,
+    };
+    let decided = decide(&service, rule, header, |_| match verdict {
+        Some(Ok(v)) => Ok(v),
+        Some(Err(e)) => Err(status_of(e)),
+        None => Ok(Verdict::Unknown),
+    });
+    if let Err(status) = &decided {
+        tracing::debug!(service = %service, code = ?status.code(), "request refused");
+    }
+    decided
 }
 
 /// The token of a `Bearer <token>` header value.

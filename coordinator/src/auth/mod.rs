@@ -13,7 +13,7 @@
 
 mod layer;
 
-pub use layer::AuthLayer;
+pub use layer::{authorize, AuthLayer};
 
 use crate::store::{Store, StoreError, TokenCheck};
 use base64::Engine;

@@ -99,6 +99,11 @@ struct ServeArgs {
     /// HTTP without authentication, for a scraper on an internal network: expose it only there.
     #[arg(long, env = "SEGTRAIN_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Serve the web dashboard on ADDR, e.g. 0.0.0.0:8443 (default: off): HTTPS with the
+    /// --tls-cert certificate (and --tls-client-ca when set), or plain HTTP with --plaintext on
+    /// a loopback address; sign in with a client or admin token, as for gRPC.
+    #[arg(long, env = "SEGTRAIN_WEB_LISTEN")]
+    web_listen: Option<SocketAddr>,
     /// How often the metrics read from PostgreSQL (jobs and workers by state, queue length,
     /// restarts) are refreshed, milliseconds.
     #[arg(long, env = "SEGTRAIN_METRICS_REFRESH_MS", default_value_t = 2000,
@@ -257,6 +262,7 @@ async fn run_server(args: ServeArgs) -> anyhow::Result<()> {
     cfg.restart.max =
         Duration::from_millis(args.restart_backoff_max_ms.max(args.restart_backoff_ms));
     cfg.metrics_listen = args.metrics_listen;
+    cfg.web_listen = args.web_listen;
     cfg.metrics_refresh = Duration::from_millis(args.metrics_refresh_ms);
     serve(cfg, shutdown_signal()).await
 }
