@@ -8,7 +8,8 @@
 #   2. a Python venv OUTSIDE the checkout holding PyPI torch==2.11.0, whose libtorch tch 0.24 links
 #      (reused when present and correct; ~5 GB with the nvidia-* wheels libtorch needs even on CPU),
 #      and tensorboard (the export test reads event files back with it);
-#   3. `.torch` in the checkout -> that venv's torch package (.cargo/config.toml points LIBTORCH here);
+#   3. `.torch` in the checkout -> that venv's torch package (.cargo/config.toml points LIBTORCH here),
+#      and web/node_modules from web/package-lock.json (npm ci), with nodejs, npm and chromium;
 #   4. builds the workspace.
 #
 # Environment: SEGTRAIN_VENV (default ~/.cache/segtrain/torch-2.11.0-venv), SEGTRAIN_SKIP_BUILD=1.
@@ -34,6 +35,11 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 # The text font of `segtrain plot` PNGs.
 [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
+# The dashboard: its npm packages (uPlot, embedded at build; playwright-core for the browser
+# test) and the browser the test drives.
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v npm >/dev/null 2>&1 || need+=(npm)
+[ -x /usr/bin/chromium ] || need+=(chromium)
 # `make lint-deploy`: shellcheck on the deploy scripts (systemd-analyze comes with systemd).
 command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
@@ -82,6 +88,13 @@ if ! "$venv/bin/python" -c "import sys, tensorboard; sys.exit(tensorboard.__vers
     "$venv/bin/pip" install --quiet --disable-pip-version-check "tensorboard==${TENSORBOARD_VERSION}"
 fi
 torch_dir=$("$venv/bin/python" -W ignore -c 'import torch, pathlib; print(pathlib.Path(torch.__file__).parent)' 2>/dev/null)
+
+# --- 2b. the dashboard's npm packages, exactly as web/package-lock.json pins them ------------------
+if [ ! -e "$repo/web/node_modules/.package-lock.json" ] \
+    || [ "$repo/web/package-lock.json" -nt "$repo/web/node_modules/.package-lock.json" ]; then
+    say "installing the dashboard's npm packages (npm ci in web/)"
+    (cd "$repo/web" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+fi
 
 # --- 3. link it into the checkout ----------------------------------------------------------------
 if [ "$(readlink "$repo/.torch" 2>/dev/null || true)" != "$torch_dir" ]; then

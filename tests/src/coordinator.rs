@@ -78,6 +78,17 @@ impl CoordinatorProcess {
         CoordinatorProcess::launch(database_url, &all, None).await
     }
 
+    /// [`start_with_args`](Self::start_with_args) with bearer tokens required (still plaintext,
+    /// on loopback): for tests that speak plain HTTP to the dashboard themselves.
+    pub async fn start_plaintext_with_auth(
+        database_url: &str,
+        args: &[&str],
+    ) -> CoordinatorProcess {
+        let mut all = vec!["--plaintext"];
+        all.extend_from_slice(args);
+        CoordinatorProcess::launch(database_url, &all, None).await
+    }
+
     /// [`start_with_args`](Self::start_with_args) listening on `host` (a loopback-range address
     /// such as a test network's 127.77.0.1) instead of 127.0.0.1.
     pub async fn start_on(database_url: &str, host: &str, args: &[&str]) -> CoordinatorProcess {

@@ -134,3 +134,208 @@ async fn the_dashboard_shows_jobs_live_curves_workers_and_cancels_in_a_real_brow
         assert!(len > 10_000, "{f}: {len} bytes");
     }
 }
+
+/// One HTTP/1.1 exchange on a plaintext loopback dashboard: (status, parsed JSON body).
+async fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &str,
+) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    s.write_all(req.as_bytes()).await.expect("send");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.expect("read");
+    let text = String::from_utf8_lossy(&raw);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text}"));
+    let json = text
+        .split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str(b).ok())
+        .unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
+
+#[tokio::test]
+async fn the_http_api_validates_its_parameters_and_refuses_what_grpc_refuses() {
+    let pg = TempPostgres::start().expect("PostgreSQL");
+    let web = format!("127.0.0.1:{}", free_port());
+    // Plaintext on loopback with tokens required (no --insecure-no-auth).
+    let admin = segtrain_tests::coordinator::coordinator_command(&[
+        "token",
+        "create",
+        "--database-url",
+        &pg.url(),
+        "--role",
+        "admin",
+        "--name",
+        "t",
+    ]);
+    let admin = admin.trim();
+    let coord =
+        CoordinatorProcess::start_plaintext_with_auth(&pg.url(), &["--web-listen", &web]).await;
+    let auth = format!("Authorization: Bearer {admin}");
+    let with = [auth.as_str()];
+
+    // The page itself needs no token; it is served with its CSP.
+    let (status, _) = http(&web, "GET", "/", &[], "").await;
+    assert_eq!(status, 200);
+
+    // Every API call does, with gRPC's words.
+    let (status, body) = http(&web, "GET", "/api/v1/jobs", &[], "").await;
+    assert_eq!(status, 401);
+    assert_eq!(body["code"], "UNAUTHENTICATED");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("needs a client or admin token")),
+        "{body}"
+    );
+
+    let cases: &[(&str, &str, u16, &str)] = &[
+        (
+            "GET",
+            "/api/v1/jobs?state=bogus",
+            400,
+            "state: unknown state \"bogus\"; allowed: queued, scheduled",
+        ),
+        (
+            "GET",
+            "/api/v1/jobs?colour=red",
+            400,
+            "unknown query parameter \"colour\"; allowed: state, page_size, page_token",
+        ),
+        (
+            "GET",
+            "/api/v1/jobs?page_size=many",
+            400,
+            "page_size: must be a number 1..=1000, got \"many\"",
+        ),
+        (
+            "GET",
+            "/api/v1/jobs?page_size=5000",
+            400,
+            "page_size: must be 0 (default 50) or 1..=1000",
+        ),
+        ("GET", "/api/v1/jobs/not-a-job", 400, "job_id"),
+        (
+            "GET",
+            "/api/v1/jobs/01a23d37-b3b8-7267-90e2-af4fa3e2eaf9",
+            404,
+            "not found",
+        ),
+        (
+            "GET",
+            "/api/v1/jobs/01a23d37-b3b8-7267-90e2-af4fa3e2eaf9/metrics?limit=0x10",
+            400,
+            "limit: must be a number",
+        ),
+        (
+            "GET",
+            "/api/v1/jobs/01a23d37-b3b8-7267-90e2-af4fa3e2eaf9/events?after_event_id=-1",
+            400,
+            "after_event_id",
+        ),
+        (
+            "GET",
+            "/api/v1/nothing",
+            404,
+            "no API route /api/v1/nothing",
+        ),
+    ];
+    for (method, path, want, needle) in cases {
+        let (status, body) = http(&web, method, path, &with, "").await;
+        assert_eq!(status, *want, "{path}: {body}");
+        assert!(
+            body["message"].as_str().is_some_and(|m| m.contains(needle)),
+            "{path}: {body}"
+        );
+    }
+
+    // Cancel: a JSON body only (a cross-site form cannot send one), and it changes nothing
+    // when refused.
+    let mut jobs = JobServiceClient::new(coord.channel_with_token(Some(admin)));
+    let job = submit_job(
+        &mut jobs,
+        segtrain_tests::coordinator::queued_spec("api", 1),
+    )
+    .await;
+    let cancel = format!("/api/v1/jobs/{}/cancel", job.id);
+    let (status, body) = http(&web, "POST", &cancel, &with, "reason=x").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Content-Type: must be application/json")),
+        "{body}"
+    );
+    let json_type = [auth.as_str(), "Content-Type: application/json"];
+    let (status, body) = http(&web, "POST", &cancel, &json_type, "{\"reason\": 7}").await;
+    assert_eq!(status, 400);
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("reason: must be a string")),
+        "{body}"
+    );
+    assert_eq!(
+        segtrain_tests::coordinator::get_job(&mut jobs, &job.id)
+            .await
+            .state(),
+        pb::JobState::Queued
+    );
+    let (status, body) = http(
+        &web,
+        "POST",
+        &cancel,
+        &json_type,
+        "{\"reason\": \"from curl\"}",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "CANCELED");
+    assert_eq!(body["reason"], "from curl");
+    // Canceling it again changes nothing, as in gRPC.
+    let (status, body) = http(&web, "POST", &cancel, &json_type, "{}").await;
+    assert_eq!(
+        (status, &body["reason"]),
+        (200, &serde_json::json!("from curl")),
+        "{body}"
+    );
+
+    // A worker token is refused by ClusterService's rule, as HTTP 403.
+    let worker = segtrain_tests::coordinator::coordinator_command(&[
+        "token",
+        "create",
+        "--database-url",
+        &pg.url(),
+        "--role",
+        "worker",
+        "--name",
+        "w",
+    ]);
+    let auth = format!("Authorization: Bearer {}", worker.trim());
+    let (status, body) = http(&web, "GET", "/api/v1/workers", &[auth.as_str()], "").await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (403, Some("PERMISSION_DENIED")),
+        "{body}"
+    );
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("is a worker token")),
+        "{body}"
+    );
+}

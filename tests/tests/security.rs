@@ -447,6 +447,19 @@ async fn transport_security_is_required_and_checked() {
         &["--database-url", db, "--listen", "127.0.0.1:0"],
         "pass --tls-cert PATH --tls-key PATH",
     );
+    // The dashboard's listener has the same rules as gRPC's.
+    coordinator_refuses(
+        &[
+            "--database-url",
+            db,
+            "--listen",
+            "127.0.0.1:0",
+            "--plaintext",
+            "--web-listen",
+            "0.0.0.0:0",
+        ],
+        "--plaintext is accepted only with a loopback --web-listen address",
+    );
     coordinator_refuses(
         &[
             "--database-url",
