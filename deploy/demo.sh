@@ -6,14 +6,17 @@
 # stopped on exit; results stay in ./demo-out.
 #
 # It runs as in production: TLS with a private CA made by `segtrain-coordinator certs`, an admin
-# token bootstrapped in the database, and a client token (for the CLI) and a worker token (for the
-# daemons) created with `segtrain token create`.
+# token bootstrapped in the database, and a client token (for the CLI and the dashboard) and a
+# worker token (for the daemons) created with `segtrain token create`. The web dashboard is on
+# https://127.0.0.1:8443 (SEGTRAIN_DEMO_WEB_PORT); with DEMO_KEEP=1 everything keeps running after
+# the job until Ctrl-C, so a person can look.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bin="${CARGO_TARGET_DIR:-$repo/target}/debug"
 out="$repo/demo-out"
 work=$(mktemp -d -t segtrain-demo-XXXXXX)
 port=${SEGTRAIN_DEMO_PORT:-50051}
+web_port=${SEGTRAIN_DEMO_WEB_PORT:-8443}
 export SEGTRAIN_COORDINATOR="https://127.0.0.1:$port"
 # Every segtrain and segtrain-worker command below trusts the demo's private CA.
 export SEGTRAIN_CA="$out/certs/ca.pem"
@@ -48,8 +51,9 @@ printf '$ %s\n' "segtrain-coordinator token create --database-url \$db --role ad
 (umask 077; "$bin/segtrain-coordinator" token create --database-url "$db" --role admin --name demo-admin \
     >"$out/admin.token")
 
-step "the coordinator on https://127.0.0.1:$port (log: $out/coordinator.log)"
-"$bin/segtrain-coordinator" --listen "127.0.0.1:$port" --database-url "$db" --log-format json \
+step "the coordinator on https://127.0.0.1:$port, its dashboard on https://127.0.0.1:$web_port (log: $out/coordinator.log)"
+"$bin/segtrain-coordinator" --listen "127.0.0.1:$port" --web-listen "127.0.0.1:$web_port" \
+    --database-url "$db" --log-format json \
     --tls-cert "$out/certs/server.pem" --tls-key "$out/certs/server-key.pem" \
     2>"$out/coordinator.log" &
 pids+=($!)
@@ -62,6 +66,8 @@ for role in client worker; do
         >"$out/$role.token")
 done
 run "$bin/segtrain" --token-file "$out/admin.token" token list
+echo "dashboard: https://127.0.0.1:$web_port/ (sign in with the client token in $out/client.token;"
+echo "           the browser will ask you to accept the demo's private CA, $out/certs/ca.pem)"
 # From here on the CLI uses the client token.
 export SEGTRAIN_TOKEN_FILE="$out/client.token"
 
@@ -95,6 +101,7 @@ step "results"
 run "$bin/segtrain" status "$job"
 run "$bin/segtrain" checkpoints "$job"
 run "$bin/segtrain" plot "$job" -o "$out/loss.png"
+run "$bin/segtrain" export tensorboard "$job" "$out/tensorboard"
 miou=$("$bin/segtrain" --json checkpoints "$job" | python3 -c 'import json,sys; c=json.load(sys.stdin); print("%.2f%%" % (100*c[-1]["metrics"].get("miou", float("nan"))))')
 last=$("$bin/segtrain" --json checkpoints "$job" | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["uri"])')
 run "$bin/segtrain-worker" predict --variant b0 --weights "$last/model.safetensors" \
@@ -104,5 +111,13 @@ step "done"
 echo "final val mIoU:  $miou"
 echo "checkpoints:     $out/checkpoints/$job"
 echo "loss plot:       $out/loss.png"
+echo "TensorBoard:     tensorboard --logdir $out/tensorboard"
 echo "a prediction:    $out/prediction.png"
 echo "TLS and tokens:  $out/certs, $out/{admin,client,worker}.token"
+echo "dashboard:       https://127.0.0.1:$web_port/#/jobs/$job (token: $out/client.token)"
+if [ "${DEMO_KEEP:-0}" = 1 ]; then
+    step "DEMO_KEEP=1: the coordinator, the daemons and the dashboard keep running; Ctrl-C stops them"
+    # Until a signal: the EXIT trap then stops everything.
+    trap 'exit 0' INT TERM
+    while :; do sleep 3600 & pids+=($!); wait $!; done
+fi
