@@ -4,7 +4,8 @@
 use super::{assets, Web};
 use crate::auth::authorize;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -20,8 +21,6 @@ use std::convert::Infallible;
 use std::time::Duration;
 use tonic::{Code, Status};
 
-const JOBS: &str = "/segtrain.v1.JobService/";
-const CLUSTER: &str = "/segtrain.v1.ClusterService/";
 /// Rate metrics shown for a running job in the list (the newest report's).
 const RATE_NAMES: [&str; 2] = ["images_per_s", "step_ms"];
 
@@ -92,40 +91,65 @@ fn code_name(c: Code) -> String {
 
 type ApiResult = Result<Response, ApiError>;
 
-/// `msg` as a request to the gRPC method `method`, authorised as gRPC authorises it (the
-/// `authorization: Bearer` header, the method's roles), with the caller in its extensions.
-async fn request<T>(
-    web: &Web,
-    headers: &HeaderMap,
-    method: &str,
-    msg: T,
-) -> Result<tonic::Request<T>, ApiError> {
-    let mut req = tonic::Request::new(msg);
-    if let Some(verifier) = &web.verifier {
-        let header = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
-        if let Some(caller) = authorize(verifier, method, header).await? {
-            req.extensions_mut().insert(caller);
-        }
-    }
-    Ok(req)
+/// What every handler starts from: the handlers' state, the request's headers (its token) and
+/// its query parameters.
+pub struct Call {
+    web: Web,
+    headers: HeaderMap,
+    query: Vec<(String, String)>,
 }
 
-/// The query's parameters, each of them one of `allowed` (a typo is an error, not ignored).
-fn params(
-    Query(pairs): Query<Vec<(String, String)>>,
-    allowed: &[&str],
-) -> Result<Vec<(String, String)>, ApiError> {
-    if let Some((bad, _)) = pairs.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
-        return Err(invalid(format!(
-            "unknown query parameter {bad:?}; allowed: {}",
-            if allowed.is_empty() {
+impl FromRequestParts<Web> for Call {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, web: &Web) -> Result<Call, ApiError> {
+        let Query(query) = Query::<Vec<(String, String)>>::try_from_uri(&parts.uri)
+            .map_err(|e| invalid(format!("query: {}", e.body_text())))?;
+        Ok(Call {
+            web: web.clone(),
+            headers: parts.headers.clone(),
+            query,
+        })
+    }
+}
+
+impl Call {
+    /// The query's parameters, each of them one of `allowed` (a typo is an error, not ignored).
+    fn params(&self, allowed: &[&str]) -> Result<&[(String, String)], ApiError> {
+        if let Some((bad, _)) = self
+            .query
+            .iter()
+            .find(|(k, _)| !allowed.contains(&k.as_str()))
+        {
+            let allowed = if allowed.is_empty() {
                 "none".to_string()
             } else {
                 allowed.join(", ")
-            }
-        )));
+            };
+            return Err(invalid(format!(
+                "unknown query parameter {bad:?}; allowed: {allowed}"
+            )));
+        }
+        Ok(&self.query)
     }
-    Ok(pairs)
+
+    /// `msg` as a request to the gRPC method `service/method` (e.g. `JobService/ListJobs`),
+    /// authorised as gRPC authorises it (the `authorization: Bearer` header, the method's
+    /// roles), with the caller in its extensions.
+    async fn request<T>(&self, method: &str, msg: T) -> Result<tonic::Request<T>, ApiError> {
+        let mut req = tonic::Request::new(msg);
+        if let Some(verifier) = &self.web.verifier {
+            let header = self
+                .headers
+                .get(header::AUTHORIZATION)
+                .map(|v| v.as_bytes());
+            let path = format!("/segtrain.v1.{method}");
+            if let Some(caller) = authorize(verifier, &path, header).await? {
+                req.extensions_mut().insert(caller);
+            }
+        }
+        Ok(req)
+    }
 }
 
 /// The one value of `name`, if given.
@@ -154,12 +178,8 @@ fn ok(v: Value) -> ApiResult {
     Ok(Json(v).into_response())
 }
 
-async fn list_jobs(
-    State(web): State<Web>,
-    headers: HeaderMap,
-    query: Query<Vec<(String, String)>>,
-) -> ApiResult {
-    let q = params(query, &["state", "page_size", "page_token"])?;
+async fn list_jobs(call: Call) -> ApiResult {
+    let q = call.params(&["state", "page_size", "page_token"])?;
     let states = q
         .iter()
         .filter(|(k, _)| k == "state")
@@ -171,16 +191,16 @@ async fn list_jobs(
         .collect::<Result<Vec<_>, _>>()?;
     let msg = pb::ListJobsRequest {
         states,
-        page_size: number(&q, "page_size", "a number 1..=1000")?.unwrap_or(0),
-        page_token: single(&q, "page_token")?.unwrap_or_default().to_string(),
+        page_size: number(q, "page_size", "a number 1..=1000")?.unwrap_or(0),
+        page_token: single(q, "page_token")?.unwrap_or_default().to_string(),
     };
-    let req = request(&web, &headers, &format!("{JOBS}ListJobs"), msg).await?;
-    let resp = web.jobs.list_jobs(req).await?.into_inner();
+    let req = call.request("JobService/ListJobs", msg).await?;
+    let resp = call.web.jobs.list_jobs(req).await?.into_inner();
     let mut jobs = Vec::with_capacity(resp.jobs.len());
     for j in &resp.jobs {
         let mut v = serde_json::to_value(JobView::from(j)).unwrap_or(Value::Null);
         if j.state == pb::JobState::Running as i32 {
-            v["rates"] = rates(&web, j).await;
+            v["rates"] = rates(&call.web, j).await;
         }
         jobs.push(v);
     }
@@ -207,19 +227,14 @@ async fn rates(web: &Web, j: &pb::Job) -> Value {
     Value::Object(out)
 }
 
-async fn get_job(
-    State(web): State<Web>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    query: Query<Vec<(String, String)>>,
-) -> ApiResult {
-    params(query, &[])?;
-    let msg = pb::GetJobRequest { job_id: id };
-    let req = request(&web, &headers, &format!("{JOBS}GetJob"), msg).await?;
-    let job = web.jobs.get_job(req).await?.into_inner();
-    let view = JobView::from(&job);
+async fn get_job(call: Call, Path(job_id): Path<String>) -> ApiResult {
+    call.params(&[])?;
+    let req = call
+        .request("JobService/GetJob", pb::GetJobRequest { job_id })
+        .await?;
+    let job = call.web.jobs.get_job(req).await?.into_inner();
     let classes = job.spec.as_ref().and_then(|s| s.num_classes).unwrap_or(0) as usize;
-    let mut v = serde_json::to_value(view).unwrap_or(Value::Null);
+    let mut v = serde_json::to_value(JobView::from(&job)).unwrap_or(Value::Null);
     // The names of an evaluation's per-class IoU entries, as its class_iou/NAME points have them.
     v["class_names"] = if classes == segtrain_spec::CITYSCAPES_CLASSES.len() {
         json!(segtrain_spec::CITYSCAPES_CLASSES)
@@ -229,57 +244,42 @@ async fn get_job(
     ok(v)
 }
 
-async fn list_attempts(
-    State(web): State<Web>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    query: Query<Vec<(String, String)>>,
-) -> ApiResult {
-    params(query, &[])?;
-    let msg = pb::ListAttemptsRequest { job_id: id };
-    let req = request(&web, &headers, &format!("{JOBS}ListAttempts"), msg).await?;
-    let resp = web.jobs.list_attempts(req).await?.into_inner();
+async fn list_attempts(call: Call, Path(job_id): Path<String>) -> ApiResult {
+    call.params(&[])?;
+    let msg = pb::ListAttemptsRequest { job_id };
+    let req = call.request("JobService/ListAttempts", msg).await?;
+    let resp = call.web.jobs.list_attempts(req).await?.into_inner();
     let v: Vec<Value> = resp.attempts.iter().map(json::attempt).collect();
     ok(json!({ "attempts": v }))
 }
 
-async fn list_checkpoints(
-    State(web): State<Web>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    query: Query<Vec<(String, String)>>,
-) -> ApiResult {
-    let q = params(query, &["include_deleted"])?;
+async fn list_checkpoints(call: Call, Path(job_id): Path<String>) -> ApiResult {
+    let q = call.params(&["include_deleted"])?;
     let msg = pb::ListCheckpointsRequest {
-        job_id: id,
-        include_deleted: number(&q, "include_deleted", "true or false")?.unwrap_or(false),
+        job_id,
+        include_deleted: number(q, "include_deleted", "true or false")?.unwrap_or(false),
     };
-    let req = request(&web, &headers, &format!("{JOBS}ListCheckpoints"), msg).await?;
-    let resp = web.jobs.list_checkpoints(req).await?.into_inner();
+    let req = call.request("JobService/ListCheckpoints", msg).await?;
+    let resp = call.web.jobs.list_checkpoints(req).await?.into_inner();
     let v: Vec<Value> = resp.checkpoints.iter().map(json::checkpoint).collect();
     ok(json!({ "checkpoints": v }))
 }
 
-async fn get_metrics(
-    State(web): State<Web>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    query: Query<Vec<(String, String)>>,
-) -> ApiResult {
-    let q = params(query, &["name", "since_iteration", "limit"])?;
+async fn get_metrics(call: Call, Path(job_id): Path<String>) -> ApiResult {
+    let q = call.params(&["name", "since_iteration", "limit"])?;
     let msg = pb::GetMetricsRequest {
-        job_id: id,
+        job_id,
         names: q
             .iter()
             .filter(|(k, _)| k == "name")
             .map(|(_, v)| v.clone())
             .collect(),
-        since_iteration: number(&q, "since_iteration", "an iteration (a whole number)")?
+        since_iteration: number(q, "since_iteration", "an iteration (a whole number)")?
             .unwrap_or(0),
-        limit: number(&q, "limit", "a number 1..=100000")?.unwrap_or(0),
+        limit: number(q, "limit", "a number 1..=100000")?.unwrap_or(0),
     };
-    let req = request(&web, &headers, &format!("{JOBS}GetMetrics"), msg).await?;
-    let resp = web.jobs.get_metrics(req).await?.into_inner();
+    let req = call.request("JobService/GetMetrics", msg).await?;
+    let resp = call.web.jobs.get_metrics(req).await?.into_inner();
     let v: Vec<Value> = resp.points.iter().map(json::point).collect();
     ok(json!({ "points": v }))
 }
@@ -287,19 +287,14 @@ async fn get_metrics(
 /// WatchJob as server-sent events: `job_event` per event (its `id` the event id, to resume with
 /// `?after_event_id=`), `error` if the stream fails, and `end` once the job is terminal and its
 /// last event sent.
-async fn watch_job(
-    State(web): State<Web>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    query: Query<Vec<(String, String)>>,
-) -> ApiResult {
-    let q = params(query, &["after_event_id"])?;
+async fn watch_job(call: Call, Path(job_id): Path<String>) -> ApiResult {
+    let q = call.params(&["after_event_id"])?;
     let msg = pb::WatchJobRequest {
-        job_id: id,
-        after_event_id: number(&q, "after_event_id", "an event id (a whole number)")?.unwrap_or(0),
+        job_id,
+        after_event_id: number(q, "after_event_id", "an event id (a whole number)")?.unwrap_or(0),
     };
-    let req = request(&web, &headers, &format!("{JOBS}WatchJob"), msg).await?;
-    let events = web.jobs.watch_job(req).await?.into_inner();
+    let req = call.request("JobService/WatchJob", msg).await?;
+    let events = call.web.jobs.watch_job(req).await?.into_inner();
     let stream = events
         .map(|r| match r {
             Ok(ev) => Event::default()
@@ -318,17 +313,12 @@ async fn watch_job(
     Ok(sse.into_response())
 }
 
-async fn cancel_job(
-    State(web): State<Web>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    query: Query<Vec<(String, String)>>,
-    body: Bytes,
-) -> ApiResult {
-    params(query, &[])?;
+async fn cancel_job(call: Call, Path(job_id): Path<String>, body: Bytes) -> ApiResult {
+    call.params(&[])?;
     // A JSON body only: a cross-site form post cannot send one without asking first (CORS),
     // which matters where authentication is off.
-    let json_body = headers
+    let json_body = call
+        .headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
@@ -346,29 +336,21 @@ async fn cancel_job(
         Ok(other) => return Err(invalid(format!("body: must be a JSON object, got {other}"))),
         Err(e) => return Err(invalid(format!("body: not JSON: {e}"))),
     };
-    let msg = pb::CancelJobRequest { job_id: id, reason };
-    let req = request(&web, &headers, &format!("{JOBS}CancelJob"), msg).await?;
-    let resp = web.jobs.cancel_job(req).await?.into_inner();
+    let msg = pb::CancelJobRequest { job_id, reason };
+    let req = call.request("JobService/CancelJob", msg).await?;
+    let resp = call.web.jobs.cancel_job(req).await?.into_inner();
     let job = resp
         .job
         .ok_or_else(|| Status::internal("CancelJob returned no job"))?;
     ok(serde_json::to_value(JobView::from(&job)).unwrap_or(Value::Null))
 }
 
-async fn list_workers(
-    State(web): State<Web>,
-    headers: HeaderMap,
-    query: Query<Vec<(String, String)>>,
-) -> ApiResult {
-    params(query, &[])?;
-    let req = request(
-        &web,
-        &headers,
-        &format!("{CLUSTER}ListWorkers"),
-        pb::ListWorkersRequest {},
-    )
-    .await?;
-    let resp = web.cluster.list_workers(req).await?.into_inner();
+async fn list_workers(call: Call) -> ApiResult {
+    call.params(&[])?;
+    let req = call
+        .request("ClusterService/ListWorkers", pb::ListWorkersRequest {})
+        .await?;
+    let resp = call.web.cluster.list_workers(req).await?.into_inner();
     let v: Vec<Value> = resp.workers.iter().map(json::worker).collect();
     ok(json!({ "workers": v }))
 }
