@@ -188,7 +188,9 @@ async fn the_http_api_validates_its_parameters_and_refuses_what_grpc_refuses() {
     let auth = format!("Authorization: Bearer {admin}");
     let with = [auth.as_str()];
 
-    // The page itself needs no token; it is served with its CSP.
+    // A client that connects and sends nothing holds up no one else.
+    let _silent = tokio::net::TcpStream::connect(&web).await.expect("connect");
+    // The page itself needs no token.
     let (status, _) = http(&web, "GET", "/", &[], "").await;
     assert_eq!(status, 200);
 

@@ -38,6 +38,9 @@ impl Web {
     }
 }
 
+/// How long a new connection has to complete its TLS handshake.
+const HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Binds `addr`, with a clear error naming the flag.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
@@ -67,15 +70,23 @@ pub async fn serve(
         let tls = tls.clone();
         tokio::spawn(async move {
             let service = hyper_util::service::TowerToHyperService::new(app);
-            let http = hyper::server::conn::http1::Builder::new();
+            let mut http = hyper::server::conn::http1::Builder::new();
+            // The timer makes hyper's header read timeout (30 s) apply: a client that opens a
+            // connection and sends nothing does not hold it for ever. The handshake gets its own.
+            http.timer(hyper_util::rt::TokioTimer::new());
             let served = match tls {
-                Some(acceptor) => match acceptor.accept(tcp).await {
-                    Ok(stream) => {
+                Some(acceptor) => match tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp)).await
+                {
+                    Ok(Ok(stream)) => {
                         http.serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                             .await
                     }
-                    Err(e) => {
+                    Ok(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "dashboard: TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "dashboard: no TLS handshake within {HANDSHAKE:?}");
                         return;
                     }
                 },
