@@ -339,6 +339,8 @@ function jobPage(view, id) {
   function onEvent(name, ev) {
     if (name === "error") { report(new Error(ev.message)); return; }
     if (name !== "job_event") return;
+    // How many events the page has taken in (the browser test checks a resume adds no repeat).
+    view.dataset.events = String(Number(view.dataset.events || 0) + 1);
     const d = ev.data;
     if (ev.kind === "metrics") {
       if ("loss" in d.values) loss.put(d.iteration, d.values.loss, ev.attempt);

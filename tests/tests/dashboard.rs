@@ -341,3 +341,76 @@ async fn the_http_api_validates_its_parameters_and_refuses_what_grpc_refuses() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn a_job_page_picks_its_stream_up_again_after_a_coordinator_restart() {
+    use segtrain_proto::v1::worker_event::Payload;
+    use segtrain_tests::coordinator::{queued_spec, FakeWorker};
+    use tokio::io::AsyncBufReadExt;
+
+    let pg = TempPostgres::start().expect("PostgreSQL");
+    let web = format!("127.0.0.1:{}", free_port());
+    let mut coord = CoordinatorProcess::start_with_args(
+        &pg.url(),
+        &["--web-listen", &web, "--lease-seconds", "300"],
+    )
+    .await;
+    let mut w = FakeWorker::register(&coord, "host-a", 0).await;
+    let mut jobs = JobServiceClient::new(coord.channel().await);
+    let job = submit_job(&mut jobs, queued_spec("resume", 1)).await;
+    let a = w.start().await;
+    w.started(&a).await;
+    let metrics = |w: &mut FakeWorker, it: u64| {
+        w.event(
+            &job.id,
+            1,
+            0,
+            Payload::Metrics(pb::MetricsReport {
+                iteration: it,
+                values: [("loss".to_string(), 1.0 / it as f64)].into(),
+            }),
+        )
+    };
+    let first: Vec<_> = (1..=5).map(|i| metrics(&mut w, i * 10)).collect();
+    w.report(first).await.expect("report");
+
+    let mut node = tokio::process::Command::new("/usr/bin/node")
+        .arg(repo().join("tests/web/resume.mjs"))
+        .env("URL", format!("http://{web}"))
+        .env("JOB", &job.id)
+        .env("BEFORE", "5")
+        .env("AFTER", "10")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run node");
+    let mut lines = tokio::io::BufReader::new(node.stdout.take().expect("stdout")).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
+        .await
+        .expect("the page within 120 s")
+        .expect("read")
+        .expect("a line");
+    assert!(ready.starts_with("ready"), "{ready}");
+
+    // kill -9 and start again on the same ports; then five more points.
+    coord.restart().await;
+    let more: Vec<_> = (6..=10).map(|i| metrics(&mut w, i * 10)).collect();
+    w.report(more).await.expect("report after the restart");
+
+    let summary = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
+        .await
+        .expect("the page caught up within 120 s")
+        .expect("read")
+        .expect("a summary line");
+    let status = node.wait().await.expect("node");
+    assert!(status.success(), "{summary}\n{}", coord.log_text());
+    let v: serde_json::Value = serde_json::from_str(&summary).expect("json");
+    // Every event of the log once: the resumed stream started after the last one it had.
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM job_events WHERE job_id = $1::uuid")
+        .bind(&job.id)
+        .fetch_one(&sqlx::PgPool::connect(&pg.url()).await.expect("db"))
+        .await
+        .expect("count");
+    assert_eq!(v["events_after"], stored, "{summary}");
+    assert_eq!(v["events_before"], stored - 5, "{summary}");
+}
