@@ -212,17 +212,12 @@ pub(super) fn parse_attempt_state(s: &str) -> Result<AttemptState, StoreError> {
 }
 
 /// The refusal of a message about an attempt that is not the job's current one.
-pub(super) fn stale(job: &JobRecord, attempt: u32) -> StoreError {
-    StoreError::StaleAttempt(format!(
-        "stale attempt: job {} is at attempt {}, got {attempt}",
-        job.id, job.attempt
-    ))
-}
-
-/// Checks the fencing token: `attempt` must be the job's current attempt.
-pub(super) fn fence(job: &JobRecord, attempt: u32) -> Result<(), StoreError> {
-    if attempt == 0 || job.attempt != attempt {
-        return Err(stale(job, attempt));
+/// Checks the fencing token: `attempt` must be job `job_id`'s current attempt, `current`.
+pub(super) fn fence(job_id: Uuid, current: u32, attempt: u32) -> Result<(), StoreError> {
+    if attempt == 0 || current != attempt {
+        return Err(StoreError::StaleAttempt(format!(
+            "stale attempt: job {job_id} is at attempt {current}, got {attempt}"
+        )));
     }
     Ok(())
 }

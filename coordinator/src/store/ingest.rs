@@ -7,7 +7,7 @@
 //! does not refuses the whole batch and writes nothing.
 
 use super::attempts::{fence, finish_rank, start_rank, unknown_job_is_stale, RankOutcome};
-use super::jobs::{insert_event, lock_job, parse_job_state, JobRecord};
+use super::jobs::{insert_event, lock_job_attempt, parse_job_state};
 use super::metrics::{bump_iteration, class_iou_point, record_points, EVAL_POINT_NAMES};
 use super::workers::{instance_verdict, Holder};
 use super::{u64_of, RestartPolicy, Store, StoreError};
@@ -127,17 +127,19 @@ impl Store {
 
         // Fence every (job, attempt, rank) first, locking jobs in id order.
         let jobs: BTreeSet<Uuid> = fresh.iter().map(|e| e.job_id).collect();
-        let mut locked: HashMap<Uuid, JobRecord> = HashMap::new();
+        let mut current: HashMap<Uuid, u32> = HashMap::new();
         for id in jobs {
-            let job = lock_job(&mut tx, id).await.map_err(unknown_job_is_stale)?;
-            locked.insert(id, job);
+            let attempt = lock_job_attempt(&mut tx, id)
+                .await
+                .map_err(unknown_job_is_stale)?;
+            current.insert(id, attempt);
         }
         let ranks: BTreeSet<(Uuid, u32, u32)> = fresh
             .iter()
             .map(|e| (e.job_id, e.attempt, e.rank))
             .collect();
         for (job_id, attempt, rank) in ranks {
-            fence(&locked[&job_id], attempt)?;
+            fence(job_id, current[&job_id], attempt)?;
             let holder: Option<Uuid> = sqlx::query_scalar(
                 "SELECT worker_id FROM attempt_ranks WHERE job_id = $1 AND attempt = $2 AND rank = $3",
             )

@@ -270,6 +270,20 @@ pub(super) async fn lock_job(
     row.ok_or_else(|| not_found(id))?.try_into()
 }
 
+/// Locks job `id`'s row and returns its current attempt alone: the fence of a worker report,
+/// which needs neither the spec (decoded from JSON) nor the attempt's columns a full read has.
+pub(super) async fn lock_job_attempt(
+    tx: &mut Transaction<'_, Postgres>,
+    id: Uuid,
+) -> Result<u32, StoreError> {
+    let attempt: Option<i32> =
+        sqlx::query_scalar("SELECT attempt FROM jobs WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?;
+    u32_of(attempt.ok_or_else(|| not_found(id))?, "attempt")
+}
+
 pub(super) async fn transition_in_tx(
     tx: &mut Transaction<'_, Postgres>,
     id: Uuid,

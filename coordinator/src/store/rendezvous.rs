@@ -30,7 +30,7 @@ impl Store {
         let job = lock_job(&mut tx, job_id)
             .await
             .map_err(unknown_job_is_stale)?;
-        fence(&job, attempt)?;
+        fence(job.id, job.attempt, attempt)?;
         let rank0: Option<Uuid> = sqlx::query_scalar(
             "SELECT worker_id FROM attempt_ranks WHERE job_id = $1 AND attempt = $2 AND rank = 0",
         )
@@ -105,7 +105,7 @@ impl Store {
         attempt: u32,
     ) -> Result<Option<RendezvousEndpoint>, StoreError> {
         let job = self.get_job(job_id).await.map_err(unknown_job_is_stale)?;
-        fence(&job, attempt)?;
+        fence(job.id, job.attempt, attempt)?;
         let holds: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM attempt_ranks
                             WHERE job_id = $1 AND attempt = $2 AND worker_id = $3)",
