@@ -277,13 +277,17 @@ impl DaemonMetrics {
     }
 
     /// One state is 1: running if any trainer runs, else starting, else stopping, else idle.
+    /// The four labels are written under the trainers' lock, which [`render`](Self::render)
+    /// also takes, so a scrape never sees them half written (none or two at 1).
     fn update_state(&self) {
-        let top = self
-            .trainers
-            .lock()
-            .map(|t| t.values().copied().max())
-            .unwrap_or(None);
-        let current = top.map_or("idle", Phase::label);
+        let Ok(trainers) = self.trainers.lock() else {
+            return;
+        };
+        let current = trainers
+            .values()
+            .copied()
+            .max()
+            .map_or("idle", Phase::label);
         for s in STATES {
             self.trainer_state
                 .with_label_values(&[*s])
@@ -295,8 +299,12 @@ impl DaemonMetrics {
     pub fn render(&self, outbox_len: usize) -> String {
         self.outbox
             .set(i64::try_from(outbox_len).unwrap_or(i64::MAX));
+        let families = {
+            let _state = self.trainers.lock();
+            self.registry.gather()
+        };
         TextEncoder::new()
-            .encode_to_string(&self.registry.gather())
+            .encode_to_string(&families)
             .unwrap_or_else(|e| format!("# metrics could not be encoded: {e}\n"))
     }
 }

@@ -35,9 +35,20 @@ pub const DEFAULT_DAEMON: DaemonOpts<'static> = DaemonOpts {
 
 impl Cluster {
     pub async fn start(daemons: usize, backoff_ms: u64, d: DaemonOpts<'_>) -> Cluster {
+        Cluster::start_with_lease(daemons, backoff_ms, d, LEASE_S).await
+    }
+
+    /// [`start`](Self::start) with another lease than [`LEASE_S`] (seconds): for a test whose
+    /// frozen daemon must keep its lease until the test has acted.
+    pub async fn start_with_lease(
+        daemons: usize,
+        backoff_ms: u64,
+        d: DaemonOpts<'_>,
+        lease_s: u64,
+    ) -> Cluster {
         let (tmp, _) = synth_dir(8, 2);
         let pg = TempPostgres::start().expect("PostgreSQL");
-        let lease = LEASE_S.to_string();
+        let lease = lease_s.to_string();
         let backoff = backoff_ms.to_string();
         let coord = CoordinatorProcess::start_with_args(
             &pg.url(),

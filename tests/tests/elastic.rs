@@ -456,8 +456,17 @@ async fn an_elastic_job_shrinks_and_grows_back_on_the_trajectory_of_an_uninterru
     let rank1 = c.daemon_of(&grow, 1).await;
     c.daemons[rank1].kill();
     wait_attempt(&c, &grow, 2, "state = 'RUNNING' AND world_size = 1").await;
-    let (_, at) = attempt_iterations(&c, &grow, 2).await;
-    c.wait_iteration(&grow, at as u64 + 3).await;
+    // The shrunk attempt trains three iterations of its own past where it resumed (its
+    // `started` comes before its first step, so the job-wide iteration says nothing yet).
+    c.wait_sql(
+        &grow,
+        "SELECT coalesce(max(m.iteration), 0) >= coalesce(max(a.resume_iter), 0) + 3
+         FROM attempts a LEFT JOIN metrics m
+           ON m.job_id = a.job_id AND m.attempt = a.attempt AND m.name = 'loss'
+         WHERE a.job_id = $1::uuid AND a.attempt = 2",
+        Duration::from_secs(180),
+    )
+    .await;
     c.daemons[rank1] = start_daemon(&c, rank1, None);
     let job = c.wait_terminal(&grow, Duration::from_secs(300)).await;
     assert_eq!(job.state(), pb::JobState::Succeeded, "{}", c.logs());

@@ -13,6 +13,7 @@ use segtrain_tests::cluster::{kill9, state_changes, Cluster, DaemonOpts, DEFAULT
 use segtrain_tests::coordinator::notes;
 use segtrain_tests::daemon::{alive, DaemonProcess};
 use segtrain_tests::sql::{attempt_reason, job_value, job_values, rank_outcomes};
+use segtrain_tests::wait::poll_until;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
@@ -324,7 +325,9 @@ async fn a_corrupt_latest_checkpoint_is_skipped_and_the_previous_one_resumed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_during_rendezvous_ends_canceled_with_no_trainer_left() {
     let _serial = SERIAL.lock().await;
-    let c = Cluster::start(2, 300, DEFAULT_DAEMON).await;
+    // A lease long enough that the frozen daemon is still held when the job is canceled (with
+    // the short one it could be declared lost first, and the job restart instead).
+    let c = Cluster::start_with_lease(2, 300, DEFAULT_DAEMON, 10).await;
     // Rank 1's host is frozen before the job is placed: rank 0 waits in the rendezvous.
     c.daemons[1].freeze();
     let id = c.coord.submit_spec(c.spec(2, 30, 10)).await;
@@ -335,7 +338,13 @@ async fn cancel_during_rendezvous_ends_canceled_with_no_trainer_left() {
     // Rank 0 stops at once; the frozen rank's lease runs out, which counts as stopped.
     let job = c.wait_terminal(&id, Duration::from_secs(60)).await;
     assert_eq!(job.state(), pb::JobState::Canceled, "{}", c.logs());
-    assert!(rank0.iter().all(|p| !alive(*p)));
+    poll_until(
+        Duration::from_secs(15),
+        "rank 0's trainer exits",
+        || c.logs(),
+        || async { rank0.iter().all(|p| !alive(*p)) },
+    )
+    .await;
     c.daemons[1].thaw();
     tokio::time::sleep(Duration::from_secs(2)).await;
     c.no_trainer_left();

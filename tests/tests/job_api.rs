@@ -669,6 +669,8 @@ async fn a_coordinator_restart_keeps_every_job_and_event() {
     )
     .await;
 
+    // Each job's events: QUEUED; QUEUED, CANCELED; QUEUED, SCHEDULED, RUNNING; QUEUED.
+    const COUNTS: [usize; 4] = [1, 2, 3, 1];
     async fn snapshot(
         c: &mut JobServiceClient<Channel>,
         ids: &[String],
@@ -680,16 +682,28 @@ async fn a_coordinator_restart_keeps_every_job_and_event() {
             .into_inner()
             .jobs;
         let mut events = Vec::new();
-        for id in ids {
-            // A non-terminal job's watch stays open; read what is there with a short deadline.
+        for (id, n) in ids.iter().zip(COUNTS) {
+            // A non-terminal job's watch stays open: wait for the events it must have (each
+            // within a bound), then check that nothing more comes.
             let mut s = watch_job(c, id, 0).await;
-            events.push(events_until_quiet(&mut s, Duration::from_millis(500)).await);
+            let mut got = Vec::new();
+            while got.len() < n {
+                match tokio::time::timeout(Duration::from_secs(20), s.message()).await {
+                    Ok(Ok(Some(ev))) => got.push(ev),
+                    other => panic!("job {id}: {} of {n} events, then {other:?}", got.len()),
+                }
+            }
+            got.extend(events_until_quiet(&mut s, Duration::from_millis(300)).await);
+            events.push(got);
         }
         (jobs, events)
     }
     let before = snapshot(&mut c, &ids).await;
     assert_eq!(before.0.len(), 4);
-    assert_eq!(before.1.iter().map(Vec::len).sum::<usize>(), 4 + 1 + 2);
+    assert_eq!(
+        before.1.iter().map(Vec::len).collect::<Vec<_>>(),
+        COUNTS.to_vec()
+    );
 
     env.coord.kill();
     env.coord.restart().await;

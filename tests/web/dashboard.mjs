@@ -87,7 +87,7 @@ try {
   await page.waitForFunction(
     (n) => Number(document.querySelector("#chart-loss").dataset.points) > n, before, { timeout: TIMEOUT });
   summary.loss_points_growing = [before, await points("#chart-loss")];
-  assert.equal(await page.locator("#job-state").innerText(), "RUNNING");
+  await page.locator("#job-state", { hasText: "RUNNING" }).waitFor();
   // For the screenshots in docs/: a longer curve first (SHOT_POINTS=60).
   const shotPoints = Number(process.env.SHOT_POINTS || 0);
   if (shotPoints) {
@@ -99,8 +99,9 @@ try {
   const classes = await page.locator("#class-iou-table tbody tr").allInnerTexts();
   assert.equal(classes.length, 19, classes.join("\n"));
   assert.ok(classes[0].startsWith("road") && classes[18].startsWith("bicycle"), classes.join("\n"));
-  assert.ok((await points("#chart-miou")) > 0);
-  assert.match(await page.locator("#timeline").innerText(), /RUNNING/);
+  // The charts are drawn on the page's redraw timer, after the table: wait for the point.
+  await page.waitForFunction(() => Number(document.querySelector("#chart-miou")?.dataset.points) > 0);
+  await page.locator("#timeline", { hasText: "RUNNING" }).waitFor();
   assert.match(await page.locator("#spec").innerText(), /"world_size": 2/);
   await page.screenshot({ path: path.join(SHOTS, "dashboard-job.png"), fullPage: true });
   step(`job page: loss points ${summary.loss_points_growing.join(" -> ")}, 19 classes`);
@@ -110,7 +111,7 @@ try {
   for (const w of ["cpu-a:cpu", "cpu-b:cpu"]) {
     const card = page.locator(`[data-worker="${w}"]`);
     await card.locator(".state", { hasText: "BUSY" }).waitFor();
-    assert.match(await card.innerText(), new RegExp(`${JOB.slice(-8)} rank [01]`));
+    await card.filter({ hasText: new RegExp(`${JOB.slice(-8)} rank [01]`) }).waitFor();
   }
   await page.screenshot({ path: path.join(SHOTS, "dashboard-workers.png") });
   step("workers page: both daemons busy");
