@@ -143,6 +143,10 @@ enum TokenCommand {
         /// A label for people, e.g. "ci" or "gpu-host-3".
         #[arg(long)]
         name: String,
+        /// Bind a worker token to one host (the daemons' --host): it registers and acts only
+        /// for that host's workers.
+        #[arg(long)]
+        host: Option<String>,
     },
     /// List tokens (never the secrets).
     List {
@@ -373,12 +377,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .max_decoding_message_size(conn::MAX_RESPONSE_BYTES)
                 .max_encoding_message_size(conn::MAX_REQUEST_BYTES);
             match t {
-                TokenCommand::Create { role, name } => {
+                TokenCommand::Create { role, name, host } => {
                     let role = parse_role(&role)?;
                     let resp = tokens
                         .create_token(pb::CreateTokenRequest {
                             name,
                             role: role as i32,
+                            host: host.unwrap_or_default(),
                         })
                         .await
                         .map_err(rpc)?

@@ -470,11 +470,20 @@ impl Printer {
                     time(&t.created_at),
                     time(&t.last_used_at),
                     time(&t.revoked_at),
+                    t.host.clone(),
                 ]
             })
             .collect();
         table(
-            &["ID", "ROLE", "NAME", "CREATED", "LAST USED", "REVOKED"],
+            &[
+                "ID",
+                "ROLE",
+                "NAME",
+                "CREATED",
+                "LAST USED",
+                "REVOKED",
+                "HOST",
+            ],
             &rows,
         );
     }

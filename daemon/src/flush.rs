@@ -4,7 +4,7 @@
 //! - transient (UNAVAILABLE, a timeout, ...): keep everything, retry with backoff;
 //! - a stale attempt (FAILED_PRECONDITION with the STALE_ATTEMPT reason): drop that attempt's
 //!   events, nobody else's;
-//! - this daemon replaced (WORKER_SUPERSEDED): stop;
+//! - this daemon replaced (WORKER_SUPERSEDED), or not proven (INSTANCE_SECRET): stop;
 //! - an event the coordinator can never store (INVALID_ARGUMENT, OUT_OF_RANGE, a
 //!   FAILED_PRECONDITION without a reason): the batch is narrowed to one event at a time until
 //!   the refused one is found; that one is skipped, counted, logged and replaced by a note on the
@@ -36,7 +36,9 @@ pub enum Refusal {
 
 pub fn refusal_of(e: &Status) -> Refusal {
     match (e.code(), refusal::reason(e).as_deref()) {
-        (_, Some(refusal::WORKER_SUPERSEDED | refusal::WORKER_HELD)) => Refusal::Superseded,
+        (_, Some(refusal::WORKER_SUPERSEDED | refusal::WORKER_HELD | refusal::INSTANCE_SECRET)) => {
+            Refusal::Superseded
+        }
         (Code::FailedPrecondition, Some(refusal::STALE_ATTEMPT)) => Refusal::StaleAttempt,
         (Code::NotFound, _) => Refusal::Register,
         (Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange, _) => {
@@ -135,6 +137,7 @@ pub(crate) async fn flush_loop(shared: Arc<Shared>) {
             worker_id: shared.worker_id(),
             events: events.clone(),
             instance_id: shared.instance_id(),
+            instance_secret: shared.instance_secret(),
         };
         let e = match shared.client().report_events(req).await {
             Ok(r) => {

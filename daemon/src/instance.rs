@@ -7,8 +7,10 @@
 //! crashed and is restarted at once must not wait for its old lease to expire, so it proves that
 //! it succeeds the old instance: in its work dir it takes an exclusive `flock` on
 //! `daemon-<gpu>.lock` (released by the kernel when a process dies, so holding it proves the
-//! previous daemon of this work dir is gone) and reads `daemon-<gpu>.instance`, the id that
-//! daemon recorded. It registers naming that id as its predecessor, and records its own.
+//! previous daemon of this work dir is gone) and reads `daemon-<gpu>.instance`, the id and the
+//! instance secret that daemon recorded (the coordinator handed the secret to it; an id alone
+//! proves nothing, see docs/security.md). It registers naming that id and showing that secret,
+//! and records its own. The record is readable by the daemon's user only (mode 0600).
 //!
 //! Two daemons on one work dir and GPU: the second finds the lock taken and exits at once. Two
 //! on separate work dirs: the second names no (or another) predecessor and the coordinator
@@ -16,7 +18,7 @@
 //! take over once; the original then finds itself replaced and exits (nothing runs twice).
 
 use anyhow::{bail, Context};
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::{Read, Seek, Write};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -26,10 +28,12 @@ use uuid::Uuid;
 /// process ends).
 pub struct Instance {
     pub id: Uuid,
-    /// The instance that ran on this work dir and GPU before (gone: we hold the lock).
+    /// The instance that ran on this work dir and GPU before (gone: we hold the lock), and the
+    /// secret the coordinator had given it.
     pub previous: Option<Uuid>,
+    pub previous_secret: Option<String>,
     record: PathBuf,
-    _lock: File,
+    _lock: std::fs::File,
 }
 
 fn label(gpu: Option<u32>) -> String {
@@ -77,25 +81,37 @@ pub fn claim(work_dir: &Path, gpu: Option<u32>) -> anyhow::Result<Instance> {
         .and_then(|_| write!(lock, "{}", std::process::id()))
         .with_context(|| format!("cannot write {}", lock_path.display()))?;
     let record = work_dir.join(format!("daemon-{name}.instance"));
-    let previous = std::fs::read_to_string(&record)
-        .ok()
-        .and_then(|s| Uuid::parse_str(s.trim()).ok());
+    let text = std::fs::read_to_string(&record).unwrap_or_default();
+    let mut lines = text.lines().map(str::trim);
+    let previous = lines.next().and_then(|s| Uuid::parse_str(s).ok());
+    let previous_secret = lines
+        .next()
+        .filter(|s| previous.is_some() && !s.is_empty())
+        .map(str::to_string);
     Ok(Instance {
         id: Uuid::now_v7(),
         previous,
+        previous_secret,
         record,
         _lock: lock,
     })
 }
 
 impl Instance {
-    /// Records this instance as the one a later daemon on this work dir succeeds (after the
-    /// coordinator accepted it): written to a temporary file, synced, renamed.
-    pub fn record(&self) -> anyhow::Result<()> {
+    /// Records this instance, and the secret the coordinator gave it, as the one a later daemon
+    /// on this work dir succeeds (after the coordinator accepted it): written to a temporary
+    /// file of mode 0600, synced, renamed.
+    pub fn record(&self, secret: &str) -> anyhow::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
         let tmp = self.record.with_extension("instance.tmp");
         let write = || -> std::io::Result<()> {
-            let mut f = File::create(&tmp)?;
-            writeln!(f, "{}", self.id)?;
+            let _ = std::fs::remove_file(&tmp);
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            writeln!(f, "{}\n{secret}", self.id)?;
             f.sync_all()?;
             std::fs::rename(&tmp, &self.record)
         };
@@ -117,12 +133,20 @@ mod tests {
         assert!(e.contains("work dir") && e.contains("pid"), "{e}");
         // Another GPU on the same work dir is another worker.
         let gpu1 = claim(dir.path(), Some(1)).expect("gpu 1");
-        first.record().expect("record");
+        first.record("s3cret").expect("record");
         let id = first.id;
         drop(first);
-        // The next daemon (the first one is gone) succeeds it.
+        // Only the daemon's user may read the secret.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("daemon-cpu.instance"))
+            .expect("record")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // The next daemon (the first one is gone) succeeds it, with its secret.
         let next = claim(dir.path(), None).expect("next");
         assert_eq!(next.previous, Some(id));
+        assert_eq!(next.previous_secret.as_deref(), Some("s3cret"));
         assert_ne!(next.id, id);
         assert_eq!(gpu1.previous, None);
     }

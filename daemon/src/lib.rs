@@ -89,6 +89,9 @@ pub(crate) struct Shared {
     cfg: DaemonConfig,
     channel: AuthChannel,
     instance: instance::Instance,
+    /// The secret the coordinator gave this instance (empty until it registered): every request
+    /// shows it. Never logged.
+    instance_secret: Mutex<String>,
     worker_id: Mutex<String>,
     /// The lease the coordinator grants (heartbeats go at a third of it).
     lease: Mutex<Duration>,
@@ -144,6 +147,13 @@ impl Shared {
 
     fn instance_id(&self) -> String {
         self.instance.id.to_string()
+    }
+
+    fn instance_secret(&self) -> String {
+        self.instance_secret
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
     }
 
     fn coordinator_grace(&self) -> Option<Duration> {
@@ -214,7 +224,7 @@ impl Shared {
         let reason = refusal::reason(e);
         let fatal = matches!(
             reason.as_deref(),
-            Some(refusal::WORKER_SUPERSEDED | refusal::WORKER_HELD)
+            Some(refusal::WORKER_SUPERSEDED | refusal::WORKER_HELD | refusal::INSTANCE_SECRET)
         );
         if fatal {
             self.fail(e.message().to_string());
@@ -242,13 +252,20 @@ impl Shared {
                     .previous
                     .map(|p| p.to_string())
                     .unwrap_or_default(),
+                instance_secret: self.instance_secret(),
+                previous_instance_secret: self.instance.previous_secret.clone().unwrap_or_default(),
             };
             match self.client().register(req).await {
                 Ok(r) => {
                     let r = r.into_inner();
                     tracing::info!(worker_id = %r.worker_id, instance = %self.instance.id, acked_seq = r.acked_seq, "registered");
-                    if let Err(e) = self.instance.record() {
-                        tracing::warn!(error = format!("{e:#}"), "cannot record this daemon's instance; a restart will wait for its lease to expire");
+                    if !r.instance_secret.is_empty() {
+                        if let Ok(mut s) = self.instance_secret.lock() {
+                            *s = r.instance_secret.clone();
+                        }
+                        if let Err(e) = self.instance.record(&r.instance_secret) {
+                            tracing::warn!(error = format!("{e:#}"), "cannot record this daemon's instance; a restart will wait for its lease to expire");
+                        }
                     }
                     if let Ok(mut w) = self.worker_id.lock() {
                         *w = r.worker_id;
@@ -311,6 +328,7 @@ pub async fn run(
         cfg,
         channel,
         instance,
+        instance_secret: Mutex::new(String::new()),
         worker_id: Mutex::new(String::new()),
         lease: Mutex::new(Duration::from_secs(15)),
         coordinator_grace: Mutex::new(None),
@@ -452,6 +470,7 @@ fn heartbeat_request(shared: &Shared) -> pb::HeartbeatRequest {
         running: shared.running_list(),
         instance_id: shared.instance_id(),
         leaving: shared.leaving.load(std::sync::atomic::Ordering::SeqCst),
+        instance_secret: shared.instance_secret(),
     }
 }
 
@@ -505,6 +524,7 @@ async fn assignment_loop(shared: Arc<Shared>) {
         let req = pb::AwaitAssignmentRequest {
             worker_id: shared.worker_id(),
             instance_id: shared.instance_id(),
+            instance_secret: shared.instance_secret(),
         };
         let mut stream = match shared.client().await_assignment(req).await {
             Ok(s) => s.into_inner(),

@@ -63,6 +63,7 @@ pub(crate) async fn run_rank(
                 attempt: a.attempt,
                 timeout_seconds: 30,
                 instance_id: shared.instance_id(),
+                instance_secret: shared.instance_secret(),
             };
             let mut client = shared.client();
             tokio::select! {
@@ -297,6 +298,7 @@ async fn publish(shared: &Shared, key: &AttemptRank, ep: pb::publish_rendezvous_
             attempt: key.attempt,
             endpoint: Some(ep.clone()),
             instance_id: shared.instance_id(),
+            instance_secret: shared.instance_secret(),
         };
         match shared.client().publish_rendezvous(req).await {
             Ok(_) => {

@@ -35,6 +35,8 @@ pub struct SimWorker {
     work: Workload,
     id: Mutex<String>,
     instance: String,
+    /// The secret the coordinator gave this instance at Register.
+    secret: Mutex<String>,
     seq: AtomicU64,
     running: Mutex<HashMap<(String, u32, u32), ()>>,
     /// When each job was submitted (filled by the job submitter), for submit→RUNNING.
@@ -62,6 +64,7 @@ impl SimWorker {
             work,
             id: Mutex::new(String::new()),
             instance: uuid::Uuid::now_v7().to_string(),
+            secret: Mutex::new(String::new()),
             seq: AtomicU64::new(0),
             running: Mutex::new(HashMap::new()),
             submitted,
@@ -70,6 +73,10 @@ impl SimWorker {
 
     fn id(&self) -> String {
         self.id.lock().map(|i| i.clone()).unwrap_or_default()
+    }
+
+    fn secret(&self) -> String {
+        self.secret.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
     /// Registers; returns the lease.
@@ -83,6 +90,8 @@ impl SimWorker {
                 running: vec![],
                 instance_id: self.instance.clone(),
                 previous_instance_id: String::new(),
+                instance_secret: self.secret(),
+                previous_instance_secret: String::new(),
             })
             .await
             .map_err(|e| anyhow::anyhow!("register {}:{}: {}", self.host, self.gpu, e.message()))?
@@ -90,6 +99,11 @@ impl SimWorker {
         self.seq.store(r.acked_seq, Ordering::SeqCst);
         if let Ok(mut id) = self.id.lock() {
             *id = r.worker_id;
+        }
+        if let Ok(mut s) = self.secret.lock() {
+            if !r.instance_secret.is_empty() {
+                *s = r.instance_secret;
+            }
         }
         Ok(Duration::from_secs(u64::from(r.lease_seconds.max(1))))
     }
@@ -123,6 +137,7 @@ impl SimWorker {
                     worker_id: self.id(),
                     running,
                     instance_id: self.instance.clone(),
+                    instance_secret: self.secret(),
                     leaving: false,
                 })
                 .await
@@ -140,6 +155,7 @@ impl SimWorker {
                 .await_assignment(pb::AwaitAssignmentRequest {
                     worker_id: self.id(),
                     instance_id: self.instance.clone(),
+                    instance_secret: self.secret(),
                 })
                 .await;
             let mut stream = match stream {
@@ -191,6 +207,7 @@ impl SimWorker {
                     worker_id: self.id(),
                     events: events.clone(),
                     instance_id: self.instance.clone(),
+                    instance_secret: self.secret(),
                 })
                 .await
             {
@@ -224,6 +241,7 @@ impl SimWorker {
                         format!("{}:29500", self.host),
                     )),
                     instance_id: self.instance.clone(),
+                    instance_secret: self.secret(),
                 })
                 .await
                 .map(|_| ())
@@ -234,6 +252,7 @@ impl SimWorker {
                     attempt: a.attempt,
                     timeout_seconds: 120,
                     instance_id: self.instance.clone(),
+                    instance_secret: self.secret(),
                 })
                 .await
                 .map(|_| ())
@@ -278,7 +297,14 @@ impl SimWorker {
                 ));
             }
             if it % self.work.checkpoint_every == 0 || it == max {
-                let uri = format!("/sim/{}/attempt-{}/ckpt-{it:08}", a.job_id, a.attempt);
+                // In the job's own directory below its checkpoint_root, as a trainer writes.
+                let root = a.spec.as_ref().and_then(|s| s.checkpoint_root.clone());
+                let uri = format!(
+                    "{}/{}/attempt-{}/ckpt-{it:08}",
+                    root.unwrap_or_default(),
+                    a.job_id,
+                    a.attempt
+                );
                 events.push(self.event(
                     &a,
                     Payload::CheckpointPending(pb::CheckpointPending {

@@ -235,5 +235,6 @@ pub fn token(t: &pb::TokenInfo) -> Value {
         "created_at": time(&t.created_at),
         "revoked_at": t.revoked_at.as_ref().map(|_| time(&t.revoked_at)),
         "last_used_at": t.last_used_at.as_ref().map(|_| time(&t.last_used_at)),
+        "host": (!t.host.is_empty()).then_some(&t.host),
     })
 }

@@ -17,6 +17,9 @@ pub const WORKER_HELD: &str = "WORKER_HELD";
 /// FAILED_PRECONDITION: another daemon instance registered for this worker since.
 pub const WORKER_SUPERSEDED: &str = "WORKER_SUPERSEDED";
 
+/// PERMISSION_DENIED: the request names the instance holding the worker without its secret.
+pub const INSTANCE_SECRET: &str = "INSTANCE_SECRET";
+
 /// A status with `message` for people and `reason` for programs.
 pub fn status(code: Code, message: impl Into<String>, reason: &str) -> Status {
     Status::with_error_details(

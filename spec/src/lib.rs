@@ -17,6 +17,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+pub mod location;
 mod parse;
 mod template;
 mod validate;

@@ -227,6 +227,7 @@ impl CoordinatorProcess {
             .create_token(pb::CreateTokenRequest {
                 name: name.into(),
                 role: role as i32,
+                ..Default::default()
             })
             .await
             .expect("create token")
@@ -472,6 +473,15 @@ pub fn queued_spec(name: &str, world_size: u32) -> pb::JobSpec {
     }
 }
 
+/// The checkpoint root of [`queued_spec`] (the spec's default).
+pub const DEFAULT_CHECKPOINT_ROOT: &str = "/var/lib/segtrain/checkpoints";
+
+/// Where a trainer of `attempt` of a [`queued_spec`] job writes the checkpoint `name`: its own
+/// job's directory, the only place the coordinator accepts a checkpoint from.
+pub fn checkpoint_uri(job_id: &str, attempt: u32, name: &str) -> String {
+    format!("{DEFAULT_CHECKPOINT_ROOT}/{job_id}/attempt-{attempt}/{name}")
+}
+
 /// GetMetrics through `client`: the points named `names` (every name when empty) from
 /// `since_iteration` on, without a limit. One request shape for the tests that read metrics.
 pub async fn metric_points<T: JobTransport>(
@@ -618,8 +628,10 @@ pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(20);
 /// `--lease-seconds` unless the test heartbeats.
 pub struct FakeWorker {
     pub id: String,
-    /// The daemon instance this fake plays (every request carries it).
+    /// The daemon instance this fake plays and the secret the coordinator gave it (every
+    /// request carries both).
     pub instance: String,
+    pub secret: String,
     pub host: String,
     pub gpu_index: i32,
     pub client: WorkerServiceClient<Channel>,
@@ -635,16 +647,17 @@ impl FakeWorker {
     }
 
     /// A restart of this daemon: a new instance, succeeding this one (as a real daemon proves
-    /// through its work dir).
+    /// through its work dir: the id and secret the previous one recorded).
     pub async fn restarted(&self, coord: &CoordinatorProcess) -> FakeWorker {
-        FakeWorker::register_after(coord, &self.host, self.gpu_index, Some(&self.instance)).await
+        let previous = (self.instance.as_str(), self.secret.as_str());
+        FakeWorker::register_after(coord, &self.host, self.gpu_index, Some(previous)).await
     }
 
     async fn register_after(
         coord: &CoordinatorProcess,
         host: &str,
         gpu_index: i32,
-        previous: Option<&str>,
+        previous: Option<(&str, &str)>,
     ) -> FakeWorker {
         let mut client = WorkerServiceClient::new(coord.channel().await);
         let instance = new_instance();
@@ -656,7 +669,9 @@ impl FakeWorker {
                 gpu_memory_bytes: 80 << 30,
                 running: vec![],
                 instance_id: instance.clone(),
-                previous_instance_id: previous.unwrap_or_default().to_string(),
+                previous_instance_id: previous.map(|p| p.0).unwrap_or_default().to_string(),
+                previous_instance_secret: previous.map(|p| p.1).unwrap_or_default().to_string(),
+                ..Default::default()
             })
             .await
             .expect("register")
@@ -664,6 +679,7 @@ impl FakeWorker {
         let mut w = FakeWorker {
             id: resp.worker_id,
             instance,
+            secret: resp.instance_secret,
             host: host.into(),
             gpu_index,
             client,
@@ -681,6 +697,7 @@ impl FakeWorker {
             .await_assignment(pb::AwaitAssignmentRequest {
                 worker_id: self.id.clone(),
                 instance_id: self.instance.clone(),
+                instance_secret: self.secret.clone(),
             })
             .await
             .expect("await_assignment")
@@ -759,6 +776,7 @@ impl FakeWorker {
                 worker_id: self.id.clone(),
                 events,
                 instance_id: self.instance.clone(),
+                instance_secret: self.secret.clone(),
             })
             .await
             .map(|r| r.into_inner())
@@ -803,6 +821,7 @@ impl FakeWorker {
             running,
             instance_id,
             leaving: false,
+            instance_secret: self.secret.clone(),
         };
         self.client
             .heartbeat(req)

@@ -48,6 +48,26 @@ impl Env {
         self.coord.list_workers().await
     }
 
+    /// Waits (20 s at most) until exactly `n` workers hold a rank of `job`; their ids.
+    async fn holders_of(&self, job: &pb::Job, n: usize) -> HashSet<String> {
+        let holders = || async {
+            self.list_workers()
+                .await
+                .into_values()
+                .filter(|w| w.job_id == job.id)
+                .map(|w| w.id)
+                .collect::<HashSet<String>>()
+        };
+        segtrain_tests::wait::poll_until(
+            Duration::from_secs(20),
+            &format!("{n} workers hold job {}", job.id),
+            || self.coord.log_text(),
+            || async { holders().await.len() == n },
+        )
+        .await;
+        holders().await
+    }
+
     /// No worker holds two unfinished ranks, and no worker is BUSY without one (or IDLE with one).
     async fn assert_no_sharing(&self) {
         let shared: Vec<(uuid::Uuid, i64)> = sqlx::query_as(
@@ -149,22 +169,21 @@ async fn two_jobs_never_share_a_worker() {
         env.worker("host-a", 1).await,
         env.worker("host-a", 2).await,
     ];
-    // Exactly two workers get the first job; the third stays idle.
+    // Exactly two workers get the first job (placed in the scheduler's time: wait for it);
+    // the third stays idle.
+    let holders = env.holders_of(&first, 2).await;
     let mut got: Vec<(usize, pb::Assignment)> = Vec::new();
     for (i, w) in ws.iter_mut().enumerate() {
-        if let Some(m) = w.try_message(SETTLE).await {
-            match m.kind {
-                Some(pb::assignment_message::Kind::Start(a)) => got.push((i, a)),
-                other => panic!("unexpected {other:?}"),
-            }
+        if holders.contains(&w.id) {
+            got.push((i, w.start().await));
         }
     }
-    assert_eq!(got.len(), 2);
     assert!(got.iter().all(|(_, a)| a.job_id == first.id));
     assert_eq!(env.state(&first).await, pb::JobState::Scheduled);
     assert_eq!(env.state(&second).await, pb::JobState::Queued);
     env.assert_no_sharing().await;
     let idle = (0..3).find(|i| got.iter().all(|(j, _)| j != i)).unwrap();
+    assert!(ws[idle].try_message(SETTLE).await.is_none());
     assert_eq!(
         env.list_workers().await[&ws[idle].id].state(),
         pb::WorkerState::Idle
@@ -175,19 +194,10 @@ async fn two_jobs_never_share_a_worker() {
         complete(&mut ws[*i], a).await;
     }
     assert_eq!(env.state(&first).await, pb::JobState::Succeeded);
-    let mut second_holders = 0;
-    for w in ws.iter_mut() {
-        if let Some(m) = w.try_message(SETTLE).await {
-            match m.kind {
-                Some(pb::assignment_message::Kind::Start(a)) => {
-                    assert_eq!(a.job_id, second.id);
-                    second_holders += 1;
-                }
-                other => panic!("unexpected {other:?}"),
-            }
-        }
+    let holders = env.holders_of(&second, 2).await;
+    for w in ws.iter_mut().filter(|w| holders.contains(&w.id)) {
+        assert_eq!(w.start().await.job_id, second.id);
     }
-    assert_eq!(second_holders, 2);
     assert_eq!(env.state(&second).await, pb::JobState::Scheduled);
     env.assert_no_sharing().await;
 }
@@ -299,6 +309,7 @@ async fn an_expired_lease_fails_the_attempt_restarts_the_job_and_stops_the_other
     let mut hb = alive.client.clone();
     let alive_id = alive.id.clone();
     let alive_instance = alive.instance.clone();
+    let alive_secret = alive.secret.clone();
     let running_here = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let listed = running_here.clone();
     let beat = tokio::spawn(async move {
@@ -310,6 +321,7 @@ async fn an_expired_lease_fails_the_attempt_restarts_the_job_and_stops_the_other
                     running,
                     instance_id: alive_instance.clone(),
                     leaving: false,
+                    instance_secret: alive_secret.clone(),
                 })
                 .await;
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -385,6 +397,7 @@ async fn a_restarting_job_is_queued_again_after_its_backoff_and_resumes() {
     w.started(&a).await;
     // A checkpoint completes, then the trainer crashes (an infrastructure failure).
     let sha = "ab".repeat(32);
+    let uri = segtrain_tests::coordinator::checkpoint_uri(&job.id, 1, "ckpt-00000040");
     let ckpt = w.event(
         &job.id,
         1,
@@ -392,7 +405,7 @@ async fn a_restarting_job_is_queued_again_after_its_backoff_and_resumes() {
         pb::worker_event::Payload::Checkpoint(pb::CheckpointReport {
             checkpoint: Some(pb::Checkpoint {
                 iteration: 40,
-                uri: "/ckpt/a1/ckpt-00000040".into(),
+                uri: uri.clone(),
                 sha256: sha.clone(),
                 bytes: 10,
                 ..Default::default()
@@ -408,7 +421,7 @@ async fn a_restarting_job_is_queued_again_after_its_backoff_and_resumes() {
     // RESTARTING, then QUEUED after the backoff, then attempt 2 resuming from iteration 40.
     let b = w.start().await;
     assert_eq!((b.attempt, b.resume_iteration), (2, 40));
-    assert_eq!(b.resume_from, "/ckpt/a1/ckpt-00000040");
+    assert_eq!(b.resume_from, uri);
     assert_eq!(b.resume_candidates.len(), 1);
     assert_eq!(b.resume_candidates[0].sha256, sha);
     let got = env.coord.get_job(&job.id).await;
@@ -424,7 +437,7 @@ async fn a_restarting_job_is_queued_again_after_its_backoff_and_resumes() {
         0,
         pb::worker_event::Payload::Resumed(pb::Resumed {
             iteration: 40,
-            uri: "/ckpt/a1/ckpt-00000040".into(),
+            uri: uri.clone(),
             skipped: Vec::new(),
         }),
     );
@@ -523,7 +536,9 @@ async fn two_coordinators_never_double_book_a_worker() {
 
 #[tokio::test]
 async fn a_coordinator_restart_neither_loses_assignments_nor_reaps_silent_workers() {
-    let mut env = Env::start_with("--lease-seconds 2 --scheduler-interval-ms 100").await;
+    // A lease short enough to lapse while the coordinator is down, long enough that the checks
+    // after the restart (a few RPCs on a loaded machine) finish before the renewed one does.
+    let mut env = Env::start_with("--lease-seconds 4 --scheduler-interval-ms 100").await;
     let mut w0 = env.worker("host-a", 0).await;
     let mut w1 = env.worker("host-a", 1).await;
     let job = env.submit("survivor", 2, 0).await;
@@ -532,7 +547,7 @@ async fn a_coordinator_restart_neither_loses_assignments_nor_reaps_silent_worker
 
     // The coordinator is down for longer than a lease: nobody could heartbeat meanwhile.
     env.coord.kill();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
     env.coord.restart().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(env.state(&job).await, pb::JobState::Scheduled);

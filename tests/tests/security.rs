@@ -70,7 +70,7 @@ fn register_req(host: &str) -> pb::RegisterRequest {
         gpu_memory_bytes: 0,
         running: vec![],
         instance_id: instance(),
-        previous_instance_id: String::new(),
+        ..Default::default()
     }
 }
 
@@ -169,6 +169,7 @@ async fn tokens_and_roles_decide_who_may_call_what() {
                 worker_id: uuid::Uuid::now_v7().to_string(),
                 events: vec![],
                 instance_id: instance(),
+                instance_secret: String::new(),
             })
             .await,
         Code::PermissionDenied,
@@ -179,6 +180,7 @@ async fn tokens_and_roles_decide_who_may_call_what() {
             .create_token(pb::CreateTokenRequest {
                 name: "escalate".into(),
                 role: pb::TokenRole::Admin as i32,
+                ..Default::default()
             })
             .await,
         Code::PermissionDenied,
@@ -204,6 +206,7 @@ async fn tokens_and_roles_decide_who_may_call_what() {
         running: vec![],
         instance_id: instance(),
         leaving: false,
+        instance_secret: reg.instance_secret.clone(),
     })
     .await
     .expect("worker heartbeats");
@@ -306,6 +309,7 @@ async fn tokens_and_roles_decide_who_may_call_what() {
             pb::CreateTokenRequest {
                 name: String::new(),
                 role: pb::TokenRole::Client as i32,
+                ..Default::default()
             },
             "name:",
         ),
@@ -313,6 +317,7 @@ async fn tokens_and_roles_decide_who_may_call_what() {
             pb::CreateTokenRequest {
                 name: "x".repeat(65),
                 role: pb::TokenRole::Client as i32,
+                ..Default::default()
             },
             "name:",
         ),
@@ -320,6 +325,7 @@ async fn tokens_and_roles_decide_who_may_call_what() {
             pb::CreateTokenRequest {
                 name: "a\u{7}b".into(),
                 role: pb::TokenRole::Client as i32,
+                ..Default::default()
             },
             "name:",
         ),
@@ -327,6 +333,7 @@ async fn tokens_and_roles_decide_who_may_call_what() {
             pb::CreateTokenRequest {
                 name: "ok".into(),
                 role: 0,
+                ..Default::default()
             },
             "role:",
         ),
@@ -334,6 +341,7 @@ async fn tokens_and_roles_decide_who_may_call_what() {
             pb::CreateTokenRequest {
                 name: "ok".into(),
                 role: 42,
+                ..Default::default()
             },
             "role:",
         ),
@@ -400,7 +408,8 @@ async fn tokens_and_roles_decide_who_may_call_what() {
             "sha256",
             "created_at",
             "revoked_at",
-            "last_used_at"
+            "last_used_at",
+            "host"
         ]
     );
     // Nor does the coordinator log them.
@@ -864,6 +873,7 @@ async fn request_fields_are_validated_and_named() {
             worker_id: reg.worker_id.clone(),
             events: (1..=10_001).map(|s| event(s, 1)).collect(),
             instance_id: instance(),
+            instance_secret: reg.instance_secret.clone(),
         })
         .await,
         Code::InvalidArgument,
@@ -880,6 +890,7 @@ async fn request_fields_are_validated_and_named() {
                 ..event(1, 1)
             }],
             instance_id: instance(),
+            instance_secret: reg.instance_secret.clone(),
         })
         .await,
         Code::InvalidArgument,
@@ -890,6 +901,7 @@ async fn request_fields_are_validated_and_named() {
             worker_id: "w".into(),
             events: vec![],
             instance_id: instance(),
+            instance_secret: reg.instance_secret.clone(),
         })
         .await,
         Code::InvalidArgument,
@@ -902,6 +914,7 @@ async fn request_fields_are_validated_and_named() {
             attempt: 1,
             timeout_seconds: 0,
             instance_id: instance(),
+            instance_secret: reg.instance_secret.clone(),
         })
         .await,
         Code::InvalidArgument,
@@ -916,6 +929,7 @@ async fn request_fields_are_validated_and_named() {
                 vec![0; 7],
             )),
             instance_id: instance(),
+            instance_secret: reg.instance_secret.clone(),
         })
         .await,
         Code::InvalidArgument,
@@ -1168,12 +1182,18 @@ async fn a_daemon_with_a_worker_token_runs_a_job_over_tls() {
         .workers;
     let hosts: Vec<&str> = ws.iter().map(|w| w.host.as_str()).collect();
     assert_eq!(hosts, ["cpu-secure"]);
-    let log = refused.log_text();
-    assert!(
-        log.contains("refused this daemon's token")
-            && log.contains("needs a worker or admin token"),
-        "{log}"
-    );
+    // The refused daemon keeps retrying and logging: wait for its line.
+    segtrain_tests::wait::poll_until(
+        Duration::from_secs(30),
+        "the refused daemon logs why",
+        || refused.log_text(),
+        || async {
+            let log = refused.log_text();
+            log.contains("refused this daemon's token")
+                && log.contains("needs a worker or admin token")
+        },
+    )
+    .await;
     for secret in [&worker, &client] {
         assert!(!daemon.log_text().contains(secret.as_str()));
         assert!(!coord.log_text().contains(secret.as_str()));

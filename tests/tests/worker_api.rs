@@ -137,6 +137,7 @@ async fn happy_path_through_the_worker_api() {
     // Rendezvous: rank 1 waits; rank 0 publishes; rank 1 gets it.
     let mut c1 = r1.client.clone();
     let (rid1, jid, inst1) = (r1.id.clone(), job.id.clone(), r1.instance.clone());
+    let secret1 = r1.secret.clone();
     let waiter = tokio::spawn(async move {
         c1.await_rendezvous(pb::AwaitRendezvousRequest {
             worker_id: rid1,
@@ -144,6 +145,7 @@ async fn happy_path_through_the_worker_api() {
             attempt: 1,
             timeout_seconds: 30,
             instance_id: inst1,
+            instance_secret: secret1,
         })
         .await
     });
@@ -157,6 +159,7 @@ async fn happy_path_through_the_worker_api() {
             addr.into(),
         )),
         instance_id: w.instance.clone(),
+        instance_secret: w.secret.clone(),
     };
     r0.client
         .publish_rendezvous(publish(&r0, 1, "10.0.0.1:29500"))
@@ -225,7 +228,10 @@ async fn happy_path_through_the_worker_api() {
             Payload::Checkpoint(pb::CheckpointReport {
                 checkpoint: Some(pb::Checkpoint {
                     iteration: 100,
-                    uri: "file:///ckpt/happy/ckpt-100".into(),
+                    uri: format!(
+                        "file://{}",
+                        segtrain_tests::coordinator::checkpoint_uri(&job.id, 1, "ckpt-100")
+                    ),
                     bytes: 12345,
                     sha256: "ab".repeat(32),
                     metrics: HashMap::from([("loss".to_string(), 1.5)]),
@@ -257,7 +263,13 @@ async fn happy_path_through_the_worker_api() {
         .checkpoints;
     assert_eq!(cps.len(), 1);
     assert_eq!(cps[0].iteration, 100);
-    assert_eq!(cps[0].uri, "file:///ckpt/happy/ckpt-100");
+    assert_eq!(
+        cps[0].uri,
+        format!(
+            "file://{}",
+            segtrain_tests::coordinator::checkpoint_uri(&job.id, 1, "ckpt-100")
+        )
+    );
     assert_eq!(cps[0].bytes, 12345);
     assert_eq!(cps[0].state(), pb::CheckpointState::Complete);
     assert_eq!(cps[0].metrics.get("loss"), Some(&1.5));
@@ -492,13 +504,13 @@ async fn stale_attempts_are_refused_and_write_nothing() {
     let (rank0_old, rank0_new) = (
         if a0.rank == 0 { &mut old0 } else { &mut old1 },
         if b0.rank == 0 {
-            (new0.id.clone(), new0.instance.clone())
+            (new0.id.clone(), new0.instance.clone(), new0.secret.clone())
         } else {
-            (new1.id.clone(), new1.instance.clone())
+            (new1.id.clone(), new1.instance.clone(), new1.secret.clone())
         },
     );
-    let publish =
-        |(worker, instance): &(String, String), attempt: u32| pb::PublishRendezvousRequest {
+    let publish = |(worker, instance, secret): &(String, String, String), attempt: u32| {
+        pb::PublishRendezvousRequest {
             worker_id: worker.clone(),
             job_id: job.id.clone(),
             attempt,
@@ -506,8 +518,14 @@ async fn stale_attempts_are_refused_and_write_nothing() {
                 vec![7; 128],
             )),
             instance_id: instance.clone(),
-        };
-    let old = (rank0_old.id.clone(), rank0_old.instance.clone());
+            instance_secret: secret.clone(),
+        }
+    };
+    let old = (
+        rank0_old.id.clone(),
+        rank0_old.instance.clone(),
+        rank0_old.secret.clone(),
+    );
     assert_stale(
         rank0_old.client.publish_rendezvous(publish(&old, 1)).await,
         "stale attempt: job",
@@ -525,6 +543,7 @@ async fn stale_attempts_are_refused_and_write_nothing() {
                 attempt: 1,
                 timeout_seconds: 1,
                 instance_id: rank0_new.1.clone(),
+                instance_secret: rank0_new.2.clone(),
             })
             .await,
         "stale attempt",
@@ -847,7 +866,7 @@ async fn invalid_fields_are_rejected_naming_the_field() {
         gpu_memory_bytes: 80 << 30,
         running: vec![],
         instance_id: inst.clone(),
-        previous_instance_id: String::new(),
+        ..Default::default()
     };
     let long = "h".repeat(256);
     let cases: Vec<(pb::RegisterRequest, &str)> = vec![
@@ -918,6 +937,7 @@ async fn invalid_fields_are_rejected_naming_the_field() {
             running: vec![],
             instance_id: inst.clone(),
             leaving: false,
+            instance_secret: w.instance_secret.clone(),
         })
         .await,
         Code::InvalidArgument,
@@ -929,6 +949,7 @@ async fn invalid_fields_are_rejected_naming_the_field() {
             running: vec![],
             instance_id: inst.clone(),
             leaving: false,
+            instance_secret: w.instance_secret.clone(),
         })
         .await,
         Code::NotFound,
@@ -940,6 +961,7 @@ async fn invalid_fields_are_rejected_naming_the_field() {
             running: vec![],
             instance_id: inst.clone(),
             leaving: false,
+            instance_secret: w.instance_secret.clone(),
         })
         .await
         .expect("heartbeat")
@@ -949,6 +971,7 @@ async fn invalid_fields_are_rejected_naming_the_field() {
         c.await_assignment(pb::AwaitAssignmentRequest {
             worker_id: Uuid::now_v7().to_string(),
             instance_id: inst.clone(),
+            instance_secret: w.instance_secret.clone(),
         })
         .await,
         Code::NotFound,
@@ -1104,6 +1127,7 @@ async fn invalid_fields_are_rejected_naming_the_field() {
                 worker_id: w.worker_id.clone(),
                 events: vec![e.clone()],
                 instance_id: inst.clone(),
+                instance_secret: w.instance_secret.clone(),
             })
             .await;
         let err = r.expect_err("invalid event");
@@ -1125,6 +1149,7 @@ async fn invalid_fields_are_rejected_naming_the_field() {
             worker_id: w.worker_id.clone(),
             events: vec![ev(1, started.clone()), ev(2, None)],
             instance_id: inst.clone(),
+            instance_secret: w.instance_secret.clone(),
         })
         .await
         .expect_err("second event invalid");
@@ -1138,6 +1163,7 @@ async fn invalid_fields_are_rejected_naming_the_field() {
             worker_id: "x".into(),
             events: vec![],
             instance_id: inst.clone(),
+            instance_secret: w.instance_secret.clone(),
         })
         .await,
         Code::InvalidArgument,
@@ -1148,6 +1174,7 @@ async fn invalid_fields_are_rejected_naming_the_field() {
             worker_id: Uuid::now_v7().to_string(),
             events: vec![ev(1, started.clone())],
             instance_id: inst.clone(),
+            instance_secret: w.instance_secret.clone(),
         })
         .await,
         Code::NotFound,
@@ -1161,6 +1188,7 @@ async fn invalid_fields_are_rejected_naming_the_field() {
         attempt: 1,
         endpoint,
         instance_id: inst.clone(),
+        instance_secret: w.instance_secret.clone(),
     };
     use pb::publish_rendezvous_request::Endpoint;
     for (req, field) in [
@@ -1211,6 +1239,7 @@ async fn invalid_fields_are_rejected_naming_the_field() {
                 attempt: 1,
                 timeout_seconds: t,
                 instance_id: inst.clone(),
+                instance_secret: w.instance_secret.clone(),
             })
             .await,
             Code::InvalidArgument,
@@ -1244,6 +1273,7 @@ async fn await_rendezvous_times_out_with_deadline_exceeded() {
                 attempt: 1,
                 timeout_seconds: 1,
                 instance_id: waiter.instance.clone(),
+                instance_secret: waiter.secret.clone(),
             })
             .await,
         Code::DeadlineExceeded,

@@ -55,10 +55,7 @@ pub fn locate(checkpoint_root: &str, subdir: &str) -> anyhow::Result<CheckpointL
     })
 }
 
-/// The directory below `checkpoint_root` of one attempt of a job.
-pub fn attempt_subdir(job_id: &str, attempt: u32) -> String {
-    format!("{job_id}/attempt-{attempt}")
-}
+pub use segtrain_spec::location::attempt_subdir;
 
 #[cfg(test)]
 mod tests {

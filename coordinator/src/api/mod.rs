@@ -35,6 +35,13 @@ pub(crate) fn status_of(e: StoreError) -> Status {
         StoreError::WorkerHeld { .. } => {
             refusal::status(Code::AlreadyExists, e.to_string(), refusal::WORKER_HELD)
         }
+        StoreError::InstanceSecret { .. } => refusal::status(
+            Code::PermissionDenied,
+            e.to_string(),
+            refusal::INSTANCE_SECRET,
+        ),
+        StoreError::HostBound { .. } => Status::permission_denied(e.to_string()),
+        StoreError::Invalid(m) => Status::invalid_argument(m),
         StoreError::Superseded { .. } => refusal::status(
             Code::FailedPrecondition,
             e.to_string(),

@@ -48,6 +48,7 @@ pub(crate) fn token_info(t: &TokenRecord) -> pb::TokenInfo {
         created_at: Some(convert::timestamp(t.created_at)),
         revoked_at: t.revoked_at.map(convert::timestamp),
         last_used_at: t.last_used_at.map(convert::timestamp),
+        host: t.host.clone().unwrap_or_default(),
     }
 }
 
@@ -70,14 +71,19 @@ impl pb::token_service_server::TokenService for TokenApi {
         auth::check_token_name(&req.name)
             .map_err(|m| Status::invalid_argument(format!("name: {m}")))?;
         let role = role_of(req.role)?;
+        let host = (!req.host.is_empty()).then_some(req.host.as_str());
+        if let Some(h) = host {
+            auth::check_token_host(role, h)
+                .map_err(|m| Status::invalid_argument(format!("host: {m}")))?;
+        }
         let token = auth::new_token()
             .map_err(|e| Status::internal(format!("cannot make a random token: {e}")))?;
         let t = self
             .store
-            .create_token(&req.name, role.as_str(), &auth::token_hash(&token))
+            .create_token(&req.name, role.as_str(), host, &auth::secret_sha256(&token))
             .await
             .map_err(status_of)?;
-        tracing::info!(token = %t.id, name = %t.name, role = %role, by = %who, "token created");
+        tracing::info!(token = %t.id, name = %t.name, role = %role, host = ?t.host, by = %who, "token created");
         Ok(Response::new(pb::CreateTokenResponse {
             token,
             info: Some(token_info(&t)),

@@ -3,9 +3,10 @@
 //! (`events[3].eval.miou: ...`) and what it allows. Nothing here touches the store.
 
 use super::parse_job_id;
+use crate::auth::{secret_sha256, Caller};
 use crate::store::{
-    is_eval_point, AttemptRank, IngestBody, IngestEvent, RankOutcome, RendezvousEndpoint,
-    WorkerRegistration, EVAL_POINT_NAMES,
+    is_eval_point, AttemptRank, Claim, IngestBody, IngestEvent, InstanceProof, RankOutcome,
+    RendezvousEndpoint, WorkerRegistration, EVAL_POINT_NAMES,
 };
 use segtrain_proto::v1 as pb;
 use std::collections::BTreeMap;
@@ -46,6 +47,48 @@ pub(super) fn instance(field: &str, s: &str) -> Result<Uuid, Status> {
             field,
             format!("not a daemon instance id (the UUID a daemon makes at its start), got {s:?}"),
         )
+    })
+}
+
+/// Longest instance secret accepted (the coordinator makes 43-character ones).
+const MAX_SECRET: usize = 256;
+
+/// The SHA-256 of an instance secret; `None` when empty (and `required` is false).
+fn secret(field: &str, s: &str, required: bool) -> Result<Option<[u8; 32]>, Status> {
+    if s.is_empty() {
+        return if required {
+            Err(invalid(
+                field,
+                "required: the secret RegisterResponse.instance_secret gave this daemon instance",
+            ))
+        } else {
+            Ok(None)
+        };
+    }
+    if s.len() > MAX_SECRET || !s.chars().all(|c| c.is_ascii_graphic()) {
+        // Never echo a secret, not even a malformed one.
+        return Err(invalid(
+            field,
+            format!(
+                "must be at most {MAX_SECRET} printable ASCII characters, got {} bytes",
+                s.len()
+            ),
+        ));
+    }
+    Ok(Some(secret_sha256(s)))
+}
+
+/// What a worker request shows for its instance: the instance id, its secret (required) and
+/// the host the caller's token is bound to.
+pub(super) fn proof(
+    instance_id: &str,
+    instance_secret: &str,
+    caller: Option<&Caller>,
+) -> Result<InstanceProof, Status> {
+    Ok(InstanceProof {
+        instance: instance("instance_id", instance_id)?,
+        secret_sha256: secret("instance_secret", instance_secret, true)?.unwrap_or_default(),
+        bound_host: caller.and_then(|c| c.host.clone()),
     })
 }
 
@@ -393,8 +436,12 @@ pub(super) fn publish_endpoint(
     }
 }
 
-/// A `Register` request, checked field by field.
-pub(super) fn registration(req: pb::RegisterRequest) -> Result<WorkerRegistration, Status> {
+/// A `Register` request, checked field by field. `new_secret_sha256`: the digest of the secret
+/// the instance gets if it takes the worker.
+pub(super) fn registration(
+    req: pb::RegisterRequest,
+    new_secret_sha256: [u8; 32],
+) -> Result<WorkerRegistration, Status> {
     let host = host(&req.host)?;
     if !(-1..=MAX_GPU_INDEX).contains(&req.gpu_index) {
         return Err(invalid(
@@ -425,14 +472,24 @@ pub(super) fn registration(req: pb::RegisterRequest) -> Result<WorkerRegistratio
         "" => None,
         p => Some(instance("previous_instance_id", p)?),
     };
+    let claim = Claim {
+        instance: instance_id,
+        secret_sha256: secret("instance_secret", &req.instance_secret, false)?,
+        previous: previous_instance_id,
+        previous_secret_sha256: secret(
+            "previous_instance_secret",
+            &req.previous_instance_secret,
+            false,
+        )?,
+    };
     Ok(WorkerRegistration {
         host,
         gpu_index: req.gpu_index,
         gpu_name: req.gpu_name,
         gpu_memory_bytes: req.gpu_memory_bytes,
         running: running(&req.running)?,
-        instance_id,
-        previous_instance_id,
+        claim,
+        new_secret_sha256,
     })
 }
 

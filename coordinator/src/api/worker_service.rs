@@ -17,12 +17,13 @@
 //! (host, GPU) has one assignment stream at a time, so no rank ever runs in two trainers.
 
 use super::worker_requests::{
-    events, instance, publish_endpoint, registration, rendezvous_wait, running, worker_id,
+    events, proof, publish_endpoint, registration, rendezvous_wait, running, worker_id,
 };
 use super::{convert, parse_job_id, status_of};
+use crate::auth::{self, Caller};
 use crate::metrics;
 use crate::store::bus::{Bus, Hint, Interest};
-use crate::store::{Beat, Ingested, Store};
+use crate::store::{Beat, Ingested, InstanceProof, Store, StoreError};
 use segtrain_proto::v1 as pb;
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
@@ -104,10 +105,10 @@ impl WorkerApi {
         }
     }
 
-    /// The worker exists and `instance` holds it.
-    async fn known_instance(&self, id: Uuid, instance: Uuid) -> Result<(), Status> {
+    /// The worker exists and the request's `proof` holds it.
+    async fn known_instance(&self, id: Uuid, proof: &InstanceProof) -> Result<(), Status> {
         self.store
-            .check_worker_instance(id, instance)
+            .check_worker_instance(id, proof)
             .await
             .map_err(instance_status)
     }
@@ -179,18 +180,36 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         &self,
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        let reg = registration(req.into_inner())?;
+        let bound = req
+            .extensions()
+            .get::<Caller>()
+            .and_then(|c| c.host.clone());
+        let secret = auth::new_instance_secret()
+            .map_err(|e| Status::internal(format!("cannot make an instance secret: {e}")))?;
+        let reg = registration(req.into_inner(), auth::secret_sha256(&secret))?;
+        if let Some(token_host) = bound.filter(|b| *b != reg.host) {
+            return Err(status_of(StoreError::HostBound {
+                token_host,
+                host: reg.host,
+                gpu_index: reg.gpu_index,
+            }));
+        }
         let r = self
             .store
             .register_worker(&reg, self.cfg.lease)
             .await
             .map_err(status_of)?;
-        tracing::info!(worker = %r.id, host = %reg.host, gpu = reg.gpu_index, instance = %reg.instance_id, state = %r.state, "worker registered");
+        tracing::info!(worker = %r.id, host = %reg.host, gpu = reg.gpu_index, instance = %reg.claim.instance, state = %r.state, "worker registered");
         Ok(Response::new(pb::RegisterResponse {
             worker_id: r.id.to_string(),
             lease_seconds: self.cfg.lease.as_secs().max(1) as u32,
             acked_seq: r.acked_seq,
             stop_grace_seconds: self.cfg.stop_grace_seconds,
+            instance_secret: if r.secret_issued {
+                secret
+            } else {
+                String::new()
+            },
         }))
     }
 
@@ -198,15 +217,16 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let caller = req.extensions().get::<Caller>().cloned();
         let req = req.into_inner();
         let id = worker_id(&req.worker_id)?;
-        let instance = instance("instance_id", &req.instance_id)?;
         let running = running(&req.running)?;
+        let proof = proof(&req.instance_id, &req.instance_secret, caller.as_ref())?;
         let hb = self
             .store
             .heartbeat(&Beat {
                 worker: id,
-                instance,
+                proof: &proof,
                 running: &running,
                 leaving: req.leaving,
                 lease: self.cfg.lease,
@@ -226,16 +246,15 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         &self,
         req: Request<pb::AwaitAssignmentRequest>,
     ) -> Result<Response<Self::AwaitAssignmentStream>, Status> {
-        let id = worker_id(&req.get_ref().worker_id)?;
-        let instance = instance("instance_id", &req.get_ref().instance_id)?;
-        self.known_instance(id, instance).await?;
+        let caller = req.extensions().get::<Caller>().cloned();
+        let req = req.into_inner();
+        let id = worker_id(&req.worker_id)?;
+        let proof = proof(&req.instance_id, &req.instance_secret, caller.as_ref())?;
+        self.known_instance(id, &proof).await?;
         let stream = assignment_stream(
             self.store.clone(),
             self.bus.interest([Hint::Worker(id)]),
-            Owner {
-                worker: id,
-                instance,
-            },
+            Owner { worker: id, proof },
             self.streams.clone(),
             self.cfg.clone(),
         );
@@ -246,13 +265,14 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         &self,
         req: Request<pb::ReportEventsRequest>,
     ) -> Result<Response<pb::ReportEventsResponse>, Status> {
+        let caller = req.extensions().get::<Caller>().cloned();
         let req = req.into_inner();
         let id = worker_id(&req.worker_id)?;
-        let instance = instance("instance_id", &req.instance_id)?;
         let events = events(&req.events)?;
+        let proof = proof(&req.instance_id, &req.instance_secret, caller.as_ref())?;
         let done = self
             .store
-            .ingest_events(id, instance, &events)
+            .ingest_events(id, &proof, &events)
             .await
             .map_err(instance_status)?;
         record_ingested(&req.events, &done);
@@ -265,12 +285,13 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         &self,
         req: Request<pb::PublishRendezvousRequest>,
     ) -> Result<Response<pb::PublishRendezvousResponse>, Status> {
+        let caller = req.extensions().get::<Caller>().cloned();
         let req = req.into_inner();
         let id = worker_id(&req.worker_id)?;
         let job = parse_job_id("job_id", &req.job_id)?;
         let endpoint = publish_endpoint(&req.endpoint)?;
-        let instance = instance("instance_id", &req.instance_id)?;
-        self.known_instance(id, instance).await?;
+        let proof = proof(&req.instance_id, &req.instance_secret, caller.as_ref())?;
+        self.known_instance(id, &proof).await?;
         self.store
             .publish_rendezvous(id, job, req.attempt, &endpoint)
             .await
@@ -283,12 +304,13 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         &self,
         req: Request<pb::AwaitRendezvousRequest>,
     ) -> Result<Response<pb::AwaitRendezvousResponse>, Status> {
+        let caller = req.extensions().get::<Caller>().cloned();
         let req = req.into_inner();
         let id = worker_id(&req.worker_id)?;
         let job = parse_job_id("job_id", &req.job_id)?;
         let patience = rendezvous_wait(req.timeout_seconds)?;
-        let instance = instance("instance_id", &req.instance_id)?;
-        self.known_instance(id, instance).await?;
+        let proof = proof(&req.instance_id, &req.instance_secret, caller.as_ref())?;
+        self.known_instance(id, &proof).await?;
         let deadline = tokio::time::Instant::now() + patience;
         let wake = self.bus.interest([Hint::Attempt(job), Hint::JobState(job)]);
         loop {
@@ -316,10 +338,10 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
 }
 
 /// Whose assignment stream it is.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Owner {
     worker: Uuid,
-    instance: Uuid,
+    proof: InstanceProof,
 }
 
 /// The assignment stream of one worker: it holds the worker's slot until it ends, and ends
@@ -333,7 +355,8 @@ fn assignment_stream(
     cfg: WorkerApiConfig,
 ) -> ReceiverStream<Result<pb::AssignmentMessage, Status>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let (n, replaced) = slots.take(owner.worker);
+    let worker = owner.worker;
+    let (n, replaced) = slots.take(worker);
     tokio::spawn(async move {
         let tx2 = tx.clone();
         tokio::select! {
@@ -341,13 +364,12 @@ fn assignment_stream(
             _ = replaced => {
                 let _ = tx2
                     .send(Err(Status::aborted(format!(
-                        "a newer AwaitAssignment stream of worker {} replaced this one",
-                        owner.worker
+                        "a newer AwaitAssignment stream of worker {worker} replaced this one"
                     ))))
                     .await;
             }
         }
-        slots.release(owner.worker, n);
+        slots.release(worker, n);
     });
     ReceiverStream::new(rx)
 }
@@ -373,7 +395,7 @@ async fn send_assignments(
         let mut started_sent: HashSet<(Uuid, u32, u32)> = HashSet::new();
         let mut stop_sent: HashSet<(Uuid, u32, u32)> = HashSet::new();
         loop {
-            if let Err(e) = store.check_worker_instance(worker, owner.instance).await {
+            if let Err(e) = store.check_worker_instance(worker, &owner.proof).await {
                 let _ = tx.send(Err(instance_status(e))).await;
                 return;
             }

@@ -12,12 +12,12 @@
 //!   others of the same database.
 
 mod layer;
+mod secrets;
 
 pub use layer::{authorize, AuthLayer};
+pub use secrets::{new_instance_secret, new_token, secret_sha256};
 
 use crate::store::{Store, StoreError, TokenCheck};
-use base64::Engine;
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -69,21 +69,6 @@ impl std::fmt::Display for Role {
     }
 }
 
-/// A new random token (256 bits from the operating system's generator).
-pub fn new_token() -> Result<String, getrandom::Error> {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes)?;
-    Ok(format!(
-        "{TOKEN_PREFIX}{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-    ))
-}
-
-/// What the database stores for a token.
-pub fn token_hash(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
-}
-
 /// Checks a token name: 1-64 characters, no control characters, not only spaces.
 pub fn check_token_name(name: &str) -> Result<(), String> {
     let n = name.chars().count();
@@ -98,12 +83,31 @@ pub fn check_token_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks the host a worker token is bound to: the rules of a daemon's `--host` (1-255
+/// characters, no spaces or control characters), and only for a worker token.
+pub fn check_token_host(role: Role, host: &str) -> Result<(), String> {
+    if role != Role::Worker {
+        return Err(format!(
+            "only a worker token can be bound to a host, this is a {role} token"
+        ));
+    }
+    let n = host.chars().count();
+    if n == 0 || n > 255 || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "must be 1-255 characters without spaces or control characters, got {host:?}"
+        ));
+    }
+    Ok(())
+}
+
 /// The verified sender of a request, put into the request's extensions for the services.
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub token_id: Uuid,
     pub name: String,
     pub role: Role,
+    /// A worker token bound to this host acts only for its workers (`token create --host`).
+    pub host: Option<String>,
 }
 
 /// The outcome of checking one token.
@@ -140,7 +144,7 @@ impl Verifier {
     /// The verdict for `token`: from the cache if it is fresh, else from the database (which
     /// also records `last_used_at`).
     pub async fn verify(&self, token: &str) -> Result<Verdict, StoreError> {
-        let hash = token_hash(token);
+        let hash = secret_sha256(token);
         if let Ok(cache) = self.cache.lock() {
             if let Some(c) = cache.get(&hash) {
                 if c.at.elapsed() < self.ttl {
@@ -154,6 +158,7 @@ impl Verifier {
                     token_id: t.id,
                     name: t.name,
                     role,
+                    host: t.host,
                 }),
                 None => {
                     return Err(StoreError::Corrupt(format!(
@@ -314,7 +319,7 @@ mod tests {
         // 32 bytes in base64 without padding.
         assert_eq!(a.len(), TOKEN_PREFIX.len() + 43);
         assert!(a.chars().all(|c| c.is_ascii_graphic()));
-        assert_ne!(token_hash(&a), token_hash(&b));
+        assert_ne!(secret_sha256(&a), secret_sha256(&b));
     }
 
     #[test]
@@ -356,6 +361,7 @@ mod tests {
             token_id: Uuid::nil(),
             name: "t".into(),
             role,
+            host: None,
         })
     }
 

@@ -179,6 +179,10 @@ enum TokenCommand {
         /// A label for people, e.g. "ci" or "gpu-host-3".
         #[arg(long)]
         name: String,
+        /// Bind a worker token to this host (the daemons' --host): it registers only that host's
+        /// workers. Unbound tokens may register any host.
+        #[arg(long)]
+        host: Option<String>,
     },
     /// List tokens (never the secrets).
     List {
@@ -318,20 +322,34 @@ fn token_json(t: &TokenRecord) -> serde_json::Value {
         "created_at": t.created_at.to_rfc3339(),
         "revoked_at": t.revoked_at.map(|x| x.to_rfc3339()),
         "last_used_at": t.last_used_at.map(|x| x.to_rfc3339()),
+        "host": t.host,
     })
 }
 
 async fn token(cmd: TokenCommand) -> anyhow::Result<()> {
     match cmd {
-        TokenCommand::Create { db, role, name } => {
+        TokenCommand::Create {
+            db,
+            role,
+            name,
+            host,
+        } => {
             let role = Role::parse(&role).with_context(|| {
                 format!("--role: must be client, worker or admin, got {role:?}")
             })?;
             auth::check_token_name(&name).map_err(|m| anyhow::anyhow!("--name: {m}"))?;
+            if let Some(h) = &host {
+                auth::check_token_host(role, h).map_err(|m| anyhow::anyhow!("--host: {m}"))?;
+            }
             let store = open_store(&db).await?;
             let secret = auth::new_token().context("cannot make a random token")?;
             let t = store
-                .create_token(&name, role.as_str(), &auth::token_hash(&secret))
+                .create_token(
+                    &name,
+                    role.as_str(),
+                    host.as_deref(),
+                    &auth::secret_sha256(&secret),
+                )
                 .await?;
             if db.json {
                 let mut v = token_json(&t);
@@ -354,17 +372,17 @@ async fn token(cmd: TokenCommand) -> anyhow::Result<()> {
                 println!("{}", serde_json::Value::Array(v));
             } else {
                 for t in &tokens {
-                    println!(
-                        "{}  {:<6}  {}{}",
-                        t.id,
-                        t.role,
-                        t.name,
-                        if t.revoked_at.is_some() {
-                            "  (revoked)"
-                        } else {
-                            ""
-                        }
-                    );
+                    let host = t
+                        .host
+                        .as_ref()
+                        .map(|h| format!("  host {h}"))
+                        .unwrap_or_default();
+                    let revoked = if t.revoked_at.is_some() {
+                        "  (revoked)"
+                    } else {
+                        ""
+                    };
+                    println!("{}  {:<6}  {}{host}{revoked}", t.id, t.role, t.name);
                 }
             }
         }

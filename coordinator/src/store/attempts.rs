@@ -6,6 +6,7 @@
 //! ([`lock_job`]), so decisions such as "every rank has finished" see a consistent picture and
 //! the job transitions they cause are written with their events in the same transaction.
 
+use super::checkpoint_scope::Scope;
 use super::jobs::{lock_job, parse_job_state, transition_in_tx, JobRecord};
 use super::{
     notify, u32_of, u64_of, RestartPolicy, Store, StoreError, ATTEMPTS_CHANNEL, WORKERS_CHANNEL,
@@ -187,6 +188,8 @@ impl TryFrom<AssignmentRow> for RankAssignment {
     fn try_from(r: AssignmentRow) -> Result<RankAssignment, StoreError> {
         let spec: JobSpec = serde_json::from_value(r.spec.0)
             .map_err(|e| StoreError::Corrupt(format!("job {} spec: {e}", r.job_id)))?;
+        let (resume_uri, candidates) =
+            Scope::of(r.job_id, &spec).offered(r.resume_uri, r.candidates.0);
         Ok(RankAssignment {
             job_id: r.job_id,
             attempt: u32_of(r.attempt, "attempt")?,
@@ -194,9 +197,9 @@ impl TryFrom<AssignmentRow> for RankAssignment {
             world_size: u32_of(r.world_size, "world_size")?,
             accumulate_steps: u32_of(r.accumulate_steps, "accumulate_steps")?,
             spec,
-            resume_uri: r.resume_uri,
+            resume_uri,
             resume_iteration: u64_of(r.resume_iter.unwrap_or(0), "resume_iter")?,
-            resume_candidates: r.candidates.0,
+            resume_candidates: candidates,
             attempt_state: parse_attempt_state(&r.attempt_state)?,
             attempt_reason: r.attempt_reason,
             started: r.started,

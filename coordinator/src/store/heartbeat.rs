@@ -5,6 +5,7 @@
 //! anything else falls through to the full transaction in workers.rs.
 
 use super::attempts::{parse_attempt_state, rank_should_run};
+use super::instances::{InstanceProof, PROVEN};
 use super::jobs::parse_job_state;
 use super::workers::{lease_secs, worker_state, AttemptRank, Heartbeat};
 use super::{u32_of, Store, StoreError};
@@ -31,8 +32,8 @@ type FastRow = (
 #[derive(Debug, Clone, Copy)]
 pub struct Beat<'a> {
     pub worker: Uuid,
-    /// The daemon instance that holds the worker (another's heartbeat is refused).
-    pub instance: Uuid,
+    /// What the daemon instance shows (another's, or one without its secret, is refused).
+    pub proof: &'a InstanceProof,
     pub running: &'a [AttemptRank],
     pub leaving: bool,
     pub lease: Duration,
@@ -62,12 +63,12 @@ impl Store {
         beat: &Beat<'_>,
     ) -> Result<Option<Heartbeat>, StoreError> {
         let id = beat.worker;
-        let rows: Vec<FastRow> = sqlx::query_as(
+        let rows: Vec<FastRow> = sqlx::query_as(&format!(
             "WITH w AS (
                 UPDATE workers SET last_heartbeat = now(),
                                    lease_until = now() + make_interval(secs => $2),
                                    leaving = leaving OR $4
-                WHERE id = $1 AND instance_id = $3 RETURNING state, lease_until)
+                WHERE id = $1 AND {PROVEN} RETURNING state, lease_until)
              SELECT w.state, w.lease_until, r.job_id, r.attempt, r.rank, r.job_attempt,
                     r.job_state, r.attempt_state
              FROM w LEFT JOIN LATERAL (
@@ -76,16 +77,18 @@ impl Store {
                 FROM attempt_ranks ar
                 JOIN jobs j ON j.id = ar.job_id
                 JOIN attempts a ON a.job_id = ar.job_id AND a.attempt = ar.attempt
-                WHERE ar.worker_id = $1 AND ar.finished_at IS NULL) r ON true",
-        )
+                WHERE ar.worker_id = $1 AND ar.finished_at IS NULL) r ON true"
+        ))
         .bind(id)
         .bind(lease_secs(beat.lease))
-        .bind(beat.instance)
+        .bind(beat.proof.instance)
         .bind(beat.leaving)
+        .bind(&beat.proof.secret_sha256[..])
+        .bind(beat.proof.bound_host.as_deref())
         .fetch_all(&self.pool)
         .await?;
         let Some((state, lease_until, ..)) = rows.first() else {
-            return Ok(None); // unknown, or another instance's: the full path says which
+            return Ok(None); // unknown, another's, not proven: the full path says which
         };
         if worker_state(id, state)? == WorkerState::Lost {
             return Ok(None);

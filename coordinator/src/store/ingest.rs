@@ -7,9 +7,10 @@
 //! does not refuses the whole batch and writes nothing.
 
 use super::attempts::{fence, finish_rank, start_rank, unknown_job_is_stale, RankOutcome};
+use super::checkpoint_scope;
+use super::instances::{instance_verdict, Holder, InstanceProof, HOLDER_COLUMNS};
 use super::jobs::{insert_event, lock_job_attempt, parse_job_state};
 use super::metrics::{bump_iteration, class_iou_point, record_points, EVAL_POINT_NAMES};
-use super::workers::{instance_verdict, Holder};
 use super::{u64_of, RestartPolicy, Store, StoreError};
 use crate::events::{json_number, json_values, EventPayload};
 use sqlx::types::Json;
@@ -75,6 +76,14 @@ pub enum IngestBody {
     },
 }
 
+/// The worker row a batch locks: its acknowledged sequence and who holds it.
+#[derive(sqlx::FromRow)]
+struct IngestingRow {
+    acked_seq: i64,
+    #[sqlx(flatten)]
+    holder: Holder,
+}
+
 /// What a ReportEvents batch did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Ingested {
@@ -93,27 +102,19 @@ impl Store {
     pub async fn ingest_events(
         &self,
         worker_id: Uuid,
-        instance: Uuid,
+        proof: &InstanceProof,
         events: &[IngestEvent],
     ) -> Result<Ingested, StoreError> {
         let mut tx = self.pool.begin().await?;
-        type Row = (
-            String,
-            i32,
-            Option<Uuid>,
-            Option<chrono::DateTime<chrono::Utc>>,
-            i64,
-        );
-        let row: Option<Row> = sqlx::query_as(
-            "SELECT host, gpu_index, instance_id, instance_since, acked_seq FROM workers
-             WHERE id = $1 FOR UPDATE",
-        )
-        .bind(worker_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let holder: Holder = row.as_ref().map(|(h, g, i, s, _)| (h.clone(), *g, *i, *s));
-        instance_verdict(worker_id, instance, holder)?;
-        let acked = u64_of(row.map_or(0, |r| r.4), "acked_seq")?;
+        let sql =
+            format!("SELECT acked_seq, {HOLDER_COLUMNS} FROM workers WHERE id = $1 FOR UPDATE");
+        let row: Option<IngestingRow> = sqlx::query_as(&sql)
+            .bind(worker_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let acked = row.as_ref().map_or(0, |r| r.acked_seq);
+        instance_verdict(worker_id, proof, row.map(|r| r.holder))?;
+        let acked = u64_of(acked, "acked_seq")?;
         let mut fresh: Vec<&IngestEvent> = events.iter().filter(|e| e.seq > acked).collect();
         fresh.sort_by_key(|e| e.seq);
         fresh.dedup_by_key(|e| e.seq);
@@ -154,6 +155,8 @@ impl Store {
                 )));
             }
         }
+
+        checkpoint_scope::check_events(&mut tx, &fresh).await?;
 
         let mut done = Ingested {
             acked: last,

@@ -7,12 +7,14 @@
 mod attempt_view;
 mod attempts;
 pub mod bus;
+mod checkpoint_scope;
 mod drain;
 mod elastic;
 mod events;
 mod health;
 mod heartbeat;
 mod ingest;
+mod instances;
 mod jobs;
 mod metrics;
 mod placement;
@@ -29,6 +31,7 @@ pub use events::EventRecord;
 pub use health::ClusterCounts;
 pub use heartbeat::Beat;
 pub use ingest::{IngestBody, IngestEvent, Ingested};
+pub use instances::{Claim, InstanceProof};
 pub use jobs::{list_jobs_sql, JobRecord};
 pub use metrics::{
     class_iou_point, get_metrics_sql, is_eval_point, CheckpointRecord, MetricPoint,
@@ -93,6 +96,33 @@ pub enum StoreError {
         holder: uuid::Uuid,
         since: DateTime<Utc>,
     },
+    /// A request that names the daemon instance holding a worker without that instance's
+    /// secret (an id alone proves nothing; see `instances.rs`).
+    #[error(
+        "this request names daemon instance {instance}, which holds worker {host}:{}, without \
+         that instance's secret (instance_secret); only the daemon the coordinator gave it to may \
+         act for this worker"
+        , gpu_label(*gpu_index)
+    )]
+    InstanceSecret {
+        host: String,
+        gpu_index: i32,
+        instance: uuid::Uuid,
+    },
+    /// A worker token bound to one host, used for a worker of another.
+    #[error(
+        "this worker token is bound to host {token_host:?}; worker {host}:{} is on another host",
+        gpu_label(*gpu_index)
+    )]
+    HostBound {
+        token_host: String,
+        host: String,
+        gpu_index: i32,
+    },
+    /// A value that can never be stored (e.g. a checkpoint outside its job's directory); the
+    /// message names the field.
+    #[error("{0}")]
+    Invalid(String),
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
     #[error("database migration failed: {0}")]

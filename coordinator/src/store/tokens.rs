@@ -14,6 +14,8 @@ pub struct TokenRecord {
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
     pub last_used_at: Option<DateTime<Utc>>,
+    /// A worker token bound to this host (None: any host).
+    pub host: Option<String>,
 }
 
 /// What the database says about a presented token.
@@ -24,24 +26,27 @@ pub enum TokenCheck {
     Unknown,
 }
 
-const COLUMNS: &str = "id, name, role, created_at, revoked_at, last_used_at";
+const COLUMNS: &str = "id, name, role, created_at, revoked_at, last_used_at, host";
 
 impl Store {
-    /// Stores a new token by its hash.
+    /// Stores a new token by its hash (`host`: the host a worker token is bound to).
     pub async fn create_token(
         &self,
         name: &str,
         role: &str,
+        host: Option<&str>,
         sha256: &[u8; 32],
     ) -> Result<TokenRecord, StoreError> {
         let sql = format!(
-            "INSERT INTO tokens (id, name, role, sha256) VALUES ($1, $2, $3, $4) RETURNING {COLUMNS}"
+            "INSERT INTO tokens (id, name, role, sha256, host) VALUES ($1, $2, $3, $4, $5) \
+             RETURNING {COLUMNS}"
         );
         Ok(sqlx::query_as::<_, TokenRecord>(&sql)
             .bind(Uuid::now_v7())
             .bind(name)
             .bind(role)
             .bind(&sha256[..])
+            .bind(host)
             .fetch_one(&self.pool)
             .await?)
     }

@@ -4,6 +4,7 @@
 
 use super::attempts::{finish_rank, parse_attempt_state, rank_should_run, RankOutcome};
 use super::heartbeat::Beat;
+use super::instances::{may_take, not_found, Claim, Holder, Take, HOLDER_COLUMNS, PROVEN};
 use super::jobs::{lock_job, parse_job_state};
 use super::{notify, u32_of, u64_of, Store, StoreError, WORKERS_CHANNEL};
 use crate::state::{JobState, WorkerState};
@@ -49,38 +50,12 @@ pub struct WorkerRegistration {
     pub gpu_memory_bytes: u64,
     /// Trainers the daemon still runs.
     pub running: Vec<AttemptRank>,
-    /// The daemon process (random per start).
-    pub instance_id: Uuid,
-    /// The instance it succeeds on this (host, GPU), gone by the daemon's own proof.
-    pub previous_instance_id: Option<Uuid>,
-}
-
-/// Who holds a worker row: (host, GPU index, instance, since). `None` for an unknown worker.
-pub(super) type Holder = Option<(String, i32, Option<Uuid>, Option<DateTime<Utc>>)>;
-
-/// Whether a request from `instance` may act for worker `id`: NotFound for an unknown worker or a
-/// row no instance holds yet (register again), Superseded when another instance holds it.
-pub(super) fn instance_verdict(id: Uuid, instance: Uuid, holder: Holder) -> Result<(), StoreError> {
-    match holder {
-        None | Some((_, _, None, _)) => Err(not_found(id)),
-        Some((_, _, Some(h), _)) if h == instance => Ok(()),
-        Some((host, gpu_index, Some(holder), since)) => Err(StoreError::Superseded {
-            host,
-            gpu_index,
-            instance,
-            holder,
-            since: since.unwrap_or_else(Utc::now),
-        }),
-    }
-}
-
-/// Whether `reg` may take a row held by `holder` (since `since`), whose lease is live or not:
-/// the same instance, its named successor, or anyone once the lease has lapsed.
-fn may_take(reg: &WorkerRegistration, holder: Option<Uuid>, lease_live: bool) -> bool {
-    match holder {
-        None => true,
-        Some(h) => h == reg.instance_id || reg.previous_instance_id == Some(h) || !lease_live,
-    }
+    /// The daemon process (random per start), the instance it succeeds, and the secrets it
+    /// shows for each (see `instances.rs`).
+    pub claim: Claim,
+    /// The SHA-256 of the secret this instance gets if it takes the row from another (or from
+    /// nobody); the caller made the secret and hands it out when [`Registered::secret_issued`].
+    pub new_secret_sha256: [u8; 32],
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -89,6 +64,8 @@ pub struct Registered {
     pub state: WorkerState,
     pub acked_seq: u64,
     pub lease_until: DateTime<Utc>,
+    /// The instance took the row and holds the new secret (false: it keeps the one it has).
+    pub secret_issued: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -96,6 +73,17 @@ pub struct Heartbeat {
     pub lease_until: DateTime<Utc>,
     /// Ranks the daemon listed as running that it must stop.
     pub stop: Vec<AttemptRank>,
+}
+
+/// The row a registration locks: its lease, and who holds it.
+#[derive(sqlx::FromRow)]
+struct RegisteringRow {
+    id: Uuid,
+    lease_until: DateTime<Utc>,
+    /// The lease is live (not expired, not LOST).
+    live: bool,
+    #[sqlx(flatten)]
+    holder: Holder,
 }
 
 #[derive(sqlx::FromRow)]
@@ -130,13 +118,6 @@ pub(super) fn worker_state(id: Uuid, s: &str) -> Result<WorkerState, StoreError>
 
 pub(super) fn lease_secs(lease: Duration) -> f64 {
     lease.as_secs_f64()
-}
-
-fn not_found(id: Uuid) -> StoreError {
-    StoreError::NotFound {
-        what: "worker",
-        id: id.to_string(),
-    }
 }
 
 /// Unfinished ranks of a worker: (job, attempt, rank, started).
@@ -225,35 +206,31 @@ impl Store {
         .bind(i64::try_from(reg.gpu_memory_bytes).unwrap_or(i64::MAX))
         .execute(&mut *tx)
         .await?;
-        type Row = (
-            Uuid,
-            Option<Uuid>,
-            Option<DateTime<Utc>>,
-            DateTime<Utc>,
-            bool,
+        let sql = format!(
+            "SELECT id, lease_until, lease_until > now() AND state <> 'LOST' AS live, {HOLDER_COLUMNS}
+             FROM workers WHERE host = $1 AND gpu_index = $2 FOR UPDATE"
         );
-        let (id, holder, since, held_until, live): Row = sqlx::query_as(
-            "SELECT id, instance_id, instance_since, lease_until,
-                    lease_until > now() AND state <> 'LOST'
-             FROM workers WHERE host = $1 AND gpu_index = $2 FOR UPDATE",
-        )
-        .bind(&reg.host)
-        .bind(reg.gpu_index)
-        .fetch_one(&mut *tx)
-        .await?;
-        if !may_take(reg, holder, live) {
+        let row: RegisteringRow = sqlx::query_as(&sql)
+            .bind(&reg.host)
+            .bind(reg.gpu_index)
+            .fetch_one(&mut *tx)
+            .await?;
+        let (id, held_until, live, holder) = (row.id, row.lease_until, row.live, row.holder);
+        let Some(take) = may_take(&reg.claim, Some(&holder), live) else {
             tx.rollback().await?;
             return Err(StoreError::WorkerHeld {
                 host: reg.host.clone(),
                 gpu_index: reg.gpu_index,
-                instance: holder.unwrap_or_default(),
-                since: since.unwrap_or(held_until),
+                instance: holder.instance_id.unwrap_or_default(),
+                since: holder.instance_since.unwrap_or(held_until),
                 lease_until: held_until,
             });
+        };
+        let instance = reg.claim.instance;
+        if holder.instance_id.is_some_and(|h| h != instance) {
+            tracing::info!(worker = %id, host = %reg.host, gpu = reg.gpu_index, old = ?holder.instance_id, new = %instance, "another daemon instance takes the worker");
         }
-        if holder.is_some_and(|h| h != reg.instance_id) {
-            tracing::info!(worker = %id, host = %reg.host, gpu = reg.gpu_index, old = ?holder, new = %reg.instance_id, "another daemon instance takes the worker");
-        }
+        let new_secret = (take == Take::Issue).then_some(&reg.new_secret_sha256[..]);
         let (acked, lease_until): (i64, DateTime<Utc>) = sqlx::query_as(
             "UPDATE workers
                  SET gpu_name = $2, gpu_memory_bytes = $3, registered_at = now(),
@@ -262,7 +239,8 @@ impl Store {
                                            THEN instance_since ELSE now() END,
                      -- A new daemon (the VM came back) is not the one that was leaving.
                      leaving = leaving AND instance_id IS NOT DISTINCT FROM $5,
-                     instance_id = $5
+                     instance_id = $5,
+                     instance_secret_sha256 = coalesce($6, instance_secret_sha256)
              WHERE id = $1
              RETURNING acked_seq, lease_until",
         )
@@ -270,7 +248,8 @@ impl Store {
         .bind(&reg.gpu_name)
         .bind(i64::try_from(reg.gpu_memory_bytes).unwrap_or(i64::MAX))
         .bind(lease_secs(lease))
-        .bind(reg.instance_id)
+        .bind(instance)
+        .bind(new_secret)
         .fetch_one(&mut *tx)
         .await?;
         let running: BTreeSet<AttemptRank> = reg.running.iter().copied().collect();
@@ -328,6 +307,7 @@ impl Store {
             state: target,
             acked_seq: u64_of(acked, "acked_seq")?,
             lease_until,
+            secret_issued: new_secret.is_some(),
         })
     }
 
@@ -358,28 +338,30 @@ impl Store {
     pub(super) async fn heartbeat_in_full(&self, beat: &Beat<'_>) -> Result<Heartbeat, StoreError> {
         let Beat {
             worker: id,
-            instance,
+            proof,
             running,
             leaving,
             lease,
         } = *beat;
         let mut tx = self.pool.begin().await?;
-        let row: Option<(String, DateTime<Utc>)> = sqlx::query_as(
+        let row: Option<(String, DateTime<Utc>)> = sqlx::query_as(&format!(
             "UPDATE workers SET last_heartbeat = now(),
                                 lease_until = now() + make_interval(secs => $2),
                                 leaving = leaving OR $4
-             WHERE id = $1 AND instance_id = $3 RETURNING state, lease_until",
-        )
+             WHERE id = $1 AND {PROVEN} RETURNING state, lease_until"
+        ))
         .bind(id)
         .bind(lease_secs(lease))
-        .bind(instance)
+        .bind(proof.instance)
         .bind(leaving)
+        .bind(&proof.secret_sha256[..])
+        .bind(proof.bound_host.as_deref())
         .fetch_optional(&mut *tx)
         .await?;
         let Some((state, lease_until)) = row else {
             tx.rollback().await?;
-            // Unknown, or another instance's: say which.
-            self.check_worker_instance(id, instance).await?;
+            // Unknown, another instance's, or not proven: say which.
+            self.check_worker_instance(id, proof).await?;
             return Err(not_found(id));
         };
         let state = worker_state(id, &state)?;
@@ -557,70 +539,5 @@ impl Store {
         .execute(&self.pool)
         .await?
         .rows_affected())
-    }
-
-    /// Checks that `instance` is the daemon instance holding worker `id` (NotFound: unknown, or
-    /// never registered with an instance; Superseded: another instance holds it).
-    pub async fn check_worker_instance(&self, id: Uuid, instance: Uuid) -> Result<(), StoreError> {
-        let holder: Holder = sqlx::query_as(
-            "SELECT host, gpu_index, instance_id, instance_since FROM workers WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        instance_verdict(id, instance, holder)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn reg(instance: Uuid, previous: Option<Uuid>) -> WorkerRegistration {
-        WorkerRegistration {
-            host: "h".into(),
-            gpu_index: 0,
-            gpu_name: String::new(),
-            gpu_memory_bytes: 0,
-            running: vec![],
-            instance_id: instance,
-            previous_instance_id: previous,
-        }
-    }
-
-    #[test]
-    fn a_live_lease_is_taken_only_by_its_holder_or_the_holders_named_successor() {
-        let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
-        // Nobody holds it yet.
-        assert!(may_take(&reg(a, None), None, true));
-        // The holder itself (a re-registration) and the successor it names.
-        assert!(may_take(&reg(a, None), Some(a), true));
-        assert!(may_take(&reg(b, Some(a)), Some(a), true));
-        // Another instance, naming nobody or someone else: refused while the lease is live.
-        assert!(!may_take(&reg(b, None), Some(a), true));
-        assert!(!may_take(&reg(b, Some(c)), Some(a), true));
-        // Once the lease has lapsed, anyone.
-        assert!(may_take(&reg(b, None), Some(a), false));
-    }
-
-    #[test]
-    fn requests_of_another_instance_are_superseded_and_unknown_workers_not_found() {
-        let (id, a, b) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
-        let held = |h| Some(("h".to_string(), 3, h, None));
-        assert!(instance_verdict(id, a, held(Some(a))).is_ok());
-        match instance_verdict(id, b, held(Some(a))) {
-            Err(StoreError::Superseded {
-                instance, holder, ..
-            }) => assert_eq!((instance, holder), (b, a)),
-            other => panic!("{other:?}"),
-        }
-        assert!(matches!(
-            instance_verdict(id, a, None),
-            Err(StoreError::NotFound { .. })
-        ));
-        assert!(matches!(
-            instance_verdict(id, a, held(None)),
-            Err(StoreError::NotFound { .. })
-        ));
     }
 }
