@@ -4,7 +4,8 @@
 //! checks every state change against [`state`] and writes it with its event in one transaction.
 //! [`scheduler`] places queued jobs onto idle workers (gang, all or none) and reaps expired leases.
 //! [`auth`] checks every request's bearer token and role before it reaches [`api`]; [`certs`]
-//! makes a private CA and certificates for TLS.
+//! makes a private CA and certificates for TLS; [`limits`] bounds what one client may hold
+//! (streams, WatchJobs per token, handshakes, request bodies).
 //! [`metrics`] exports Prometheus metrics on `/metrics` (`--metrics-listen`); [`retention`] is
 //! `segtrain-coordinator prune`.
 
@@ -12,6 +13,7 @@ pub mod api;
 pub mod auth;
 pub mod certs;
 pub mod events;
+pub mod limits;
 pub mod metrics;
 pub mod retention;
 pub mod scheduler;

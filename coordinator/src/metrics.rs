@@ -60,7 +60,15 @@ pub struct Metrics {
     pub events_ingested: IntCounterVec,
     /// `segtrain_ingest_lag_seconds`: from an event's time on its daemon to its commit here.
     pub ingest_lag: Histogram,
+    /// `segtrain_token_checks_total{answer}`: bearer tokens checked by this coordinator, by
+    /// where the answer came from (see [`TOKEN_CHECK_ANSWERS`]).
+    pub token_checks: IntCounterVec,
 }
+
+/// Where a token check's answer came from: `shape` (refused without I/O: not a token this
+/// coordinator could have made), `cache`, `database`, `stale` (a valid verdict past its cache
+/// period, used because the lookup failed), `failed` (the lookup failed and nothing was cached).
+pub const TOKEN_CHECK_ANSWERS: &[&str] = &["shape", "cache", "database", "stale", "failed"];
 
 /// The process's collectors.
 pub fn global() -> &'static Metrics {
@@ -143,6 +151,14 @@ impl Metrics {
                     300.0,
                 ],
             ),
+            token_checks: IntCounterVec::new(
+                Opts::new(
+                    "segtrain_token_checks_total",
+                    "Bearer tokens checked by this coordinator, by where the answer came from: shape (refused without I/O), cache, database, stale (a valid verdict past its cache period while the lookup failed), failed.",
+                ),
+                &["answer"],
+            )
+            .unwrap_or_else(|e| panic!("segtrain_token_checks_total: {e}")),
         };
         for s in JobState::ALL {
             m.jobs.with_label_values(&[s.as_str()]).set(0);
@@ -152,6 +168,9 @@ impl Metrics {
         }
         for k in EVENT_KINDS {
             m.events_ingested.with_label_values(&[*k]).inc_by(0);
+        }
+        for a in TOKEN_CHECK_ANSWERS {
+            m.token_checks.with_label_values(&[*a]).inc_by(0);
         }
         let info = IntGaugeVec::new(
             Opts::new("segtrain_coordinator_info", "This coordinator's version."),
@@ -171,6 +190,7 @@ impl Metrics {
             Box::new(m.rendezvous_latency.clone()),
             Box::new(m.events_ingested.clone()),
             Box::new(m.ingest_lag.clone()),
+            Box::new(m.token_checks.clone()),
         ];
         for c in collectors {
             if let Err(e) = m.registry.register(c) {

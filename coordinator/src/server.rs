@@ -5,6 +5,7 @@
 
 use crate::api::{ClusterApi, JobApi, TokenApi, Watchers, WorkerApi, WorkerApiConfig};
 use crate::auth::{AuthLayer, Verifier};
+use crate::limits::{BodyDeadlineLayer, Limits, WatchQuota, HANDSHAKE_TIMEOUT};
 use crate::metrics;
 use crate::scheduler::{self, SchedulerConfig};
 use crate::store::bus::Bus;
@@ -67,7 +68,9 @@ impl Security {
         };
         let cert = read_pem("--tls-cert", &t.cert, "CERTIFICATE")?;
         let key = read_pem("--tls-key", &t.key, "PRIVATE KEY")?;
-        let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+        let mut cfg = ServerTlsConfig::new()
+            .identity(Identity::from_pem(cert, key))
+            .timeout(HANDSHAKE_TIMEOUT);
         if let Some(ca) = &t.client_ca {
             cfg = cfg.client_ca_root(Certificate::from_pem(read_pem(
                 "--tls-client-ca",
@@ -100,6 +103,8 @@ pub struct ServerConfig {
     pub metrics_refresh: Duration,
     /// `--web-listen`: serve the dashboard (crate::web), with the same TLS and tokens as gRPC.
     pub web_listen: Option<SocketAddr>,
+    /// What one client may hold (streams, WatchJobs per token, request bodies).
+    pub limits: Limits,
 }
 
 impl ServerConfig {
@@ -121,6 +126,7 @@ impl ServerConfig {
             metrics_listen: None,
             metrics_refresh: Duration::from_secs(2),
             web_listen: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -246,17 +252,19 @@ pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> any
             )
         })?;
     }
+    // One WatchJob quota for gRPC and the dashboard.
+    let watchers = Watchers {
+        bus: bus.clone(),
+        poll: cfg.workers.poll,
+        quota: WatchQuota::new(cfg.limits.watch_streams_per_token),
+    };
     let web_server = match cfg.web_listen {
         Some(addr) => {
             let listener = web::bind(addr).await?;
             let scheme = if web_tls.is_some() { "https" } else { "http" };
             tracing::info!(url = %format!("{scheme}://{}/", listener.local_addr()?), "serving the dashboard");
-            let watchers = Watchers {
-                bus: bus.clone(),
-                poll: cfg.workers.poll,
-            };
             let site = web::Web::new(
-                JobApi::new(store.clone(), watchers),
+                JobApi::new(store.clone(), watchers.clone()),
                 ClusterApi::new(store.clone()),
                 verifier.clone(),
             );
@@ -267,18 +275,16 @@ pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> any
     let serving = builder
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .tcp_keepalive(Some(Duration::from_secs(30)))
+        .max_concurrent_streams(cfg.limits.streams_per_connection)
         .layer(AuthLayer::new(verifier.clone()))
+        .layer(BodyDeadlineLayer {
+            limit: cfg.limits.request_body,
+        })
         .add_service(limited!(health_service))
         .add_service(limited!(reflection_v1))
         .add_service(limited!(reflection_v1alpha))
         .add_service(limited!(pb::job_service_server::JobServiceServer::new(
-            JobApi::new(
-                store.clone(),
-                Watchers {
-                    bus: bus.clone(),
-                    poll: cfg.workers.poll,
-                }
-            )
+            JobApi::new(store.clone(), watchers)
         )))
         .add_service(limited!(
             pb::cluster_service_server::ClusterServiceServer::new(ClusterApi::new(store.clone()))

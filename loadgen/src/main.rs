@@ -71,7 +71,8 @@ struct Args {
     /// WatchJob clients.
     #[arg(long, default_value_t = 16)]
     watchers: u32,
-    /// gRPC channels the simulated daemons share (HTTP/2 multiplexes the rest).
+    /// gRPC channels the simulated daemons share (HTTP/2 multiplexes the rest); at least one
+    /// per 128 simulated daemons, whatever this says.
     #[arg(long, default_value_t = 16)]
     channels: usize,
     /// Give up after this many seconds.
@@ -100,7 +101,10 @@ async fn main() -> anyhow::Result<()> {
         key: None,
     };
     let token = BearerToken::from_file_or_env(args.token_file.as_deref())?;
-    let channels: Vec<AuthChannel> = (0..args.channels.max(1))
+    // A coordinator takes at most --max-streams-per-connection (default 256) streams on one
+    // connection, and each simulated daemon holds one: at least one channel per 128 daemons.
+    let daemons = (args.hosts as usize) * (args.gpus_per_host as usize);
+    let channels: Vec<AuthChannel> = (0..args.channels.max(daemons.div_ceil(128)).max(1))
         .map(|_| conn::connect_lazy(&args.coordinator, &tls, token.clone()))
         .collect::<Result<_, _>>()?;
     let stats = Arc::new(Stats::default());

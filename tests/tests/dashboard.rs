@@ -265,6 +265,25 @@ async fn the_http_api_validates_its_parameters_and_refuses_what_grpc_refuses() {
         );
     }
 
+    // A stranger's cancel is refused before its body is read: headers promising a large body
+    // that never comes get their 401 at once.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(&web).await.expect("connect");
+        let head = format!(
+            "POST /api/v1/jobs/01a23d37-b3b8-7267-90e2-af4fa3e2eaf9/cancel HTTP/1.1\r\nHost: {web}\r\n\
+             Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.expect("send");
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("an answer without the body, within 5 s")
+            .expect("read");
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+    }
+
     // Cancel: a JSON body only (a cross-site form cannot send one), and it changes nothing
     // when refused.
     let mut jobs = JobServiceClient::new(coord.channel_with_token(Some(admin)));

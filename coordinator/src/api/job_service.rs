@@ -2,6 +2,7 @@
 
 use super::watch::{watch_job, Watchers};
 use super::{convert, parse_job_id, status_of};
+use crate::auth::Caller;
 use crate::state::JobState;
 use crate::store::Store;
 use segtrain_proto::job_spec::ProtoSpec;
@@ -174,6 +175,7 @@ impl pb::job_service_server::JobService for JobApi {
         &self,
         req: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let caller = req.extensions().get::<Caller>().cloned();
         let req = req.into_inner();
         let id = parse_job_id("job_id", &req.job_id)?;
         let after = i64::try_from(req.after_event_id).map_err(|_| {
@@ -185,7 +187,11 @@ impl pb::job_service_server::JobService for JobApi {
         })?;
         // Fail now, not inside the stream, when the job does not exist.
         self.store.get_job(id).await.map_err(status_of)?;
-        let stream = watch_job(self.store.clone(), self.watchers.clone(), id, after);
+        // A place in the caller's quota, held by the stream until it ends.
+        let slot = caller
+            .map(|c| self.watchers.quota.acquire(c.token_id, &c.name))
+            .transpose()?;
+        let stream = watch_job(self.store.clone(), self.watchers.clone(), id, after, slot);
         Ok(Response::new(Box::pin(stream)))
     }
 

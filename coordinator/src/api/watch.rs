@@ -6,6 +6,7 @@
 //! final event has been sent.
 
 use super::{convert, status_of};
+use crate::limits::{WatchQuota, WatchSlot};
 use crate::store::bus::{Bus, Hint, Interest};
 use crate::store::Store;
 use segtrain_proto::v1 as pb;
@@ -16,25 +17,30 @@ use uuid::Uuid;
 
 const BATCH: i64 = 500;
 
-/// What a WatchJob stream needs: the NOTIFY bus, and how often it re-reads without a hint
-/// (`--poll-interval-ms`).
+/// What a WatchJob stream needs: the NOTIFY bus, how often it re-reads without a hint
+/// (`--poll-interval-ms`), and the per-token quota of open streams (shared by gRPC and the
+/// dashboard).
 #[derive(Clone)]
 pub struct Watchers {
     pub bus: Bus,
     pub poll: Duration,
+    pub quota: WatchQuota,
 }
 
-/// The stream of one job's events after `after`.
+/// The stream of one job's events after `after`; it holds `slot` (its place in the caller's
+/// quota) until it ends.
 pub(crate) fn watch_job(
     store: Store,
     watchers: Watchers,
     job: Uuid,
     after: i64,
+    slot: Option<WatchSlot>,
 ) -> ReceiverStream<Result<pb::JobEvent, Status>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let wake = watchers.bus.interest([Hint::Job(job)]);
     let poll = watchers.poll;
     tokio::spawn(async move {
+        let _slot = slot;
         let mut cursor = after;
         loop {
             let events = match store.events_after(job, cursor, BATCH).await {

@@ -5,6 +5,7 @@
 
 use super::{access, decide, Caller, Verdict, Verifier};
 use crate::api::status_of;
+use crate::store::StoreError;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -100,6 +101,10 @@ pub async fn authorize(
     };
     let decided = decide(&service, rule, header, |_| match verdict {
         Some(Ok(v)) => Ok(v),
+        // The token connections are all busy (a flood of made-up tokens, most likely).
+        Some(Err(StoreError::Db(sqlx::Error::PoolTimedOut))) => Err(tonic::Status::unavailable(
+            "the coordinator is checking too many unknown tokens at once; retry later",
+        )),
         Some(Err(e)) => Err(status_of(e)),
         None => Ok(Verdict::Unknown),
     });

@@ -7,28 +7,19 @@
 //!   (load balancers and grpcurl use them).
 //! - Missing, unknown or revoked token: UNAUTHENTICATED. A valid token of the wrong role:
 //!   PERMISSION_DENIED. Both messages say what is needed.
-//! - [`Verifier`] keeps verified tokens (and rejected ones) for [`CACHE_TTL`]: a revocation takes
-//!   effect at once on the coordinator that revoked the token, and within that time on the
-//!   others of the same database.
+//! - [`Verifier`] checks a token: a string without the minted shape is refused before any I/O;
+//!   the rest are looked up on connections of their own (never the ones heartbeats and ingest
+//!   use) and the verdicts cached (see `verifier.rs`).
 
 mod layer;
 mod secrets;
+mod verifier;
 
 pub use layer::{authorize, AuthLayer};
-pub use secrets::{new_instance_secret, new_token, secret_sha256};
+pub use secrets::{has_token_shape, new_instance_secret, new_token, secret_sha256};
+pub use verifier::{Verdict, Verifier, CACHE_TTL};
 
-use crate::store::{Store, StoreError, TokenCheck};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 use uuid::Uuid;
-
-/// How long a verification result is reused before the database is asked again.
-pub const CACHE_TTL: Duration = Duration::from_secs(5);
-
-/// At most this many verification results are cached (a flood of made-up tokens cannot grow the
-/// cache without bound).
-const CACHE_MAX: usize = 10_000;
 
 /// The prefix of every token: recognisable in a leaked file or a secret scanner.
 pub const TOKEN_PREFIX: &str = "segtrain_";
@@ -108,94 +99,6 @@ pub struct Caller {
     pub role: Role,
     /// A worker token bound to this host acts only for its workers (`token create --host`).
     pub host: Option<String>,
-}
-
-/// The outcome of checking one token.
-#[derive(Debug, Clone)]
-pub enum Verdict {
-    Valid(Caller),
-    Revoked { name: String },
-    Unknown,
-}
-
-#[derive(Clone)]
-struct Cached {
-    verdict: Verdict,
-    at: Instant,
-}
-
-/// Verifies tokens against PostgreSQL, with a short cache.
-#[derive(Clone)]
-pub struct Verifier {
-    store: Store,
-    cache: Arc<Mutex<HashMap<[u8; 32], Cached>>>,
-    ttl: Duration,
-}
-
-impl Verifier {
-    pub fn new(store: Store) -> Verifier {
-        Verifier {
-            store,
-            cache: Arc::new(Mutex::new(HashMap::new())),
-            ttl: CACHE_TTL,
-        }
-    }
-
-    /// The verdict for `token`: from the cache if it is fresh, else from the database (which
-    /// also records `last_used_at`).
-    pub async fn verify(&self, token: &str) -> Result<Verdict, StoreError> {
-        let hash = secret_sha256(token);
-        if let Ok(cache) = self.cache.lock() {
-            if let Some(c) = cache.get(&hash) {
-                if c.at.elapsed() < self.ttl {
-                    return Ok(c.verdict.clone());
-                }
-            }
-        }
-        let verdict = match self.store.check_token(&hash).await? {
-            TokenCheck::Valid(t) => match Role::parse(&t.role) {
-                Some(role) => Verdict::Valid(Caller {
-                    token_id: t.id,
-                    name: t.name,
-                    role,
-                    host: t.host,
-                }),
-                None => {
-                    return Err(StoreError::Corrupt(format!(
-                        "token {} has an unknown role {:?}",
-                        t.id, t.role
-                    )))
-                }
-            },
-            TokenCheck::Revoked(t) => Verdict::Revoked { name: t.name },
-            TokenCheck::Unknown => Verdict::Unknown,
-        };
-        if let Ok(mut cache) = self.cache.lock() {
-            if cache.len() >= CACHE_MAX {
-                let ttl = self.ttl;
-                cache.retain(|_, c| c.at.elapsed() < ttl);
-                if cache.len() >= CACHE_MAX {
-                    cache.clear();
-                }
-            }
-            cache.insert(
-                hash,
-                Cached {
-                    verdict: verdict.clone(),
-                    at: Instant::now(),
-                },
-            );
-        }
-        Ok(verdict)
-    }
-
-    /// Forgets every cached verdict (after a revocation on this coordinator, so that it takes
-    /// effect here at once).
-    pub fn forget_all(&self) {
-        if let Ok(mut cache) = self.cache.lock() {
-            cache.clear();
-        }
-    }
 }
 
 /// Who may call a gRPC service, by its full name.

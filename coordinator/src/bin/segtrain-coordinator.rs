@@ -7,6 +7,7 @@
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use segtrain_coordinator::auth::{self, Role};
+use segtrain_coordinator::limits::Limits;
 use segtrain_coordinator::server::{serve, Security, ServerConfig, TlsFiles};
 use segtrain_coordinator::store::{Store, TokenRecord};
 use segtrain_telemetry::logging::{self, LogFormat};
@@ -109,6 +110,19 @@ struct ServeArgs {
     #[arg(long, env = "SEGTRAIN_METRICS_REFRESH_MS", default_value_t = 2000,
           value_parser = clap::value_parser!(u64).range(100..=300_000))]
     metrics_refresh_ms: u64,
+    /// Concurrent HTTP/2 streams one gRPC connection may open (a daemon needs four).
+    #[arg(long, env = "SEGTRAIN_MAX_STREAMS_PER_CONNECTION", default_value_t = Limits::default().streams_per_connection,
+          value_parser = clap::value_parser!(u32).range(8..=100_000))]
+    max_streams_per_connection: u32,
+    /// Open WatchJob streams (and dashboard job pages) one token may hold at once.
+    #[arg(long, env = "SEGTRAIN_MAX_WATCH_STREAMS_PER_TOKEN", default_value_t = Limits::default().watch_streams_per_token as u64,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    max_watch_streams_per_token: u64,
+    /// Seconds from a request's headers to the end of its body; a client still sending after
+    /// that is cut off.
+    #[arg(long, env = "SEGTRAIN_REQUEST_BODY_TIMEOUT_SECONDS", default_value_t = Limits::default().request_body.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    request_body_timeout_seconds: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -268,6 +282,12 @@ async fn run_server(args: ServeArgs) -> anyhow::Result<()> {
     cfg.metrics_listen = args.metrics_listen;
     cfg.web_listen = args.web_listen;
     cfg.metrics_refresh = Duration::from_millis(args.metrics_refresh_ms);
+    cfg.limits = Limits {
+        streams_per_connection: args.max_streams_per_connection,
+        watch_streams_per_token: usize::try_from(args.max_watch_streams_per_token)
+            .unwrap_or(usize::MAX),
+        request_body: Duration::from_secs(args.request_body_timeout_seconds),
+    };
     serve(cfg, shutdown_signal()).await
 }
 

@@ -45,5 +45,6 @@ impl Store {
     pub async fn close(&self) {
         self.pool.close().await;
         self.side.close().await;
+        self.token_pool.close().await;
     }
 }

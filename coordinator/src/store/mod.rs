@@ -157,6 +157,14 @@ impl Default for PoolSettings {
 /// health probe.
 const SIDE_CONNECTIONS: u32 = 2;
 
+/// Connections for bearer-token lookups ([`Store::check_token`]): their own, so that requests
+/// with made-up tokens queue here and never take a connection heartbeats or ingest need.
+const TOKEN_CONNECTIONS: u32 = 2;
+
+/// How long a token lookup waits for one of its connections before it fails (and a cached
+/// valid verdict serves instead, see `auth::verifier`).
+const TOKEN_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// When a failed attempt is retried: after `base`, doubling per restart, capped at `max`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RestartPolicy {
@@ -185,6 +193,8 @@ impl RestartPolicy {
 pub struct Store {
     pool: PgPool,
     side: PgPool,
+    /// Token lookups only (see [`TOKEN_CONNECTIONS`]).
+    token_pool: PgPool,
     restart: RestartPolicy,
 }
 
@@ -207,10 +217,15 @@ impl Store {
         let side = PgPoolOptions::new()
             .max_connections(SIDE_CONNECTIONS)
             .acquire_timeout(Duration::from_secs(3))
+            .connect_lazy_with(opts.clone());
+        let token_pool = PgPoolOptions::new()
+            .max_connections(TOKEN_CONNECTIONS)
+            .acquire_timeout(TOKEN_ACQUIRE_TIMEOUT)
             .connect_lazy_with(opts);
         Ok(Store {
             pool,
             side,
+            token_pool,
             restart: RestartPolicy::default(),
         })
     }

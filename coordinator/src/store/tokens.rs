@@ -18,6 +18,14 @@ pub struct TokenRecord {
     pub host: Option<String>,
 }
 
+/// A token row and whether it is valid (not revoked).
+#[derive(sqlx::FromRow)]
+struct CheckedToken {
+    #[sqlx(flatten)]
+    token: TokenRecord,
+    valid: bool,
+}
+
 /// What the database says about a presented token.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TokenCheck {
@@ -77,28 +85,26 @@ impl Store {
             })
     }
 
-    /// Looks a presented token up by its hash; a valid one gets `last_used_at` set.
+    /// Looks a presented token up by its hash, in one statement on the token connections (see
+    /// `auth::verifier`); a valid one gets `last_used_at` set.
     pub async fn check_token(&self, sha256: &[u8; 32]) -> Result<TokenCheck, StoreError> {
         let sql = format!(
-            "UPDATE tokens SET last_used_at = now() WHERE sha256 = $1 AND revoked_at IS NULL RETURNING {COLUMNS}"
+            "WITH used AS (
+                 UPDATE tokens SET last_used_at = now()
+                 WHERE sha256 = $1 AND revoked_at IS NULL RETURNING {COLUMNS})
+             SELECT {COLUMNS}, true AS valid FROM used
+             UNION ALL
+             SELECT {COLUMNS}, false AS valid FROM tokens
+             WHERE sha256 = $1 AND revoked_at IS NOT NULL"
         );
-        if let Some(t) = sqlx::query_as::<_, TokenRecord>(&sql)
+        let row: Option<CheckedToken> = sqlx::query_as(&sql)
             .bind(&sha256[..])
-            .fetch_optional(&self.pool)
-            .await?
-        {
-            return Ok(TokenCheck::Valid(t));
-        }
-        let sql = format!("SELECT {COLUMNS} FROM tokens WHERE sha256 = $1");
-        Ok(
-            match sqlx::query_as::<_, TokenRecord>(&sql)
-                .bind(&sha256[..])
-                .fetch_optional(&self.pool)
-                .await?
-            {
-                Some(t) => TokenCheck::Revoked(t),
-                None => TokenCheck::Unknown,
-            },
-        )
+            .fetch_optional(&self.token_pool)
+            .await?;
+        Ok(match row {
+            Some(CheckedToken { token, valid: true }) => TokenCheck::Valid(token),
+            Some(CheckedToken { token, .. }) => TokenCheck::Revoked(token),
+            None => TokenCheck::Unknown,
+        })
     }
 }

@@ -2,8 +2,8 @@
 //! shapes (`segtrain_proto::json`), errors as `{"code", "message"}` with the gRPC message.
 
 use super::{assets, Web};
-use crate::auth::authorize;
-use axum::body::Bytes;
+use crate::auth::{authorize, Caller};
+use axum::body::{Body, Bytes};
 use axum::extract::{FromRequestParts, Path, Query};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -137,18 +137,47 @@ impl Call {
     /// authorised as gRPC authorises it (the `authorization: Bearer` header, the method's
     /// roles), with the caller in its extensions.
     async fn request<T>(&self, method: &str, msg: T) -> Result<tonic::Request<T>, ApiError> {
-        let mut req = tonic::Request::new(msg);
-        if let Some(verifier) = &self.web.verifier {
-            let header = self
-                .headers
-                .get(header::AUTHORIZATION)
-                .map(|v| v.as_bytes());
-            let path = format!("/segtrain.v1.{method}");
-            if let Some(caller) = authorize(verifier, &path, header).await? {
-                req.extensions_mut().insert(caller);
-            }
-        }
-        Ok(req)
+        let caller = self.caller(method).await?;
+        Ok(with_caller(msg, caller))
+    }
+
+    /// Who calls `method`, authorised as gRPC authorises it (`None`: authentication is off).
+    async fn caller(&self, method: &str) -> Result<Option<Caller>, ApiError> {
+        let Some(verifier) = &self.web.verifier else {
+            return Ok(None);
+        };
+        let header = self
+            .headers
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        Ok(authorize(verifier, &format!("/segtrain.v1.{method}"), header).await?)
+    }
+}
+
+/// `msg` as a gRPC request from `caller`.
+fn with_caller<T>(msg: T, caller: Option<Caller>) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(c) = caller {
+        req.extensions_mut().insert(c);
+    }
+    req
+}
+
+/// The most a cancel's body may hold, and how long it may take to arrive.
+const MAX_CANCEL_BODY: usize = 64 * 1024;
+const CANCEL_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A request body, read only after its caller was authorised: at most `max` bytes within
+/// [`CANCEL_BODY_TIMEOUT`].
+async fn read_body(body: Body, max: usize) -> Result<Bytes, ApiError> {
+    match tokio::time::timeout(CANCEL_BODY_TIMEOUT, axum::body::to_bytes(body, max)).await {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(_)) => Err(invalid(format!(
+            "body: at most {max} bytes, sent within {CANCEL_BODY_TIMEOUT:?}"
+        ))),
+        Err(_) => Err(invalid(format!(
+            "body: did not arrive within {CANCEL_BODY_TIMEOUT:?}"
+        ))),
     }
 }
 
@@ -313,12 +342,25 @@ async fn watch_job(call: Call, Path(job_id): Path<String>) -> ApiResult {
     Ok(sse.into_response())
 }
 
-async fn cancel_job(call: Call, Path(job_id): Path<String>, body: Bytes) -> ApiResult {
+async fn cancel_job(call: Call, Path(job_id): Path<String>, body: Body) -> ApiResult {
     call.params(&[])?;
+    // The token first: a stranger's body is never read.
+    let caller = call.caller("JobService/CancelJob").await?;
+    let reason = cancel_reason(&call.headers, body).await?;
+    let msg = pb::CancelJobRequest { job_id, reason };
+    let req = with_caller(msg, caller);
+    let resp = call.web.jobs.cancel_job(req).await?.into_inner();
+    let job = resp
+        .job
+        .ok_or_else(|| Status::internal("CancelJob returned no job"))?;
+    ok(serde_json::to_value(JobView::from(&job)).unwrap_or(Value::Null))
+}
+
+/// A cancel's reason, from a JSON body `{"reason": "..."}` (or `{}`).
+async fn cancel_reason(headers: &HeaderMap, body: Body) -> Result<String, ApiError> {
     // A JSON body only: a cross-site form post cannot send one without asking first (CORS),
     // which matters where authentication is off.
-    let json_body = call
-        .headers
+    let json_body = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
@@ -327,22 +369,16 @@ async fn cancel_job(call: Call, Path(job_id): Path<String>, body: Bytes) -> ApiR
             "Content-Type: must be application/json (a body {\"reason\": \"...\"}, or {})",
         ));
     }
-    let reason = match serde_json::from_slice::<Value>(&body) {
+    let body = read_body(body, MAX_CANCEL_BODY).await?;
+    match serde_json::from_slice::<Value>(&body) {
         Ok(Value::Object(o)) => match o.get("reason") {
-            None => String::new(),
-            Some(Value::String(r)) => r.clone(),
-            Some(other) => return Err(invalid(format!("reason: must be a string, got {other}"))),
+            None => Ok(String::new()),
+            Some(Value::String(r)) => Ok(r.clone()),
+            Some(other) => Err(invalid(format!("reason: must be a string, got {other}"))),
         },
-        Ok(other) => return Err(invalid(format!("body: must be a JSON object, got {other}"))),
-        Err(e) => return Err(invalid(format!("body: not JSON: {e}"))),
-    };
-    let msg = pb::CancelJobRequest { job_id, reason };
-    let req = call.request("JobService/CancelJob", msg).await?;
-    let resp = call.web.jobs.cancel_job(req).await?.into_inner();
-    let job = resp
-        .job
-        .ok_or_else(|| Status::internal("CancelJob returned no job"))?;
-    ok(serde_json::to_value(JobView::from(&job)).unwrap_or(Value::Null))
+        Ok(other) => Err(invalid(format!("body: must be a JSON object, got {other}"))),
+        Err(e) => Err(invalid(format!("body: not JSON: {e}"))),
+    }
 }
 
 async fn list_workers(call: Call) -> ApiResult {

@@ -38,8 +38,7 @@ impl Web {
     }
 }
 
-/// How long a new connection has to complete its TLS handshake.
-const HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(10);
+use crate::limits::HANDSHAKE_TIMEOUT as HANDSHAKE;
 
 /// Binds `addr`, with a clear error naming the flag.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
