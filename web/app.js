@@ -134,6 +134,11 @@ $("#signin-form").addEventListener("submit", (ev) => {
 });
 $("#signout").addEventListener("click", () => signIn(""));
 
+// Who submitted a job, and its team ("(team)" for a job from before owners were recorded).
+function owner(j) {
+  return j.submitted_by ? `${j.submitted_by} (${j.team})` : `(${j.team || "default"})`;
+}
+
 // ---- page lifecycle: one page at a time, its timers and streams stopped on leaving ---------
 let page = { timers: [], abort: new AbortController() };
 function stopPage() {
@@ -241,10 +246,11 @@ function jobsPage(view, state) {
         el("td", { class: "num", text: fmtDuration(eta) }),
         el("td", { class: "num", text: `${j.restarts} / ${j.max_restarts}` }),
         el("td", { class: "num", text: age(j.created_at) }),
+        el("td", { class: "owner", text: owner(j) }),
         el("td", { class: "muted", text: shortId(j.id) }));
     });
     body.replaceChildren(table(["", "Name", "State", "Progress", { label: "Images/s", num: true }, { label: "ETA", num: true },
-      { label: "Restarts", num: true }, { label: "Age", num: true }, "Id"], rows, { id: "jobs-table" }));
+      { label: "Restarts", num: true }, { label: "Age", num: true }, "Owner", "Id"], rows, { id: "jobs-table" }));
   });
 }
 
@@ -298,6 +304,7 @@ function jobPage(view, id) {
       el("div", {}, el("span", { text: "world" }), el("b", { text: job.attempt_world_size || job.world_size })),
       el("div", {}, el("span", { text: "variant" }), el("b", { text: job.variant })),
       el("div", {}, el("span", { text: "age" }), el("b", { text: age(job.created_at) })),
+      el("div", {}, el("span", { text: "owner" }), el("b", { id: "job-owner", text: owner(job) })),
       el("div", {}, el("span", { text: "id" }), el("b", { text: job.id })));
     cancel.disabled = TERMINAL.has(job.state) || job.state === "CANCELING";
     if (j.spec) spec.textContent = JSON.stringify(j.spec, null, 2);

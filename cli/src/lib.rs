@@ -16,6 +16,7 @@ use segtrain_proto::job_spec::ProtoSpecInput;
 use segtrain_proto::v1 as pb;
 use segtrain_proto::v1::cluster_service_client::ClusterServiceClient;
 use segtrain_proto::v1::job_service_client::JobServiceClient;
+use segtrain_proto::v1::team_service_client::TeamServiceClient;
 use segtrain_proto::v1::token_service_client::TokenServiceClient;
 use segtrain_spec::JobSpecInput;
 use std::path::PathBuf;
@@ -131,6 +132,25 @@ enum Command {
     /// Manage bearer tokens (needs an admin token).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Set and list teams' limits (needs an admin token).
+    #[command(subcommand)]
+    Team(TeamCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum TeamCommand {
+    /// Set a team's limits, replacing the ones it had (a limit not given is removed).
+    Set {
+        name: String,
+        /// The highest priority its jobs may be submitted with.
+        #[arg(long)]
+        max_priority: Option<i32>,
+        /// GPUs its jobs may hold at once (a job over it waits QUEUED, saying so).
+        #[arg(long)]
+        max_gpus: Option<u32>,
+    },
+    /// List teams: their limits and the GPUs they hold.
+    List,
 }
 
 #[derive(Subcommand, Debug)]
@@ -147,6 +167,12 @@ enum TokenCommand {
         /// for that host's workers.
         #[arg(long)]
         host: Option<String>,
+        /// Who the token speaks for (default: its --name).
+        #[arg(long)]
+        principal: Option<String>,
+        /// Its team: a client token sees and acts on that team's jobs only (default "default").
+        #[arg(long)]
+        team: Option<String>,
     },
     /// List tokens (never the secrets).
     List {
@@ -203,6 +229,9 @@ struct ListArgs {
     /// Continue from the token a previous `list` printed.
     #[arg(long, default_value = "")]
     page_token: String,
+    /// Only this team's jobs (an admin's filter; a client token lists its own team's only).
+    #[arg(long, default_value = "")]
+    team: String,
 }
 
 /// Entry point of the `segtrain` binary.
@@ -276,6 +305,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     states,
                     page_size: args.limit,
                     page_token: args.page_token,
+                    team: args.team,
                 })
                 .await
                 .map_err(rpc)?
@@ -377,13 +407,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .max_decoding_message_size(conn::MAX_RESPONSE_BYTES)
                 .max_encoding_message_size(conn::MAX_REQUEST_BYTES);
             match t {
-                TokenCommand::Create { role, name, host } => {
+                TokenCommand::Create {
+                    role,
+                    name,
+                    host,
+                    principal,
+                    team,
+                } => {
                     let role = parse_role(&role)?;
                     let resp = tokens
                         .create_token(pb::CreateTokenRequest {
                             name,
                             role: role as i32,
                             host: host.unwrap_or_default(),
+                            principal: principal.unwrap_or_default(),
+                            team: team.unwrap_or_default(),
                         })
                         .await
                         .map_err(rpc)?
@@ -414,6 +452,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Command::Team(t) => team(channel, &out, t, &rpc).await?,
         Command::JobTemplate => unreachable!("handled before connecting"),
     }
     Ok(ExitCode::SUCCESS)
@@ -613,6 +652,39 @@ fn describe(s: Status, coordinator: &str) -> anyhow::Error {
 }
 
 /// `segtrain drain` (`drain`) and `segtrain undrain`.
+/// `segtrain team set|list`.
+async fn team(
+    channel: AuthChannel,
+    out: &Printer,
+    cmd: TeamCommand,
+    rpc: &dyn Fn(Status) -> anyhow::Error,
+) -> anyhow::Result<()> {
+    let mut teams = TeamServiceClient::new(channel)
+        .max_decoding_message_size(conn::MAX_RESPONSE_BYTES)
+        .max_encoding_message_size(conn::MAX_REQUEST_BYTES);
+    let listed = match cmd {
+        TeamCommand::Set {
+            name,
+            max_priority,
+            max_gpus,
+        } => {
+            let req = pb::SetTeamRequest {
+                name,
+                max_priority,
+                max_gpus,
+            };
+            let resp = teams.set_team(req).await.map_err(rpc)?.into_inner();
+            resp.team.into_iter().collect()
+        }
+        TeamCommand::List => {
+            let req = pb::ListTeamsRequest {};
+            teams.list_teams(req).await.map_err(rpc)?.into_inner().teams
+        }
+    };
+    out.teams(&listed);
+    Ok(())
+}
+
 async fn set_draining(
     channel: AuthChannel,
     out: &Printer,

@@ -113,6 +113,7 @@ impl Printer {
                     .unwrap_or_default(),
             ),
             ("reason", j.reason.clone()),
+            ("owner", owner(j)),
             ("created", j.created_at.clone()),
             ("updated", j.updated_at.clone()),
             ("finished", j.finished_at.clone().unwrap_or_default()),
@@ -143,12 +144,15 @@ impl Printer {
                     j.variant.clone(),
                     j.world_size.to_string(),
                     format!("{}/{}", j.iteration, j.max_iters),
+                    owner(j),
                     j.created_at.clone(),
                 ]
             })
             .collect();
         table(
-            &["ID", "NAME", "STATE", "VARIANT", "RANKS", "ITER", "CREATED"],
+            &[
+                "ID", "NAME", "STATE", "VARIANT", "RANKS", "ITER", "OWNER", "CREATED",
+            ],
             &rows,
         );
         if !next.is_empty() {
@@ -470,6 +474,8 @@ impl Printer {
                     time(&t.created_at),
                     time(&t.last_used_at),
                     time(&t.revoked_at),
+                    t.principal.clone(),
+                    t.team.clone(),
                     t.host.clone(),
                 ]
             })
@@ -482,10 +488,33 @@ impl Printer {
                 "CREATED",
                 "LAST USED",
                 "REVOKED",
+                "PRINCIPAL",
+                "TEAM",
                 "HOST",
             ],
             &rows,
         );
+    }
+
+    pub fn teams(&self, ts: &[pb::Team]) {
+        if self.json {
+            let v: Vec<Value> = ts.iter().map(json::team).collect();
+            print_json(&v);
+            return;
+        }
+        let limit = |v: Option<String>| v.unwrap_or_else(|| "-".to_string());
+        let rows: Vec<Vec<String>> = ts
+            .iter()
+            .map(|t| {
+                vec![
+                    t.name.clone(),
+                    limit(t.max_priority.map(|p| p.to_string())),
+                    limit(t.max_gpus.map(|g| g.to_string())),
+                    t.held_gpus.to_string(),
+                ]
+            })
+            .collect();
+        table(&["TEAM", "MAX PRIORITY", "MAX GPUS", "HELD GPUS"], &rows);
     }
 
     pub fn token_revoked(&self, t: &pb::TokenInfo) {
@@ -499,5 +528,14 @@ impl Printer {
                 t.id
             );
         }
+    }
+}
+
+/// "alice (vision)"; "(vision)" for a job from before owners were recorded.
+fn owner(j: &JobView) -> String {
+    if j.submitted_by.is_empty() {
+        format!("({})", j.team)
+    } else {
+        format!("{} ({})", j.submitted_by, j.team)
     }
 }

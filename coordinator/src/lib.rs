@@ -6,6 +6,7 @@
 //! [`auth`] checks every request's bearer token and role before it reaches [`api`]; [`certs`]
 //! makes a private CA and certificates for TLS; [`limits`] bounds what one client may hold
 //! (streams, WatchJobs per token, handshakes, request bodies).
+//! [`teams`] decides per-team limits (priority, GPUs held) from the rows the store reads.
 //! [`metrics`] exports Prometheus metrics on `/metrics` (`--metrics-listen`); [`retention`] is
 //! `segtrain-coordinator prune`.
 
@@ -20,4 +21,5 @@ pub mod scheduler;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod teams;
 pub mod web;

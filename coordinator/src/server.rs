@@ -3,7 +3,7 @@
 //! [`AuthLayer`], with explicit message size limits; and, with `--metrics-listen`, Prometheus
 //! metrics over plain HTTP ([`crate::metrics`]).
 
-use crate::api::{ClusterApi, JobApi, TokenApi, Watchers, WorkerApi, WorkerApiConfig};
+use crate::api::{ClusterApi, JobApi, TeamApi, TokenApi, Watchers, WorkerApi, WorkerApiConfig};
 use crate::auth::{AuthLayer, Verifier};
 use crate::limits::{BodyDeadlineLayer, Limits, WatchQuota, HANDSHAKE_TIMEOUT};
 use crate::metrics;
@@ -191,18 +191,11 @@ pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> any
         cfg.workers.lease,
     );
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<pb::job_service_server::JobServiceServer<JobApi>>()
-        .await;
-    health
-        .set_serving::<pb::cluster_service_server::ClusterServiceServer<ClusterApi>>()
-        .await;
-    health
-        .set_serving::<pb::worker_service_server::WorkerServiceServer<WorkerApi>>()
-        .await;
-    health
-        .set_serving::<pb::token_service_server::TokenServiceServer<TokenApi>>()
-        .await;
+    for name in SERVICES {
+        health
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
     let verifier = cfg.security.auth.then(|| Verifier::new(store.clone()));
     let db_watch = tokio::spawn(watch_database(store.clone(), health.clone()));
 
@@ -299,6 +292,9 @@ pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> any
         .add_service(limited!(pb::token_service_server::TokenServiceServer::new(
             TokenApi::new(store.clone(), verifier)
         )))
+        .add_service(limited!(pb::team_service_server::TeamServiceServer::new(
+            TeamApi::new(store.clone())
+        )))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown_then_drain(shutdown, stopping_tx),
@@ -341,6 +337,15 @@ async fn shutdown_then_drain(
     let _ = stopping.send(());
 }
 
+/// The segtrain services health reports on (besides the whole server, "").
+const SERVICES: [&str; 5] = [
+    <pb::job_service_server::JobServiceServer<JobApi> as tonic::server::NamedService>::NAME,
+    <pb::cluster_service_server::ClusterServiceServer<ClusterApi> as tonic::server::NamedService>::NAME,
+    <pb::worker_service_server::WorkerServiceServer<WorkerApi> as tonic::server::NamedService>::NAME,
+    <pb::token_service_server::TokenServiceServer<TokenApi> as tonic::server::NamedService>::NAME,
+    <pb::team_service_server::TeamServiceServer<TeamApi> as tonic::server::NamedService>::NAME,
+];
+
 /// Probes PostgreSQL every second over a side connection (never behind RPCs waiting for the
 /// pool: a busy pool is not an outage). While it does not answer, health reports NOT_SERVING for
 /// the whole server and every service (load balancers and daemons see the outage; RPCs meanwhile
@@ -363,30 +368,8 @@ async fn watch_database(store: Store, health: tonic_health::server::HealthReport
             tracing::warn!("PostgreSQL does not answer; health is NOT_SERVING until it does");
             ServingStatus::NotServing
         };
-        health.set_service_status("", status).await;
-        health
-            .set_service_status(
-                <pb::job_service_server::JobServiceServer<JobApi> as tonic::server::NamedService>::NAME,
-                status,
-            )
-            .await;
-        health
-            .set_service_status(
-                <pb::cluster_service_server::ClusterServiceServer<ClusterApi> as tonic::server::NamedService>::NAME,
-                status,
-            )
-            .await;
-        health
-            .set_service_status(
-                <pb::worker_service_server::WorkerServiceServer<WorkerApi> as tonic::server::NamedService>::NAME,
-                status,
-            )
-            .await;
-        health
-            .set_service_status(
-                <pb::token_service_server::TokenServiceServer<TokenApi> as tonic::server::NamedService>::NAME,
-                status,
-            )
-            .await;
+        for name in std::iter::once("").chain(SERVICES) {
+            health.set_service_status(name, status).await;
+        }
     }
 }

@@ -312,6 +312,7 @@ async fn count_states(
                 states: vec![],
                 page_size: 1000,
                 page_token: token.clone(),
+                ..Default::default()
             })
             .await
             .map_err(|e| format!("ListJobs failed: {}", e.message()))?;

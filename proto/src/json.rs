@@ -41,6 +41,9 @@ pub struct JobView {
     pub created_at: String,
     pub updated_at: String,
     pub finished_at: Option<String>,
+    /// Who submitted it (empty: before owners were recorded), and its team.
+    pub submitted_by: String,
+    pub team: String,
     pub spec: Value,
 }
 
@@ -72,6 +75,8 @@ impl From<&pb::Job> for JobView {
             created_at: time(&j.created_at),
             updated_at: time(&j.updated_at),
             finished_at: j.finished_at.as_ref().map(|_| time(&j.finished_at)),
+            submitted_by: j.submitted_by.clone(),
+            team: j.team.clone(),
             spec: spec_json,
         }
     }
@@ -236,5 +241,14 @@ pub fn token(t: &pb::TokenInfo) -> Value {
         "revoked_at": t.revoked_at.as_ref().map(|_| time(&t.revoked_at)),
         "last_used_at": t.last_used_at.as_ref().map(|_| time(&t.last_used_at)),
         "host": (!t.host.is_empty()).then_some(&t.host),
+        "principal": t.principal, "team": t.team,
+    })
+}
+
+/// A team as `segtrain team list --json` prints it.
+pub fn team(t: &pb::Team) -> Value {
+    json!({
+        "name": t.name, "max_priority": t.max_priority, "max_gpus": t.max_gpus,
+        "held_gpus": t.held_gpus,
     })
 }

@@ -634,7 +634,7 @@ pub struct FakeWorker {
     pub secret: String,
     pub host: String,
     pub gpu_index: i32,
-    pub client: WorkerServiceClient<Channel>,
+    pub client: WorkerServiceClient<AuthChannel>,
     /// The sequence number of the last event made by [`event`](Self::event).
     pub seq: u64,
     stream: Option<tonic::Streaming<pb::AssignmentMessage>>,
@@ -643,23 +643,34 @@ pub struct FakeWorker {
 impl FakeWorker {
     /// Registers (host, gpu_index) and opens its assignment stream.
     pub async fn register(coord: &CoordinatorProcess, host: &str, gpu_index: i32) -> FakeWorker {
-        FakeWorker::register_after(coord, host, gpu_index, None).await
+        FakeWorker::register_after(coord, None, host, gpu_index, None).await
+    }
+
+    /// [`register`](Self::register) with a worker token (a coordinator that requires tokens).
+    pub async fn register_with_token(
+        coord: &CoordinatorProcess,
+        token: &str,
+        host: &str,
+        gpu_index: i32,
+    ) -> FakeWorker {
+        FakeWorker::register_after(coord, Some(token), host, gpu_index, None).await
     }
 
     /// A restart of this daemon: a new instance, succeeding this one (as a real daemon proves
     /// through its work dir: the id and secret the previous one recorded).
     pub async fn restarted(&self, coord: &CoordinatorProcess) -> FakeWorker {
         let previous = (self.instance.as_str(), self.secret.as_str());
-        FakeWorker::register_after(coord, &self.host, self.gpu_index, Some(previous)).await
+        FakeWorker::register_after(coord, None, &self.host, self.gpu_index, Some(previous)).await
     }
 
     async fn register_after(
         coord: &CoordinatorProcess,
+        token: Option<&str>,
         host: &str,
         gpu_index: i32,
         previous: Option<(&str, &str)>,
     ) -> FakeWorker {
-        let mut client = WorkerServiceClient::new(coord.channel().await);
+        let mut client = WorkerServiceClient::new(coord.channel_with_token(token));
         let instance = new_instance();
         let resp = client
             .register(pb::RegisterRequest {

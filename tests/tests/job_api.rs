@@ -164,6 +164,7 @@ async fn list_pages_through_every_job_once() {
                 states: vec![],
                 page_size: 3,
                 page_token: token.clone(),
+                ..Default::default()
             })
             .await
             .expect("page")
@@ -444,7 +445,11 @@ async fn job_in(store: &Store, state: JobState) -> Uuid {
     use segtrain_proto::job_spec::ProtoSpec;
     use JobState::*;
     let spec = segtrain_spec::JobSpec::from_proto(&spec("walk")).expect("valid spec");
-    let (job, _) = store.submit_job(&spec, None).await.expect("submit");
+    let owner = segtrain_coordinator::store::Owner {
+        principal: "test",
+        team: "default",
+    };
+    let (job, _) = store.submit_job(&spec, None, owner).await.expect("submit");
     let path: &[JobState] = match state {
         Queued => &[],
         Scheduled => &[Scheduled],

@@ -60,7 +60,9 @@ async fn list_jobs_and_get_metrics_read_a_page_not_the_table() {
             .await
             .expect("a deep cursor");
     let max = Uuid::max();
-    let (jobs_all, jobs_by_state) = (list_jobs_sql(false), list_jobs_sql(true));
+    let (jobs_all, jobs_by_state) = (list_jobs_sql(false, false), list_jobs_sql(true, false));
+    let (jobs_of_team, jobs_of_team_by_state) =
+        (list_jobs_sql(false, true), list_jobs_sql(true, true));
     let (points_all, points_by_name) = (get_metrics_sql(false), get_metrics_sql(true));
     let m = METRICS_PAGE;
     // (what, query, its arguments, the rows a page of it may read at most). With states: a page
@@ -73,6 +75,9 @@ async fn list_jobs_and_get_metrics_read_a_page_not_the_table() {
         ("ListJobs, state RUNNING", &jobs_by_state, format!("'{max}', {PAGE}, '{{RUNNING}}'"), 2 * PAGE),
         ("ListJobs, RUNNING deep", &jobs_by_state, format!("'{deep}', {PAGE}, '{{RUNNING}}'"), 2 * PAGE),
         ("ListJobs, QUEUED or RUNNING", &jobs_by_state, format!("'{max}', {PAGE}, '{{QUEUED,RUNNING}}'"), 4 * PAGE),
+        ("ListJobs, one team", &jobs_of_team, format!("'{max}', {PAGE}, 'default'"), PAGE),
+        ("ListJobs, one team deep", &jobs_of_team, format!("'{deep}', {PAGE}, 'default'"), PAGE),
+        ("ListJobs, one team RUNNING", &jobs_of_team_by_state, format!("'{max}', {PAGE}, '{{RUNNING}}', 'default'"), 2 * PAGE),
         ("GetMetrics, from 0", points_all, format!("'{job_id}', 0, {m}"), m),
         ("GetMetrics, from 95,000", points_all, format!("'{job_id}', 95000, {m}"), 2 * m),
         ("GetMetrics, loss from 150,000", points_by_name, format!("'{job_id}', 150000, {m}, '{{loss}}'"), m),

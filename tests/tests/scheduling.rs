@@ -560,7 +560,7 @@ async fn a_coordinator_restart_neither_loses_assignments_nor_reaps_silent_worker
     // The daemons reconnect: the rank that had not started gets its start again.
     for w in [&mut w0, &mut w1] {
         w.client = segtrain_proto::v1::worker_service_client::WorkerServiceClient::new(
-            env.coord.channel().await,
+            env.coord.channel_with_token(None),
         );
         w.heartbeat(vec![]).await;
         w.open_stream().await;

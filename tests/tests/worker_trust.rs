@@ -251,6 +251,7 @@ async fn create_token(
             name: format!("{}-{host}", role.as_str_name()),
             role: role as i32,
             host: host.into(),
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner().token)

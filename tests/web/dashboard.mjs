@@ -55,6 +55,8 @@ try {
   assert.ok(await page.locator("#signin").isHidden(), "the sign-in form is gone");
   await page.locator(`tr[data-job-id="${DONE_JOB}"] .state`, { hasText: "SUCCEEDED" }).waitFor();
   await row.locator(".state", { hasText: "RUNNING" }).waitFor();
+  // Each job says who submitted it, for which team (the test's client token "browser").
+  await row.locator("td.owner", { hasText: "browser (default)" }).waitFor();
   // Progress moves without a reload.
   const progress = async () => Number((await row.locator("td").nth(3).innerText()).split("/")[0].trim());
   const p0 = await progress();

@@ -40,7 +40,10 @@ impl pb::cluster_service_server::ClusterService for ClusterApi {
         &self,
         req: Request<pb::DrainWorkerRequest>,
     ) -> Result<Response<pb::DrainWorkerResponse>, Status> {
-        let state = self.set_draining(&req.get_ref().worker_id, true).await?;
+        let by = super::token_service::by(&req);
+        let state = self
+            .set_draining(&req.get_ref().worker_id, true, &by)
+            .await?;
         Ok(Response::new(pb::DrainWorkerResponse { state }))
     }
 
@@ -48,14 +51,17 @@ impl pb::cluster_service_server::ClusterService for ClusterApi {
         &self,
         req: Request<pb::UndrainWorkerRequest>,
     ) -> Result<Response<pb::UndrainWorkerResponse>, Status> {
-        let state = self.set_draining(&req.get_ref().worker_id, false).await?;
+        let by = super::token_service::by(&req);
+        let state = self
+            .set_draining(&req.get_ref().worker_id, false, &by)
+            .await?;
         Ok(Response::new(pb::UndrainWorkerResponse { state }))
     }
 }
 
 impl ClusterApi {
-    /// Drains (`drain`) or undrains a worker; its state after, on the wire.
-    async fn set_draining(&self, worker: &str, drain: bool) -> Result<i32, Status> {
+    /// Drains (`drain`) or undrains a worker for `by`; its state after, on the wire.
+    async fn set_draining(&self, worker: &str, drain: bool, by: &str) -> Result<i32, Status> {
         let id = worker_id(worker)?;
         let state = if drain {
             self.store.drain_worker(id).await
@@ -63,7 +69,12 @@ impl ClusterApi {
             self.store.undrain_worker(id).await
         }
         .map_err(status_of)?;
-        tracing::info!(worker = %id, state = %state, drain, "worker drain changed");
+        let action = if drain {
+            "worker drained"
+        } else {
+            "worker undrained"
+        };
+        tracing::info!(target: "segtrain::audit", action, worker = %id, state = %state, %by);
         Ok(state.to_proto() as i32)
     }
 }

@@ -34,6 +34,8 @@ pub(crate) fn job(j: &JobRecord) -> pb::Job {
         iteration: j.iteration,
         furthest_iteration: j.furthest_iteration,
         resumed_from_iteration: j.resumed_from_iteration,
+        submitted_by: j.submitted_by.clone(),
+        team: j.team.clone(),
     }
 }
 

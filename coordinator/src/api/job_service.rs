@@ -1,10 +1,12 @@
 //! `segtrain.v1.JobService`: submit, read, page, cancel and watch jobs.
 
+use super::job_access::{caller_of, explain_waiting, listed_team, owner_of, visible_job};
 use super::watch::{watch_job, Watchers};
 use super::{convert, parse_job_id, status_of};
 use crate::auth::Caller;
 use crate::state::JobState;
 use crate::store::Store;
+use crate::teams;
 use segtrain_proto::job_spec::ProtoSpec;
 use segtrain_proto::v1 as pb;
 use segtrain_spec::JobSpec;
@@ -86,13 +88,26 @@ impl pb::job_service_server::JobService for JobApi {
         &self,
         req: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let caller = caller_of(&req);
         let req = req.into_inner();
         let key = idempotency_key(&req.idempotency_key)?;
         let spec = JobSpec::from_proto(&req.spec.unwrap_or_default())
             .map_err(|e| Status::invalid_argument(format!("spec.{e}")))?;
-        let (job, existing) = self.store.submit_job(&spec, key).await.map_err(status_of)?;
+        let owner = owner_of(caller.as_ref());
+        let limits = self
+            .store
+            .team_limits(owner.team)
+            .await
+            .map_err(status_of)?;
+        teams::check_priority(owner.team, &limits, spec.priority)
+            .map_err(Status::invalid_argument)?;
+        let (job, existing) = self
+            .store
+            .submit_job(&spec, key, owner)
+            .await
+            .map_err(status_of)?;
         if !existing {
-            tracing::info!(job = %job.id, attempt = job.attempt, name = %spec.name, world_size = spec.world_size, "job submitted");
+            tracing::info!(target: "segtrain::audit", action = "job submitted", job = %job.id, name = %spec.name, world_size = spec.world_size, principal = %owner.principal, team = %owner.team);
         }
         // Also for an existing job: the warnings are about the spec, which is the same.
         let warnings = spec.warnings();
@@ -108,17 +123,21 @@ impl pb::job_service_server::JobService for JobApi {
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
         let id = parse_job_id("job_id", &req.get_ref().job_id)?;
-        let job = self.store.get_job(id).await.map_err(status_of)?;
-        Ok(Response::new(convert::job(&job)))
+        let job = visible_job(&self.store, id, caller_of(&req).as_ref()).await?;
+        let mut jobs = [job];
+        explain_waiting(&self.store, &mut jobs).await?;
+        Ok(Response::new(convert::job(&jobs[0])))
     }
 
     async fn list_jobs(
         &self,
         req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let caller = caller_of(&req);
         let req = req.into_inner();
         let states = job_states(&req.states)?;
         let limit = page_size(req.page_size)?;
+        let team = listed_team(caller.as_ref(), &req.team)?;
         let before = match req.page_token.as_str() {
             "" => None,
             t => Some(Uuid::parse_str(t).map_err(|_| {
@@ -130,11 +149,12 @@ impl pb::job_service_server::JobService for JobApi {
         // One extra row tells whether another page exists.
         let mut jobs = self
             .store
-            .list_jobs(&states, limit + 1, before)
+            .list_jobs(&states, limit + 1, before, team.as_deref())
             .await
             .map_err(status_of)?;
         let more = jobs.len() > limit as usize;
         jobs.truncate(limit as usize);
+        explain_waiting(&self.store, &mut jobs).await?;
         let next_page_token = match (more, jobs.last()) {
             (true, Some(last)) => last.id.to_string(),
             _ => String::new(),
@@ -149,6 +169,7 @@ impl pb::job_service_server::JobService for JobApi {
         &self,
         req: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let caller = caller_of(&req);
         let req = req.into_inner();
         let id = parse_job_id("job_id", &req.job_id)?;
         if req.reason.len() > MAX_REASON_LEN {
@@ -162,8 +183,14 @@ impl pb::job_service_server::JobService for JobApi {
         } else {
             req.reason.as_str()
         };
-        let job = self.store.cancel_job(id, reason).await.map_err(status_of)?;
-        tracing::info!(job = %id, attempt = job.attempt, state = %job.state, "cancel requested");
+        visible_job(&self.store, id, caller.as_ref()).await?;
+        let by = caller.as_ref().map(Caller::who);
+        let job = self
+            .store
+            .cancel_job(id, reason, by.as_deref())
+            .await
+            .map_err(status_of)?;
+        tracing::info!(target: "segtrain::audit", action = "job canceled", job = %id, attempt = job.attempt, state = %job.state, by = by.as_deref().unwrap_or("unauthenticated"));
         Ok(Response::new(pb::CancelJobResponse {
             job: Some(convert::job(&job)),
         }))
@@ -186,7 +213,7 @@ impl pb::job_service_server::JobService for JobApi {
             ))
         })?;
         // Fail now, not inside the stream, when the job does not exist.
-        self.store.get_job(id).await.map_err(status_of)?;
+        visible_job(&self.store, id, caller.as_ref()).await?;
         // A place in the caller's quota, held by the stream until it ends.
         let slot = caller
             .map(|c| self.watchers.quota.acquire(c.token_id, &c.name))
@@ -199,9 +226,10 @@ impl pb::job_service_server::JobService for JobApi {
         &self,
         req: Request<pb::ListCheckpointsRequest>,
     ) -> Result<Response<pb::ListCheckpointsResponse>, Status> {
+        let caller = caller_of(&req);
         let req = req.into_inner();
         let id = parse_job_id("job_id", &req.job_id)?;
-        self.store.get_job(id).await.map_err(status_of)?;
+        visible_job(&self.store, id, caller.as_ref()).await?;
         let cps = self
             .store
             .list_checkpoints(id, req.include_deleted)
@@ -216,9 +244,10 @@ impl pb::job_service_server::JobService for JobApi {
         &self,
         req: Request<pb::ListAttemptsRequest>,
     ) -> Result<Response<pb::ListAttemptsResponse>, Status> {
+        let caller = caller_of(&req);
         let req = req.into_inner();
         let id = parse_job_id("job_id", &req.job_id)?;
-        self.store.get_job(id).await.map_err(status_of)?;
+        visible_job(&self.store, id, caller.as_ref()).await?;
         let attempts = self.store.list_attempts(id).await.map_err(status_of)?;
         Ok(Response::new(pb::ListAttemptsResponse {
             attempts: attempts.iter().map(convert::attempt).collect(),
@@ -229,6 +258,7 @@ impl pb::job_service_server::JobService for JobApi {
         &self,
         req: Request<pb::GetMetricsRequest>,
     ) -> Result<Response<pb::GetMetricsResponse>, Status> {
+        let caller = caller_of(&req);
         let req = req.into_inner();
         let id = parse_job_id("job_id", &req.job_id)?;
         if req.names.len() > 100 {
@@ -256,7 +286,7 @@ impl pb::job_service_server::JobService for JobApi {
             }
         };
         let since = req.since_iteration.min(i64::MAX as u64);
-        self.store.get_job(id).await.map_err(status_of)?;
+        visible_job(&self.store, id, caller.as_ref()).await?;
         let points = self
             .store
             .get_metrics(id, &req.names, since, limit)

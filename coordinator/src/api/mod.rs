@@ -6,7 +6,9 @@
 
 mod cluster_service;
 mod convert;
+mod job_access;
 mod job_service;
+mod team_service;
 mod token_service;
 mod watch;
 mod worker_requests;
@@ -14,6 +16,7 @@ mod worker_service;
 
 pub use cluster_service::ClusterApi;
 pub use job_service::JobApi;
+pub use team_service::TeamApi;
 pub use token_service::TokenApi;
 pub use watch::Watchers;
 pub use worker_service::{WorkerApi, WorkerApiConfig};

@@ -3,7 +3,7 @@
 
 use super::{convert, status_of};
 use crate::auth::{self, Caller, Role, Verifier};
-use crate::store::{Store, TokenRecord};
+use crate::store::{NewToken, Store, TokenRecord};
 use segtrain_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
@@ -49,15 +49,26 @@ pub(crate) fn token_info(t: &TokenRecord) -> pb::TokenInfo {
         revoked_at: t.revoked_at.map(convert::timestamp),
         last_used_at: t.last_used_at.map(convert::timestamp),
         host: t.host.clone().unwrap_or_default(),
+        principal: t.principal.clone(),
+        team: t.team.clone(),
     }
 }
 
-/// Who asked, for the log.
-fn by<T>(req: &Request<T>) -> String {
+/// Who asked, for the audit log.
+pub(crate) fn by<T>(req: &Request<T>) -> String {
     req.extensions()
         .get::<Caller>()
-        .map(|c| format!("{} ({})", c.name, c.token_id))
+        .map(|c| format!("{} with token {:?} ({})", c.who(), c.name, c.token_id))
         .unwrap_or_else(|| "unauthenticated (--insecure-no-auth)".to_string())
+}
+
+/// `s`, or `default` when it is empty.
+fn or<'a>(s: &'a str, default: &'a str) -> &'a str {
+    if s.is_empty() {
+        default
+    } else {
+        s
+    }
 }
 
 #[tonic::async_trait]
@@ -68,22 +79,24 @@ impl pb::token_service_server::TokenService for TokenApi {
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
         let who = by(&req);
         let req = req.into_inner();
-        auth::check_token_name(&req.name)
-            .map_err(|m| Status::invalid_argument(format!("name: {m}")))?;
         let role = role_of(req.role)?;
-        let host = (!req.host.is_empty()).then_some(req.host.as_str());
-        if let Some(h) = host {
-            auth::check_token_host(role, h)
-                .map_err(|m| Status::invalid_argument(format!("host: {m}")))?;
-        }
+        let new = NewToken {
+            name: &req.name,
+            role: role.as_str(),
+            principal: or(&req.principal, &req.name),
+            team: or(&req.team, auth::DEFAULT_TEAM),
+            host: (!req.host.is_empty()).then_some(req.host.as_str()),
+        };
+        auth::check_new_token(&new, role)
+            .map_err(|(field, m)| Status::invalid_argument(format!("{field}: {m}")))?;
         let token = auth::new_token()
             .map_err(|e| Status::internal(format!("cannot make a random token: {e}")))?;
         let t = self
             .store
-            .create_token(&req.name, role.as_str(), host, &auth::secret_sha256(&token))
+            .create_token(&new, &auth::secret_sha256(&token))
             .await
             .map_err(status_of)?;
-        tracing::info!(token = %t.id, name = %t.name, role = %role, host = ?t.host, by = %who, "token created");
+        tracing::info!(target: "segtrain::audit", action = "token created", token = %t.id, name = %t.name, role = %role, principal = %t.principal, team = %t.team, host = ?t.host, by = %who);
         Ok(Response::new(pb::CreateTokenResponse {
             token,
             info: Some(token_info(&t)),
@@ -119,7 +132,7 @@ impl pb::token_service_server::TokenService for TokenApi {
         if let Some(v) = &self.verifier {
             v.forget_all();
         }
-        tracing::info!(token = %t.id, name = %t.name, by = %who, "token revoked");
+        tracing::info!(target: "segtrain::audit", action = "token revoked", token = %t.id, name = %t.name, principal = %t.principal, team = %t.team, by = %who);
         Ok(Response::new(pb::RevokeTokenResponse {
             token: Some(token_info(&t)),
         }))

@@ -74,6 +74,52 @@ pub fn check_token_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks what a new token is made of; the refusal names the field (`name`, `principal`,
+/// `team`, `host`) and what it allows.
+pub fn check_new_token(
+    t: &crate::store::NewToken<'_>,
+    role: Role,
+) -> Result<(), (&'static str, String)> {
+    check_token_name(t.name).map_err(|m| ("name", m))?;
+    check_token_name(t.principal).map_err(|m| ("principal", m))?;
+    check_team_name(t.team).map_err(|m| ("team", m))?;
+    if let Some(h) = t.host {
+        check_token_host(role, h).map_err(|m| ("host", m))?;
+    }
+    Ok(())
+}
+
+/// The team of tokens (and jobs) from before teams existed, and of tokens made without one.
+pub const DEFAULT_TEAM: &str = "default";
+
+/// Checks a team name: 1-64 characters from `[A-Za-z0-9._-]`.
+pub fn check_team_name(name: &str) -> Result<(), String> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "must be 1-64 characters from [A-Za-z0-9._-], got {name:?}"
+        ))
+    }
+}
+
+impl Caller {
+    /// Whether this caller sees and acts on the jobs of `team`: an admin every team's, anyone
+    /// else its own.
+    pub fn sees_team(&self, team: &str) -> bool {
+        self.role == Role::Admin || self.team == team
+    }
+
+    /// "alice (team vision)", for logs and job notes.
+    pub fn who(&self) -> String {
+        format!("{} (team {})", self.principal, self.team)
+    }
+}
+
 /// Checks the host a worker token is bound to: the rules of a daemon's `--host` (1-255
 /// characters, no spaces or control characters), and only for a worker token.
 pub fn check_token_host(role: Role, host: &str) -> Result<(), String> {
@@ -97,6 +143,9 @@ pub struct Caller {
     pub token_id: Uuid,
     pub name: String,
     pub role: Role,
+    /// Who the token speaks for, and its team (see [`Caller::sees_team`]).
+    pub principal: String,
+    pub team: String,
     /// A worker token bound to this host acts only for its workers (`token create --host`).
     pub host: Option<String>,
 }
@@ -136,7 +185,7 @@ pub fn access(path: &str) -> (String, Access) {
             Access::Roles(&[Role::Client, Role::Admin])
         }
         "segtrain.v1.WorkerService" => Access::Roles(&[Role::Worker, Role::Admin]),
-        "segtrain.v1.TokenService" => Access::Roles(&[Role::Admin]),
+        "segtrain.v1.TokenService" | "segtrain.v1.TeamService" => Access::Roles(&[Role::Admin]),
         // Anything else is answered UNIMPLEMENTED by the router, but only to a valid token.
         _ => Access::Roles(&Role::ALL),
     };
@@ -265,6 +314,8 @@ mod tests {
             name: "t".into(),
             role,
             host: None,
+            principal: "t".into(),
+            team: DEFAULT_TEAM.into(),
         })
     }
 

@@ -177,6 +177,8 @@ fn verdict_of(check: TokenCheck) -> Result<Verdict, StoreError> {
                 name: t.name,
                 role,
                 host: t.host,
+                principal: t.principal,
+                team: t.team,
             }),
             None => {
                 return Err(StoreError::Corrupt(format!(
@@ -200,6 +202,8 @@ mod tests {
             name: format!("t{n}"),
             role: Role::Worker,
             host: None,
+            principal: format!("t{n}"),
+            team: "default".into(),
         })
     }
 

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use segtrain_coordinator::auth::{self, Role};
 use segtrain_coordinator::limits::Limits;
 use segtrain_coordinator::server::{serve, Security, ServerConfig, TlsFiles};
-use segtrain_coordinator::store::{Store, TokenRecord};
+use segtrain_coordinator::store::{NewToken, Store, TokenRecord};
 use segtrain_telemetry::logging::{self, LogFormat};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -197,6 +197,12 @@ enum TokenCommand {
         /// workers. Unbound tokens may register any host.
         #[arg(long)]
         host: Option<String>,
+        /// Who the token speaks for (default: its --name).
+        #[arg(long)]
+        principal: Option<String>,
+        /// Its team: a client token sees and acts on that team's jobs only.
+        #[arg(long, default_value = segtrain_coordinator::auth::DEFAULT_TEAM)]
+        team: String,
     },
     /// List tokens (never the secrets).
     List {
@@ -343,6 +349,8 @@ fn token_json(t: &TokenRecord) -> serde_json::Value {
         "revoked_at": t.revoked_at.map(|x| x.to_rfc3339()),
         "last_used_at": t.last_used_at.map(|x| x.to_rfc3339()),
         "host": t.host,
+        "principal": t.principal,
+        "team": t.team,
     })
 }
 
@@ -353,23 +361,25 @@ async fn token(cmd: TokenCommand) -> anyhow::Result<()> {
             role,
             name,
             host,
+            principal,
+            team,
         } => {
             let role = Role::parse(&role).with_context(|| {
                 format!("--role: must be client, worker or admin, got {role:?}")
             })?;
-            auth::check_token_name(&name).map_err(|m| anyhow::anyhow!("--name: {m}"))?;
-            if let Some(h) = &host {
-                auth::check_token_host(role, h).map_err(|m| anyhow::anyhow!("--host: {m}"))?;
-            }
+            let new = NewToken {
+                name: &name,
+                role: role.as_str(),
+                principal: principal.as_deref().unwrap_or(&name),
+                team: &team,
+                host: host.as_deref(),
+            };
+            auth::check_new_token(&new, role)
+                .map_err(|(field, m)| anyhow::anyhow!("--{field}: {m}"))?;
             let store = open_store(&db).await?;
             let secret = auth::new_token().context("cannot make a random token")?;
             let t = store
-                .create_token(
-                    &name,
-                    role.as_str(),
-                    host.as_deref(),
-                    &auth::secret_sha256(&secret),
-                )
+                .create_token(&new, &auth::secret_sha256(&secret))
                 .await?;
             if db.json {
                 let mut v = token_json(&t);

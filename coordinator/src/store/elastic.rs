@@ -12,7 +12,7 @@
 
 use super::attempts::{parse_attempt_state, set_attempt_state};
 use super::jobs::{insert_event, lock_job};
-use super::placement::SCHEDULER_LOCK;
+use super::placement::{team_rooms, SCHEDULER_LOCK};
 use super::{u32_of, Store, StoreError};
 use crate::events::EventPayload;
 use crate::state::{AttemptState, JobState};
@@ -93,12 +93,18 @@ impl Store {
             tx.rollback().await?;
             return Ok(Vec::new());
         }
+        // A job grows only as far as its team's GPU limit lets it (crate::teams).
+        let (teams, rooms) = team_rooms(&mut tx).await?;
         let shrunk: Vec<(Uuid, i32, i32, i32)> = sqlx::query_as(
             "SELECT j.id, j.attempt, j.world_size, a.world_size FROM jobs j
              JOIN attempts a ON a.job_id = j.id AND a.attempt = j.attempt
              WHERE j.state = 'RUNNING' AND a.state = 'RUNNING' AND a.world_size < j.world_size
+               AND NOT EXISTS (SELECT 1 FROM unnest($1::text[], $2::int8[]) AS r(team, room)
+                               WHERE r.team = j.team AND r.room < j.world_size - a.world_size)
              ORDER BY j.priority DESC, j.created_at, j.id",
         )
+        .bind(&teams)
+        .bind(&rooms)
         .fetch_all(&mut *tx)
         .await?;
         let mut left = idle;

@@ -35,6 +35,16 @@ pub struct JobRecord {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// Who submitted it (empty: before owners were recorded) and its team.
+    pub submitted_by: String,
+    pub team: String,
+}
+
+/// Who a new job is submitted by, for which team.
+#[derive(Debug, Clone, Copy)]
+pub struct Owner<'a> {
+    pub principal: &'a str,
+    pub team: &'a str,
 }
 
 #[derive(sqlx::FromRow)]
@@ -55,6 +65,8 @@ struct JobRow {
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
     finished_at: Option<DateTime<Utc>>,
+    submitted_by: String,
+    team: String,
 }
 
 const JOB_COLUMNS: &str = "id, spec, state, attempt, restarts, preemptions, \
@@ -63,20 +75,27 @@ const JOB_COLUMNS: &str = "id, spec, state, attempt, restarts, preemptions, \
      coalesce((SELECT a.accumulate_steps FROM attempts a \
                WHERE a.job_id = jobs.id AND a.attempt = jobs.attempt), 0) AS attempt_accumulate_steps, \
      idempotency_key, reason, iteration, furthest_iteration, resumed_from_iteration, created_at, \
-     updated_at, finished_at";
+     updated_at, finished_at, submitted_by, team";
 
 /// ListJobs' query: a page of jobs older than `$1` (a job id; `Uuid::max()` for the first page),
-/// newest first, at most `$2`, and with `by_state` only those whose state is in `$3`. Two texts
-/// rather than one with `cardinality($3) = 0 OR …`, and the cursor never NULL, so that even
-/// PostgreSQL's generic plan of each reads a page, not the table (tests/tests/query_plans.rs):
-/// with states, the newest `$2` of each state on `jobs_state_id_idx`, then the newest of those.
-pub fn list_jobs_sql(by_state: bool) -> String {
+/// newest first, at most `$2`, with `by_state` only those whose state is in `$3`, and with
+/// `by_team` only the team's named by the next parameter (`$4`, or `$3` without states).
+/// Separate texts rather than one with `cardinality($3) = 0 OR …`,
+/// and the cursor never NULL, so that even PostgreSQL's generic plan of each reads a page, not
+/// the table (tests/tests/query_plans.rs): with states, the newest `$2` of each state on
+/// `jobs_state_id_idx` (`jobs_team_state_id_idx` for a team), then the newest of those.
+pub fn list_jobs_sql(by_state: bool, by_team: bool) -> String {
+    let team = if by_team { "j.team = $4 AND " } else { "" };
     let filter = if by_state {
-        "id IN (SELECT p.id FROM unnest($3::text[]) AS s(state),
-                  LATERAL (SELECT id FROM jobs j WHERE j.state = s.state AND j.id < $1
+        format!(
+            "id IN (SELECT p.id FROM unnest($3::text[]) AS s(state),
+                  LATERAL (SELECT id FROM jobs j WHERE {team}j.state = s.state AND j.id < $1
                            ORDER BY j.id DESC LIMIT $2) AS p)"
+        )
+    } else if by_team {
+        "team = $3 AND id < $1".to_string()
     } else {
-        "id < $1"
+        "id < $1".to_string()
     };
     format!("SELECT {JOB_COLUMNS} FROM jobs WHERE {filter} ORDER BY id DESC LIMIT $2")
 }
@@ -116,28 +135,34 @@ impl TryFrom<JobRow> for JobRecord {
             created_at: r.created_at,
             updated_at: r.updated_at,
             finished_at: r.finished_at,
+            submitted_by: r.submitted_by,
+            team: r.team,
         })
     }
 }
 
 impl Store {
-    /// Creates a QUEUED job, or, when `idempotency_key` names an existing job with an equal spec,
-    /// returns that job and `true`. The same key with a different spec is a conflict. A new job's
-    /// first events are its creation and then one note per [`JobSpec::warnings`] (in the same
-    /// transaction; a resubmit that finds the job adds none).
+    /// Creates a QUEUED job for `owner`, or, when `idempotency_key` names an existing job of
+    /// the same principal with an equal spec, returns that job and `true`. The same key with a
+    /// different spec is a conflict. A new job's first events are its creation, a note of who
+    /// submitted it, and one note per [`JobSpec::warnings`] (in the same transaction; a resubmit
+    /// that finds the job adds none).
     pub async fn submit_job(
         &self,
         spec: &JobSpec,
         idempotency_key: Option<&str>,
+        owner: Owner<'_>,
     ) -> Result<(JobRecord, bool), StoreError> {
         let spec_json = serde_json::to_value(spec)
             .map_err(|e| StoreError::Corrupt(format!("spec does not serialise: {e}")))?;
         let mut tx = self.pool.begin().await?;
         let id = Uuid::now_v7();
         let inserted: Option<JobRow> = sqlx::query_as(&format!(
-            "INSERT INTO jobs (id, name, spec, state, priority, world_size, max_restarts, idempotency_key)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-             ON CONFLICT (idempotency_key) DO NOTHING
+            "INSERT INTO jobs (id, name, spec, state, priority, world_size, max_restarts,
+                               idempotency_key, submitted_by, team)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             ON CONFLICT (submitted_by, idempotency_key) WHERE idempotency_key IS NOT NULL
+             DO NOTHING
              RETURNING {JOB_COLUMNS}"
         ))
         .bind(id)
@@ -148,6 +173,8 @@ impl Store {
         .bind(spec.world_size as i32)
         .bind(spec.max_restarts as i32)
         .bind(idempotency_key)
+        .bind(owner.principal)
+        .bind(owner.team)
         .fetch_optional(&mut *tx)
         .await?;
 
@@ -156,9 +183,10 @@ impl Store {
             tx.rollback().await?;
             let key = idempotency_key.unwrap_or_default();
             let existing: JobRow = sqlx::query_as(&format!(
-                "SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = $1"
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE submitted_by = $2 AND idempotency_key = $1"
             ))
             .bind(key)
+            .bind(owner.principal)
             .fetch_one(&self.pool)
             .await?;
             let existing = JobRecord::try_from(existing)?;
@@ -178,6 +206,10 @@ impl Store {
             &EventPayload::state_change(None, JobState::INITIAL, "submitted"),
         )
         .await?;
+        if !owner.principal.is_empty() {
+            let text = format!("submitted by {} (team {})", owner.principal, owner.team);
+            insert_event(&mut tx, id, 0, &EventPayload::Note { text }).await?;
+        }
         for text in spec.warnings() {
             insert_event(&mut tx, id, 0, &EventPayload::Note { text }).await?;
         }
@@ -194,20 +226,24 @@ impl Store {
         row.ok_or_else(|| not_found(id))?.try_into()
     }
 
-    /// Newest first. `before`: the last id of the previous page.
+    /// Newest first. `before`: the last id of the previous page; `team`: only its jobs.
     pub async fn list_jobs(
         &self,
         states: &[JobState],
         limit: u32,
         before: Option<Uuid>,
+        team: Option<&str>,
     ) -> Result<Vec<JobRecord>, StoreError> {
         let states: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
-        let sql = list_jobs_sql(!states.is_empty());
+        let sql = list_jobs_sql(!states.is_empty(), team.is_some());
         let mut query = sqlx::query_as(&sql)
             .bind(before.unwrap_or(Uuid::max()))
             .bind(i64::from(limit));
         if !states.is_empty() {
             query = query.bind(&states);
+        }
+        if let Some(team) = team {
+            query = query.bind(team);
         }
         let rows: Vec<JobRow> = query.fetch_all(&self.pool).await?;
         rows.into_iter().map(JobRecord::try_from).collect()
@@ -230,11 +266,24 @@ impl Store {
     /// Cancel: QUEUED and RESTARTING jobs become CANCELED at once; SCHEDULED and RUNNING jobs
     /// become CANCELING until their trainers have stopped. Canceling a job that is already
     /// canceling or canceled returns it unchanged; a succeeded or failed job cannot be canceled.
-    pub async fn cancel_job(&self, id: Uuid, reason: &str) -> Result<JobRecord, StoreError> {
+    /// `by` (who asked) is noted on the job with the change.
+    pub async fn cancel_job(
+        &self,
+        id: Uuid,
+        reason: &str,
+        by: Option<&str>,
+    ) -> Result<JobRecord, StoreError> {
         let mut tx = self.pool.begin().await?;
         let current = lock_job(&mut tx, id).await?;
         let job = match current.state.cancel_target() {
-            Some(to) => transition_locked(&mut tx, current, to, reason).await?,
+            Some(to) => {
+                if let Some(by) = by {
+                    let text = format!("cancel asked by {by}");
+                    insert_event(&mut tx, id, current.attempt, &EventPayload::Note { text })
+                        .await?;
+                }
+                transition_locked(&mut tx, current, to, reason).await?
+            }
             None if matches!(current.state, JobState::Canceling | JobState::Canceled) => current,
             None => {
                 return Err(StoreError::Conflict(format!(

@@ -20,6 +20,7 @@ mod metrics;
 mod placement;
 mod prune;
 mod rendezvous;
+mod teams;
 mod tokens;
 mod workers;
 
@@ -32,7 +33,7 @@ pub use health::ClusterCounts;
 pub use heartbeat::Beat;
 pub use ingest::{IngestBody, IngestEvent, Ingested};
 pub use instances::{Claim, InstanceProof};
-pub use jobs::{list_jobs_sql, JobRecord};
+pub use jobs::{list_jobs_sql, JobRecord, Owner};
 pub use metrics::{
     class_iou_point, get_metrics_sql, is_eval_point, CheckpointRecord, MetricPoint,
     EVAL_POINT_NAMES,
@@ -40,7 +41,8 @@ pub use metrics::{
 pub use placement::{Candidate, Placement, QueueEnd, PLACEMENTS_PER_TRANSACTION};
 pub use prune::{JobHistory, Prunable};
 pub use rendezvous::RendezvousEndpoint;
-pub use tokens::{TokenCheck, TokenRecord};
+pub use teams::TeamRecord;
+pub use tokens::{NewToken, TokenCheck, TokenRecord};
 pub use workers::{AttemptRank, Heartbeat, Registered, WorkerRecord, WorkerRegistration};
 
 use crate::state::IllegalTransition;

@@ -6,6 +6,7 @@
 use super::attempts::seconds;
 use super::elastic::attempt_size;
 use super::jobs::{lock_job, transition_in_tx};
+use super::teams::gpu_limited_teams;
 use super::{u32_of, Store, StoreError, WORKERS_CHANNEL};
 use crate::state::{JobState, WorkerState};
 use uuid::Uuid;
@@ -175,6 +176,20 @@ impl Store {
     }
 }
 
+/// The GPUs each team with a limit may still take, as two parallel lists (for `unnest`).
+pub(super) async fn team_rooms(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+) -> Result<(Vec<String>, Vec<i64>), StoreError> {
+    let teams = gpu_limited_teams(tx).await?;
+    Ok(teams
+        .into_values()
+        .map(|t| {
+            let room = crate::teams::room(&t.limits, t.held_gpus).unwrap_or(u32::MAX);
+            (t.name, i64::from(room))
+        })
+        .unzip())
+}
+
 /// Places the head of the queue on some of `idle` (which loses the workers it books), inside
 /// the caller's transaction.
 async fn place_head(
@@ -182,12 +197,20 @@ async fn place_head(
     idle: &mut Vec<Candidate>,
     place: &impl Fn(&[Candidate], usize) -> Option<Vec<Uuid>>,
 ) -> Result<Step, StoreError> {
+    // A job whose team cannot take even its smallest attempt waits, and is not the head: it
+    // blocks nobody else's (crate::teams).
+    let (teams, rooms) = team_rooms(tx).await?;
     // `updated_at` is when the job entered QUEUED (only state changes set it).
     let head: Option<(Uuid, f64)> = sqlx::query_as(
-        "SELECT id, EXTRACT(EPOCH FROM clock_timestamp() - updated_at)::float8 FROM jobs
+        "SELECT id, EXTRACT(EPOCH FROM clock_timestamp() - updated_at)::float8 FROM jobs j
          WHERE state = 'QUEUED'
+           AND NOT EXISTS (SELECT 1 FROM unnest($1::text[], $2::int8[]) AS r(team, room)
+                           WHERE r.team = j.team
+                             AND r.room < (j.spec->>'min_world_size')::int8)
          ORDER BY priority DESC, created_at, id LIMIT 1 FOR UPDATE",
     )
+    .bind(&teams)
+    .bind(&rooms)
     .fetch_optional(&mut **tx)
     .await?;
     let Some((job_id, queued_secs)) = head else {
@@ -195,7 +218,9 @@ async fn place_head(
     };
     let job = lock_job(tx, job_id).await?;
     let candidates = &*idle;
-    let size = attempt_size(&job.spec, candidates.len(), seconds(queued_secs));
+    let room = teams.iter().position(|t| *t == job.team).map(|i| rooms[i]);
+    let usable = room.map_or(candidates.len(), |r| candidates.len().min(r as usize));
+    let size = attempt_size(&job.spec, usable, seconds(queued_secs));
     let chosen = match size.and_then(|s| place(candidates, s.world_size as usize)) {
         Some(c) if Some(c.len()) == size.map(|s| s.world_size as usize) => c,
         _ => {

@@ -16,6 +16,20 @@ pub struct TokenRecord {
     pub last_used_at: Option<DateTime<Utc>>,
     /// A worker token bound to this host (None: any host).
     pub host: Option<String>,
+    /// Who the token speaks for, and its team.
+    pub principal: String,
+    pub team: String,
+}
+
+/// What a new token is: its label, role, owner and binding.
+#[derive(Debug, Clone, Copy)]
+pub struct NewToken<'a> {
+    pub name: &'a str,
+    pub role: &'a str,
+    pub principal: &'a str,
+    pub team: &'a str,
+    /// The host a worker token is bound to.
+    pub host: Option<&'a str>,
 }
 
 /// A token row and whether it is valid (not revoked).
@@ -34,27 +48,27 @@ pub enum TokenCheck {
     Unknown,
 }
 
-const COLUMNS: &str = "id, name, role, created_at, revoked_at, last_used_at, host";
+const COLUMNS: &str = "id, name, role, created_at, revoked_at, last_used_at, host, principal, team";
 
 impl Store {
-    /// Stores a new token by its hash (`host`: the host a worker token is bound to).
+    /// Stores a new token by its hash.
     pub async fn create_token(
         &self,
-        name: &str,
-        role: &str,
-        host: Option<&str>,
+        t: &NewToken<'_>,
         sha256: &[u8; 32],
     ) -> Result<TokenRecord, StoreError> {
         let sql = format!(
-            "INSERT INTO tokens (id, name, role, sha256, host) VALUES ($1, $2, $3, $4, $5) \
-             RETURNING {COLUMNS}"
+            "INSERT INTO tokens (id, name, role, sha256, host, principal, team) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {COLUMNS}"
         );
         Ok(sqlx::query_as::<_, TokenRecord>(&sql)
             .bind(Uuid::now_v7())
-            .bind(name)
-            .bind(role)
+            .bind(t.name)
+            .bind(t.role)
             .bind(&sha256[..])
-            .bind(host)
+            .bind(t.host)
+            .bind(t.principal)
+            .bind(t.team)
             .fetch_one(&self.pool)
             .await?)
     }

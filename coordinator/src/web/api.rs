@@ -208,7 +208,7 @@ fn ok(v: Value) -> ApiResult {
 }
 
 async fn list_jobs(call: Call) -> ApiResult {
-    let q = call.params(&["state", "page_size", "page_token"])?;
+    let q = call.params(&["state", "page_size", "page_token", "team"])?;
     let states = q
         .iter()
         .filter(|(k, _)| k == "state")
@@ -222,6 +222,7 @@ async fn list_jobs(call: Call) -> ApiResult {
         states,
         page_size: number(q, "page_size", "a number 1..=1000")?.unwrap_or(0),
         page_token: single(q, "page_token")?.unwrap_or_default().to_string(),
+        team: single(q, "team")?.unwrap_or_default().to_string(),
     };
     let req = call.request("JobService/ListJobs", msg).await?;
     let resp = call.web.jobs.list_jobs(req).await?.into_inner();
