@@ -40,5 +40,8 @@ CREATE TABLE teams (
     max_priority  integer CHECK (max_priority BETWEEN -1000 AND 1000),
     -- GPUs (workers) the team's jobs may hold at once; a job over it waits QUEUED.
     max_gpus      integer CHECK (max_gpus > 0),
+    -- Where the team's specs may point dataset_root, pretrained, resume_from and
+    -- checkpoint_root: local prefixes and gs:// buckets or prefixes. Empty: anywhere.
+    allowed_roots text[]  NOT NULL DEFAULT '{}',
     updated_at    timestamptz NOT NULL DEFAULT now()
 );

@@ -3,6 +3,21 @@
 //! Every command is one or a few RPCs; output is a table or lines for people, or JSON with
 //! `--json`. A failure prints one line saying what failed and what to do, and exits non-zero.
 
+/// `println!` for whatever the CLI prints: the text made terminal-safe first (a control
+/// character stored by an older version or by hand is shown as `\u{…}`, never obeyed).
+macro_rules! say {
+    ($($arg:tt)*) => {
+        println!("{}", segtrain_proto::text::terminal_safe(&format!($($arg)*)))
+    };
+}
+
+/// [`say!`] on stderr.
+macro_rules! say_err {
+    ($($arg:tt)*) => {
+        eprintln!("{}", segtrain_proto::text::terminal_safe(&format!($($arg)*)))
+    };
+}
+
 mod export;
 mod output;
 mod plot;
@@ -148,6 +163,10 @@ enum TeamCommand {
         /// GPUs its jobs may hold at once (a job over it waits QUEUED, saying so).
         #[arg(long)]
         max_gpus: Option<u32>,
+        /// Where its specs' dataset_root, pretrained, resume_from and checkpoint_root may
+        /// point (repeatable): /path prefixes and gs://bucket[/prefix]. None: anywhere.
+        #[arg(long = "allowed-root")]
+        allowed_roots: Vec<String>,
     },
     /// List teams: their limits and the GPUs they hold.
     List,
@@ -249,14 +268,14 @@ pub fn main() -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            say_err!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            say_err!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -290,7 +309,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .into_inner();
             let job = resp.job.context("the coordinator returned no job")?;
             for w in &resp.warnings {
-                eprintln!("warning: {w}");
+                say_err!("warning: {w}");
             }
             out.submitted(&JobView::from(&job), resp.existing, &resp.warnings);
         }
@@ -386,9 +405,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .points;
             plot::plot(&job, &points, &file)?;
             if out.json {
-                println!("{}", serde_json::json!({ "plot": file }));
+                println!(
+                    "{}",
+                    segtrain_proto::text::json_safe(
+                        &serde_json::json!({ "plot": file }).to_string()
+                    )
+                );
             } else {
-                println!("wrote {}", file.display());
+                say!("wrote {}", file.display());
             }
         }
         Command::Workers => {
@@ -503,12 +527,12 @@ async fn export(
         ExportCommand::Tensorboard { job, dir } => {
             let path = export::write_tensorboard(&job, &points, &dir)?;
             if out.json {
-                println!(
+                say!(
                     "{}",
                     serde_json::json!({ "file": path, "points": points.len() })
                 );
             } else {
-                println!("wrote {} points to {}", points.len(), path.display());
+                say!("wrote {} points to {}", points.len(), path.display());
             }
         }
         ExportCommand::Csv { .. } => write(&|w| export::write_csv(&points, w))?,
@@ -569,7 +593,7 @@ async fn watch(
                 }
                 Err(s) if connection_lost(&s) && outage < GIVE_UP => {
                     if !out.json {
-                        eprintln!(
+                        say_err!(
                             "connection to the coordinator lost ({}); reconnecting…",
                             s.message()
                         );
@@ -667,11 +691,13 @@ async fn team(
             name,
             max_priority,
             max_gpus,
+            allowed_roots,
         } => {
             let req = pb::SetTeamRequest {
                 name,
                 max_priority,
                 max_gpus,
+                allowed_roots,
             };
             let resp = teams.set_team(req).await.map_err(rpc)?.into_inner();
             resp.team.into_iter().collect()

@@ -38,8 +38,8 @@ pub struct Printer {
 
 fn print_json(v: &impl Serialize) {
     match serde_json::to_string_pretty(v) {
-        Ok(s) => println!("{s}"),
-        Err(e) => eprintln!("error: cannot encode JSON: {e}"),
+        Ok(s) => println!("{}", segtrain_proto::text::json_safe(&s)),
+        Err(e) => say_err!("error: cannot encode JSON: {e}"),
     }
 }
 
@@ -57,7 +57,7 @@ fn table(header: &[&str], rows: &[Vec<String>]) {
             .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", s.join("  ").trim_end());
+        say!("{}", s.join("  ").trim_end());
     };
     line(header.iter().map(|s| s.to_string()).collect());
     for r in rows {
@@ -71,14 +71,19 @@ impl Printer {
         if self.json {
             print_json(&json!({ "job": j, "existing": existing, "warnings": warnings }));
         } else if existing {
-            println!(
+            say!(
                 "job {} already exists for this idempotency key ({})",
-                j.id, j.state
+                j.id,
+                j.state
             );
         } else {
-            println!(
+            say!(
                 "submitted job {} ({}, {} on {} rank(s), {} iterations)",
-                j.id, j.name, j.variant, j.world_size, j.max_iters
+                j.id,
+                j.name,
+                j.variant,
+                j.world_size,
+                j.max_iters
             );
         }
     }
@@ -87,7 +92,7 @@ impl Printer {
         if self.json {
             print_json(j);
         } else {
-            println!("job {} is {}", j.id, j.state);
+            say!("job {} is {}", j.id, j.state);
         }
     }
 
@@ -120,7 +125,7 @@ impl Printer {
         ];
         for (k, v) in rows {
             if !v.is_empty() {
-                println!("{k:<11} {v}");
+                say!("{k:<11} {v}");
             }
         }
     }
@@ -131,7 +136,7 @@ impl Printer {
             return;
         }
         if jobs.is_empty() {
-            println!("no jobs");
+            say!("no jobs");
             return;
         }
         let rows: Vec<Vec<String>> = jobs
@@ -156,7 +161,7 @@ impl Printer {
             &rows,
         );
         if !next.is_empty() {
-            println!("more: segtrain list --page-token {next}");
+            say!("more: segtrain list --page-token {next}");
         }
     }
 
@@ -167,7 +172,7 @@ impl Printer {
             } else {
                 format!(": {}", j.reason)
             };
-            println!("job {} finished {}{}", j.id, j.state, why);
+            say!("job {} finished {}{}", j.id, j.state, why);
         }
     }
 
@@ -176,8 +181,8 @@ impl Printer {
         if self.json {
             // One JSON object per line, so the stream can be piped.
             match serde_json::to_string(&json::event(ev)) {
-                Ok(s) => println!("{s}"),
-                Err(e) => eprintln!("error: cannot encode JSON: {e}"),
+                Ok(s) => println!("{}", segtrain_proto::text::json_safe(&s)),
+                Err(e) => say_err!("error: cannot encode JSON: {e}"),
             }
             return;
         }
@@ -194,17 +199,17 @@ impl Printer {
                 } else {
                     format!("  ({})", c.reason)
                 };
-                println!("{head} state {from} -> {}{why}", state_name(c.to));
+                say!("{head} state {from} -> {}{why}", state_name(c.to));
             }
             Some(Payload::Metrics(m)) => {
                 let vals: Vec<String> = sorted(&m.values)
                     .iter()
                     .map(|(k, v)| format!("{k}={}", fmt_num(*v)))
                     .collect();
-                println!("{head} iter {:>7}  {}", m.iteration, vals.join("  "));
+                say!("{head} iter {:>7}  {}", m.iteration, vals.join("  "));
             }
             Some(Payload::Eval(e)) => {
-                println!(
+                say!(
                     "{head} eval at iter {}: mIoU {:.2}%  aAcc {:.2}%  loss {:.4}",
                     e.iteration,
                     100.0 * e.miou,
@@ -214,14 +219,16 @@ impl Printer {
             }
             Some(Payload::Checkpoint(c)) => {
                 if let Some(c) = &c.checkpoint {
-                    println!(
+                    say!(
                         "{head} checkpoint at iter {}: {} ({} bytes)",
-                        c.iteration, c.uri, c.bytes
+                        c.iteration,
+                        c.uri,
+                        c.bytes
                     );
                 }
             }
-            Some(Payload::Note(n)) => println!("{head} note: {}", n.text),
-            None => println!("{head} (empty event)"),
+            Some(Payload::Note(n)) => say!("{head} note: {}", n.text),
+            None => say!("{head} (empty event)"),
         }
     }
 
@@ -232,7 +239,7 @@ impl Printer {
             return;
         }
         if cps.is_empty() {
-            println!("no checkpoints");
+            say!("no checkpoints");
             return;
         }
         let rows: Vec<Vec<String>> = cps
@@ -258,7 +265,7 @@ impl Printer {
             return;
         }
         if attempts.is_empty() {
-            println!("no attempts yet");
+            say!("no attempts yet");
             return;
         }
         let rows: Vec<Vec<String>> = attempts
@@ -298,7 +305,7 @@ impl Printer {
             return;
         }
         if points.is_empty() {
-            println!("no metrics yet");
+            say!("no metrics yet");
             return;
         }
         let rows: Vec<Vec<String>> = points
@@ -329,7 +336,7 @@ impl Printer {
             Ok(pb::WorkerState::Idle) => "it is given new ranks",
             _ => "",
         };
-        println!(
+        say!(
             "worker {} is {}: {what}",
             worker_name(w),
             worker_state_name(state)
@@ -344,7 +351,7 @@ impl Printer {
             return;
         }
         if ws.is_empty() {
-            println!("no workers registered");
+            say!("no workers registered");
             return;
         }
         let rows: Vec<Vec<String>> = ws
@@ -444,13 +451,13 @@ impl Printer {
             v["token"] = Value::String(token.to_string());
             print_json(&v);
         } else {
-            eprintln!(
+            say_err!(
                 "created {} token {:?} ({}); it is shown only now, store it:",
                 role_name(info.role),
                 info.name,
                 info.id
             );
-            println!("{token}");
+            say!("{token}");
         }
     }
 
@@ -461,7 +468,7 @@ impl Printer {
             return;
         }
         if ts.is_empty() {
-            println!("no tokens");
+            say!("no tokens");
             return;
         }
         let rows: Vec<Vec<String>> = ts
@@ -511,17 +518,27 @@ impl Printer {
                     limit(t.max_priority.map(|p| p.to_string())),
                     limit(t.max_gpus.map(|g| g.to_string())),
                     t.held_gpus.to_string(),
+                    limit((!t.allowed_roots.is_empty()).then(|| t.allowed_roots.join(", "))),
                 ]
             })
             .collect();
-        table(&["TEAM", "MAX PRIORITY", "MAX GPUS", "HELD GPUS"], &rows);
+        table(
+            &[
+                "TEAM",
+                "MAX PRIORITY",
+                "MAX GPUS",
+                "HELD GPUS",
+                "ALLOWED ROOTS",
+            ],
+            &rows,
+        );
     }
 
     pub fn token_revoked(&self, t: &pb::TokenInfo) {
         if self.json {
             print_json(&json::token(t));
         } else {
-            println!(
+            say!(
                 "revoked {} token {:?} ({})",
                 role_name(t.role),
                 t.name,

@@ -106,82 +106,136 @@ fn skip(shared: &Shared, ev: &pb::WorkerEvent, e: &Status) {
     }
 }
 
-/// Sends the outbox in order, one (job, attempt) run at a time, so that a stale attempt's events
-/// can be dropped without losing anyone else's.
+/// Who a batch is sent as: this daemon, or (its leftovers) the instance it succeeds.
+#[derive(Debug, Clone)]
+pub(crate) struct Sender {
+    pub worker_id: String,
+    pub instance_id: String,
+    pub instance_secret: String,
+}
+
+/// What sending the next batch did.
+enum Sent {
+    /// The outbox is empty.
+    Empty,
+    /// Acknowledged, or handled here (a stale attempt dropped, a refused event skipped).
+    Done,
+    /// Refused in a way the caller must act on (retry later, register, stop).
+    Refused(Refusal, Status),
+}
+
+/// Sends the next run of the outbox (one job and attempt, so that a stale attempt's events can
+/// be dropped without losing anyone else's) as `who`. `narrow_until`: while set, one event at a
+/// time up to that sequence number (a batch was refused for one of its events; find it).
+async fn send_next(shared: &Shared, who: &Sender, narrow_until: &mut Option<u64>) -> Sent {
+    let batch: Vec<pb::WorkerEvent> = shared
+        .outbox
+        .lock()
+        .map(|o| o.batch(256))
+        .unwrap_or_default();
+    let Some(first) = batch.first() else {
+        return Sent::Empty;
+    };
+    let (job, attempt, first_seq) = (first.job_id.clone(), first.attempt, first.seq);
+    let mut events: Vec<pb::WorkerEvent> = batch
+        .into_iter()
+        .take_while(|e| e.job_id == job && e.attempt == attempt)
+        .collect();
+    match *narrow_until {
+        Some(until) if first_seq <= until => events.truncate(1),
+        _ => *narrow_until = None,
+    }
+    let req = pb::ReportEventsRequest {
+        worker_id: who.worker_id.clone(),
+        events: events.clone(),
+        instance_id: who.instance_id.clone(),
+        instance_secret: who.instance_secret.clone(),
+    };
+    let e = match shared.client().report_events(req).await {
+        Ok(r) => {
+            if let Ok(mut o) = shared.outbox.lock() {
+                let before = o.len();
+                o.ack(r.into_inner().acked_seq);
+                shared
+                    .metrics
+                    .events_acked
+                    .inc_by(before.saturating_sub(o.len()) as u64);
+            }
+            return Sent::Done;
+        }
+        Err(e) => e,
+    };
+    match refusal_of(&e) {
+        Refusal::StaleAttempt => {
+            tracing::warn!(job = %job, attempt, error = %e.message(), "events of a stale attempt dropped");
+            if let Ok(mut o) = shared.outbox.lock() {
+                o.drop_attempt(&job, attempt);
+            }
+        }
+        Refusal::Permanent if events.len() > 1 => *narrow_until = events.last().map(|l| l.seq),
+        Refusal::Permanent => {
+            if let Some(ev) = events.first() {
+                skip(shared, ev, &e);
+            }
+        }
+        r => return Sent::Refused(r, e),
+    }
+    Sent::Done
+}
+
+/// Sends the outbox in order, as this daemon, until it must stop.
 pub(crate) async fn flush_loop(shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(200);
-    // While set: send one event at a time up to this sequence number (a batch was refused for
-    // one of its events; find it).
     let mut narrow_until: Option<u64> = None;
     loop {
-        let batch: Vec<pb::WorkerEvent> = shared
-            .outbox
-            .lock()
-            .map(|o| o.batch(256))
-            .unwrap_or_default();
-        let Some(first) = batch.first() else {
-            let _ =
-                tokio::time::timeout(Duration::from_secs(1), shared.wake_flush.notified()).await;
-            continue;
-        };
-        let (job, attempt, first_seq) = (first.job_id.clone(), first.attempt, first.seq);
-        let mut events: Vec<pb::WorkerEvent> = batch
-            .into_iter()
-            .take_while(|e| e.job_id == job && e.attempt == attempt)
-            .collect();
-        match narrow_until {
-            Some(until) if first_seq <= until => events.truncate(1),
-            _ => narrow_until = None,
-        }
-        let req = pb::ReportEventsRequest {
-            worker_id: shared.worker_id(),
-            events: events.clone(),
-            instance_id: shared.instance_id(),
-            instance_secret: shared.instance_secret(),
-        };
-        let e = match shared.client().report_events(req).await {
-            Ok(r) => {
-                if let Ok(mut o) = shared.outbox.lock() {
-                    let before = o.len();
-                    o.ack(r.into_inner().acked_seq);
-                    shared
-                        .metrics
-                        .events_acked
-                        .inc_by(before.saturating_sub(o.len()) as u64);
-                }
-                backoff = Duration::from_millis(200);
-                continue;
+        match send_next(&shared, &shared.sender(), &mut narrow_until).await {
+            Sent::Empty => {
+                let wake = shared.wake_flush.notified();
+                let _ = tokio::time::timeout(Duration::from_secs(1), wake).await;
             }
-            Err(e) => e,
-        };
-        match refusal_of(&e) {
-            Refusal::StaleAttempt => {
-                tracing::warn!(job = %job, attempt, error = %e.message(), "events of a stale attempt dropped");
-                if let Ok(mut o) = shared.outbox.lock() {
-                    o.drop_attempt(&job, attempt);
-                }
-            }
-            Refusal::Superseded => {
+            Sent::Done => backoff = Duration::from_millis(200),
+            Sent::Refused(Refusal::Superseded, e) => {
                 shared.fail(e.message().to_string());
                 return;
             }
-            Refusal::Register => {
+            Sent::Refused(Refusal::Register, _) => {
                 if shared.register().await.is_err() {
                     return;
                 }
             }
-            Refusal::Permanent if events.len() > 1 => {
-                narrow_until = events.last().map(|l| l.seq);
-            }
-            Refusal::Permanent => {
-                if let Some(ev) = events.first() {
-                    skip(&shared, ev, &e);
-                }
-            }
-            Refusal::Retry => {
+            Sent::Refused(_, e) => {
                 shared.metrics.report_failures.inc();
                 let pending = shared.outbox.lock().map(|o| o.len()).unwrap_or(0);
                 tracing::warn!(error = %e.message(), pending, "cannot report events yet; keeping them");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Delivers what the predecessor (`who`) left in the outbox journal, as that instance, before
+/// this daemon registers (which would end the predecessor's ranks): a checkpoint its trainer
+/// reported just before the crash is stored before the job restarts. Retries while the
+/// coordinator is away; drops the leftovers, saying so, when the predecessor no longer holds
+/// the worker (its events can never be stored).
+pub(crate) async fn deliver_leftovers(shared: &Shared, who: Sender) {
+    let mut backoff = Duration::from_millis(200);
+    let mut narrow_until: Option<u64> = None;
+    loop {
+        match send_next(shared, &who, &mut narrow_until).await {
+            Sent::Empty => return,
+            Sent::Done => backoff = Duration::from_millis(200),
+            Sent::Refused(Refusal::Superseded | Refusal::Register, e) => {
+                let left = shared.outbox.lock().map(|o| o.len()).unwrap_or(0);
+                tracing::warn!(error = %e.message(), events = left, "the previous daemon's undelivered events cannot be stored any more; dropped");
+                if let Ok(mut o) = shared.outbox.lock() {
+                    o.clear();
+                }
+                return;
+            }
+            Sent::Refused(_, e) => {
+                tracing::warn!(error = %e.message(), "cannot deliver the previous daemon's events yet; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }

@@ -32,11 +32,15 @@ pub struct Instance {
     /// secret the coordinator had given it.
     pub previous: Option<Uuid>,
     pub previous_secret: Option<String>,
+    /// The worker id the coordinator gave that instance (its undelivered events are that
+    /// worker's).
+    pub previous_worker: Option<String>,
     record: PathBuf,
     _lock: std::fs::File,
 }
 
-fn label(gpu: Option<u32>) -> String {
+/// `cpu` or `gpu<N>`: what names this worker's files in the work dir.
+pub fn label(gpu: Option<u32>) -> String {
     gpu.map_or_else(|| "cpu".to_string(), |g| format!("gpu{g}"))
 }
 
@@ -84,24 +88,28 @@ pub fn claim(work_dir: &Path, gpu: Option<u32>) -> anyhow::Result<Instance> {
     let text = std::fs::read_to_string(&record).unwrap_or_default();
     let mut lines = text.lines().map(str::trim);
     let previous = lines.next().and_then(|s| Uuid::parse_str(s).ok());
-    let previous_secret = lines
-        .next()
-        .filter(|s| previous.is_some() && !s.is_empty())
-        .map(str::to_string);
+    let mut rest = || {
+        lines
+            .next()
+            .filter(|s| previous.is_some() && !s.is_empty())
+            .map(str::to_string)
+    };
+    let (previous_secret, previous_worker) = (rest(), rest());
     Ok(Instance {
         id: Uuid::now_v7(),
         previous,
         previous_secret,
+        previous_worker,
         record,
         _lock: lock,
     })
 }
 
 impl Instance {
-    /// Records this instance, and the secret the coordinator gave it, as the one a later daemon
-    /// on this work dir succeeds (after the coordinator accepted it): written to a temporary
-    /// file of mode 0600, synced, renamed.
-    pub fn record(&self, secret: &str) -> anyhow::Result<()> {
+    /// Records this instance, the secret the coordinator gave it and its worker id, as the one
+    /// a later daemon on this work dir succeeds (after the coordinator accepted it): written to
+    /// a temporary file of mode 0600, synced, renamed.
+    pub fn record(&self, secret: &str, worker_id: &str) -> anyhow::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         let tmp = self.record.with_extension("instance.tmp");
         let write = || -> std::io::Result<()> {
@@ -111,7 +119,7 @@ impl Instance {
                 .create_new(true)
                 .mode(0o600)
                 .open(&tmp)?;
-            writeln!(f, "{}\n{secret}", self.id)?;
+            writeln!(f, "{}\n{secret}\n{worker_id}", self.id)?;
             f.sync_all()?;
             std::fs::rename(&tmp, &self.record)
         };
@@ -133,7 +141,7 @@ mod tests {
         assert!(e.contains("work dir") && e.contains("pid"), "{e}");
         // Another GPU on the same work dir is another worker.
         let gpu1 = claim(dir.path(), Some(1)).expect("gpu 1");
-        first.record("s3cret").expect("record");
+        first.record("s3cret", "w-1").expect("record");
         let id = first.id;
         drop(first);
         // Only the daemon's user may read the secret.
@@ -147,6 +155,7 @@ mod tests {
         let next = claim(dir.path(), None).expect("next");
         assert_eq!(next.previous, Some(id));
         assert_eq!(next.previous_secret.as_deref(), Some("s3cret"));
+        assert_eq!(next.previous_worker.as_deref(), Some("w-1"));
         assert_ne!(next.id, id);
         assert_eq!(gpu1.previous, None);
     }

@@ -11,8 +11,10 @@
 //! [`command`] turns the `segtrain-worker daemon` options into a [`DaemonConfig`] and runs it.
 
 pub mod command;
+pub mod fence;
 pub mod flush;
 pub mod instance;
+pub mod journal;
 pub mod lines;
 pub mod metrics;
 pub mod outbox;
@@ -105,6 +107,8 @@ pub(crate) struct Shared {
     metrics: DaemonMetrics,
     /// Set once the host said it is going away: heartbeats say so (no new ranks for it).
     leaving: std::sync::atomic::AtomicBool,
+    /// Pauses the trainers when no heartbeat is accepted for nearly the lease.
+    fence: fence::Fence,
     /// Set once this daemon must not go on (another instance holds its worker).
     fatal: Mutex<Option<String>>,
     fatal_notify: Notify,
@@ -117,13 +121,11 @@ fn now() -> prost_types::Timestamp {
 /// Longest text the daemon sends in a note or a reason (the coordinator takes 4096 bytes).
 const MAX_TEXT: usize = 4000;
 
-/// Text the coordinator can store: no NUL (PostgreSQL text cannot hold it), at most
-/// [`MAX_TEXT`] bytes (cut at a character boundary, marked with "…").
+/// Text the coordinator takes: no control character but line feed and tab (a trainer's ESC
+/// colour codes, or NUL, become U+FFFD; `segtrain_proto::text`), at most [`MAX_TEXT`] bytes
+/// (cut at a character boundary, marked with "…").
 pub fn wire_text(s: &str) -> String {
-    let clean: String = s
-        .chars()
-        .map(|c| if c == '\0' { '\u{FFFD}' } else { c })
-        .collect();
+    let clean = segtrain_proto::text::scrub(s, true);
     if clean.len() <= MAX_TEXT {
         return clean;
     }
@@ -154,6 +156,30 @@ impl Shared {
             .lock()
             .map(|s| s.clone())
             .unwrap_or_default()
+    }
+
+    /// Who this daemon's requests come from.
+    fn sender(&self) -> flush::Sender {
+        flush::Sender {
+            worker_id: self.worker_id(),
+            instance_id: self.instance_id(),
+            instance_secret: self.instance_secret(),
+        }
+    }
+
+    /// The instance this one succeeds, when it left events undelivered and its whole identity
+    /// is on record.
+    fn predecessor(&self) -> Option<flush::Sender> {
+        let i = &self.instance;
+        let left = self.outbox.lock().map(|o| !o.is_empty()).unwrap_or(false);
+        match (left, i.previous, &i.previous_secret, &i.previous_worker) {
+            (true, Some(id), Some(secret), Some(worker)) => Some(flush::Sender {
+                worker_id: worker.clone(),
+                instance_id: id.to_string(),
+                instance_secret: secret.clone(),
+            }),
+            _ => None,
+        }
     }
 
     fn coordinator_grace(&self) -> Option<Duration> {
@@ -255,15 +281,17 @@ impl Shared {
                 instance_secret: self.instance_secret(),
                 previous_instance_secret: self.instance.previous_secret.clone().unwrap_or_default(),
             };
+            let sent = std::time::Instant::now();
             match self.client().register(req).await {
                 Ok(r) => {
                     let r = r.into_inner();
+                    self.fence.accepted(sent);
                     tracing::info!(worker_id = %r.worker_id, instance = %self.instance.id, acked_seq = r.acked_seq, "registered");
                     if !r.instance_secret.is_empty() {
                         if let Ok(mut s) = self.instance_secret.lock() {
                             *s = r.instance_secret.clone();
                         }
-                        if let Err(e) = self.instance.record(&r.instance_secret) {
+                        if let Err(e) = self.instance.record(&r.instance_secret, &r.worker_id) {
                             tracing::warn!(error = format!("{e:#}"), "cannot record this daemon's instance; a restart will wait for its lease to expire");
                         }
                     }
@@ -316,6 +344,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let instance = instance::claim(&cfg.work_dir, cfg.gpu)?;
+    let journal = format!("outbox-{}.journal", instance::label(cfg.gpu));
+    let outbox = Outbox::open(&cfg.work_dir, &journal)?;
     let channel = conn::connect_lazy(&cfg.coordinator, &cfg.tls, cfg.token.clone())?;
     // Bound before registering: the endpoint answers while the coordinator is unreachable.
     let metrics_listener = match cfg.metrics_listen {
@@ -332,10 +362,11 @@ pub async fn run(
         worker_id: Mutex::new(String::new()),
         lease: Mutex::new(Duration::from_secs(15)),
         coordinator_grace: Mutex::new(None),
-        outbox: Mutex::new(Outbox::new(0)),
+        outbox: Mutex::new(outbox),
         wake_flush: Notify::new(),
         running: Mutex::new(HashMap::new()),
         leaving: std::sync::atomic::AtomicBool::new(false),
+        fence: fence::Fence::default(),
         fatal: Mutex::new(None),
         fatal_notify: Notify::new(),
     });
@@ -369,12 +400,23 @@ pub async fn run(
         }
     }
     tokio::pin!(shutdown);
+    // What the previous daemon on this work dir reported and could not deliver goes first, as
+    // that instance: registering would end its ranks, and the job could restart without it.
+    if let Some(previous) = shared.predecessor() {
+        let n = shared.outbox.lock().map(|o| o.len()).unwrap_or(0);
+        tracing::info!(events = n, instance = %previous.instance_id, "delivering the previous daemon's undelivered events");
+        tokio::select! {
+            () = flush::deliver_leftovers(&shared, previous) => {}
+            () = &mut shutdown => return Ok(()),
+        }
+    }
     tokio::select! {
         r = shared.register() => r.map_err(anyhow::Error::msg)?,
         () = &mut shutdown => return Ok(()),
     }
 
     let heartbeat = tokio::spawn(heartbeat_loop(shared.clone()));
+    let fencing = tokio::spawn(fence_loop(shared.clone()));
     let flusher = tokio::spawn(flush::flush_loop(shared.clone()));
     let assignments = tokio::spawn(assignment_loop(shared.clone()));
     let notice = async {
@@ -440,6 +482,7 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     heartbeat.abort();
+    fencing.abort();
     flusher.abort();
     if let Some(m) = metrics_server {
         m.abort();
@@ -487,8 +530,12 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
     let mut interval = every(&shared);
     loop {
         tokio::time::sleep(interval).await;
+        let sent = std::time::Instant::now();
         match shared.client().heartbeat(heartbeat_request(&shared)).await {
             Ok(r) => {
+                if let Some(paused) = shared.fence.accepted(sent) {
+                    tracing::warn!(paused_ms = paused.as_millis() as u64, "a heartbeat is accepted again: the paused trainers go on (the coordinator stops those it no longer wants)");
+                }
                 for s in r.into_inner().stop {
                     stop(
                         &shared,
@@ -515,6 +562,22 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
                 tracing::warn!(error = %e.message(), "heartbeat failed");
                 interval = every(&shared).min(Duration::from_secs(1));
             }
+        }
+    }
+}
+
+/// Watches the lease: pauses every trainer once no heartbeat was accepted for nearly the lease
+/// (see [`fence`]).
+async fn fence_loop(shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let lease = shared
+            .lease
+            .lock()
+            .map(|l| *l)
+            .unwrap_or(Duration::from_secs(15));
+        if let Some(silent) = shared.fence.check(lease) {
+            tracing::warn!(silent_ms = silent.as_millis() as u64, lease_s = lease.as_secs(), "self-fenced: no heartbeat accepted for nearly the lease; trainers paused before the coordinator could give their ranks to another worker");
         }
     }
 }
@@ -624,6 +687,7 @@ mod tests {
     #[test]
     fn texts_are_storable() {
         assert_eq!(wire_text("a\0b"), "a\u{FFFD}b");
+        assert_eq!(wire_text("\u{1b}[31mred\nline"), "\u{FFFD}[31mred\nline");
         let long = "é".repeat(3000);
         let t = wire_text(&long);
         assert!(t.len() <= MAX_TEXT && t.ends_with('…'), "{}", t.len());

@@ -40,6 +40,7 @@ pub(crate) async fn run_rank(
         if let Ok(mut r) = shared.running.lock() {
             r.remove(&key);
         }
+        shared.fence.ended(&key.to_string());
     };
     let stopped_reason =
         |r: Result<StopRequest, _>| r.map_or_else(|_| "stopped".into(), |s| s.reason);
@@ -99,6 +100,9 @@ pub(crate) async fn run_rank(
         Err(e) => return finish(pb::RankOutcome::FailedInfra, format!("{e:#}")),
     };
     tracing::info!(job = %key.job_id, attempt = key.attempt, rank = key.rank, pid = child.id(), "trainer started");
+    if let Some(pid) = child.id() {
+        shared.fence.started(&key.to_string(), pid);
+    }
     let Some(stdout) = child.stdout.take() else {
         return finish(pb::RankOutcome::FailedInfra, "trainer has no stdout".into());
     };
@@ -276,13 +280,15 @@ pub(crate) fn outcome_of(
     }
 }
 
-/// SIGTERM, then SIGKILL after the grace period.
+/// SIGTERM, then SIGKILL after the grace period (a trainer paused by the fence is continued
+/// first, so that it can exit).
 async fn terminate(child: &mut tokio::process::Child, grace: Duration) {
     if let Some(pid) = child.id() {
         // SAFETY: signalling our own child process by its pid.
         unsafe {
             libc::kill(pid as i32, libc::SIGTERM);
         }
+        crate::fence::Fence::release(pid);
     }
     if tokio::time::timeout(grace, child.wait()).await.is_err() {
         let _ = child.kill().await;

@@ -19,6 +19,12 @@ pub struct AttemptRank {
     pub rank: u32,
 }
 
+impl std::fmt::Display for AttemptRank {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.job_id, self.attempt, self.rank)
+    }
+}
+
 impl AttemptRank {
     pub fn of(a: &pb::Assignment) -> AttemptRank {
         AttemptRank {

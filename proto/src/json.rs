@@ -249,6 +249,6 @@ pub fn token(t: &pb::TokenInfo) -> Value {
 pub fn team(t: &pb::Team) -> Value {
     json!({
         "name": t.name, "max_priority": t.max_priority, "max_gpus": t.max_gpus,
-        "held_gpus": t.held_gpus,
+        "held_gpus": t.held_gpus, "allowed_roots": t.allowed_roots,
     })
 }

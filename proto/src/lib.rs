@@ -20,3 +20,4 @@ pub mod job_spec;
 pub mod json;
 pub mod names;
 pub mod refusal;
+pub mod text;

@@ -42,6 +42,18 @@ pub fn has_dot_dot(v: &str) -> bool {
     v.split('/').any(|s| s == "..")
 }
 
+/// Checks a root that paths are held to (an operator's allowed root): an absolute path, a
+/// `file:///` URI or `gs://bucket[/prefix]`, without `..` segments or control characters.
+pub fn check_root(v: &str) -> Result<(), String> {
+    if v.chars().any(char::is_control) || has_dot_dot(v) || place(v).is_none() {
+        return Err(format!(
+            "must be an absolute path, file:///path or gs://bucket[/prefix] without `..` \
+             segments or control characters, got {v:?}"
+        ));
+    }
+    Ok(())
+}
+
 /// Whether `v` is `root` or lies below it. Both are absolute paths, `file://` URIs or `gs://`
 /// URIs; anything else, and anything with a `..` segment, is inside nothing.
 pub fn is_within(root: &str, v: &str) -> bool {
@@ -102,6 +114,10 @@ mod tests {
             assert!(!is_within(root, v), "{v} not in {root}");
         }
         assert!(has_dot_dot("/a/../b") && has_dot_dot("..") && !has_dot_dot("/a/..b/c"));
+        assert!(check_root("/data/vision").is_ok() && check_root("gs://team-b").is_ok());
+        for bad in ["data", "gs://", "/a/../b", "/a\nb", "s3://x"] {
+            assert!(check_root(bad).is_err(), "{bad}");
+        }
         assert_eq!(join("/ckpt/", "j/attempt-1"), "/ckpt/j/attempt-1");
         assert_eq!(join("gs://b/p", "j"), "gs://b/p/j");
     }

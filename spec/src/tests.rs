@@ -201,7 +201,7 @@ fn toml_round_trip() {
         weight_decay: 1e-300,
         head_lr_mult: 0.1 + 0.2,
         name: "x".repeat(128),
-        checkpoint_root: "/with\nnewline 'and' \"quotes\" \\ back\tslash".to_string(),
+        checkpoint_root: "/with 'and' \"quotes\" \\ back slash and ü".to_string(),
         ..JobSpec::with_defaults("/d")
     };
     for spec in [

@@ -238,6 +238,19 @@ fn path_basics(field: &str, v: &str, what: &str) -> Result<(), SpecError> {
             format!("must not contain NUL bytes, got {v:?}"),
         ));
     }
+    if v.chars().any(char::is_control) {
+        return Err(SpecError::new(
+            field,
+            format!("must not contain control characters, got {v:?}"),
+        ));
+    }
+    // A path says where it is: `/data/../etc` would escape any root it is checked against.
+    if crate::location::has_dot_dot(v) {
+        return Err(SpecError::new(
+            field,
+            format!("must not contain `..` segments, got {v:?}"),
+        ));
+    }
     Ok(())
 }
 

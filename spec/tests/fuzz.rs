@@ -148,6 +148,12 @@ fn path_rule(field: &'static str, v: &str, abs_only: bool) -> Result<(), Violati
     if v.contains('\0') {
         broken.push("NUL".to_string());
     }
+    if v.chars().any(char::is_control) {
+        broken.push("control characters".to_string());
+    }
+    if v.split('/').any(|s| s == "..") {
+        broken.push("`..` segments".to_string());
+    }
     if broken.is_empty() {
         Ok(())
     } else {
@@ -903,21 +909,22 @@ fn wild_spec() -> impl Strategy<Value = JobSpec> {
 // ------------------------------------------------------------------------------------------------
 // Strategies: valid specs
 
-/// Any char but NUL.
+/// Any char but a control character.
 fn path_char() -> impl Strategy<Value = char> {
-    any::<char>().prop_map(|c| if c == '\0' { '\u{1}' } else { c })
+    any::<char>().prop_map(|c| if c.is_control() { '\u{FFFD}' } else { c })
 }
 
-/// A valid absolute path: short ones of any chars (quotes, newlines, `'''`, non-ASCII), and
-/// ones at the 4096-byte limit.
+/// A valid absolute path (never a `..` segment): short ones of any printable chars (quotes,
+/// `'''`, non-ASCII), and ones at the 4096-byte limit.
 fn absolute_path() -> BoxedStrategy<String> {
     prop_oneof![
         4 => vec(path_char(), 0..40).prop_map(|c| format!("/{}", String::from_iter(c))),
-        1 => "/[a-z'\"\\\\\n\r\t ]{0,12}",
+        1 => "/[a-z'\"\\\\ ]{0,12}",
         1 => (1usize..4096).prop_map(|n| format!("/{}", "d".repeat(n - 1))),
         1 => (0usize..=2047).prop_map(|n| format!("/{}x", "ü".repeat(n))),
     ]
     .prop_filter("at most 4096 bytes", |p| p.len() <= 4096)
+    .prop_filter("no `..` segment", |p| !p.split('/').any(|s| s == ".."))
     .boxed()
 }
 
@@ -936,6 +943,7 @@ fn location() -> BoxedStrategy<String> {
             }),
     ]
     .prop_filter("at most 4096 bytes", |p| p.len() <= 4096)
+    .prop_filter("no `..` segment", |p| !p.split('/').any(|s| s == ".."))
     .boxed()
 }
 

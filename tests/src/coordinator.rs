@@ -364,6 +364,26 @@ impl CoordinatorProcess {
         }
     }
 
+    /// SIGSTOP: the coordinator neither answers nor acts (its connections stay open, silent),
+    /// until [`thaw`](Self::thaw).
+    pub fn freeze(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`freeze`](Self::freeze).
+    pub fn thaw(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: signalling our own child process by pid.
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+
     /// Starts the coordinator again on the same port and database.
     pub async fn restart(&mut self) {
         self.kill();

@@ -100,8 +100,14 @@ async fn a_client_sees_and_acts_on_its_own_teams_jobs_only() {
     // Each team lists its own; an admin every team's, or one team's.
     let mut both = vec![a.id.clone(), c.id.clone()];
     both.sort();
-    assert_eq!(listed(&mut bob, "").await.expect("list"), std::slice::from_ref(&a.id));
-    assert_eq!(listed(&mut carol, "").await.expect("list"), std::slice::from_ref(&c.id));
+    assert_eq!(
+        listed(&mut bob, "").await.expect("list"),
+        std::slice::from_ref(&a.id)
+    );
+    assert_eq!(
+        listed(&mut carol, "").await.expect("list"),
+        std::slice::from_ref(&c.id)
+    );
     assert_eq!(listed(&mut ops, "").await.expect("list"), both);
     assert_eq!(
         listed(&mut ops, "audio").await.expect("list"),
@@ -232,6 +238,7 @@ async fn a_team_over_its_limits_is_refused_or_waits_queued_saying_why() {
             name: "vision".into(),
             max_priority: Some(10),
             max_gpus: Some(2),
+            ..Default::default()
         })
         .await
         .expect("set limits")

@@ -409,7 +409,9 @@ async fn tokens_and_roles_decide_who_may_call_what() {
             "created_at",
             "revoked_at",
             "last_used_at",
-            "host"
+            "host",
+            "principal",
+            "team"
         ]
     );
     // Nor does the coordinator log them.

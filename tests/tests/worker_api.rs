@@ -323,6 +323,7 @@ async fn happy_path_through_the_worker_api() {
             host: r0.host.clone(),
             gpu_index: r0.gpu_index,
             instance_id: r0.instance.clone(),
+            instance_secret: r0.secret.clone(),
             ..Default::default()
         })
         .await
@@ -791,6 +792,7 @@ async fn a_resent_batch_is_stored_once() {
                 rank: 0,
             }],
             instance_id: w.instance.clone(),
+            instance_secret: w.secret.clone(),
             ..Default::default()
         })
         .await

@@ -74,7 +74,7 @@ impl ClusterApi {
         } else {
             "worker undrained"
         };
-        tracing::info!(target: "segtrain::audit", action, worker = %id, state = %state, %by);
+        tracing::info!(target: "segtrain::audit", %action, worker = %id, state = %state, %by, "worker drain changed");
         Ok(state.to_proto() as i32)
     }
 }

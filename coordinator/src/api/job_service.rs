@@ -100,6 +100,7 @@ impl pb::job_service_server::JobService for JobApi {
             .await
             .map_err(status_of)?;
         teams::check_priority(owner.team, &limits, spec.priority)
+            .and_then(|()| teams::check_paths(owner.team, &limits, &spec))
             .map_err(Status::invalid_argument)?;
         let (job, existing) = self
             .store
@@ -107,7 +108,7 @@ impl pb::job_service_server::JobService for JobApi {
             .await
             .map_err(status_of)?;
         if !existing {
-            tracing::info!(target: "segtrain::audit", action = "job submitted", job = %job.id, name = %spec.name, world_size = spec.world_size, principal = %owner.principal, team = %owner.team);
+            tracing::info!(target: "segtrain::audit", job = %job.id, attempt = job.attempt, name = %spec.name, world_size = spec.world_size, principal = %owner.principal, team = %owner.team, "job submitted");
         }
         // Also for an existing job: the warnings are about the spec, which is the same.
         let warnings = spec.warnings();
@@ -178,6 +179,9 @@ impl pb::job_service_server::JobService for JobApi {
                 req.reason.len()
             )));
         }
+        if let Some(why) = segtrain_proto::text::control_refusal(&req.reason, false) {
+            return Err(Status::invalid_argument(format!("reason: {why}")));
+        }
         let reason = if req.reason.is_empty() {
             "canceled by user"
         } else {
@@ -190,7 +194,7 @@ impl pb::job_service_server::JobService for JobApi {
             .cancel_job(id, reason, by.as_deref())
             .await
             .map_err(status_of)?;
-        tracing::info!(target: "segtrain::audit", action = "job canceled", job = %id, attempt = job.attempt, state = %job.state, by = by.as_deref().unwrap_or("unauthenticated"));
+        tracing::info!(target: "segtrain::audit", job = %id, attempt = job.attempt, state = %job.state, by = by.as_deref().unwrap_or("unauthenticated"), "job canceled");
         Ok(Response::new(pb::CancelJobResponse {
             job: Some(convert::job(&job)),
         }))

@@ -7,6 +7,7 @@ use crate::auth::check_team_name;
 use crate::store::{Store, TeamRecord};
 use crate::teams::TeamLimits;
 use segtrain_proto::v1 as pb;
+use segtrain_spec::location::check_root;
 use tonic::{Request, Response, Status};
 
 pub struct TeamApi {
@@ -25,6 +26,7 @@ fn team(t: &TeamRecord) -> pb::Team {
         max_priority: t.limits.max_priority,
         max_gpus: t.limits.max_gpus,
         held_gpus: t.held_gpus,
+        allowed_roots: t.limits.allowed_roots.clone(),
     }
 }
 
@@ -41,9 +43,19 @@ fn limits(req: &pb::SetTeamRequest) -> Result<TeamLimits, Status> {
             "max_gpus: must be in 1..=1000000 (unset for no limit), got {g}"
         )));
     }
+    if req.allowed_roots.len() > 64 {
+        return Err(Status::invalid_argument(format!(
+            "allowed_roots: at most 64, got {}",
+            req.allowed_roots.len()
+        )));
+    }
+    for (i, r) in req.allowed_roots.iter().enumerate() {
+        check_root(r).map_err(|m| Status::invalid_argument(format!("allowed_roots[{i}]: {m}")))?;
+    }
     Ok(TeamLimits {
         max_priority: req.max_priority,
         max_gpus: req.max_gpus,
+        allowed_roots: req.allowed_roots.clone(),
     })
 }
 
@@ -60,7 +72,7 @@ impl pb::team_service_server::TeamService for TeamApi {
             .set_team(&req.get_ref().name, limits)
             .await
             .map_err(status_of)?;
-        tracing::info!(target: "segtrain::audit", action = "team limits set", team = %t.name, max_priority = ?t.limits.max_priority, max_gpus = ?t.limits.max_gpus, by = %who);
+        tracing::info!(target: "segtrain::audit", team = %t.name, max_priority = ?t.limits.max_priority, max_gpus = ?t.limits.max_gpus, allowed_roots = ?t.limits.allowed_roots, by = %who, "team limits set");
         Ok(Response::new(pb::SetTeamResponse {
             team: Some(team(&t)),
         }))

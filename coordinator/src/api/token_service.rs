@@ -96,7 +96,7 @@ impl pb::token_service_server::TokenService for TokenApi {
             .create_token(&new, &auth::secret_sha256(&token))
             .await
             .map_err(status_of)?;
-        tracing::info!(target: "segtrain::audit", action = "token created", token = %t.id, name = %t.name, role = %role, principal = %t.principal, team = %t.team, host = ?t.host, by = %who);
+        tracing::info!(target: "segtrain::audit", token = %t.id, name = %t.name, role = %role, principal = %t.principal, team = %t.team, host = ?t.host, by = %who, "token created");
         Ok(Response::new(pb::CreateTokenResponse {
             token,
             info: Some(token_info(&t)),
@@ -132,7 +132,7 @@ impl pb::token_service_server::TokenService for TokenApi {
         if let Some(v) = &self.verifier {
             v.forget_all();
         }
-        tracing::info!(target: "segtrain::audit", action = "token revoked", token = %t.id, name = %t.name, principal = %t.principal, team = %t.team, by = %who);
+        tracing::info!(target: "segtrain::audit", token = %t.id, name = %t.name, principal = %t.principal, team = %t.team, by = %who, "token revoked");
         Ok(Response::new(pb::RevokeTokenResponse {
             token: Some(token_info(&t)),
         }))

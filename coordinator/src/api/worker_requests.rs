@@ -185,12 +185,10 @@ fn text(field: &str, s: &str, allow_empty: bool) -> Result<String, Status> {
             format!("must be {min}-{MAX_TEXT} bytes, got {}", s.len()),
         ));
     }
-    // PostgreSQL text cannot hold NUL: storing one would fail as INTERNAL, which a daemon retries.
-    if let Some(at) = s.find('\0') {
-        return Err(invalid(
-            field,
-            format!("must not contain a NUL character (found at byte {at})"),
-        ));
+    // Several lines of a trainer's output: line feeds and tabs, no other control character (a
+    // terminal showing the note would obey it; PostgreSQL cannot store NUL).
+    if let Some(why) = segtrain_proto::text::control_refusal(s, true) {
+        return Err(invalid(field, why));
     }
     Ok(s.to_string())
 }

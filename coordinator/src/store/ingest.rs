@@ -311,12 +311,15 @@ async fn apply(
             .await?;
         }
         IngestBody::CheckpointsDeleted { uris } => {
+            // A trainer deletes only its own attempt's checkpoints; a report naming another's
+            // changes nothing.
             sqlx::query(
                 "UPDATE checkpoints SET state = 'DELETED'
-                 WHERE job_id = $1 AND uri = ANY($2) AND state <> 'DELETED'",
+                 WHERE job_id = $1 AND uri = ANY($2) AND attempt = $3 AND state <> 'DELETED'",
             )
             .bind(job_id)
             .bind(uris)
+            .bind(attempt as i32)
             .execute(&mut **tx)
             .await?;
         }

@@ -19,6 +19,7 @@ struct TeamRow {
     name: String,
     max_priority: Option<i32>,
     max_gpus: Option<i32>,
+    allowed_roots: Option<Vec<String>>,
     held_gpus: i64,
 }
 
@@ -33,6 +34,7 @@ impl TryFrom<TeamRow> for TeamRecord {
                     .max_gpus
                     .map(|g| u32_of(g, "teams.max_gpus"))
                     .transpose()?,
+                allowed_roots: r.allowed_roots.unwrap_or_default(),
             },
             held_gpus: u32::try_from(r.held_gpus).map_err(|_| {
                 StoreError::Corrupt(format!("team {} holds {}", r.name, r.held_gpus))
@@ -48,21 +50,22 @@ const HELD: &str = "SELECT j.team, count(*) AS held FROM attempt_ranks ar
                     WHERE ar.finished_at IS NULL GROUP BY j.team";
 
 impl Store {
-    /// Sets a team's limits (replacing the ones it had; `None` removes a limit).
+    /// Sets a team's limits (replacing the ones it had; `None` or empty removes a limit).
     pub async fn set_team(&self, name: &str, limits: TeamLimits) -> Result<TeamRecord, StoreError> {
+        let max_gpus = limits
+            .max_gpus
+            .map(|g| i32::try_from(g).unwrap_or(i32::MAX));
         sqlx::query(
-            "INSERT INTO teams (name, max_priority, max_gpus) VALUES ($1, $2, $3)
+            "INSERT INTO teams (name, max_priority, max_gpus, allowed_roots)
+             VALUES ($1, $2, $3, $4)
              ON CONFLICT (name) DO UPDATE
                  SET max_priority = EXCLUDED.max_priority, max_gpus = EXCLUDED.max_gpus,
-                     updated_at = now()",
+                     allowed_roots = EXCLUDED.allowed_roots, updated_at = now()",
         )
         .bind(name)
         .bind(limits.max_priority)
-        .bind(
-            limits
-                .max_gpus
-                .map(|g| i32::try_from(g).unwrap_or(i32::MAX)),
-        )
+        .bind(max_gpus)
+        .bind(&limits.allowed_roots)
         .execute(&self.pool)
         .await?;
         self.list_teams()
@@ -77,7 +80,8 @@ impl Store {
         let rows: Vec<TeamRow> = sqlx::query_as(&format!(
             "WITH held AS ({HELD}),
                   names AS (SELECT name FROM teams UNION SELECT DISTINCT team FROM jobs)
-             SELECT n.name, t.max_priority, t.max_gpus, coalesce(h.held, 0) AS held_gpus
+             SELECT n.name, t.max_priority, t.max_gpus, t.allowed_roots,
+                    coalesce(h.held, 0) AS held_gpus
              FROM names n LEFT JOIN teams t ON t.name = n.name LEFT JOIN held h ON h.team = n.name
              ORDER BY n.name"
         ))
@@ -88,15 +92,17 @@ impl Store {
 
     /// A team's limits (none set: no limits).
     pub async fn team_limits(&self, name: &str) -> Result<TeamLimits, StoreError> {
-        let row: Option<(Option<i32>, Option<i32>)> =
-            sqlx::query_as("SELECT max_priority, max_gpus FROM teams WHERE name = $1")
-                .bind(name)
-                .fetch_optional(&self.pool)
-                .await?;
-        let (max_priority, max_gpus) = row.unwrap_or_default();
+        let row: Option<(Option<i32>, Option<i32>, Vec<String>)> = sqlx::query_as(
+            "SELECT max_priority, max_gpus, allowed_roots FROM teams WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        let (max_priority, max_gpus, allowed_roots) = row.unwrap_or_default();
         Ok(TeamLimits {
             max_priority,
             max_gpus: max_gpus.map(|g| u32_of(g, "teams.max_gpus")).transpose()?,
+            allowed_roots,
         })
     }
 
@@ -116,7 +122,8 @@ pub(super) async fn gpu_limited_teams(
 ) -> Result<BTreeMap<String, TeamRecord>, StoreError> {
     let rows: Vec<TeamRow> = sqlx::query_as(&format!(
         "WITH held AS ({HELD})
-         SELECT t.name, t.max_priority, t.max_gpus, coalesce(h.held, 0) AS held_gpus
+         SELECT t.name, t.max_priority, t.max_gpus, t.allowed_roots,
+                coalesce(h.held, 0) AS held_gpus
          FROM teams t LEFT JOIN held h ON h.team = t.name WHERE t.max_gpus IS NOT NULL"
     ))
     .fetch_all(&mut **tx)

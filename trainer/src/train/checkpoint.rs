@@ -292,46 +292,21 @@ pub fn list(root: &Path) -> anyhow::Result<Vec<(u64, PathBuf)>> {
     Ok(out)
 }
 
-/// The attempt number of a directory named `attempt-<k>` (where the worker daemon puts each
-/// attempt's checkpoints: `<checkpoint_root>/<job>/attempt-<k>`).
-pub fn attempt_of(dir: &Path) -> Option<u32> {
-    dir.file_name()?
-        .to_str()?
-        .strip_prefix("attempt-")?
-        .parse()
-        .ok()
-}
-
-/// Deletes checkpoints beyond the newest `keep_last` iterations, sparing the one at
+/// Deletes this run's checkpoints beyond the newest `keep_last` iterations, sparing the one at
 /// `best_iteration`. Returns the deleted directories.
 ///
-/// When `root` is `…/attempt-<k>`, the checkpoints of the job's earlier attempts
-/// (`…/attempt-<j>`, j < k) count too: a resumed attempt continues their history, and where it
-/// re-did an iteration its own checkpoint supersedes theirs. Later attempts' directories are
-/// never touched, so a stale trainer cannot delete the files of the attempt that replaced it.
+/// Only `root`'s own: when it is `…/attempt-<k>`, the job's other attempts' directories are
+/// never touched. A trainer cut off from its coordinator may still be running when the job has
+/// moved on, and the checkpoint a later attempt resumed from (or would resume from after
+/// another failure) lies in an earlier attempt's directory: no trainer may delete it. Each
+/// attempt keeps at most `keep_last` (docs/security.md, "Nothing acknowledged is lost").
 pub fn retain(
     root: &Path,
     keep_last: usize,
     best_iteration: Option<u64>,
 ) -> anyhow::Result<Vec<PathBuf>> {
     // (iteration, attempt, dir)
-    let mut all: Vec<(u64, u32, PathBuf)> = Vec::new();
-    match (attempt_of(root), root.parent()) {
-        (Some(mine), Some(job_dir)) => {
-            let entries = fs::read_dir(job_dir)
-                .with_context(|| format!("cannot list {}", job_dir.display()))?;
-            for e in entries {
-                let dir = e?.path();
-                match attempt_of(&dir) {
-                    Some(a) if a <= mine => {
-                        all.extend(list(&dir)?.into_iter().map(|(it, d)| (it, a, d)))
-                    }
-                    _ => {}
-                }
-            }
-        }
-        _ => all.extend(list(root)?.into_iter().map(|(it, d)| (it, 0, d))),
-    }
+    let all: Vec<(u64, u32, PathBuf)> = list(root)?.into_iter().map(|(it, d)| (it, 0, d)).collect();
     let doomed = retention(all, keep_last, best_iteration);
     let mut deleted = Vec::new();
     for dir in doomed {

@@ -114,8 +114,8 @@ impl RemoteDir {
         Ok(self.store.uri(&dest))
     }
 
-    /// Checkpoints (with a manifest) of this attempt and of the job's earlier attempts, as
-    /// (iteration, attempt, path). See [`checkpoint::retain`] for why earlier attempts count.
+    /// Checkpoints (with a manifest) of this attempt, as (iteration, attempt, path): never
+    /// another attempt's (see [`checkpoint::retain`] for why).
     pub fn list_job(&self) -> anyhow::Result<Vec<(u64, u32, ObjPath)>> {
         let parts: Vec<String> = self.path.parts().map(|p| p.as_ref().to_string()).collect();
         let mine = parts
@@ -158,8 +158,8 @@ impl RemoteDir {
                 None
             };
             let attempt = match (attempt, mine) {
-                (Some(a), _) if a <= mine => a,
-                (Some(_), _) => continue, // a later attempt's: never touched
+                (Some(a), _) if a == mine => a,
+                (Some(_), _) => continue, // another attempt's: never touched
                 (None, 0) => 0,
                 (None, _) => continue,
             };
