@@ -134,6 +134,19 @@ $("#signin-form").addEventListener("submit", (ev) => {
 });
 $("#signout").addEventListener("click", () => signIn(""));
 
+// Every item of a paged list call (workers, attempts, checkpoints), following next_page_token.
+async function everyPage(path, key) {
+  const items = [];
+  let token = "";
+  do {
+    const sep = path.includes("?") ? "&" : "?";
+    const page = await api(`${path}${token ? `${sep}page_token=${encodeURIComponent(token)}` : ""}`);
+    items.push(...page[key]);
+    token = page.next_page_token || "";
+  } while (token);
+  return { [key]: items };
+}
+
 // Who submitted a job, and its team ("(team)" for a job from before owners were recorded).
 function owner(j) {
   return j.submitted_by ? `${j.submitted_by} (${j.team})` : `(${j.team || "default"})`;
@@ -311,7 +324,7 @@ function jobPage(view, id) {
   }
 
   async function refreshTables() {
-    const [a, c] = await Promise.all([api(`/jobs/${id}/attempts`), api(`/jobs/${id}/checkpoints`)]);
+    const [a, c] = await Promise.all([everyPage(`/jobs/${id}/attempts`, "attempts"), everyPage(`/jobs/${id}/checkpoints`, "checkpoints")]);
     attempts.replaceChildren(table(["#", "State", "World", "Workers", "Reason"], a.attempts.map((x) =>
       el("tr", {}, el("td", { text: x.attempt }), el("td", {}, stateBadge(x.state)), el("td", { text: x.world_size }),
         el("td", { text: (x.workers || []).join(", ") }), el("td", { text: x.reason || "" })))));
@@ -409,7 +422,7 @@ function workersPage(view) {
   const body = el("div", { id: "workers", class: "hosts" });
   view.append(el("h1", { text: "Workers" }), el("p", { id: "page-error", class: "error" }), body);
   every(POLL_MS, async () => {
-    const { workers } = await api("/workers");
+    const { workers } = await everyPage("/workers", "workers");
     if (!workers.length) { body.replaceChildren(el("p", { class: "muted", text: "No worker daemon has registered." })); return; }
     const hosts = new Map();
     for (const w of workers) {

@@ -20,6 +20,7 @@ macro_rules! say_err {
 
 mod export;
 mod output;
+mod pages;
 mod plot;
 mod tensorboard;
 
@@ -352,23 +353,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             out.canceled(&JobView::from(&job));
         }
         Command::Attempts { job } => {
-            let resp = jobs
-                .list_attempts(pb::ListAttemptsRequest { job_id: job })
-                .await
-                .map_err(rpc)?
-                .into_inner();
-            out.attempts(&resp.attempts);
+            let attempts = pages::attempts(&mut jobs, &job).await.map_err(rpc)?;
+            out.attempts(&attempts);
         }
         Command::Checkpoints { job, all } => {
-            let resp = jobs
-                .list_checkpoints(pb::ListCheckpointsRequest {
-                    job_id: job,
-                    include_deleted: all,
-                })
+            let checkpoints = pages::checkpoints(&mut jobs, &job, all)
                 .await
-                .map_err(rpc)?
-                .into_inner();
-            out.checkpoints(&resp.checkpoints);
+                .map_err(rpc)?;
+            out.checkpoints(&checkpoints);
         }
         Command::Metrics { job, names, since } => {
             let resp = jobs
@@ -416,13 +408,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Workers => {
-            let resp = ClusterServiceClient::new(channel)
-                .max_decoding_message_size(conn::MAX_RESPONSE_BYTES)
-                .list_workers(pb::ListWorkersRequest {})
-                .await
-                .map_err(rpc)?
-                .into_inner();
-            out.workers(&resp.workers);
+            let mut cluster = ClusterServiceClient::new(channel)
+                .max_decoding_message_size(conn::MAX_RESPONSE_BYTES);
+            out.workers(&pages::workers(&mut cluster).await.map_err(rpc)?);
         }
         Command::Drain { worker } => set_draining(channel, &out, &worker, true, &rpc).await?,
         Command::Undrain { worker } => set_draining(channel, &out, &worker, false, &rpc).await?,
@@ -720,12 +708,7 @@ async fn set_draining(
 ) -> anyhow::Result<()> {
     let mut cluster =
         ClusterServiceClient::new(channel).max_decoding_message_size(conn::MAX_RESPONSE_BYTES);
-    let workers = cluster
-        .list_workers(pb::ListWorkersRequest {})
-        .await
-        .map_err(rpc)?
-        .into_inner()
-        .workers;
+    let workers = pages::workers(&mut cluster).await.map_err(rpc)?;
     let w = find_worker(&workers, worker)?;
     let worker_id = w.id.clone();
     let state = if drain {

@@ -218,6 +218,25 @@ impl Shared {
         );
     }
 
+    /// A trainer found this worker's disk full: the worker takes no new rank (its heartbeats say
+    /// it is leaving) until its daemon restarts, so the job's restart is not spent here again.
+    fn disk_full(&self, key: &AttemptRank, why: &str) {
+        self.leaving
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let worker = segtrain_proto::names::worker_name(
+            &self.cfg.host,
+            self.cfg.gpu.map_or(-1, |g| g as i32),
+        );
+        tracing::error!(job = %key.job_id, attempt = key.attempt, rank = key.rank, error = %why, "the disk is full: this worker takes no new rank until its daemon is restarted (free space, then systemctl restart)");
+        self.note(
+            key,
+            &format!(
+                "worker {worker}: the disk is full ({why}); the worker takes no new rank until \
+                 its daemon is restarted"
+            ),
+        );
+    }
+
     /// This daemon must stop: another instance holds its worker. The first reason wins.
     fn fail(&self, why: String) {
         if let Ok(mut f) = self.fatal.lock() {
@@ -344,6 +363,19 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let instance = instance::claim(&cfg.work_dir, cfg.gpu)?;
+    // The rank dirs a previous daemon of this worker left (its trainers died with it).
+    for e in std::fs::read_dir(&cfg.work_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if e.file_name()
+            .to_str()
+            .is_some_and(|n| rank::is_rank_dir(cfg.gpu, n))
+        {
+            rank::remove_work_dir(&e.path());
+        }
+    }
     let journal = format!("outbox-{}.journal", instance::label(cfg.gpu));
     let outbox = Outbox::open(&cfg.work_dir, &journal)?;
     let channel = conn::connect_lazy(&cfg.coordinator, &cfg.tls, cfg.token.clone())?;
@@ -674,6 +706,32 @@ fn stop(shared: &Shared, job_id: &str, attempt: u32, req: StopRequest) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rank_dirs_are_told_apart() {
+        let key = AttemptRank {
+            job_id: "01a25259-85ed-7533-be40-27374a26ae59".into(),
+            attempt: 3,
+            rank: 12,
+        };
+        let name = rank::rank_dir_name(Some(1), &key);
+        assert_eq!(name, format!("gpu1-{}-a3-r12", key.job_id));
+        assert!(rank::is_rank_dir(Some(1), &name));
+        // Another GPU's on a shared work dir is not this worker's.
+        assert!(!rank::is_rank_dir(Some(0), &name));
+        assert!(rank::is_rank_dir(None, &rank::rank_dir_name(None, &key)));
+        let job = &key.job_id;
+        for other in [
+            "daemon.log",
+            "outbox-cpu.journal",
+            "daemon-cpu.instance",
+            &format!("gpu1-{job}-a3"),
+            &format!("gpu1-{job}-ax-r1"),
+            "gpu1-short-a1-r1",
+        ] {
+            assert!(!rank::is_rank_dir(Some(1), other), "{other}");
+        }
+    }
 
     #[test]
     fn the_smaller_grace_wins() {

@@ -84,7 +84,7 @@ pub(crate) async fn run_rank(
     let work_dir = shared
         .cfg
         .work_dir
-        .join(format!("{}-a{}-r{}", key.job_id, key.attempt, key.rank));
+        .join(rank_dir_name(shared.cfg.gpu, &key));
     let launch = trainer_process::Launch {
         exe: &shared.cfg.exe,
         assignment: &a,
@@ -145,6 +145,7 @@ pub(crate) async fn run_rank(
             }
             status = child.wait(), if !stdout_open => {
                 let (outcome, reason) = outcome_of(stopped.take(), ended, failed.take(), status, &log);
+                remove_work_dir(&work_dir);
                 return finish(outcome, reason);
             }
         }
@@ -183,8 +184,16 @@ async fn handle(
         }
         Parsed::Failed {
             deterministic,
+            disk_full,
             reason,
-        } => *failed = Some((deterministic, reason)),
+        } => {
+            if disk_full {
+                shared.disk_full(key, &reason);
+                // Said before the rank's end is reported, so its restart is not placed here.
+                let _ = tokio::time::timeout(Duration::from_secs(5), super::beat(shared)).await;
+            }
+            *failed = Some((deterministic, reason))
+        }
         Parsed::Rendezvous(ep) => publish(shared, key, ep).await,
         Parsed::Collective { backend, detail } => {
             tracing::info!(job = %key.job_id, attempt = key.attempt, rank = key.rank, backend, detail, "collective ready")
@@ -278,6 +287,39 @@ pub(crate) fn outcome_of(
             format!("cannot wait for the trainer: {e}"),
         ),
     }
+}
+
+/// Removes a finished rank's work dir (its job file, its trainer's log, a checkpoint's staging
+/// copy): what the rank's end needed from it is read by now.
+pub(crate) fn remove_work_dir(dir: &std::path::Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a finished rank's work dir");
+        }
+    }
+}
+
+/// A rank's work dir name: `<cpu|gpuN>-<job id>-a<attempt>-r<rank>` (the worker's label
+/// first: daemons of several GPUs may share a work dir).
+pub(crate) fn rank_dir_name(gpu: Option<u32>, key: &AttemptRank) -> String {
+    let label = crate::instance::label(gpu);
+    format!("{label}-{}-a{}-r{}", key.job_id, key.attempt, key.rank)
+}
+
+/// Whether a work dir entry is a rank dir of the worker `gpu` (see [`rank_dir_name`]).
+pub(crate) fn is_rank_dir(gpu: Option<u32>, name: &str) -> bool {
+    let label = crate::instance::label(gpu);
+    let Some(name) = name.strip_prefix(&format!("{label}-")) else {
+        return false;
+    };
+    let Some((job, rest)) = name.split_at_checked(36) else {
+        return false;
+    };
+    uuid::Uuid::parse_str(job).is_ok()
+        && rest
+            .strip_prefix("-a")
+            .and_then(|r| r.split_once("-r"))
+            .is_some_and(|(a, r)| a.parse::<u32>().is_ok() && r.parse::<u32>().is_ok())
 }
 
 /// SIGTERM, then SIGKILL after the grace period (a trainer paused by the fence is continued

@@ -62,9 +62,11 @@ pub enum Parsed {
         deleted: Option<pb::worker_event::Payload>,
     },
     Rendezvous(pb::publish_rendezvous_request::Endpoint),
-    /// The trainer's last word before a failing exit: whether a restart would repeat it.
+    /// The trainer's last word before a failing exit: whether a restart would repeat it, and
+    /// whether this worker's disk is full.
     Failed {
         deterministic: bool,
+        disk_full: bool,
         reason: String,
     },
     /// A rank's own metrics (`rank_metrics`, ranks other than 0): for this daemon's gauges only.
@@ -147,6 +149,7 @@ pub fn parse_line(line: &str, job_id: &str, attempt: u32) -> Result<Parsed, Line
         })),
         TrainerLine::Failed { class, reason } => Parsed::Failed {
             deterministic: class == FailureClass::Deterministic,
+            disk_full: class == FailureClass::DiskFull,
             reason,
         },
         TrainerLine::Checkpoint {
@@ -465,6 +468,7 @@ mod tests {
         match p(r#"{"event":"failed","class":"deterministic","reason":"no data"}"#) {
             Parsed::Failed {
                 deterministic: true,
+                disk_full: false,
                 reason,
             } => assert_eq!(reason, "no data"),
             other => panic!("{other:?}"),

@@ -231,7 +231,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let wall = run_start.elapsed();
     let lost = pb::cluster_service_client::ClusterServiceClient::new(channels[0].clone())
-        .list_workers(pb::ListWorkersRequest {})
+        .list_workers(pb::ListWorkersRequest::default())
         .await
         .map(|r| {
             r.into_inner()

@@ -316,7 +316,7 @@ impl CoordinatorProcess {
     /// Every worker ListWorkers reports, by id (the cluster view the scheduling tests check).
     pub async fn list_workers(&self) -> HashMap<String, pb::Worker> {
         ClusterServiceClient::new(self.channel().await)
-            .list_workers(pb::ListWorkersRequest {})
+            .list_workers(pb::ListWorkersRequest::default())
             .await
             .expect("list workers")
             .into_inner()

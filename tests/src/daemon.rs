@@ -271,6 +271,13 @@ pub fn children_of(pid: u32) -> Vec<u32> {
     out
 }
 
+/// A process's state letter from /proc (`S` sleeping, `R` running, `T` stopped, `Z` zombie),
+/// if it exists.
+pub fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
 /// Whether a process is still alive (and not a zombie).
 pub fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))

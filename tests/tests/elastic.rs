@@ -135,7 +135,10 @@ async fn attempts(c: &Cluster, id: &str) -> Vec<pb::Attempt> {
     c.coord
         .jobs()
         .await
-        .list_attempts(pb::ListAttemptsRequest { job_id: id.into() })
+        .list_attempts(pb::ListAttemptsRequest {
+            job_id: id.into(),
+            ..Default::default()
+        })
         .await
         .expect("ListAttempts")
         .into_inner()

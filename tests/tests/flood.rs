@@ -286,7 +286,7 @@ async fn a_flood_of_strangers_and_watchers_does_not_touch_the_workers() {
     let workers = segtrain_proto::v1::cluster_service_client::ClusterServiceClient::new(
         coord.channel_with_token(coord.admin_token()),
     )
-    .list_workers(pb::ListWorkersRequest {})
+    .list_workers(pb::ListWorkersRequest::default())
     .await
     .expect("workers")
     .into_inner()

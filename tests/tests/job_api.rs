@@ -775,6 +775,7 @@ async fn metrics_and_checkpoints_are_served_from_the_store() {
         .list_checkpoints(pb::ListCheckpointsRequest {
             job_id: job.id.clone(),
             include_deleted: false,
+            ..Default::default()
         })
         .await
         .expect("checkpoints")

@@ -164,7 +164,10 @@ async fn a_client_sees_and_acts_on_its_own_teams_jobs_only() {
     );
     not_found(
         carol
-            .list_attempts(pb::ListAttemptsRequest { job_id: id() })
+            .list_attempts(pb::ListAttemptsRequest {
+                job_id: id(),
+                ..Default::default()
+            })
             .await
             .map(drop),
         "attempts",
@@ -174,6 +177,7 @@ async fn a_client_sees_and_acts_on_its_own_teams_jobs_only() {
             .list_checkpoints(pb::ListCheckpointsRequest {
                 job_id: id(),
                 include_deleted: true,
+                ..Default::default()
             })
             .await
             .map(drop),

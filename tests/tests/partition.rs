@@ -6,9 +6,11 @@
 //!
 //! What must hold: within the lease the attempt fails and the world-2 job restarts on the rest
 //! (the reachable worker and a spare) from its checkpoint; the rank on the reachable side is
-//! stopped instead of waiting in its collective for the silent peer; after healing, the cut-off
-//! daemon's stale trainer ends and its reports are refused (its rank stays LOST), and the
-//! daemon is a free worker again; every metric is stored once.
+//! stopped instead of waiting in its collective for the silent peer; the cut-off daemon pauses
+//! its trainer (self-fencing) before the coordinator declares its lease expired; after healing,
+//! that stale trainer ends and its reports are refused (its rank stays LOST), and the daemon is
+//! a free worker again; every metric is stored once; and no retention deleted a checkpoint of
+//! another attempt: every checkpoint listed COMPLETE is on disk, attempt 1's among them.
 
 use segtrain_proto::v1 as pb;
 use segtrain_tests::coordinator::{metric_points, CoordinatorProcess};
@@ -211,8 +213,10 @@ async fn a_host_cut_off_mid_run_fails_its_attempt_within_the_lease_and_rejoins_a
     };
     poll_until(Duration::from_secs(60), "a and b registered", logs, idle(2)).await;
 
+    // One checkpoint kept per attempt: a retention across attempts would delete attempt 1's.
     let spec = pb::JobSpec {
         checkpoint_interval: Some(10),
+        keep_last: Some(1),
         max_restarts: Some(3),
         ..tiny_job(
             "partition",
@@ -279,8 +283,20 @@ async fn a_host_cut_off_mid_run_fails_its_attempt_within_the_lease_and_rejoins_a
     )
     .await;
     assert_eq!(hosts, ["cpu-a", "cpu-c"]);
-    // b, cut off, knows nothing yet: its attempt-1 trainer is still there.
+    // b, cut off, knows nothing yet: its attempt-1 trainer is still there, paused by its own
+    // daemon before the coordinator could declare the lease expired.
     assert!(stale.iter().all(|p| segtrain_tests::daemon::alive(*p)));
+    assert!(
+        stale
+            .iter()
+            .all(|p| segtrain_tests::daemon::process_state(*p) == Some('T')),
+        "b's trainer is not paused\n{}",
+        logs()
+    );
+    let fenced = first_time(&b.log_text(), "self-fenced").expect("b fenced itself");
+    let lost = first_time(&coord.log_text(), "worker lease expired; declared lost")
+        .expect("the coordinator declared b lost");
+    assert!(fenced < lost, "fenced at {fenced}, lease expired at {lost}");
 
     net.heal();
     // The stale trainer is stopped, and what b reports of it is refused (attempt 1 is not the
@@ -328,6 +344,21 @@ async fn a_host_cut_off_mid_run_fails_its_attempt_within_the_lease_and_rejoins_a
     assert_eq!(outcomes[1], "LOST", "attempt 1's ranks: {outcomes:?}");
     // b is back and free for work.
     poll_until(Duration::from_secs(30), "all three idle", logs, idle(3)).await;
+    // No retention deleted another attempt's checkpoint: everything listed COMPLETE is on disk,
+    // attempt 1's last one too (a later attempt resumed from it).
+    let complete: Vec<(i32, String)> = sqlx::query_as(
+        "SELECT attempt, uri FROM checkpoints WHERE job_id = $1::uuid AND state = 'COMPLETE'",
+    )
+    .bind(&id)
+    .fetch_all(&pool)
+    .await
+    .expect("checkpoints");
+    assert!(complete.iter().any(|(a, _)| *a == 1), "{complete:?}");
+    for (_, uri) in &complete {
+        let manifest =
+            std::path::Path::new(uri.trim_start_matches("file://")).join("manifest.json");
+        assert!(manifest.exists(), "{uri} is listed COMPLETE but gone");
+    }
     // Every iteration's loss once through GetMetrics, and no (attempt, iteration) twice.
     let mut jobs = coord.jobs().await;
     let points = metric_points(&mut jobs, &id, &["loss"], 0).await;
@@ -346,4 +377,16 @@ async fn a_host_cut_off_mid_run_fails_its_attempt_within_the_lease_and_rejoins_a
     )
     .await;
     assert_eq!(doubled, 0);
+}
+
+/// The timestamp of the first JSON log line whose message starts with `message`.
+fn first_time(log: &str, message: &str) -> Option<String> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| {
+            v["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(message))
+        })
+        .and_then(|v| v["timestamp"].as_str().map(str::to_string))
 }

@@ -153,7 +153,7 @@ async fn tokens_and_roles_decide_who_may_call_what() {
         .job
         .expect("job");
     ClusterServiceClient::new(coord.channel_with_token(Some(&client)))
-        .list_workers(pb::ListWorkersRequest {})
+        .list_workers(pb::ListWorkersRequest::default())
         .await
         .expect("client lists workers");
     assert_code(
@@ -1177,7 +1177,7 @@ async fn a_daemon_with_a_worker_token_runs_a_job_over_tls() {
     );
 
     let ws = ClusterServiceClient::new(coord.channel_with_token(Some(&client)))
-        .list_workers(pb::ListWorkersRequest {})
+        .list_workers(pb::ListWorkersRequest::default())
         .await
         .expect("workers")
         .into_inner()

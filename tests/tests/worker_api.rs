@@ -256,6 +256,7 @@ async fn happy_path_through_the_worker_api() {
         .list_checkpoints(pb::ListCheckpointsRequest {
             job_id: job.id.clone(),
             include_deleted: false,
+            ..Default::default()
         })
         .await
         .expect("list checkpoints")

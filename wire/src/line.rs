@@ -115,6 +115,9 @@ pub struct Skipped {
 pub enum FailureClass {
     Deterministic,
     Infra,
+    /// The worker's disk is full (ENOSPC): an infrastructure failure of this worker, which
+    /// takes no new rank until its daemon restarts, so restarts go elsewhere.
+    DiskFull,
 }
 
 /// One line of trainer output.

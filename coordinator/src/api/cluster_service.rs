@@ -1,6 +1,6 @@
 //! `segtrain.v1.ClusterService`: the cluster as users see it, and draining workers.
 
-use super::{convert, status_of};
+use super::{convert, paging, status_of};
 use crate::store::Store;
 use segtrain_proto::v1 as pb;
 use tonic::{Request, Response, Status};
@@ -28,11 +28,20 @@ impl ClusterApi {
 impl pb::cluster_service_server::ClusterService for ClusterApi {
     async fn list_workers(
         &self,
-        _req: Request<pb::ListWorkersRequest>,
+        req: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
-        let workers = self.store.list_workers().await.map_err(status_of)?;
+        let req = req.into_inner();
+        let size = paging::size(req.page_size, paging::DEFAULT_LIST, paging::MAX_LIST)?;
+        let after = paging::token::<Uuid>(&req.page_token, "ListWorkers")?;
+        let mut workers = self
+            .store
+            .list_workers(after, size + 1)
+            .await
+            .map_err(status_of)?;
+        let next_page_token = paging::next(&mut workers, size, |w| w.id);
         Ok(Response::new(pb::ListWorkersResponse {
             workers: workers.iter().map(convert::worker).collect(),
+            next_page_token,
         }))
     }
 

@@ -2,7 +2,7 @@
 
 use super::job_access::{caller_of, explain_waiting, listed_team, owner_of, visible_job};
 use super::watch::{watch_job, Watchers};
-use super::{convert, parse_job_id, status_of};
+use super::{convert, paging, parse_job_id, status_of};
 use crate::auth::Caller;
 use crate::state::JobState;
 use crate::store::Store;
@@ -49,13 +49,7 @@ fn idempotency_key(k: &str) -> Result<Option<&str>, Status> {
 }
 
 fn page_size(n: u32) -> Result<u32, Status> {
-    match n {
-        0 => Ok(DEFAULT_PAGE),
-        1..=MAX_PAGE => Ok(n),
-        _ => Err(Status::invalid_argument(format!(
-            "page_size: must be 0 (default {DEFAULT_PAGE}) or 1..={MAX_PAGE}, got {n}"
-        ))),
-    }
+    paging::size(n, DEFAULT_PAGE, MAX_PAGE)
 }
 
 fn job_states(states: &[i32]) -> Result<Vec<JobState>, Status> {
@@ -233,14 +227,18 @@ impl pb::job_service_server::JobService for JobApi {
         let caller = caller_of(&req);
         let req = req.into_inner();
         let id = parse_job_id("job_id", &req.job_id)?;
+        let size = paging::size(req.page_size, paging::DEFAULT_LIST, paging::MAX_LIST)?;
+        let after = paging::token::<u64>(&req.page_token, "ListCheckpoints")?;
         visible_job(&self.store, id, caller.as_ref()).await?;
-        let cps = self
+        let mut cps = self
             .store
-            .list_checkpoints(id, req.include_deleted)
+            .list_checkpoints(id, req.include_deleted, after, size + 1)
             .await
             .map_err(status_of)?;
+        let next_page_token = paging::next(&mut cps, size, |c| c.iteration);
         Ok(Response::new(pb::ListCheckpointsResponse {
             checkpoints: cps.iter().map(convert::checkpoint).collect(),
+            next_page_token,
         }))
     }
 
@@ -251,10 +249,18 @@ impl pb::job_service_server::JobService for JobApi {
         let caller = caller_of(&req);
         let req = req.into_inner();
         let id = parse_job_id("job_id", &req.job_id)?;
+        let size = paging::size(req.page_size, paging::DEFAULT_LIST, paging::MAX_LIST)?;
+        let after = paging::token::<u32>(&req.page_token, "ListAttempts")?;
         visible_job(&self.store, id, caller.as_ref()).await?;
-        let attempts = self.store.list_attempts(id).await.map_err(status_of)?;
+        let mut attempts = self
+            .store
+            .list_attempts(id, after.unwrap_or(0), size + 1)
+            .await
+            .map_err(status_of)?;
+        let next_page_token = paging::next(&mut attempts, size, |a| a.attempt);
         Ok(Response::new(pb::ListAttemptsResponse {
             attempts: attempts.iter().map(convert::attempt).collect(),
+            next_page_token,
         }))
     }
 

@@ -8,6 +8,7 @@ mod cluster_service;
 mod convert;
 mod job_access;
 mod job_service;
+mod paging;
 mod team_service;
 mod token_service;
 mod watch;

@@ -36,8 +36,13 @@ type AttemptRow = (
 );
 
 impl Store {
-    /// Every attempt of a job, oldest first.
-    pub async fn list_attempts(&self, job_id: Uuid) -> Result<Vec<AttemptRecord>, StoreError> {
+    /// A job's attempts after attempt `after`, oldest first, at most `limit`.
+    pub async fn list_attempts(
+        &self,
+        job_id: Uuid,
+        after: u32,
+        limit: u32,
+    ) -> Result<Vec<AttemptRecord>, StoreError> {
         let rows: Vec<AttemptRow> = sqlx::query_as(
             "SELECT a.attempt, a.state, a.world_size, a.accumulate_steps, a.reason, a.resume_iter,
                     coalesce(array_agg(w.host ORDER BY ar.rank) FILTER (WHERE w.id IS NOT NULL),
@@ -48,11 +53,13 @@ impl Store {
              FROM attempts a
              LEFT JOIN attempt_ranks ar ON ar.job_id = a.job_id AND ar.attempt = a.attempt
              LEFT JOIN workers w ON w.id = ar.worker_id
-             WHERE a.job_id = $1
+             WHERE a.job_id = $1 AND a.attempt > $2
              GROUP BY a.job_id, a.attempt
-             ORDER BY a.attempt",
+             ORDER BY a.attempt LIMIT $3",
         )
         .bind(job_id)
+        .bind(i64::from(after))
+        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()

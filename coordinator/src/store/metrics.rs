@@ -151,14 +151,18 @@ impl Store {
         &self,
         job_id: Uuid,
         include_deleted: bool,
+        after: Option<u64>,
+        limit: u32,
     ) -> Result<Vec<CheckpointRecord>, StoreError> {
         let rows: Vec<CheckpointRow> = sqlx::query_as(
             "SELECT job_id, attempt, iteration, uri, bytes, sha256, state, metrics, created_at, on_stop
-             FROM checkpoints WHERE job_id = $1 AND ($2 OR state <> 'DELETED')
-             ORDER BY iteration",
+             FROM checkpoints WHERE job_id = $1 AND ($2 OR state <> 'DELETED') AND iteration > $3
+             ORDER BY iteration LIMIT $4",
         )
         .bind(job_id)
         .bind(include_deleted)
+        .bind(after.map_or(-1, |a| i64::try_from(a).unwrap_or(i64::MAX)))
+        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()

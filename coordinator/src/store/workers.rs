@@ -490,8 +490,13 @@ impl Store {
         Ok(lost)
     }
 
-    /// Every registered worker, by host and GPU index.
-    pub async fn list_workers(&self) -> Result<Vec<WorkerRecord>, StoreError> {
+    /// Registered workers by host and GPU index: those after the worker `after` (its host and
+    /// GPU), at most `limit`.
+    pub async fn list_workers(
+        &self,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<WorkerRecord>, StoreError> {
         let rows: Vec<WorkerRow> = sqlx::query_as(
             "SELECT w.id, w.host, w.gpu_index, w.gpu_name, w.gpu_memory_bytes, w.state,
                     w.last_heartbeat, w.lease_until, w.leaving, r.job_id, r.attempt, r.rank
@@ -500,8 +505,12 @@ impl Store {
                  SELECT ar.job_id, ar.attempt, ar.rank FROM attempt_ranks ar
                  WHERE ar.worker_id = w.id AND ar.finished_at IS NULL
                  ORDER BY ar.attempt DESC LIMIT 1) r ON true
-             ORDER BY w.host, w.gpu_index",
+             WHERE $1::uuid IS NULL
+                OR (w.host, w.gpu_index) > (SELECT host, gpu_index FROM workers WHERE id = $1)
+             ORDER BY w.host, w.gpu_index LIMIT $2",
         )
+        .bind(after)
+        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()

@@ -275,24 +275,40 @@ async fn get_job(call: Call, Path(job_id): Path<String>) -> ApiResult {
 }
 
 async fn list_attempts(call: Call, Path(job_id): Path<String>) -> ApiResult {
-    call.params(&[])?;
-    let msg = pb::ListAttemptsRequest { job_id };
+    let q = call.params(&["page_size", "page_token"])?;
+    let (page_size, page_token) = page(q)?;
+    let msg = pb::ListAttemptsRequest {
+        job_id,
+        page_size,
+        page_token,
+    };
     let req = call.request("JobService/ListAttempts", msg).await?;
     let resp = call.web.jobs.list_attempts(req).await?.into_inner();
     let v: Vec<Value> = resp.attempts.iter().map(json::attempt).collect();
-    ok(json!({ "attempts": v }))
+    ok(json!({ "attempts": v, "next_page_token": resp.next_page_token }))
+}
+
+/// `page_size` and `page_token`, as the list calls take them.
+fn page(q: &[(String, String)]) -> Result<(u32, String), ApiError> {
+    Ok((
+        number(q, "page_size", "a number 1..=10000")?.unwrap_or(0),
+        single(q, "page_token")?.unwrap_or_default().to_string(),
+    ))
 }
 
 async fn list_checkpoints(call: Call, Path(job_id): Path<String>) -> ApiResult {
-    let q = call.params(&["include_deleted"])?;
+    let q = call.params(&["include_deleted", "page_size", "page_token"])?;
+    let (page_size, page_token) = page(q)?;
     let msg = pb::ListCheckpointsRequest {
         job_id,
         include_deleted: number(q, "include_deleted", "true or false")?.unwrap_or(false),
+        page_size,
+        page_token,
     };
     let req = call.request("JobService/ListCheckpoints", msg).await?;
     let resp = call.web.jobs.list_checkpoints(req).await?.into_inner();
     let v: Vec<Value> = resp.checkpoints.iter().map(json::checkpoint).collect();
-    ok(json!({ "checkpoints": v }))
+    ok(json!({ "checkpoints": v, "next_page_token": resp.next_page_token }))
 }
 
 async fn get_metrics(call: Call, Path(job_id): Path<String>) -> ApiResult {
@@ -383,13 +399,15 @@ async fn cancel_reason(headers: &HeaderMap, body: Body) -> Result<String, ApiErr
 }
 
 async fn list_workers(call: Call) -> ApiResult {
-    call.params(&[])?;
-    let req = call
-        .request("ClusterService/ListWorkers", pb::ListWorkersRequest {})
-        .await?;
+    let (page_size, page_token) = page(call.params(&["page_size", "page_token"])?)?;
+    let msg = pb::ListWorkersRequest {
+        page_size,
+        page_token,
+    };
+    let req = call.request("ClusterService/ListWorkers", msg).await?;
     let resp = call.web.cluster.list_workers(req).await?.into_inner();
     let v: Vec<Value> = resp.workers.iter().map(json::worker).collect();
-    ok(json!({ "workers": v }))
+    ok(json!({ "workers": v, "next_page_token": resp.next_page_token }))
 }
 
 #[cfg(test)]

@@ -181,7 +181,8 @@ pub fn options(mut args: TrainArgs) -> anyhow::Result<train::TrainOptions> {
 /// `segtrain-worker train`: exit status 0 when the run finished or stopped on request (with a
 /// checkpoint), 3 when it failed in a way a restart would repeat (bad job or data, unusable
 /// checkpoint, out of memory, NaN loss), 1 for other failures. With --json the failure is also
-/// the last line on stdout: {"event": "failed", "class": "deterministic"|"infra", "reason"}.
+/// the last line on stdout: {"event": "failed", "class": "deterministic"|"infra"|"disk_full",
+/// "reason"}.
 pub fn run(args: TrainArgs) -> ExitCode {
     let json = args.json;
     train::stop::install_signal_handlers();
@@ -205,12 +206,15 @@ pub fn run(args: TrainArgs) -> ExitCode {
             eprintln!("error: {e:#}");
             if json {
                 use segtrain_wire::{FailureClass, TrainerLine};
+                let class = if train::stop::is_disk_full(&e) {
+                    FailureClass::DiskFull
+                } else if deterministic {
+                    FailureClass::Deterministic
+                } else {
+                    FailureClass::Infra
+                };
                 let line = TrainerLine::Failed {
-                    class: if deterministic {
-                        FailureClass::Deterministic
-                    } else {
-                        FailureClass::Infra
-                    },
+                    class,
                     reason: format!("{e:#}"),
                 };
                 println!("{}", line.to_line());

@@ -147,7 +147,31 @@ pub struct Contents<'a> {
     pub optimizer: Vec<(String, Tensor)>,
 }
 
-/// Writes `root/ckpt-<iteration>` atomically and returns its size and digest.
+/// A directory removed when dropped, unless [`kept`](Self::kept): a checkpoint write that
+/// fails (a full disk) leaves nothing half-written behind.
+pub struct Scratch(Option<PathBuf>);
+
+impl Scratch {
+    pub fn new(dir: PathBuf) -> Scratch {
+        Scratch(Some(dir))
+    }
+
+    /// The write succeeded: the directory stays.
+    pub fn kept(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Writes `root/ckpt-<iteration>` atomically and returns its size and digest. On failure the
+/// temporary directory is removed.
 pub fn save(root: &Path, c: Contents<'_>) -> anyhow::Result<Saved> {
     fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
     let name = dir_name(c.iteration);
@@ -157,6 +181,7 @@ pub fn save(root: &Path, c: Contents<'_>) -> anyhow::Result<Saved> {
         fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
     }
     fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let scratch = Scratch::new(tmp.clone());
 
     let mut model = c.model;
     model.sort_by(|a, b| a.0.cmp(&b.0)); // byte-identical files for identical states
@@ -200,6 +225,7 @@ pub fn save(root: &Path, c: Contents<'_>) -> anyhow::Result<Saved> {
     }
     fs::rename(&tmp, &final_dir)
         .with_context(|| format!("cannot rename {} to {}", tmp.display(), final_dir.display()))?;
+    scratch.kept();
     fsync_path(root)?;
     let bytes = manifest.files.iter().map(|f| f.bytes).sum::<u64>() + json.len() as u64;
     Ok(Saved {

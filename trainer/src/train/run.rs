@@ -146,10 +146,10 @@ fn write_checkpoint(
     };
     let (uri, deleted) = match &opts.checkpoint_remote {
         Some(r) => {
+            // The staging copy goes once the store holds it, and when the upload fails.
+            let staged = checkpoint::Scratch::new(saved.dir.clone());
             let uri = r.upload(&saved.dir)?;
-            // The store holds it now; the staging copy only costs disk.
-            std::fs::remove_dir_all(&saved.dir)
-                .with_context(|| format!("cannot remove {}", saved.dir.display()))?;
+            drop(staged);
             (uri, r.retain(spec.keep_last as usize, best_it)?)
         }
         None => {

@@ -89,6 +89,18 @@ pub fn is_deterministic(e: &anyhow::Error) -> bool {
     is_out_of_memory(&format!("{e:#}"))
 }
 
+/// Whether a failure was a full disk (ENOSPC, or EDQUOT over a quota): the worker's disk, not the
+/// job, so its daemon takes no new rank there (see `segtrain_wire::FailureClass::DiskFull`).
+pub fn is_disk_full(e: &anyhow::Error) -> bool {
+    let io = e.chain().filter_map(|c| c.downcast_ref::<std::io::Error>());
+    let by_code = io
+        .into_iter()
+        .any(|io| matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)));
+    // Libraries that wrap an io::Error without exposing it as a source still print it.
+    let m = format!("{e:#}");
+    by_code || m.contains("No space left on device") || m.contains("Disk quota exceeded")
+}
+
 /// CUDA (and the CPU allocator) say so in their messages.
 pub fn is_out_of_memory(message: &str) -> bool {
     let m = message.to_ascii_lowercase();
@@ -99,6 +111,18 @@ pub fn is_out_of_memory(message: &str) -> bool {
 mod tests {
     use super::*;
     use anyhow::Context;
+
+    #[test]
+    fn a_full_disk_is_told_apart() {
+        let full = anyhow::Error::new(std::io::Error::from_raw_os_error(libc::ENOSPC))
+            .context("cannot write model.safetensors");
+        assert!(is_disk_full(&full));
+        let wrapped =
+            anyhow::anyhow!("safetensors: IoError(No space left on device (os error 28))");
+        assert!(is_disk_full(&wrapped));
+        let other = anyhow::Error::new(std::io::Error::from_raw_os_error(libc::EACCES));
+        assert!(!is_disk_full(&other));
+    }
 
     #[test]
     fn classes() {
