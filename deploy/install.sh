@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs segtrain on a host (or stages it into DESTDIR for packaging): the binaries, the torch
 # runtime the worker links, the systemd units, configuration skeletons under /etc/segtrain, the
-# `segtrain` system user, and on a coordinator host a PostgreSQL database and role and a TLS
-# certificate. Idempotent: a second run changes nothing that is already right, and never
+# system users (`segtrain` runs the coordinator, `segtrain-worker` the worker daemons: each reads
+# only its own configuration and secrets), and on a coordinator host a PostgreSQL database and
+# role and a TLS certificate. Idempotent: a second run changes nothing that is already right, and never
 # overwrites configuration. See docs/operations.md.
 #
 #   deploy/install.sh [--role coordinator|worker|all] [--prefix DIR] [--build-dir DIR]
@@ -34,7 +35,7 @@
 #                      segtrain-workers.target); otherwise only systemctl daemon-reload.
 #   --uninstall        stop and remove what install put there; configuration is kept unless
 #                      unchanged from the skeleton, the database always.
-#   --purge            with --uninstall: also /etc/segtrain, /var/lib/segtrain and the user.
+#   --purge            with --uninstall: also /etc/segtrain, /var/lib/segtrain and the users.
 #
 # DESTDIR=DIR stages everything under DIR and touches nothing outside it: no user, no systemctl,
 # no PostgreSQL, no certificates, no ownership changes. Without DESTDIR it must run as root.
@@ -45,6 +46,9 @@ DEFAULT_PREFIX=/opt/segtrain
 SYSCONF=/etc/segtrain
 STATE=/var/lib/segtrain
 USER_NAME=segtrain
+# The worker daemons' user: they run code a job's owner brought, so they must not read the
+# coordinator's database URL or TLS key (docs/security.md).
+WORKER_USER=segtrain-worker
 TORCH_VERSION=2.11.0
 
 role=all
@@ -69,7 +73,7 @@ die() {
     printf 'install: error: %s\n' "$*" >&2
     exit 1
 }
-usage() { sed -n '2,39p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,40p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 need_value() {
     if [ $# -lt 2 ] || [ -z "$2" ]; then
@@ -303,9 +307,11 @@ if ((uninstall)); then
     if ((purge)); then
         rm -rf "${destdir:?}$SYSCONF" "${destdir:?}$STATE"
         say "removed $SYSCONF and $STATE"
-        if live && getent passwd "$USER_NAME" >/dev/null; then
-            userdel "$USER_NAME" || warn "could not remove the user $USER_NAME"
-        fi
+        for u in "$USER_NAME" "$WORKER_USER"; do
+            if live && getent passwd "$u" >/dev/null; then
+                userdel "$u" || warn "could not remove the user $u"
+            fi
+        done
     fi
     if have_systemd; then
         systemctl daemon-reload
@@ -346,17 +352,18 @@ if ((worker)); then
     torch_dir=$(cd "$torch_dir" && pwd -P)
 fi
 
-# --- the user ------------------------------------------------------------------------------------
+# --- the users -----------------------------------------------------------------------------------
 
-if live; then
-    if getent passwd "$USER_NAME" >/dev/null; then
-        :
-    else
+# user NAME COMMENT: a system user (and its group) unless it exists.
+user() {
+    if live && ! getent passwd "$1" >/dev/null; then
         useradd --system --user-group --home-dir "$STATE" --no-create-home \
-            --shell /usr/sbin/nologin --comment "segtrain services" "$USER_NAME"
-        say "created the system user $USER_NAME"
+            --shell /usr/sbin/nologin --comment "$2" "$1"
+        say "created the system user $1"
     fi
-fi
+}
+((coordinator)) && user "$USER_NAME" "segtrain coordinator"
+((worker)) && user "$WORKER_USER" "segtrain worker daemons"
 
 # --- binaries ------------------------------------------------------------------------------------
 
@@ -442,9 +449,10 @@ fi
 # --- configuration -------------------------------------------------------------------------------
 
 configs=()
-# config NAME: /etc/segtrain/NAME from deploy/config/NAME, only when it does not exist yet.
+# config NAME GROUP: /etc/segtrain/NAME from deploy/config/NAME (0640, readable by GROUP), only
+# when it does not exist yet.
 config() {
-    local name=$1 dst=$SYSCONF/$1 tmp line
+    local name=$1 group=$2 dst=$SYSCONF/$1 tmp line
     mkdirs "$SYSCONF"
     tmp=$destdir$SYSCONF/.$name.tmp.$$
     while IFS= read -r line || [ -n "$line" ]; do
@@ -469,15 +477,16 @@ config() {
     chmod 0640 "$tmp"
     mv "$tmp" "$destdir$dst"
     if live; then
-        chgrp "$USER_NAME" "$destdir$dst"
+        chgrp "$group" "$destdir$dst"
     fi
     say "wrote $dst"
 }
-((coordinator)) && config coordinator.env
-((worker)) && config worker.env
+((coordinator)) && config coordinator.env "$USER_NAME"
+((worker)) && config worker.env "$WORKER_USER"
 if live; then
-    chgrp "$USER_NAME" "$SYSCONF"
-    chmod 0750 "$SYSCONF"
+    # Both users pass through it; each file is readable by its own service's group only.
+    chgrp root "$SYSCONF"
+    chmod 0755 "$SYSCONF"
 fi
 
 # --- PostgreSQL and certificates (coordinator, live only) ----------------------------------------
@@ -543,7 +552,7 @@ if ((coordinator && worker)) && live; then
         if [ -n "$url" ] && token=$(runuser -u "$USER_NAME" -- "$prefix/bin/segtrain-coordinator" \
             token create --database-url "$url" --role worker --name "$(hostname)-workers" 2>/dev/null); then
             (umask 027 && printf '%s\n' "$token" >"$SYSCONF/worker.token")
-            chgrp "$USER_NAME" "$SYSCONF/worker.token"
+            chgrp "$WORKER_USER" "$SYSCONF/worker.token"
             say "wrote $SYSCONF/worker.token (a worker token for this host's daemons)"
         else
             warn "could not create a worker token (is the database reachable as $USER_NAME?); create one with: segtrain-coordinator token create --database-url URL --role worker --name $(hostname) > $SYSCONF/worker.token"

@@ -1,21 +1,30 @@
 #!/usr/bin/env bash
 # Creates a segtrain cluster on Google Cloud with gcloud: a coordinator VM (PostgreSQL on it) and
-# N GPU worker VMs, the service account they run as (objectAdmin on the checkpoint bucket), and
-# firewall rules: the coordinator's gRPC port from the workers (and --admin-cidr), and every TCP
-# port between workers (NCCL and the TCP collective). Each VM's startup script
-# (startup-coordinator.sh, startup-worker.sh) installs the NVIDIA driver (workers: >= 580, for
-# CUDA 13), PyPI torch's libtorch, and the release from the bucket with deploy/install.sh, then
-# starts the units. Upload a release first: deploy/gcp/upload-release.sh --bucket BUCKET.
-# Existing resources are left alone, so running it again creates only what is missing.
+# N GPU worker VMs, a service account for each side with only what it needs on the bucket (IAM
+# conditions on object names: the coordinator reads segtrain/release/ and writes
+# segtrain/bootstrap/; the workers read those two and write only under segtrain/checkpoints/,
+# their checkpoint_root; both may list names), and firewall rules: the coordinator's gRPC port
+# from the workers (and --admin-cidr), and every TCP port between workers (NCCL and the TCP
+# collective). Each VM's startup script (startup-coordinator.sh, startup-worker.sh) fetches the
+# release from the bucket and checks it against the pinned --release-sha256 before installing
+# anything as root, then installs the NVIDIA driver (workers: >= 580, for CUDA 13), PyPI torch's
+# libtorch, and the release with deploy/install.sh, and starts the units. Upload a release first
+# (your own account writes it; no VM can): deploy/gcp/upload-release.sh --bucket BUCKET prints
+# the SHA-256 to pin. Existing resources are left alone, so running it again creates only what
+# is missing.
 #
-#   deploy/gcp/create-cluster.sh --project P --zone Z --bucket B [options] [--dry-run]
+#   deploy/gcp/create-cluster.sh --project P --zone Z --bucket B --release-sha256 HEX [options]
+#                                [--dry-run]
 #
 #   --project ID                the Google Cloud project (required)
 #   --zone ZONE                 e.g. us-central1-a (required; GPUs of the type must exist there)
 #   --bucket NAME               checkpoint bucket, NAME or gs://NAME (required)
+#   --release-sha256 HEX        the release tarball's SHA-256, as upload-release.sh printed it
+#                               (required): every VM refuses a release that does not match
 #   --create-bucket             also create the bucket (in the zone's region)
 #   --name NAME                 resource name prefix (default segtrain): NAME-coordinator,
-#                               NAME-worker-0.., NAME-node service account, NAME-grpc, NAME-nccl
+#                               NAME-worker-0.., the NAME-coordinator and NAME-worker service
+#                               accounts, NAME-grpc, NAME-nccl
 #   --workers N                 GPU VMs (default 1)
 #   --worker-machine-type T     default a3-highgpu-8g (a2-highgpu-8g, g2-standard-96, ...)
 #   --gpu-type TYPE             default nvidia-h100-80gb (nvidia-a100-80gb, nvidia-l4, ...)
@@ -58,6 +67,7 @@ subnet=
 admin_cidrs=()
 port=50051
 release=
+release_sha256=
 driver_branch=580
 collective_timeout=600
 nccl_ifname=
@@ -81,6 +91,7 @@ flag() {
         --admin-cidr) value "$@"; admin_cidrs+=("$2") ;;
         --port) value "$@"; port=$2 ;;
         --release) value "$@"; release=$2 ;;
+        --release-sha256) value "$@"; release_sha256=$2 ;;
         --driver-branch) value "$@"; driver_branch=$2 ;;
         --collective-timeout) value "$@"; collective_timeout=$2 ;;
         --nccl-socket-ifname) value "$@"; nccl_ifname=$2 ;;
@@ -92,6 +103,9 @@ parse_flags flag "$@"
 need --project "$project"
 need --zone "$zone"
 need --bucket "$bucket"
+need --release-sha256 "$release_sha256"
+[[ $release_sha256 =~ ^[0-9a-f]{64}$ ]] ||
+    die "--release-sha256: 64 lower-case hex digits (upload-release.sh prints it), got $release_sha256"
 [[ $name =~ ^[a-z]([-a-z0-9]{0,18}[a-z0-9])?$ ]] ||
     die "--name: lower-case letters, digits and dashes, at most 20 characters, got $name"
 # in_range VALUE MIN MAX: VALUE is a whole number within MIN..MAX.
@@ -109,30 +123,59 @@ for v in "$bucket" "$release" "$nccl_ifname"; do
 done
 
 region=$(region_of "$zone")
-sa=$name-node@$project.iam.gserviceaccount.com
+coordinator_sa=$name-coordinator@$project.iam.gserviceaccount.com
+worker_sa=$name-worker@$project.iam.gserviceaccount.com
 coordinator=$name-coordinator
 coordinator_tag=$name-coordinator
 worker_tag=$name-worker
 g=(gcloud --project="$project")
 
-# --- APIs, service account, bucket access --------------------------------------------------------
+# --- APIs, service accounts, bucket access -------------------------------------------------------
 run "${g[@]}" services enable compute.googleapis.com iam.googleapis.com storage.googleapis.com
-if ! exists "${g[@]}" iam service-accounts describe "$sa"; then
-    run "${g[@]}" iam service-accounts create "$name-node" \
-        --display-name="segtrain nodes ($name): checkpoint bucket access"
-fi
+for side in coordinator worker; do
+    if ! exists "${g[@]}" iam service-accounts describe "$name-$side@$project.iam.gserviceaccount.com"; then
+        run "${g[@]}" iam service-accounts create "$name-$side" \
+            --display-name="segtrain $side VMs ($name)"
+    fi
+done
 if ((create_bucket)) && ! exists "${g[@]}" storage buckets describe "gs://$bucket"; then
     run "${g[@]}" storage buckets create "gs://$bucket" --location="$region" --uniform-bucket-level-access
 fi
-# A new service account takes a few seconds to be usable in IAM policies.
-for attempt in 1 2 3 4 5 6; do
-    if run "${g[@]}" storage buckets add-iam-policy-binding "gs://$bucket" \
-        --member="serviceAccount:$sa" --role=roles/storage.objectAdmin --format=none; then
-        break
-    fi
-    ((attempt < 6)) || die "cannot grant $sa roles/storage.objectAdmin on gs://$bucket"
-    sleep 10
-done
+# under TITLE PREFIX...: an IAM condition on object names (the bucket needs uniform bucket-level
+# access, which conditions require).
+under() {
+    local title=$1 expr="" p
+    shift
+    for p in "$@"; do
+        [ -n "$expr" ] && expr+=" || "
+        expr+="resource.name.startsWith(\"projects/_/buckets/$bucket/objects/$p\")"
+    done
+    printf 'expression=%s,title=%s' "$expr" "$title"
+}
+# grant SA ROLE [CONDITION]: a binding on the bucket; a new service account takes a few seconds
+# to be usable in IAM policies.
+grant() {
+    local cond=()
+    [ -n "${3:-}" ] && cond=(--condition="$3")
+    for attempt in 1 2 3 4 5 6; do
+        if run "${g[@]}" storage buckets add-iam-policy-binding "gs://$bucket" \
+            --member="serviceAccount:$1" --role="$2" "${cond[@]}" --format=none; then
+            return
+        fi
+        ((attempt < 6)) || die "cannot grant $1 $2 on gs://$bucket"
+        sleep 10
+    done
+}
+# Object names for everyone (the checkpoint backend lists a job's checkpoints).
+grant "$coordinator_sa" roles/storage.legacyBucketReader
+grant "$worker_sa" roles/storage.legacyBucketReader
+# The release: read by both, written by nobody here (the operator's account uploads it).
+grant "$coordinator_sa" roles/storage.objectViewer "$(under segtrain-release segtrain/release/)"
+# The bootstrap objects (CA, worker token): written by the coordinator, read by the workers.
+grant "$coordinator_sa" roles/storage.objectAdmin "$(under segtrain-bootstrap segtrain/bootstrap/)"
+grant "$worker_sa" roles/storage.objectViewer "$(under segtrain-release-and-bootstrap segtrain/release/ segtrain/bootstrap/)"
+# Checkpoints: the workers write (and retention deletes) under segtrain/checkpoints/ only.
+grant "$worker_sa" roles/storage.objectUser "$(under segtrain-checkpoints segtrain/checkpoints/)"
 
 # --- firewall ------------------------------------------------------------------------------------
 if ! exists "${g[@]}" compute firewall-rules describe "$name-grpc"; then
@@ -155,7 +198,8 @@ fi
 # --- VMs -----------------------------------------------------------------------------------------
 nic=network=$network
 [ -n "$subnet" ] && nic+=,subnet=$subnet
-metadata=segtrain-bucket=$bucket,segtrain-release=$release,segtrain-port=$port
+metadata=segtrain-bucket=$bucket,segtrain-release=$release,segtrain-release-sha256=$release_sha256
+metadata+=,segtrain-port=$port
 
 if ! exists "${g[@]}" compute instances describe "$coordinator" --zone="$zone"; then
     run "${g[@]}" compute instances create "$coordinator" --zone="$zone" \
@@ -163,7 +207,7 @@ if ! exists "${g[@]}" compute instances describe "$coordinator" --zone="$zone"; 
         --image-family=debian-12 --image-project=debian-cloud \
         --boot-disk-size=50GB --boot-disk-type=pd-balanced \
         --network-interface="$nic" \
-        --service-account="$sa" --scopes=cloud-platform \
+        --service-account="$coordinator_sa" --scopes=cloud-platform \
         --tags="$coordinator_tag" \
         --metadata="$metadata" \
         --metadata-from-file=startup-script="$here/startup-coordinator.sh"
@@ -188,7 +232,7 @@ for ((i = 0; i < workers; i++)); do
         --image-family="$image_family" --image-project="$image_project" \
         --boot-disk-size="$worker_disk" --boot-disk-type=pd-ssd \
         --network-interface="$nic,nic-type=GVNIC" \
-        --service-account="$sa" --scopes=cloud-platform \
+        --service-account="$worker_sa" --scopes=cloud-platform \
         --tags="$worker_tag" \
         --metadata="$worker_metadata" \
         --metadata-from-file=startup-script="$here/startup-worker.sh"
@@ -196,6 +240,7 @@ done
 
 if ((dry_run == 0)); then
     say "created; the VMs set themselves up (several minutes; the workers install the driver and torch)"
+    say "checkpoints: checkpoint_root = \"gs://$bucket/segtrain/checkpoints\" (the workers may write nowhere else)"
     say "follow: gcloud compute ssh $coordinator --project=$project --zone=$zone -- sudo journalctl -fu google-startup-scripts"
     say "admin token: gcloud compute ssh $coordinator --project=$project --zone=$zone -- sudo cat /root/segtrain-admin.token"
 fi

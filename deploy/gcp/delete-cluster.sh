@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Deletes what create-cluster.sh made: the VMs, the firewall rules, the service account and its
-# binding on the bucket. The bucket and its checkpoints stay (delete them yourself).
+# Deletes what create-cluster.sh made: the VMs, the firewall rules, the service accounts and their
+# bindings on the bucket. The bucket and its checkpoints stay (delete them yourself).
 #
 #   deploy/gcp/delete-cluster.sh --project P --zone Z --bucket B [--name NAME] [--workers N]
 #                                [--dry-run]
@@ -32,7 +32,6 @@ if [ -n "$workers" ] && ! [[ $workers =~ ^[0-9]{1,3}$ ]]; then
     die "--workers: a number, got $workers"
 fi
 g=(gcloud --project="$project")
-sa=$name-node@$project.iam.gserviceaccount.com
 
 vms=()
 if [ -n "$workers" ] || ((dry_run)); then
@@ -46,7 +45,14 @@ fi
 vms+=("$name-coordinator")
 run "${g[@]}" compute instances delete "${vms[@]}" --zone="$zone" --quiet
 run "${g[@]}" compute firewall-rules delete "$name-grpc" "$name-nccl" --quiet
-run "${g[@]}" storage buckets remove-iam-policy-binding "gs://$bucket" \
-    --member="serviceAccount:$sa" --role=roles/storage.objectAdmin --format=none
-run "${g[@]}" iam service-accounts delete "$sa" --quiet
+for side in coordinator worker; do
+    sa=$name-$side@$project.iam.gserviceaccount.com
+    for role in legacyBucketReader objectViewer objectAdmin objectUser; do
+        # --all: every binding of the role for the account, with whatever condition.
+        run "${g[@]}" storage buckets remove-iam-policy-binding "gs://$bucket" \
+            --member="serviceAccount:$sa" --role="roles/storage.$role" --all --format=none ||
+            true
+    done
+    run "${g[@]}" iam service-accounts delete "$sa" --quiet
+done
 say "kept gs://$bucket (checkpoints, and segtrain/bootstrap with the worker token: delete it too)"

@@ -4,8 +4,10 @@
 # the journal: journalctl -u google-startup-scripts.
 #
 #   1. fetches the release (instance metadata segtrain-release, a gs:// tarball made by
-#      upload-release.sh) and runs its deploy/install.sh --role coordinator: the binaries, the
-#      unit, a local PostgreSQL database and role, and a TLS certificate for this VM's names;
+#      upload-release.sh), checks it against the pinned SHA-256 (metadata
+#      segtrain-release-sha256; a mismatch installs nothing), and runs its deploy/install.sh
+#      --role coordinator: the binaries, the unit, a local PostgreSQL database and role, and a
+#      TLS certificate for this VM's names;
 #   2. starts segtrain-coordinator.service;
 #   3. bootstraps the cluster once: an admin token in /root/segtrain-admin.token, and a worker
 #      token and the CA certificate in gs://BUCKET/segtrain/bootstrap/, where the worker VMs'
@@ -21,18 +23,28 @@ md() {
 
 bucket=$(md segtrain-bucket)
 release=$(md segtrain-release)
+release_sha256=$(md segtrain-release-sha256)
 port=$(md segtrain-port)
 port=${port:-50051}
-if [ -z "$bucket" ] || [ -z "$release" ]; then
-    log "metadata segtrain-bucket and segtrain-release are required"
+if [ -z "$bucket" ] || [ -z "$release" ] || [ -z "$release_sha256" ]; then
+    log "metadata segtrain-bucket, segtrain-release and segtrain-release-sha256 are required"
     exit 1
 fi
 
-# --- 1. release and install ----------------------------------------------------------------------
-work=/var/cache/segtrain
+# --- 1. release, checked, and install ------------------------------------------------------------
+# As in startup-worker.sh: a startup script is one self-contained metadata value, so the two
+# cannot share a library.
+work=${SEGTRAIN_STARTUP_CACHE:-/var/cache/segtrain}
 mkdir -p "$work"
 log "fetching $release"
 gcloud storage cp "$release" "$work/release.tar.gz"
+got=$(sha256sum "$work/release.tar.gz" | cut -d' ' -f1)
+if [ "$got" != "$release_sha256" ]; then
+    log "the release's SHA-256 is $got, not the pinned $release_sha256 (metadata segtrain-release-sha256): not installing it"
+    rm -f "$work/release.tar.gz"
+    exit 1
+fi
+log "release verified (SHA-256 $got)"
 rm -rf "$work/release"
 mkdir -p "$work/release"
 tar -xzf "$work/release.tar.gz" -C "$work/release" --strip-components=1

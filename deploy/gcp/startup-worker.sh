@@ -3,12 +3,14 @@
 # startup-script; it runs as root at every boot, and every step is idempotent). Output goes to
 # the journal: journalctl -u google-startup-scripts.
 #
+#   0. the release (metadata segtrain-release), checked against the pinned SHA-256 (metadata
+#      segtrain-release-sha256) before anything runs as root: a mismatch installs nothing;
 #   1. the NVIDIA driver, unless one of branch >= segtrain-driver-branch (580: CUDA 13) is there
 #      (Deep Learning VM images): NVIDIA's CUDA repository for Debian 12, the open kernel modules
 #      (package nvidia-open, or metadata segtrain-driver-packages), pinned to that branch;
 #   2. PyPI torch==2.11.0 in /opt/segtrain-venv: the libtorch and NVIDIA libraries the worker
 #      links (install.sh copies them to /opt/segtrain/lib);
-#   3. the release (metadata segtrain-release) and its deploy/install.sh --role worker;
+#   3. the release's deploy/install.sh --role worker;
 #   4. the CA certificate and a worker token from gs://BUCKET/segtrain/bootstrap/ (the
 #      coordinator's startup script puts them there), and the settings in
 #      /etc/segtrain/worker.env that come from metadata: SEGTRAIN_COORDINATOR,
@@ -27,6 +29,7 @@ md() {
 
 bucket=$(md segtrain-bucket)
 release=$(md segtrain-release)
+release_sha256=$(md segtrain-release-sha256)
 coordinator=$(md segtrain-coordinator)
 branch=$(md segtrain-driver-branch)
 branch=${branch:-580}
@@ -36,11 +39,26 @@ collective_timeout=$(md segtrain-collective-timeout)
 collective_timeout=${collective_timeout:-600}
 ifname=$(md segtrain-nccl-socket-ifname)
 gpus=$(md segtrain-gpus)
-if [ -z "$bucket" ] || [ -z "$release" ] || [ -z "$coordinator" ]; then
-    log "metadata segtrain-bucket, segtrain-release and segtrain-coordinator are required"
+if [ -z "$bucket" ] || [ -z "$release" ] || [ -z "$release_sha256" ] || [ -z "$coordinator" ]; then
+    log "metadata segtrain-bucket, segtrain-release, segtrain-release-sha256 and segtrain-coordinator are required"
     exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive
+
+# --- 0. the release, checked -------------------------------------------------------------------
+# As in startup-coordinator.sh: a startup script is one self-contained metadata value, so the two
+# cannot share a library.
+work=${SEGTRAIN_STARTUP_CACHE:-/var/cache/segtrain}
+mkdir -p "$work"
+log "fetching $release"
+gcloud storage cp "$release" "$work/release.tar.gz"
+got=$(sha256sum "$work/release.tar.gz" | cut -d' ' -f1)
+if [ "$got" != "$release_sha256" ]; then
+    log "the release's SHA-256 is $got, not the pinned $release_sha256 (metadata segtrain-release-sha256): not installing it"
+    rm -f "$work/release.tar.gz"
+    exit 1
+fi
+log "release verified (SHA-256 $got)"
 
 # --- 1. driver -----------------------------------------------------------------------------------
 driver_branch() {
@@ -101,11 +119,7 @@ if [ -z "$torch_dir" ]; then
     }
 fi
 
-# --- 3. release and install ----------------------------------------------------------------------
-work=/var/cache/segtrain
-mkdir -p "$work"
-log "fetching $release"
-gcloud storage cp "$release" "$work/release.tar.gz"
+# --- 3. install ----------------------------------------------------------------------------------
 rm -rf "$work/release"
 mkdir -p "$work/release"
 tar -xzf "$work/release.tar.gz" -C "$work/release" --strip-components=1
@@ -126,7 +140,7 @@ done
     exit 1
 }
 install -m 0644 "$work/ca.pem" /etc/segtrain/ca.pem
-install -m 0640 -g segtrain "$work/worker.token" /etc/segtrain/worker.token
+install -m 0640 -g segtrain-worker "$work/worker.token" /etc/segtrain/worker.token
 rm -f "$work/worker.token"
 
 # set_env KEY VALUE: KEY=VALUE in worker.env, replacing an earlier line of KEY.
@@ -137,7 +151,7 @@ set_env() {
     grep -v "^$1=" "$env_file" >"$tmp" || true
     printf '%s=%s\n' "$1" "$2" >>"$tmp"
     chmod 0640 "$tmp"
-    chgrp segtrain "$tmp"
+    chgrp segtrain-worker "$tmp"
     mv "$tmp" "$env_file"
 }
 address=$(curl -fsS -H 'Metadata-Flavor: Google' \

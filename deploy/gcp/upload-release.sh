@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Packs a release (the binaries, deploy/ and docs/operations.md) and uploads it to the bucket,
 # where the VMs' startup scripts fetch it: gs://BUCKET/segtrain/release/segtrain.tar.gz unless
-# --object says otherwise. Build first: cargo build --release --workspace --bins
+# --object says otherwise, and prints its SHA-256: give it to create-cluster.sh
+# --release-sha256, which pins it in every VM's metadata (a VM installs nothing else). Run it
+# with your own account: the VMs' service accounts may read releases, not write them. Build
+# first: cargo build --release --workspace --bins
 #
 #   deploy/gcp/upload-release.sh --bucket NAME [--project ID] [--build-dir DIR] [--object PATH]
 #                                [--dry-run]
@@ -44,3 +47,8 @@ if ((dry_run == 0)); then
     say "packed $(cat "$stage/VERSION") ($(du -h "$tarball" | cut -f1))"
 fi
 run "${g[@]}" storage cp "$tarball" "gs://$bucket/$object"
+if ((dry_run == 0)); then
+    sha=$(sha256sum "$tarball" | cut -d' ' -f1)
+    say "release SHA-256 (pin it: create-cluster.sh --release-sha256 $sha):"
+    printf '%s\n' "$sha"
+fi

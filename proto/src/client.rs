@@ -7,7 +7,8 @@
 //!   with `--ca` (a private CA, e.g. from `segtrain-coordinator certs`) or, without it, the
 //!   system's trusted roots. A client certificate is sent when one is configured (for a
 //!   coordinator started with `--tls-client-ca`).
-//! - Every request carries `authorization: Bearer <token>` when a token is configured.
+//! - Every request carries `authorization: Bearer <token>` when a token is configured, and a token
+//!   is never sent over plaintext to an address other than loopback ([`check_plaintext_token`]).
 //! - Requests are at most [`MAX_REQUEST_BYTES`], responses at most [`MAX_RESPONSE_BYTES`]: the
 //!   coordinator enforces the same limits.
 //! - `--coordinator` may list several addresses, comma-separated: coordinators on one database.
@@ -233,6 +234,39 @@ pub fn coordinator_urls(list: &str) -> Result<Vec<String>, ConnectError> {
     Ok(urls)
 }
 
+/// Whether `url` (`http://host:port`) names this machine: `localhost`, 127.0.0.0/8 or `[::1]`.
+fn is_loopback_url(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let host = match rest.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => rest.split([':', '/']).next().unwrap_or_default(),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Refuses to send a bearer token over plaintext (`http://`) to an address other than this
+/// machine's: anyone on the path would read it. `http://` is for a coordinator on the same
+/// machine (which accepts `--plaintext` on loopback only).
+pub fn check_plaintext_token(urls: &[String], token: &BearerToken) -> Result<(), ConnectError> {
+    if token.0.is_none() {
+        return Ok(());
+    }
+    match urls
+        .iter()
+        .find(|u| u.starts_with("http://") && !is_loopback_url(u))
+    {
+        Some(u) => Err(err(format!(
+            "--coordinator {u}: refusing to send the bearer token over plaintext to another \
+             machine; use https:// (TLS), or http:// only for a coordinator on this machine \
+             (127.0.0.1, localhost, [::1])"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// A lazy channel (the first RPC connects) to the coordinator(s) of `urls` (see
 /// [`coordinator_urls`]) that sends `token` with every request.
 pub fn connect_lazy(
@@ -241,6 +275,7 @@ pub fn connect_lazy(
     token: BearerToken,
 ) -> Result<AuthChannel, ConnectError> {
     let urls = coordinator_urls(urls)?;
+    check_plaintext_token(&urls, &token)?;
     let channels = urls
         .iter()
         .map(|u| endpoint(u, tls).map(|e| e.connect_lazy()))
@@ -261,6 +296,7 @@ pub async fn connect_first_reachable(
     token: BearerToken,
 ) -> Result<AuthChannel, ConnectError> {
     let mut list = coordinator_urls(urls)?;
+    check_plaintext_token(&list, &token)?;
     if list.len() > 1 {
         for i in 0..list.len() {
             if let Ok(channel) = endpoint(&list[i], tls)?.connect().await {
@@ -302,4 +338,38 @@ pub fn is_tls_failure(s: &Status) -> bool {
     ["certificate", "tls", "alert", "handshake", "invalid peer"]
         .iter()
         .any(|k| d.contains(k))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_goes_over_plaintext_to_this_machine_only() {
+        let token = BearerToken::new("segtrain_x", "test").expect("token");
+        let urls = |u: &[&str]| u.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        for local in [
+            "http://127.0.0.1:50051",
+            "http://127.77.3.1:50051",
+            "http://localhost:50051",
+            "http://[::1]:50051",
+            "https://coordinator.example:50051",
+        ] {
+            assert!(
+                check_plaintext_token(&urls(&[local]), &token).is_ok(),
+                "{local}"
+            );
+        }
+        for remote in ["http://10.0.0.5:50051", "http://coordinator:50051"] {
+            let e = check_plaintext_token(&urls(&["http://127.0.0.1:1", remote]), &token)
+                .expect_err(remote);
+            assert!(
+                e.0.contains("refusing to send the bearer token over plaintext"),
+                "{}",
+                e.0
+            );
+        }
+        // Without a token there is nothing to protect.
+        assert!(check_plaintext_token(&urls(&["http://10.0.0.5:1"]), &BearerToken::none()).is_ok());
+    }
 }

@@ -289,3 +289,34 @@ async fn cli_submits_lists_watches_and_cancels() {
         serde_json::json!([])
     );
 }
+
+/// A bearer token never travels in the clear to another machine: `http://` to anything but
+/// loopback is refused before any connection, naming the address. Without a token there is
+/// nothing to protect, and the CLI goes on to connect (and fails to, here, naming the address).
+#[test]
+fn the_cli_sends_no_token_over_plaintext_to_another_machine() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let token_file = dir.path().join("client.token");
+    std::fs::write(&token_file, "segtrain_0123456789abcdef\n").expect("token file");
+    let token = token_file.to_str().expect("utf-8 path");
+    for remote in [
+        "http://10.255.255.1:50051",
+        "http://coordinator.invalid:50051",
+    ] {
+        let started = std::time::Instant::now();
+        let o = segtrain(remote, &["--token-file", token, "list"]);
+        assert_one_line_error(&o, "refusing to send the bearer token over plaintext");
+        assert!(stderr(&o).contains(remote), "{}", stderr(&o));
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "refused before connecting"
+        );
+    }
+    let o = segtrain("http://coordinator.invalid:50051", &["list"]);
+    assert!(!o.status.success());
+    assert!(
+        !stderr(&o).contains("refusing to send the bearer token"),
+        "{}",
+        stderr(&o)
+    );
+}

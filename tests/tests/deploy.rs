@@ -215,6 +215,9 @@ impl Gcloud {
     }
 }
 
+/// A release SHA-256 to pin in the dry runs.
+const SHA: &str = "9f2c1e7a54b0d3c8e6f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7";
+
 fn gcp_dry_run(script: &str, args: &[&str]) -> (Vec<Gcloud>, Guards) {
     let guards = Guards::new();
     let out = Command::new(repo().join("deploy/gcp").join(script))
@@ -259,6 +262,8 @@ fn gcp_dry_run_prints_every_gcloud_command_with_the_required_flags() {
             "203.0.113.0/24",
             "--collective-timeout",
             "900",
+            "--release-sha256",
+            SHA,
         ],
     );
     assert_eq!(guards.calls(), "", "a dry run must not run gcloud");
@@ -280,24 +285,91 @@ fn gcp_dry_run_prints_every_gcloud_command_with_the_required_flags() {
     ] {
         assert!(apis.verb.iter().any(|v| v == api), "{apis:?}");
     }
-    let sa = "segtrain-node@seg-proj.iam.gserviceaccount.com";
-    let sa_create = index(&["iam", "service-accounts", "create", "segtrain-node"]);
+    // One service account per side, each with only what it needs on the bucket.
+    let coordinator_sa = "segtrain-coordinator@seg-proj.iam.gserviceaccount.com";
+    let worker_sa = "segtrain-worker@seg-proj.iam.gserviceaccount.com";
+    let sa_create = index(&["iam", "service-accounts", "create", "segtrain-worker"]);
+    index(&["iam", "service-accounts", "create", "segtrain-coordinator"]);
     let bucket = find(&["storage", "buckets", "create", "gs://seg-ckpts"]);
     assert_eq!(bucket.flag("location"), Some("us-central1"));
-    let binding_at = index(&[
-        "storage",
-        "buckets",
-        "add-iam-policy-binding",
-        "gs://seg-ckpts",
-    ]);
-    let binding = &cmds[binding_at];
-    assert_eq!(
-        binding.flag("member"),
-        Some(format!("serviceAccount:{sa}").as_str())
-    );
-    assert_eq!(binding.flag("role"), Some("roles/storage.objectAdmin"));
+    let bindings: Vec<(usize, &Gcloud)> = cmds
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| {
+            c.is(&[
+                "storage",
+                "buckets",
+                "add-iam-policy-binding",
+                "gs://seg-ckpts",
+            ])
+        })
+        .collect();
+    let binding_at = bindings.last().map(|(i, _)| *i).expect("bindings");
+    let grants = |sa: &str| -> Vec<(String, String)> {
+        let member = format!("serviceAccount:{sa}");
+        bindings
+            .iter()
+            .filter(|(_, b)| b.flag("member") == Some(member.as_str()))
+            .map(|(_, b)| {
+                let cond = b.flag("condition").unwrap_or_default().to_string();
+                (b.flag("role").unwrap_or_default().to_string(), cond)
+            })
+            .collect()
+    };
+    let objects =
+        |p: &str| format!("resource.name.startsWith(\"projects/_/buckets/seg-ckpts/objects/{p}\")");
+    let worker = grants(worker_sa);
+    // Names: everyone (listing a job's checkpoints); objects: by prefix only.
     assert!(
-        sa_create < binding_at,
+        worker
+            .iter()
+            .any(|(r, c)| r == "roles/storage.legacyBucketReader" && c.is_empty()),
+        "{worker:?}"
+    );
+    let writes: Vec<&(String, String)> = worker
+        .iter()
+        .filter(|(r, _)| {
+            r != "roles/storage.legacyBucketReader" && r != "roles/storage.objectViewer"
+        })
+        .collect();
+    assert_eq!(
+        writes.len(),
+        1,
+        "the workers write in one place: {worker:?}"
+    );
+    assert_eq!(writes[0].0, "roles/storage.objectUser");
+    assert!(
+        writes[0].1.contains(&objects("segtrain/checkpoints/")) && !writes[0].1.contains("release"),
+        "{worker:?}"
+    );
+    let reads = worker
+        .iter()
+        .find(|(r, _)| r == "roles/storage.objectViewer")
+        .expect("the workers read the release");
+    assert!(
+        reads.1.contains(&objects("segtrain/release/"))
+            && reads.1.contains(&objects("segtrain/bootstrap/"))
+    );
+    let coordinator = grants(coordinator_sa);
+    assert!(
+        coordinator
+            .iter()
+            .all(|(r, c)| r == "roles/storage.legacyBucketReader" || !c.is_empty()),
+        "{coordinator:?}"
+    );
+    assert!(coordinator
+        .iter()
+        .any(|(r, c)| r == "roles/storage.objectAdmin"
+            && c.contains(&objects("segtrain/bootstrap/"))));
+    // Nobody here may write a release: the operator's account uploads it.
+    for (r, c) in coordinator.iter().chain(&worker) {
+        assert!(
+            !(c.contains("segtrain/release/") && r != "roles/storage.objectViewer"),
+            "{r} on the release: {c}"
+        );
+    }
+    assert!(
+        sa_create < bindings[0].0,
         "the account exists before its binding"
     );
 
@@ -331,7 +403,7 @@ fn gcp_dry_run_prints_every_gcloud_command_with_the_required_flags() {
     let coord_at = index(&["compute", "instances", "create", "segtrain-coordinator"]);
     let coord = &cmds[coord_at];
     assert_eq!(coord.flag("zone"), Some("us-central1-a"));
-    assert_eq!(coord.flag("service-account"), Some(sa));
+    assert_eq!(coord.flag("service-account"), Some(coordinator_sa));
     assert_eq!(coord.flag("scopes"), Some("cloud-platform"));
     assert_eq!(coord.flag("tags"), Some("segtrain-coordinator"));
     assert!(coord.flag("machine-type").is_some());
@@ -347,6 +419,10 @@ fn gcp_dry_run_prints_every_gcloud_command_with_the_required_flags() {
     assert_eq!(
         md.get("segtrain-release").map(String::as_str),
         Some("gs://seg-ckpts/segtrain/release/segtrain.tar.gz")
+    );
+    assert_eq!(
+        md.get("segtrain-release-sha256").map(String::as_str),
+        Some(SHA)
     );
 
     let workers: Vec<(usize, &Gcloud)> = cmds
@@ -377,7 +453,7 @@ fn gcp_dry_run_prints_every_gcloud_command_with_the_required_flags() {
         assert_eq!(w.flag("maintenance-policy"), Some("TERMINATE"));
         assert_eq!(w.flag("image-family"), Some("debian-12"));
         assert_eq!(w.flag("image-project"), Some("debian-cloud"));
-        assert_eq!(w.flag("service-account"), Some(sa));
+        assert_eq!(w.flag("service-account"), Some(worker_sa));
         assert_eq!(w.flag("scopes"), Some("cloud-platform"));
         assert_eq!(w.flag("tags"), Some("segtrain-worker"));
         assert!(
@@ -396,6 +472,7 @@ fn gcp_dry_run_prints_every_gcloud_command_with_the_required_flags() {
         assert_eq!(get("segtrain-driver-branch"), Some("580"));
         assert_eq!(get("segtrain-collective-timeout"), Some("900"));
         assert_eq!(get("segtrain-gpus"), Some("8"));
+        assert_eq!(get("segtrain-release-sha256"), Some(SHA));
     }
     // Firewall rules exist before any VM.
     let last_rule = cmds
@@ -405,8 +482,8 @@ fn gcp_dry_run_prints_every_gcloud_command_with_the_required_flags() {
     assert!(last_rule < coord_at && workers.iter().all(|(at, _)| *at > last_rule));
     assert_eq!(
         cmds.len(),
-        9,
-        "APIs, account, bucket, binding, 2 rules, 3 VMs: {cmds:#?}"
+        15,
+        "APIs, 2 accounts, bucket, 6 bindings, 2 rules, 3 VMs: {cmds:#?}"
     );
 
     // Another GPU type and count; Spot workers.
@@ -421,6 +498,8 @@ fn gcp_dry_run_prints_every_gcloud_command_with_the_required_flags() {
             "--gpus-per-worker=4",
             "--spot",
             "--name=seg2",
+            "--release-sha256",
+            SHA,
         ],
     );
     let w = cmds
@@ -469,9 +548,12 @@ fn gcp_dry_run_prints_every_gcloud_command_with_the_required_flags() {
         "segtrain-grpc",
         "segtrain-nccl"
     ])));
-    assert!(cmds
-        .iter()
-        .any(|c| c.is(&["iam", "service-accounts", "delete"])));
+    for side in ["coordinator", "worker"] {
+        let sa = format!("segtrain-{side}@p.iam.gserviceaccount.com");
+        assert!(cmds
+            .iter()
+            .any(|c| c.is(&["iam", "service-accounts", "delete", sa.as_str()])));
+    }
     let (cmds, _) = gcp_dry_run("upload-release.sh", &["--bucket", "gs://b"]);
     assert!(
         cmds.len() == 1 && cmds[0].is(&["storage", "cp"]),
@@ -488,17 +570,27 @@ fn gcp_dry_run_prints_every_gcloud_command_with_the_required_flags() {
         ),
         (
             "create-cluster.sh",
-            "--project p --zone us-central1-a --bucket b --workers 0",
+            "--project p --zone us-central1-a --bucket b",
+            "--release-sha256 is required",
+        ),
+        (
+            "create-cluster.sh",
+            "--project p --zone us-central1-a --bucket b --release-sha256 abc",
+            "--release-sha256: 64 lower-case hex digits",
+        ),
+        (
+            "create-cluster.sh",
+            "--project p --zone us-central1-a --bucket b --workers 0 --release-sha256 0000000000000000000000000000000000000000000000000000000000000000",
             "--workers: 1..64, got 0",
         ),
         (
             "create-cluster.sh",
-            "--project p --zone nowhere --bucket b",
+            "--project p --zone nowhere --bucket b --release-sha256 0000000000000000000000000000000000000000000000000000000000000000",
             "--zone: a zone such as",
         ),
         (
             "create-cluster.sh",
-            "--project p --zone us-central1-a --bucket b --bogus",
+            "--project p --zone us-central1-a --bucket b --release-sha256 0000000000000000000000000000000000000000000000000000000000000000 --bogus",
             "unknown argument --bogus",
         ),
         ("create-cluster.sh", "--project", "--project needs a value"),
@@ -548,6 +640,88 @@ fn gcp_scripts_help_is_their_header_comment_and_nothing_else() {
             header,
             "{script} --help"
         );
+    }
+}
+
+/// A VM's startup script run here, with the metadata server and `gcloud storage cp` played by
+/// stand-ins (the release is `tarball`, its pinned SHA-256 `pin`) and everything that changes a
+/// system guarded: its output and the guarded calls it made.
+fn startup(script: &str, tarball: &Path, pin: &str) -> (Output, String) {
+    let guards = Guards::new();
+    let bin = guards.dir.path();
+    let metadata = [
+        ("segtrain-bucket", "b".to_string()),
+        (
+            "segtrain-release",
+            "gs://b/segtrain/release/segtrain.tar.gz".to_string(),
+        ),
+        ("segtrain-release-sha256", pin.to_string()),
+        (
+            "segtrain-coordinator",
+            "segtrain-coordinator:50051".to_string(),
+        ),
+    ];
+    let cases: String = metadata
+        .iter()
+        .map(|(k, v)| format!("  */{k}) echo '{v}' ;;\n"))
+        .collect();
+    let stand_ins = [
+        // curl -fsS -H ... URL: the metadata server.
+        (
+            "curl",
+            format!(
+                "#!/bin/sh\nfor a; do url=$a; done\ncase $url in\n{cases}  *) exit 22 ;;\nesac\n"
+            ),
+        ),
+        // gcloud storage cp SRC DST: the release from the bucket.
+        (
+            "gcloud",
+            format!(
+                "#!/bin/sh\n[ \"$1 $2\" = 'storage cp' ] || exit 1\ncp '{}' \"$4\"\n",
+                tarball.display()
+            ),
+        ),
+    ];
+    for (name, body) in stand_ins {
+        let p = bin.join(name);
+        std::fs::write(&p, body).expect("stand-in");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let cache = tempfile::tempdir().expect("cache");
+    let out = Command::new("bash")
+        .arg(repo().join("deploy/gcp").join(script))
+        .env("PATH", guards.path())
+        .env("SEGTRAIN_STARTUP_CACHE", cache.path())
+        .output()
+        .expect("run the startup script");
+    (out, guards.calls())
+}
+
+#[test]
+fn gcp_startup_scripts_install_nothing_but_the_pinned_release() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let tarball = tmp.path().join("segtrain.tar.gz");
+    std::fs::write(&tarball, b"a release someone replaced in the bucket").expect("tarball");
+    let actual = {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(std::fs::read(&tarball).expect("read"));
+        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    for script in ["startup-worker.sh", "startup-coordinator.sh"] {
+        // Another tarball than the pinned one: nothing runs as root past the check.
+        let (out, calls) = startup(script, &tarball, SHA);
+        let text = text(&out);
+        assert!(!out.status.success(), "{script}: {text}");
+        assert!(
+            text.contains(&format!("SHA-256 is {actual}, not the pinned {SHA}"))
+                && text.contains("not installing it"),
+            "{script}: {text}"
+        );
+        assert_eq!(calls, "", "{script} went on: {text}");
+        // The pinned one passes the check (and the script goes on to its next step).
+        let (out, _) = startup(script, &tarball, &actual);
+        let text = self::text(&out);
+        assert!(text.contains("release verified"), "{script}: {text}");
     }
 }
 
@@ -1168,7 +1342,8 @@ async fn installed_units_run_a_job_through_a_coordinator_restart_and_a_worker_dr
     assert_eq!(worker_unit.one("KillMode"), "mixed");
     assert_eq!(worker_unit.one("Restart"), "always");
     assert_eq!(coord_unit.one("Restart"), "always");
-    assert_eq!(worker_unit.one("User"), "segtrain");
+    // Different users: the daemons run code a job's owner brought (docs/security.md).
+    assert_eq!(worker_unit.one("User"), "segtrain-worker");
     assert_eq!(coord_unit.one("User"), "segtrain");
     let worker_stop = seconds(worker_unit.one("TimeoutStopSec"));
     let grace = Duration::from_secs(20);
